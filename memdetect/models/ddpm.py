@@ -1,0 +1,45 @@
+"""Pixel-space DDPM UNets (diffusers ``UNet2DModel``: google/ddpm-cifar10-32, the shipped ``demo`` model, ...).
+
+x0 = the image in [-1, 1]; no condition. Default layer: ``up_blocks.0.resnets.<last>.conv2:in`` (the post-norm2
+SiLU of the last resnet in the lowest-resolution up block).
+"""
+
+from __future__ import annotations
+
+from .base import Adapter, place, to_unit_range
+from .hub import has_subfolder, load_component
+
+
+class PixelDDPMAdapter(Adapter):
+    family = "ddpm"
+    pooling = "spatial-max"
+
+    @classmethod
+    def load(cls, source, *, device, dtype, **kwargs):
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        # New-layout repos keep unet/ and scheduler/ subfolders; the 2022 ones (google/ddpm-*) keep both at the root.
+        unet_sub = "unet" if has_subfolder(source, "unet") else None
+        sched_sub = "scheduler" if has_subfolder(source, "scheduler") else None
+        unet = load_component(UNet2DModel, source, unet_sub)
+        scheduler = load_component(DDPMScheduler, source, sched_sub)
+        size = unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return cls(place(unet, device, dtype), scheduler, resolution=size, device=device, dtype=dtype, source=source)
+
+    def default_layer(self) -> str:
+        last = len(self.denoiser.up_blocks[0].resnets) - 1
+        return f"up_blocks.0.resnets.{last}.conv2:in"
+
+    def encode(self, images):
+        return to_unit_range(images).to(self.device, self.dtype)
+
+    def latent_shape(self):
+        return (self.denoiser.config.in_channels, self.resolution, self.resolution)
+
+    def forward(self, x_t, t):
+        with self.autocast():
+            self.denoiser(x_t, int(t))
+
+    def default_batch_size(self):
+        return 256 if self.device.type == "cuda" else 64

@@ -1,0 +1,73 @@
+"""DiT (class-conditional latent transformer, diffusers ``DiTTransformer2DModel``) with its VAE.
+
+x0 = VAE posterior mean x scaling factor (0.18215); condition = the null class (label ``num_embeds_ada_norm``,
+1000 for ImageNet, the class-free-guidance token). Pooling is a max over tokens.
+
+The paper reads "the SiLU in block 12 of 24" of DiT-L/4. In a DiT block the only ``nn.SiLU`` modules act on the
+(timestep, class) conditioning vector and never see image tokens, so two readings are offered:
+
+* ``mlp`` (default): the MLP activation of the middle block, ``transformer_blocks.K.ff.net.0`` ([B, T, 4D], the
+  only per-token nonlinearity in the block; ``blocks.K.mlp.act`` in the original code);
+* ``adaln``: the adaLN modulation SiLU, ``transformer_blocks.K.norm1.silu`` ([B, D]; image-independent for a fixed
+  timestep and class, so it cannot separate images: kept to make that measurable).
+
+K = num_layers / 2 - 1: block 12 of 24 for DiT-L/4, block 14 of 28 (index 13) for DiT-XL/2.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Adapter, place, to_unit_range
+from .hub import load_component
+
+READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
+
+
+class DiTAdapter(Adapter):
+    family = "dit"
+    pooling = "token-max"
+
+    def __init__(self, transformer, vae, scheduler, *, device, dtype, source="", reading="mlp"):
+        if reading not in READINGS:
+            raise ValueError(f"unknown DiT layer reading {reading!r}; choose one of {', '.join(READINGS)}")
+        scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        super().__init__(transformer, scheduler, resolution=transformer.config.sample_size * scale, device=device,
+                         dtype=dtype, source=source)
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.reading = reading
+        self.null_class = int(transformer.config.num_embeds_ada_norm)
+
+    @classmethod
+    def load(cls, source, *, device, dtype, reading="mlp", **kwargs):
+        from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
+
+        transformer = load_component(DiTTransformer2DModel, source, "transformer")
+        vae = load_component(AutoencoderKL, source, "vae")
+        scheduler = load_component(DDPMScheduler, source, "scheduler")
+        return cls(place(transformer, device, dtype), place(vae, device, dtype), scheduler, device=device, dtype=dtype,
+                   source=source, reading=reading)
+
+    def default_layer(self) -> str:
+        k = self.denoiser.config.num_layers // 2 - 1
+        return READINGS[self.reading].format(k=k)
+
+    def encode(self, images):
+        x = to_unit_range(images).to(self.device, self.dtype)
+        with self.autocast():
+            return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+
+    def latent_shape(self):
+        s = self.denoiser.config.sample_size
+        return (self.denoiser.config.in_channels, s, s)
+
+    def forward(self, x_t, t):
+        b = x_t.shape[0]
+        labels = torch.full((b,), self.null_class, dtype=torch.long, device=x_t.device)
+        timesteps = torch.full((b,), int(t), dtype=torch.long, device=x_t.device)
+        with self.autocast():
+            self.denoiser(x_t, timestep=timesteps, class_labels=labels)
+
+    def default_batch_size(self):
+        return 64 if self.device.type == "cuda" else 8

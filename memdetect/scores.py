@@ -1,0 +1,73 @@
+"""Spikiness scores: pure functions mapping pooled activations ``[B, C]`` to one value per row ``[B]``.
+
+Every score is oriented so that **higher = spikier = more likely memorized** (at layers near the bottleneck, where
+the paper finds memorized samples to have spiky representations; other layers may invert, see ``bench --sweep``).
+All computations run in float32 (or float64 if given float64).
+
+* ``std``     population standard deviation over channels: sqrt(mean((v - mean(v))^2)). The paper's primary score.
+* ``l4l2``    ||v||_4 / ||v||_2 (0 for an all-zero row). In [C^(-1/4), 1]; 1 when one channel holds all the mass.
+* ``entropy`` normalised entropy *deficit* 1 - H(p) / log(C), with p = |v| / sum(|v|) and H(p) = -sum p log p
+              (0 log 0 = 0). 0 for a perfectly balanced vector, 1 when one channel holds all the mass.
+* ``maxmin``  max(v) - min(v).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+EPS = 1e-12
+
+
+def _check(v: torch.Tensor) -> torch.Tensor:
+    if v.ndim != 2:
+        raise ValueError(f"scores expect pooled activations of shape [B, C], got {tuple(v.shape)}")
+    if v.shape[1] < 2:
+        raise ValueError(f"scores need at least 2 channels, got {v.shape[1]}")
+    return v if v.dtype == torch.float64 else v.float()
+
+
+def std(v: torch.Tensor) -> torch.Tensor:
+    """Population standard deviation over channels."""
+    return _check(v).std(dim=1, correction=0)
+
+
+def l4l2(v: torch.Tensor) -> torch.Tensor:
+    """||v||_4 / ||v||_2 per row (0 where the row is all zeros)."""
+    v = _check(v)
+    l2 = torch.linalg.vector_norm(v, ord=2, dim=1)
+    l4 = torch.linalg.vector_norm(v, ord=4, dim=1)
+    return torch.where(l2 > 0, l4 / l2.clamp_min(EPS), torch.zeros_like(l2))
+
+
+def entropy(v: torch.Tensor) -> torch.Tensor:
+    """1 - H(p)/log(C) with p = |v|/sum|v| (0 for an all-zero row, which has no distribution)."""
+    v = _check(v)
+    a = v.abs()
+    total = a.sum(dim=1, keepdim=True)
+    p = a / total.clamp_min(EPS)
+    h = -(torch.special.xlogy(p, p)).sum(dim=1)
+    deficit = 1 - h / math.log(v.shape[1])
+    return torch.where(total.squeeze(1) > 0, deficit, torch.zeros_like(deficit))
+
+
+def maxmin(v: torch.Tensor) -> torch.Tensor:
+    """max(v) - min(v) per row."""
+    v = _check(v)
+    return v.amax(dim=1) - v.amin(dim=1)
+
+
+#: Name -> function. The order is the order of the report columns.
+SCORES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "std": std,
+    "l4l2": l4l2,
+    "entropy": entropy,
+    "maxmin": maxmin,
+}
+
+
+def compute_all(v: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every score in ``SCORES`` for pooled activations ``v`` [B, C]."""
+    return {name: fn(v) for name, fn in SCORES.items()}

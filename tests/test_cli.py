@@ -1,0 +1,124 @@
+"""The CLI end to end: typer's CliRunner in-process, and the installed console script in a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memdetect.cli import app
+
+from .conftest import write_images
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("family", ["sd", "dit", "ddpm"])
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_scan_writes_report(family, suffix, tiny_sd, tiny_dit, tiny_ddpm, images_dir, tmp_path):
+    path = {"sd": tiny_sd, "dit": tiny_dit, "ddpm": tiny_ddpm}[family]
+    out = tmp_path / f"r{suffix}"
+    res = invoke("scan", images_dir, "--model", family, "--model-path", path, "--output", out, "--workers", 0)
+    assert res.exit_code == 0, res.output
+    if suffix == ".csv":
+        df = pd.read_csv(out)
+    elif suffix == ".json":
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["family"] == family and doc["settings"]["timestep"] == 50
+        df = pd.DataFrame(doc["rows"])
+    else:
+        df = pd.read_parquet(out)
+    assert len(df) == 5
+    for c in ["path", "score", "std", "l4l2", "entropy", "maxmin", "memorized", "error"]:
+        assert c in df.columns
+    assert df[["score", "std", "l4l2", "entropy", "maxmin"]].notna().all().all()
+    assert (df["score"] == df["std"]).all()
+    assert df["memorized"].isna().all()  # no threshold, no flag
+    assert list(df["path"]) == sorted(df["path"])
+
+
+def test_exit_codes_follow_the_threshold(tiny_ddpm, images_dir, tmp_path):
+    base = ["scan", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--workers", 0]
+    res = invoke(*base, "--threshold", "-1", "--output", tmp_path / "all.csv")
+    assert res.exit_code == 1, res.output
+    assert pd.read_csv(tmp_path / "all.csv")["memorized"].all()
+    assert "5 flagged memorized" in res.output
+    res = invoke(*base, "--threshold", "1e9", "--metric", "maxmin")
+    assert res.exit_code == 0, res.output
+    assert "0 flagged" in res.output
+
+
+def test_bad_files_become_error_rows(tiny_ddpm, images_dir, tmp_path):
+    (images_dir / "broken.png").write_bytes(b"this is not a png")
+    (images_dir / "empty.jpg").write_bytes(b"")
+    out = tmp_path / "r.csv"
+    res = invoke("scan", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "-o", out, "--workers", 0)
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out)
+    assert len(df) == 7
+    errs = df.set_index(df["path"].map(os.path.basename))["error"]
+    assert errs["broken.png"] == "not a recognised image format"
+    assert errs["empty.jpg"] == "empty file (0 bytes)"
+    assert "5 scored, 2 errored" in res.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--metric", "nope"], "unknown metric 'nope'"),
+    (["--timestep", "5000"], "timestep 5000"),
+    (["--layer", "no.such.layer"], "not a module"),
+    (["--output", "r.txt"], "report format '.txt'"),
+    (["--dtype", "float8"], "unknown dtype"),
+    (["--batch-size", "0"], "batch size"),
+])
+def test_bad_flags_exit_2_with_one_line(args, needle, tiny_ddpm, images_dir):
+    res = invoke("scan", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, *args)
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert "Traceback" not in res.output
+
+
+def test_missing_model_and_paths_exit_2(images_dir, tmp_path):
+    res = invoke("scan", images_dir, "--model", "sd14", "--model-path", tmp_path / "missing")
+    assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
+    res = invoke("scan", tmp_path / "no-such-dir", "--model", "sd14", "--model-path", tmp_path / "missing")
+    assert res.exit_code == 2
+    res = invoke("scan", images_dir, "--model", "nope")
+    assert res.exit_code == 2 and "unknown model" in res.output
+
+
+def test_no_images_exit_2(tiny_ddpm, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = invoke("scan", empty, "--model", "ddpm", "--model-path", tiny_ddpm)
+    assert res.exit_code == 2 and "no image files" in res.output
+
+
+def test_models_and_layers(tiny_sd):
+    res = invoke("models")
+    assert res.exit_code == 0 and "sd14" in res.output and "demo" in res.output
+    res = runner.invoke(app, ["layers", "--model", "sd", "--model-path", str(tiny_sd), "--filter",
+                              "up_blocks.0.resnets.2"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "up_blocks.0.resnets.2.nonlinearity@2" in res.output
+    assert "up_blocks.0.resnets.2.nonlinearity@1" in res.output  # the time-embedding call
+
+
+def test_console_script_subprocess(tiny_ddpm, tmp_path):
+    write_images(tmp_path / "imgs", 3)
+    out = tmp_path / "r.csv"
+    cmd = [sys.executable, "-m", "memdetect", "scan", str(tmp_path / "imgs"), "--model", "ddpm", "--model-path",
+           str(tiny_ddpm), "--output", str(out), "--threshold", "-1", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert len(pd.read_csv(out)) == 3
+    proc = subprocess.run([sys.executable, "-m", "memdetect", "scan", str(tmp_path), "--metric", "bad"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.count("memdetect: error:") == 1 and "Traceback" not in proc.stderr
