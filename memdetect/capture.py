@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -84,7 +84,8 @@ def _first_tensor(x):
 class Trace:
     """Capture the tensors named by ``specs`` during one forward pass of ``model``.
 
-    Use as a context manager around the forward call. With ``stop=True`` (the default) the forward pass is cut
+    Use as a context manager around the forward call. ``transform`` (e.g. a pooling function) is applied to each
+    tensor as it is captured, so a sweep over many layers keeps only the reduced values. With ``stop=True`` (the default) the forward pass is cut
     short as soon as the last wanted tensor has been captured: the captured values are those of a full forward
     pass, since nothing after the hook can change them. Hooks are registered on entry and always removed on exit.
 
@@ -93,8 +94,10 @@ class Trace:
         act = tr["up_blocks.0.resnets.2.conv2:in"]
     """
 
-    def __init__(self, model: nn.Module, specs: Iterable[str | LayerSpec], stop: bool = True):
+    def __init__(self, model: nn.Module, specs: Iterable[str | LayerSpec], stop: bool = True,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         self.model = model
+        self.transform = transform  # applied to each captured tensor (e.g. pooling) instead of keeping a copy
         self.specs = [s if isinstance(s, LayerSpec) else LayerSpec.parse(s) for s in specs]
         if not self.specs:
             raise LayerError("no layer to capture")
@@ -135,7 +138,8 @@ class Trace:
             for spec in specs:
                 if spec.call == k:
                     tensor = _first_tensor(args if port == "in" else output)
-                    self.outputs[str(spec)] = tensor.detach().clone()
+                    tensor = tensor.detach()
+                    self.outputs[str(spec)] = self.transform(tensor) if self.transform else tensor.clone()
             if self.stop and len(self.outputs) == len(self.specs):
                 self.stopped_early = True
                 raise _StopForward

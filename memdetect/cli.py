@@ -252,6 +252,56 @@ def layers(
     out.print(t)
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks with ground-truth labels (AUROC, TPR@1%FPR, cost).")
+app.add_typer(bench_app, name="bench")
+
+
+def render_results(results, title: str) -> None:
+    t = Table(title=title, title_justify="left")
+    for c in ("method", "AUROC", "TPR@1%FPR", "s/sample", "memorized", "generalized"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for _, r in results.iterrows():
+        t.add_row(r["method"], f"{r['auroc']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['seconds_per_sample']:.4f}",
+                  str(r["n_memorized"]), str(r["n_generalized"]))
+    out.print(t)
+
+
+@bench_app.command("demo")
+@handle_errors
+def bench_demo(
+    output: Path = typer.Option(Path("bench-demo"), "--output", "-o", help="Folder for results.csv, scores.csv, "
+                                                                          "roc.png (and sweep.*)."),
+    sweep_layers: bool = typer.Option(False, "--sweep-layers", help="Also: std AUROC at every layer and a few "
+                                                                    "timesteps (selection / held-out halves)."),
+    device: str = DeviceOpt,
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
+    flipd_probes: int = typer.Option(1, "--flipd-probes", help="Hutchinson probes for the FLIPD baseline."),
+    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Another copy of the demo model."),
+):
+    """Ground truth: score the shipped demo model's labelled generations with every method."""
+    from .bench.demo import run_demo
+
+    with err.status("benchmarking on the demo model's labelled generations ..."):
+        res = run_demo(output, device=device, batch_size=batch_size, flipd_probes=flipd_probes, sweep=sweep_layers,
+                       model_path=str(model_path) if model_path else None)
+    st = res["settings"]
+    render_results(res["results"], f"bench demo: {st.layer}, t={st.timestep}, device {st.device}, "
+                                   f"batch {res['batch_size']}")
+    if "sweep" in res:
+        sw = res["sweep"]
+        best = sw.sort_values("auroc_select", ascending=False).iloc[0]
+        default = sw[(sw["layer"] == st.layer) & (sw["timestep"] == st.timestep)]
+        out.print(f"sweep: {sw['layer'].nunique()} layers x {sw['timestep'].nunique()} timesteps; "
+                  f"{int(sw['inverted'].sum())} (layer, t) pairs inverted (AUROC < 0.5)")
+        out.print(f"best on the selection half: {best['layer']} at t={best['timestep']}: AUROC "
+                  f"{best['auroc_select']:.3f} (selection), {best['auroc_heldout']:.3f} (held-out)")
+        if len(default):
+            d = default.iloc[0]
+            out.print(f"default layer {st.layer} at t={st.timestep}: AUROC {d['auroc_select']:.3f} (selection), "
+                      f"{d['auroc_heldout']:.3f} (held-out)")
+    out.print(f"wrote {output}/results.csv, scores.csv, roc.png" + (", sweep.csv, sweep.png" if sweep_layers else ""))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
     try:

@@ -52,6 +52,10 @@ class Adapter(ABC):
         """Run the denoiser once on ``x_t`` at timestep ``t`` with the empty condition (output unused)."""
 
     @abstractmethod
+    def predict_noise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """The denoiser's epsilon prediction at ``x_t`` (same shape as ``x_t``), for baselines that need it."""
+
+    @abstractmethod
     def default_layer(self) -> str:
         """The layer spec the paper's method reads for this model."""
 

@@ -38,8 +38,14 @@ class PixelDDPMAdapter(Adapter):
         return (self.denoiser.config.in_channels, self.resolution, self.resolution)
 
     def forward(self, x_t, t):
+        self.predict_noise(x_t, t)
+
+    def predict_noise(self, x_t, t):
         with self.autocast():
-            self.denoiser(x_t, int(t))
+            out = self.denoiser(x_t, int(t)).sample
+        if self.denoiser.config.out_channels == 2 * x_t.shape[1]:  # learned variance: first half is epsilon
+            out = out[:, : x_t.shape[1]]
+        return out
 
     def default_batch_size(self):
         return 256 if self.device.type == "cuda" else 64

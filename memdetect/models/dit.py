@@ -63,11 +63,17 @@ class DiTAdapter(Adapter):
         return (self.denoiser.config.in_channels, s, s)
 
     def forward(self, x_t, t):
+        self.predict_noise(x_t, t)
+
+    def predict_noise(self, x_t, t, class_labels: torch.Tensor | None = None):
+        """Epsilon prediction for the null class, or for ``class_labels`` [B] if given (learned sigma dropped)."""
         b = x_t.shape[0]
-        labels = torch.full((b,), self.null_class, dtype=torch.long, device=x_t.device)
+        if class_labels is None:
+            class_labels = torch.full((b,), self.null_class, dtype=torch.long, device=x_t.device)
         timesteps = torch.full((b,), int(t), dtype=torch.long, device=x_t.device)
         with self.autocast():
-            self.denoiser(x_t, timestep=timesteps, class_labels=labels)
+            out = self.denoiser(x_t, timestep=timesteps, class_labels=class_labels).sample
+        return out[:, : x_t.shape[1]]
 
     def default_batch_size(self):
         return 64 if self.device.type == "cuda" else 8

@@ -58,9 +58,14 @@ class StableDiffusionAdapter(Adapter):
         return (self.vae.config.latent_channels, r, r)
 
     def forward(self, x_t, t):
-        cond = self.cond.expand(x_t.shape[0], *self.cond.shape[1:])
+        self.predict_noise(x_t, t)
+
+    def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
+        """Epsilon prediction with the empty prompt, or with ``cond`` (text embeddings [B, 77, D]) if given."""
+        cond = self.cond if cond is None else cond
+        cond = cond.expand(x_t.shape[0], *cond.shape[1:]) if cond.shape[0] == 1 else cond
         with self.autocast():
-            self.denoiser(x_t, int(t), encoder_hidden_states=cond)
+            return self.denoiser(x_t, int(t), encoder_hidden_states=cond).sample
 
     def default_batch_size(self):
         return 32 if self.device.type == "cuda" else 4
