@@ -95,7 +95,7 @@ DtypeOpt = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 
 
 
 def load_detector(model, model_path, *, layer=None, timestep=None, metric="std", threshold=None, seed=0,
-                  batch_size=None, device="auto", dtype="auto", early_exit=True):
+                  batch_size=None, device="auto", dtype="auto", early_exit=True, sigma=None):
     from .detector import Detector, resolve_device, resolve_dtype
     from .errors import UsageError
     from .scores import SCORES
@@ -109,7 +109,8 @@ def load_detector(model, model_path, *, layer=None, timestep=None, metric="std",
     with err.status(f"loading {model}{' from ' + str(model_path) if model_path else ''} ..."):
         return Detector.from_pretrained(model, str(model_path) if model_path else None, layer=layer,
                                         timestep=timestep, metric=metric, threshold=threshold, seed=seed,
-                                        batch_size=batch_size, device=device, dtype=dtype, early_exit=early_exit)
+                                        batch_size=batch_size, device=device, dtype=dtype, early_exit=early_exit,
+                                        sigma=sigma)
 
 
 def run_scan(det, paths: list[Path], *, output: Optional[Path], quiet: bool, top: int, num_workers=None):
@@ -180,6 +181,8 @@ def scan(
     model_path: Optional[Path] = ModelPathOpt,
     layer: Optional[str] = typer.Option(None, "--layer", help="NAME[:in][@CALL]; default: the model's paper layer."),
     timestep: Optional[int] = typer.Option(None, "--timestep", "-t", help="DDPM timestep to noise to [default: 50]."),
+    sigma: Optional[float] = typer.Option(None, "--sigma", help="EDM only: noise level sigma, instead of the "
+                                                                 "--timestep's (t=50 is sigma 0.176)."),
     metric: str = typer.Option("std", "--metric", help="Score column: std, l4l2, entropy, maxmin."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="Flag images whose score is >= this."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass "
@@ -195,7 +198,8 @@ def scan(
 ):
     """Score every image for memorization and write a report."""
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, threshold=threshold,
-                        seed=seed, batch_size=batch_size, device=device, dtype=dtype, early_exit=not no_early_exit)
+                        seed=seed, batch_size=batch_size, device=device, dtype=dtype, early_exit=not no_early_exit,
+                        sigma=sigma)
     df = run_scan(det, paths, output=output, quiet=quiet, top=top, num_workers=workers)
     flagged = bool(df["memorized"].fillna(False).any())
     raise typer.Exit(EXIT_FLAGGED if flagged else EXIT_OK)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -25,7 +25,7 @@ from . import __version__
 from .capture import LayerSpec, Trace, pool
 from .errors import InputError, UsageError
 from .io import PREPROCESS, ImageError, discover, display_path, image_seed, load_image
-from .models import Adapter, ModelSpec, load_adapter, resolve_model
+from .models import ADAPTERS, Adapter, ModelSpec, load_adapter, resolve_model
 from .scores import SCORES, compute_all
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,19 @@ class Detector:
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", model_path: str | None = None, *, layer: str | None = None,
-                        timestep: int | None = None, device: str = "auto", dtype: str = "auto", **kwargs) -> "Detector":
-        """Load a preset, family + folder, hub id or local folder (see ``memdetect models``)."""
+                        timestep: int | None = None, device: str = "auto", dtype: str = "auto",
+                        sigma: float | None = None, **kwargs) -> "Detector":
+        """Load a preset, family + folder, hub id or local folder (see ``memdetect models``).
+
+        ``sigma``: noise level used instead of the timestep's, for families that take one (EDM).
+        """
         spec: ModelSpec = resolve_model(model, model_path)
+        if sigma is not None:
+            if not getattr(ADAPTERS.get(spec.family), "accepts_sigma", False):
+                raise UsageError(f"--sigma applies to EDM models only; {spec.family} models take --timestep")
+            if not 0 < float(sigma) < float("inf"):
+                raise UsageError(f"--sigma must be a positive number, got {sigma}")
+            spec = replace(spec, options={**spec.options, "sigma": float(sigma)})
         dev = resolve_device(device)
         adapter = load_adapter(spec, dev, resolve_dtype(dtype, dev))
         return cls(adapter, layer=layer or spec.layer, timestep=spec.timestep if timestep is None else timestep,

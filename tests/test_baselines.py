@@ -103,3 +103,30 @@ def test_nearest_neighbour_labels():
     assert [rule.label(float(s)) for s in sim] == ["memorized", "memorized", "generalized"]
     with pytest.raises(ValueError):
         LabelRule(memorized_at=0.5, generalized_below=0.9)
+
+
+class LinearEpsVE(LinearEps):
+    """The same linear noise prediction under EDM's variance-exploding noising: x_t = x0 + sigma eps."""
+
+    SIGMA = 0.3
+
+    def apply_noise(self, x0, t, eps):
+        return x0.float() + self.SIGMA * eps.float()
+
+    def noise_std(self, t):
+        return self.SIGMA
+
+
+def test_baselines_follow_the_adapters_noising():
+    adapter = LinearEpsVE(W)
+    x0 = to_unit_range(IMAGES)
+    trace = sum(W) * 16
+    eps_hat = torch.stack([x0[:, c] * W[c] for c in range(3)], 1)  # at y = x0: no signal scaling
+    expected = x0[0].numel() - adapter.SIGMA * trace + eps_hat.pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(baselines.flipd(adapter, IMAGES, 50, seeds=[1, 2, 3]), -expected, rtol=1e-5, atol=1e-4)
+    # denoising loss: eps_hat(x0 + s eps) - eps = w (x0 + s eps) - eps, per channel
+    seeds = [5, 6, 7]
+    eps = torch.stack([torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    w = torch.tensor(W).view(1, 3, 1, 1)
+    err = (w * (x0 + adapter.SIGMA * eps) - eps).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(baselines.denoising_loss(adapter, IMAGES, 50, seeds), -err, rtol=1e-5, atol=1e-6)

@@ -5,7 +5,8 @@ Every function returns one score per image oriented like ours: **higher = more l
 * ``denoising_loss``: the per-sample denoising error ||eps_hat(x_t, t) - eps||^2 / D at timestep ``t``, averaged
   over ``draws`` noise draws. Memorized samples are fitted better, so the score is the *negative* loss.
 * ``flipd``: Ross et al.'s local-intrinsic-dimension criterion with the FLIPD estimator (Kamkari et al., 2024).
-  For a variance-preserving model with x_t = a x + s eps and score s_t(y) = -eps_hat(y, t) / s, at y = a x:
+  With x_t = a x + s eps (a = sqrt(abar_t), s = sqrt(1 - abar_t) for variance-preserving models; a = 1, s = sigma for
+  EDM: ``Adapter.apply_noise`` / ``noise_std``) and score s_t(y) = -eps_hat(y, t) / s, at y = a x:
       LID(x) ~= D + s^2 (tr grad_y s_t(y) + ||s_t(y)||^2) = D - s tr(d eps_hat / d y) + ||eps_hat(y)||^2,
   the trace from Hutchinson's estimator with ``probes`` Rademacher vectors (one vector-Jacobian product each).
   Memorized samples sit on low-dimensional pieces of the learned density: the score is the *negative* LID.
@@ -32,11 +33,8 @@ def denoising_loss(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequen
     x0 = adapter.encode(images)
     total = torch.zeros(x0.shape[0])
     for k in range(draws):
-        s = [int(seed) + 7919 * k for seed in seeds]
-        eps = torch.stack([torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(v)) for v in s])
-        eps = eps.to(x0.device)
-        ts = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
-        x_t = adapter.scheduler.add_noise(x0.float(), eps, ts).to(adapter.dtype)
+        eps = adapter.draw_noise(x0, [int(seed) + 7919 * k for seed in seeds])
+        x_t = adapter.apply_noise(x0, t, eps)
         err = (_eps(adapter, x_t, t) - eps).pow(2).flatten(1).mean(1)
         total += err.cpu()
     return -(total / draws)
@@ -46,10 +44,10 @@ def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], 
     """Negative FLIPD LID estimate (see module docstring); ``seeds`` seed the Hutchinson probes."""
     with torch.no_grad():
         x0 = adapter.encode(images).float()
-    a_bar = float(adapter.scheduler.alphas_cumprod[int(t)])
-    a, s = a_bar ** 0.5, (1 - a_bar) ** 0.5
+    s = adapter.noise_std(t)
     d = x0[0].numel()
-    y = (a * x0).detach().to(adapter.dtype).requires_grad_(True)
+    # the noise-free point of x_t's space: a x0 for variance-preserving models, x0 for EDM's variance-exploding one
+    y = adapter.apply_noise(x0, t, torch.zeros_like(x0)).detach().requires_grad_(True)
     with torch.enable_grad():
         eps = _eps(adapter, y, t)
         trace = torch.zeros(x0.shape[0], device=y.device)

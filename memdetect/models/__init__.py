@@ -12,6 +12,7 @@ from ..errors import UnsupportedModelError, UsageError
 from .base import Adapter
 from .ddpm import PixelDDPMAdapter
 from .dit import DiTAdapter
+from .edm import EDMAdapter
 from .hub import read_json
 from .presets import PRESETS, Preset
 from .sd import StableDiffusionAdapter
@@ -25,7 +26,7 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
-for _cls in (StableDiffusionAdapter, DiTAdapter, PixelDDPMAdapter):
+for _cls in (StableDiffusionAdapter, DiTAdapter, PixelDDPMAdapter, EDMAdapter):
     register_adapter(_cls)
 
 

@@ -64,16 +64,27 @@ class Adapter(ABC):
         return tuple(self.encode(torch.zeros(1, 3, self.resolution, self.resolution, dtype=torch.uint8)).shape[1:])
 
     def noise(self, x0: torch.Tensor, t: int, seeds: Sequence[int]) -> torch.Tensor:
-        """Forward-noise ``x0`` to timestep ``t``: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps, eps ~ N(0, I) per seed."""
+        """Forward-noise ``x0`` to timestep ``t`` with one seeded draw eps ~ N(0, I) per image."""
+        return self.apply_noise(x0, t, self.draw_noise(x0, seeds))
+
+    @staticmethod
+    def draw_noise(x0: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        """eps ~ N(0, I) shaped like ``x0`` (float32), one CPU generator per seed: independent of batch position."""
         if len(seeds) != x0.shape[0]:
             raise ValueError("one seed per image")
-        eps = torch.stack([
+        return torch.stack([
             torch.randn(x0.shape[1:], generator=torch.Generator().manual_seed(int(s)), dtype=torch.float32)
             for s in seeds
         ]).to(x0.device)
+
+    def apply_noise(self, x0: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps with the model's own scheduler (variance preserving)."""
         timesteps = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
-        x_t = self.scheduler.add_noise(x0.float(), eps, timesteps)
-        return x_t.to(self.dtype)
+        return self.scheduler.add_noise(x0.float(), eps.float(), timesteps).to(self.dtype)
+
+    def noise_std(self, t: int) -> float:
+        """Standard deviation of the noise in x_t (``apply_noise``'s coefficient of eps): sqrt(1 - a_t)."""
+        return (1 - float(self.scheduler.alphas_cumprod[int(t)])) ** 0.5
 
     def sigma(self, t: int) -> float:
         """Noise-to-signal ratio sqrt((1 - a_t) / a_t) of timestep ``t`` under this model's scheduler."""

@@ -15,7 +15,7 @@ def packaged(name: str) -> str:
 class Preset:
     name: str
     family: str
-    source: str  # hub id or local folder
+    source: str  # hub id, local folder, or a checkpoint URL (edm)
     layer: str | None = None  # None: the adapter's default for the loaded architecture
     timestep: int = 50
     options: dict = field(default_factory=dict)  # extra adapter options (e.g. DiT reading)
@@ -37,6 +37,10 @@ PRESETS: dict[str, Preset] = {
                note="adaLN SiLU of the middle block: sees no image tokens (the literal 'SiLU' reading)"),
         Preset("ddpm-cifar10", "ddpm", "google/ddpm-cifar10-32", None,
                note="pixel DDPM, 32x32; lowest-resolution up block"),
+        Preset("edm-cifar10", "edm", "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
+               "model.enc.8x8_block3.norm0",
+               note="EDM DDPM++ CIFAR-10 (NVlabs .pkl, read as data; sha256-checked download); t=50 -> sigma 0.176; "
+                    "decoder: model.dec.8x8_block3.norm0"),
         Preset("demo", "ddpm", packaged("demo"), None,
                note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
     ]
