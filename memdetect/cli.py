@@ -281,13 +281,23 @@ def bench_demo(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
     flipd_probes: int = typer.Option(1, "--flipd-probes", help="Hutchinson probes for the FLIPD baseline."),
     model_path: Optional[Path] = typer.Option(None, "--model-path", help="Another copy of the demo model."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=4, help="Score a stratified, seeded subset of this "
+                                                                    "many labelled samples (quick check)."),
+    sweep_timesteps: str = typer.Option("10,25,50,100,200,400", "--sweep-timesteps",
+                                        help="Comma-separated timesteps for --sweep-layers."),
 ):
     """Ground truth: score the shipped demo model's labelled generations with every method."""
     from .bench.demo import run_demo
+    from .errors import UsageError
+
+    try:
+        steps = tuple(int(v) for v in sweep_timesteps.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
 
     with err.status("benchmarking on the demo model's labelled generations ..."):
         res = run_demo(output, device=device, batch_size=batch_size, flipd_probes=flipd_probes, sweep=sweep_layers,
-                       model_path=str(model_path) if model_path else None)
+                       model_path=str(model_path) if model_path else None, limit=limit, sweep_timesteps=steps)
     st = res["settings"]
     render_results(res["results"], f"bench demo: {st.layer}, t={st.timestep}, device {st.device}, "
                                    f"batch {res['batch_size']}")

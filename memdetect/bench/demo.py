@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..capture import Trace, pool, probe_layers
+from ..capture import LayerSpec, Trace, pool, probe_layers
 from ..detector import Detector
 from ..io import image_seed
 from ..models.presets import packaged
@@ -54,6 +54,18 @@ def load_demo_set(folder: str | Path | None = None, rule: LabelRule = LabelRule(
     manifest["label"] = [rule.label(s) for s in manifest["similarity"]]
     labelled = np.flatnonzero(manifest["label"].isin(["memorized", "generalized"]).to_numpy())
     return DemoSet(images, manifest, labelled)
+
+
+def subset(data: DemoSet, limit: int | None, seed: int = 0) -> DemoSet:
+    """A stratified, seeded subset of ``limit`` labelled samples (the nearest-generation pool stays whole)."""
+    if limit is None or limit >= len(data.labelled):
+        return data
+    from sklearn.model_selection import train_test_split
+
+    if limit < 4:
+        raise ValueError(f"--limit must be at least 4 (2 per class), got {limit}")
+    keep, _ = train_test_split(data.labelled, train_size=limit, stratify=data.labels, random_state=seed)
+    return DemoSet(data.images, data.manifest, np.sort(keep))
 
 
 def _batches(n: int, size: int):
@@ -151,6 +163,11 @@ def sweep_layers(det: Detector, data: DemoSet, *, timesteps=SWEEP_TIMESTEPS, bat
         infos = probe_layers(a.denoiser, lambda: a.forward(probe_x, det.timestep))
     specs = [i.spec for i in infos if len(i.shape) in (2, 3, 4) and i.shape[1] >= 2 and i.shape[0] == 1]
     specs = [s for s in specs if not s.startswith("time_")]  # image-independent time-embedding layers
+    default = str(det.layer)
+    if default not in specs:  # e.g. an input hook (NAME:in): sweep it too, just before its module's output
+        module = LayerSpec.parse(default).name
+        at = next((i for i, s in enumerate(specs) if s.split("@")[0] == module), len(specs))
+        specs.insert(at, default)
     rows = []
     for t in timesteps:
         feats: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
@@ -196,12 +213,16 @@ def plot_sweep(sweep: pd.DataFrame, path: Path, default_layer: str) -> None:
 
 
 def run_demo(output: Path, *, device: str = "auto", batch_size: int | None = None, flipd_probes: int = 1,
-             sweep: bool = False, data_folder: str | Path | None = None, model_path: str | None = None) -> dict:
-    """Run the benchmark and write results.csv, scores.csv, roc.png (and sweep.csv, sweep.png)."""
+             sweep: bool = False, data_folder: str | Path | None = None, model_path: str | None = None,
+             limit: int | None = None, sweep_timesteps=SWEEP_TIMESTEPS) -> dict:
+    """Run the benchmark and write results.csv, scores.csv, roc.png (and sweep.csv, sweep.png).
+
+    ``limit``: score a stratified subset of that many labelled samples (quick checks; RESULTS.md uses all).
+    """
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     det = Detector.from_pretrained("demo", model_path, device=device, dtype="float32")
-    data = load_demo_set(data_folder)
+    data = subset(load_demo_set(data_folder), limit)
     bs = batch_size or det.batch_size
     per_sample, seconds = score_methods(det, data, batch_size=bs, flipd_probes=flipd_probes)
     labels = data.labels
@@ -212,7 +233,7 @@ def run_demo(output: Path, *, device: str = "auto", batch_size: int | None = Non
              f"demo model, {det.layer}, t={det.timestep}: {labels.sum()} memorized vs {(1 - labels).sum()} generalized")
     out = {"results": results, "settings": det.settings, "batch_size": bs, "flipd_probes": flipd_probes}
     if sweep:
-        sw = sweep_layers(det, data)
+        sw = sweep_layers(det, data, timesteps=tuple(sweep_timesteps))
         sw.to_csv(output / "sweep.csv", index=False)
         plot_sweep(sw, output / "sweep.png", str(det.layer))
         out["sweep"] = sw
