@@ -24,7 +24,8 @@ import torch
 from . import __version__
 from .capture import LayerSpec, Trace, pool
 from .errors import InputError, UsageError
-from .io import PREPROCESS, ImageError, discover, display_path, image_seed, load_image
+from .io import PREPROCESS, ImageError, discover, display_path, file_digest, image_seed, load_image
+from .journal import fingerprint, row_key
 from .models import ADAPTERS, Adapter, ModelSpec, load_adapter, resolve_model
 from .scores import SCORES, compute_all
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 METRIC_COLUMNS = list(SCORES)
-COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "error"]
+COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "error", "key"]  # key: see memdetect.journal
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -165,8 +166,11 @@ class Detector:
     def iter_files(self, files: Sequence[os.PathLike], *, num_workers: int | None = None,
                    on_batch: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
         loader = _loader(files, self.adapter.resolution, self.batch_size, num_workers)
+        fp = fingerprint(asdict(self.settings))
         for items in loader:
             rows: list[dict] = []
+            for it in items:
+                it["key"] = row_key(it.get("digest"), fp)
             good = [it for it in items if it["error"] is None]
             if good:
                 pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
@@ -182,7 +186,7 @@ class Detector:
 
     def _row(self, item: dict) -> dict:
         row = {"path": item["path"], "score": None, **{m: None for m in METRIC_COLUMNS}, "memorized": None,
-               "error": item["error"]}
+               "error": item["error"], "key": item.get("key")}
         if item["error"] is None:
             row.update(item["scores"])
             row["score"] = row[self.metric]
@@ -218,6 +222,7 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
         df[c] = df[c].astype("float64")
     df["memorized"] = df["memorized"].astype("boolean")
     df["error"] = df["error"].astype("string")
+    df["key"] = df["key"].astype("string")
     return df
 
 
@@ -231,12 +236,15 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]
+        item = {"path": display_path(path), "pixels": None, "error": None, "digest": None}
         try:
-            return {"path": display_path(path), "pixels": load_image(path, self.resolution), "error": None}
+            item["digest"] = file_digest(path)  # the resume key's content part (memdetect.journal)
+            item["pixels"] = load_image(path, self.resolution)
         except ImageError as e:
-            return {"path": display_path(path), "pixels": None, "error": str(e)}
+            item["error"] = str(e)
         except Exception as e:  # never let one file stop the scan
-            return {"path": display_path(path), "pixels": None, "error": f"{type(e).__name__}: {e}"}
+            item["error"] = f"{type(e).__name__}: {e}"
+        return item
 
 
 def _loader(files, resolution: int, batch_size: int, num_workers: int | None):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 import warnings
 from pathlib import Path
@@ -55,7 +56,8 @@ def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
         p = Path(arg)
         if p.is_dir():
             found = []
-            for root, dirs, files in os.walk(p, followlinks=False):
+            # a folder that cannot be listed is kept as an entry, so its images are reported, not silently lost
+            for root, dirs, files in os.walk(p, followlinks=False, onerror=lambda e: found.append(Path(e.filename))):
                 dirs.sort()
                 for name in dirs + files:
                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
@@ -71,6 +73,21 @@ def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
                 seen.add(q)
                 out.append(q)
     return out
+
+
+def _special_kind(path: Path) -> str | None:
+    """``"fifo"``, ``"socket"``, ``"device"`` for a path that exists but is not a regular file or folder, else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # reported by the open below, with its own reason
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "fifo"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -94,9 +111,14 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     """Read ``path`` and return uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe."""
     p = Path(path)
     if p.is_dir():
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise ImageError("folder cannot be listed: permission denied")
         raise ImageError("is a directory, not an image file")
     if p.is_symlink() and not p.exists():
         raise ImageError("broken symbolic link")
+    kind = _special_kind(p)
+    if kind:  # opening a FIFO would block the scan forever; a device could be endless
+        raise ImageError(f"not a regular file ({kind})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -143,8 +165,10 @@ def image_seed(pixels: np.ndarray, seed: int) -> int:
 
 
 def file_digest(path: str | os.PathLike) -> str | None:
-    """sha256 of a file's bytes (None if it cannot be read)."""
+    """sha256 of a file's bytes (None if it cannot be read, or is not a regular file: a FIFO would block)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -165,6 +189,12 @@ def check_report_path(path: str | os.PathLike) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -173,6 +203,7 @@ def _atomic_write(path: Path, write) -> None:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,116 @@
+"""Calibration: choose a threshold from images known to be novel, at a target false-positive rate.
+
+Why from novel images only: a team can collect images it knows are *not* copies (its own photos, generations
+checked by hand) far more easily than memorized ones, and the false-positive rate is what a CI gate must bound.
+
+The rule (per metric; an image is flagged when ``score >= threshold``): with ``n`` reference scores sorted
+descending ``s_1 >= s_2 >= ... >= s_n`` and ``m = floor(fpr * n)`` flags allowed,
+
+    threshold = the next float above s_(m+1)
+
+i.e. the smallest threshold that flags at most ``m`` reference images. ``count(s >= t) <= m`` holds exactly when
+``t > s_(m+1)``, so ties are safe: every score equal to ``s_(m+1)`` stays unflagged, even if that leaves fewer than
+``m`` flagged. With ``fpr * n < 1`` (e.g. 1 % of 50 images) no reference image may be flagged and the threshold sits
+just above the largest reference score; the FPR actually achieved on the reference set is reported next to the
+target.
+
+With a labelled set (``--memorized``) the same threshold is kept (the memorized images do not move it) and its ROC
+point is reported: sklearn's ``roc_curve`` gives the (FPR, TPR) of every distinct score; the chosen point is the one
+whose score threshold is the smallest ``>=`` ours (which flags exactly the same images), plus the AUROC.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+
+from .errors import InputError, UsageError
+
+METRICS = ("std", "l4l2", "entropy", "maxmin")
+RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
+
+
+def allowed_flags(n: int, fpr: float) -> int:
+    """``floor(fpr * n)``, robust to binary fractions (0.29 * 100 is 28.999...)."""
+    return int(math.floor(fpr * n + 1e-9))
+
+
+def fpr_threshold(scores, fpr: float) -> float:
+    """The smallest threshold flagging at most ``floor(fpr * n)`` of ``scores`` (see the module docstring)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    if s.size == 0:
+        raise InputError("no reference scores to calibrate on")
+    if not 0.0 <= fpr < 1.0:
+        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
+    if not np.isfinite(s).all():
+        raise InputError("reference scores contain NaN or infinity")
+    m = allowed_flags(s.size, fpr)
+    return float(np.nextafter(s[m], np.inf))
+
+
+def roc_point(novel, memorized, threshold: float) -> dict:
+    """AUROC and the (FPR, TPR) of ``threshold`` on a labelled set, via sklearn's ``roc_curve``."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    neg, pos = np.asarray(novel, np.float64), np.asarray(memorized, np.float64)
+    y = np.r_[np.zeros(neg.size), np.ones(pos.size)]
+    s = np.r_[neg, pos]
+    fprs, tprs, thr = roc_curve(y, s, drop_intermediate=False)
+    idx = int(np.flatnonzero(thr >= threshold)[-1])  # thr[0] is +inf, so there is always one
+    return {"auroc": float(roc_auc_score(y, s)), "roc_fpr": float(fprs[idx]), "tpr": float(tprs[idx])}
+
+
+def calibrate(novel: pd.DataFrame, fpr: float, memorized: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per metric: threshold, target and achieved FPR on the reference set; with ``memorized``, TPR at the
+    threshold, the ROC point's FPR and AUROC. ``novel`` / ``memorized``: frames with a column per metric (scored
+    rows only)."""
+    if memorized is not None and len(memorized) == 0:
+        raise InputError("no memorized images could be scored")
+    rows = []
+    for m in METRICS:
+        ref = novel[m].to_numpy(np.float64)
+        t = fpr_threshold(ref, fpr)
+        row = {"metric": m, "threshold": t, "fpr_target": fpr, "fpr_reference": float((ref >= t).mean()),
+               "flagged_reference": int((ref >= t).sum()), "n_reference": int(ref.size)}
+        if memorized is not None:
+            row.update(roc_point(ref, memorized[m].to_numpy(np.float64), t))
+            row["n_memorized"] = int(len(memorized))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: float, reference: list[str],
+                    memorized: list[str] | None, n_errored: int, model: str, model_path: str | None,
+                    sigma: float | None = None) -> dict:
+    """The TOML document ``memdetect calibrate`` writes (see ``memdetect.config`` for what is read back)."""
+    import diffusers
+    import torch
+
+    from . import __version__
+    from .config import CONFIG_VERSION
+
+    by = table.set_index("metric")
+    cal = {"fpr": fpr, "rule": RULE, "reference": reference, "n_reference": int(by.loc[metric, "n_reference"]),
+           "n_errored": n_errored, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "family": settings["family"], "source": settings["source"], "pooling": settings["pooling"],
+           "preprocess": settings["preprocess"], "dtype": settings["dtype"], "device": settings["device"],
+           "thresholds": {m: float(by.loc[m, "threshold"]) for m in METRICS},
+           "fpr_reference": {m: float(by.loc[m, "fpr_reference"]) for m in METRICS}}
+    if memorized is not None:
+        cal["memorized"] = memorized
+        cal["n_memorized"] = int(by.loc[metric, "n_memorized"])
+        cal["tpr"] = {m: float(by.loc[m, "tpr"]) for m in METRICS}
+        cal["auroc"] = {m: float(by.loc[m, "auroc"]) for m in METRICS}
+    return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": settings["layer"],
+            "timestep": settings["timestep"], "sigma": sigma,
+            "seed": settings["seed"], "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
+            "calibration": cal,
+            "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "python": platform.python_version()}}
+
+
+__all__ = ["RULE", "allowed_flags", "calibrate", "config_document", "fpr_threshold", "roc_point"]

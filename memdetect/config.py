@@ -1,0 +1,223 @@
+"""``memdetect.toml``: a calibrated threshold together with the settings it is valid for.
+
+Why a file: a threshold means nothing without the model, layer, timestep, seed and metric that produced the scores
+it was chosen on (the clean-fid lesson: statistics are keyed by every setting). ``memdetect calibrate`` writes one;
+``memdetect scan --config`` and ``memdetect audit --config`` read it, and refuse command-line flags that would
+silently change those settings.
+
+    model = "demo"                                   # required: preset, family, hub id or folder
+    model_path = "weights/demo"                      # optional; relative paths are relative to this file
+    layer = "up_blocks.0.resnets.2.conv2:in"         # optional: the model's default layer
+    timestep = 50                                    # optional: the model's default timestep
+    seed = 0
+    metric = "std"
+    threshold = 0.6123                               # required: flag when score >= threshold
+
+    [calibration.thresholds]                         # the same rule applied to every metric (for --metric)
+    std = 0.6123
+    ...
+
+Other tables (``[calibration]``, ``[versions]``) are a record of how the file was made; they are not read back
+except ``[calibration.thresholds]``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .io import display_path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyproject dependency there)
+    import tomli as tomllib
+
+METRICS = ("std", "l4l2", "entropy", "maxmin")
+TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
+            "seed": int, "metric": str, "threshold": float}
+TABLES = ("calibration", "versions")
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    """The scan settings a threshold was calibrated for (``None``: the model's default)."""
+
+    model: str
+    threshold: float
+    metric: str = "std"
+    model_path: str | None = None
+    layer: str | None = None
+    timestep: int | None = None
+    sigma: float | None = None
+    seed: int = 0
+    thresholds: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+
+    def threshold_for(self, metric: str) -> float:
+        """The threshold of ``metric``: the top-level one for the config's metric, else ``[calibration.thresholds]``."""
+        if metric == self.metric:
+            return self.threshold
+        if metric in self.thresholds:
+            return self.thresholds[metric]
+        where = f" in {display_path(self.path)}" if self.path else ""
+        have = ", ".join([self.metric, *self.thresholds])
+        raise UsageError(f"no threshold for metric {metric!r}{where} (has: {have}); recalibrate with --metric {metric}")
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a config file; every problem is a one-line ``UsageError`` naming the file and key."""
+    p = Path(path)
+    name = display_path(p)
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"config {name} does not exist (write one with `memdetect calibrate`)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config {name}: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config {name} is not valid TOML: {e}") from None
+    unknown = [k for k in doc if k not in TOP_KEYS and k not in TABLES]
+    if unknown:
+        raise UsageError(f"unknown key {unknown[0]!r} in {name}; known keys: {', '.join([*TOP_KEYS, *TABLES])}")
+    values: dict[str, Any] = {}
+    for key, typ in TOP_KEYS.items():
+        if key not in doc:
+            continue
+        v = doc[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            kind = {float: "a number", int: "an integer", str: "a string"}[typ]
+            raise UsageError(f"{key} in {name} must be {kind}, got {v!r}")
+        values[key] = v
+    for key in ("model", "threshold"):
+        if key not in values:
+            raise UsageError(f"{name} has no {key!r} (write the file with `memdetect calibrate`)")
+    if values.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+        raise UsageError(f"{name} has config version {values['version']}; this memdetect reads version "
+                         f"{CONFIG_VERSION} (upgrade memdetect)")
+    metric = values.get("metric", "std")
+    if metric not in METRICS:
+        raise UsageError(f"unknown metric {metric!r} in {name}; choose one of {', '.join(METRICS)}")
+    thresholds = {}
+    table = doc.get("calibration", {}).get("thresholds", {}) if isinstance(doc.get("calibration"), dict) else {}
+    for m, v in table.items():
+        if m in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+            thresholds[m] = float(v)
+    model_path = values.get("model_path")
+    if model_path and not Path(model_path).expanduser().is_absolute():
+        model_path = str(p.resolve().parent / model_path)
+    return Config(model=values["model"], threshold=values["threshold"], metric=metric, model_path=model_path,
+                  layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
+                  seed=values.get("seed", 0), thresholds=thresholds, path=p)
+
+
+#: Settings a calibrated threshold depends on: a command-line flag may not change them behind the config's back.
+PINNED = ("model", "layer", "timestep", "sigma", "seed")
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if name == "layer":
+        from .capture import LayerSpec
+
+        try:
+            return str(LayerSpec.parse(str(a))) == str(LayerSpec.parse(str(b)))
+        except Exception:
+            return str(a) == str(b)
+    if name == "sigma":
+        return math.isclose(float(a), float(b), rel_tol=1e-6)
+    return a == b
+
+
+def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
+    """The scan settings from a config and the command line (``given``: the flags typed explicitly).
+
+    The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path. An explicit flag that
+    contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything. Allowed
+    on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
+    calibrated threshold from ``[calibration.thresholds]``) and ``--threshold`` (an explicit override).
+    """
+    out = dict(flags)
+    if config is None:
+        return out
+    name = display_path(config.path) if config.path else "the config"
+    for key in PINNED:
+        value = getattr(config, key)
+        if value is None:  # the config leaves it to the model's default
+            continue
+        if key in given and flags.get(key) is not None and not _same(key, flags[key], value):
+            raise UsageError(f"--{key} {flags[key]} differs from {key} = {value!r} in {name}, which the threshold was "
+                             f"calibrated for; drop the flag or recalibrate")
+        out[key] = value
+    if "model_path" not in given and config.model_path:
+        out["model_path"] = config.model_path
+    if "metric" not in given:
+        out["metric"] = config.metric
+    if "threshold" not in given or flags.get("threshold") is None:
+        out["threshold"] = config.threshold_for(out["metric"])
+    return out
+
+
+# -- writing: a tiny TOML writer for the few value types a config holds ------------------------------------------
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        o = ord(ch)
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif o < 0x20 or o == 0x7F or 0xD800 <= o <= 0xDFFF:  # control characters and lone surrogates
+            out.append(f"\\u{o:04X}" if not 0xD800 <= o <= 0xDFFF else "\\uFFFD")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def toml_value(v: Any) -> str:
+    """One TOML value: str, bool, int, float (incl. inf/nan), or a list of those."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _bare(key: str) -> str:
+    return key if key and all(c.isascii() and (c.isalnum() or c in "-_") for c in key) else _toml_str(key)
+
+
+def to_toml(doc: dict, header: str = "") -> str:
+    """Serialise a dict of scalars and (nested) dicts to TOML; ``None`` values are left out."""
+    lines = [f"# {line}".rstrip() for line in header.splitlines()] if header else []
+
+    def emit(table: dict, prefix: str) -> None:
+        scalars = [(k, v) for k, v in table.items() if v is not None and not isinstance(v, dict)]
+        if prefix and scalars:
+            lines.extend(["", f"[{prefix}]"])
+        lines.extend(f"{_bare(k)} = {toml_value(v)}" for k, v in scalars)
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(v, f"{prefix}.{_bare(k)}" if prefix else _bare(k))
+
+    emit(doc, "")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["CONFIG_VERSION", "PINNED", "Config", "load_config", "merge", "to_toml", "toml_value"]

@@ -1,0 +1,163 @@
+"""hooks/: the pre-commit hook run the way pre-commit runs it, and the GitHub Action's audit step run locally."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from memdetect.io import IMAGE_EXTENSIONS
+
+from .conftest import REPO, write_images
+
+ACTION = REPO / "hooks" / "github-action" / "action.yml"
+RUN_SH = REPO / "hooks" / "github-action" / "run.sh"
+
+
+def _env(**extra) -> dict:
+    """The environment of a CI job: the installed `memdetect` script on PATH, one torch thread (see test_journal)."""
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MEMDETECT_"))}
+    return {**env, "PATH": path, "OMP_NUM_THREADS": "1", **extra}
+
+
+def _hook() -> dict:
+    hooks = yaml.safe_load((REPO / ".pre-commit-hooks.yaml").read_text())
+    return {h["id"]: h for h in hooks}["memdetect-audit"]
+
+
+def test_pre_commit_hook_definition():
+    hook = _hook()
+    assert shlex.split(hook["entry"]) == ["memdetect", "audit"]
+    assert hook["language"] == "python" and hook["require_serial"] is True
+    files = re.compile(hook["files"])
+    for ext in IMAGE_EXTENSIONS:  # the hook sees exactly the suffixes a folder scan picks up
+        assert files.search(f"assets/x{ext}") and files.search(f"X{ext.upper()}")
+    for name in ("notes.txt", "png", "x.png.txt", "x.svg", "x.heic"):
+        assert not files.search(name)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_pre_commit_hook_audits_staged_images(tiny_ddpm, tmp_path):
+    """What pre-commit does: filter the staged files with `files`, run `entry args... files` at the repo root."""
+    hook = _hook()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = -1\n')
+    write_images(repo / "assets", 3)
+    write_images(repo / "unstaged", 2)
+    (repo / "README.md").write_text("hello\n")
+    subprocess.run([*git, "add", "memdetect.toml", "assets", "README.md"], check=True)
+    staged = subprocess.run([*git, "diff", "--cached", "--name-only", "-z"], check=True, capture_output=True,
+                            text=True).stdout.split("\0")
+    files = [f for f in staged if f and re.search(hook["files"], f)]
+    assert files == ["assets/img_000.png", "assets/img_001.png", "assets/img_002.png"]
+
+    proc = subprocess.run([*shlex.split(hook["entry"]), *hook.get("args", []), *files], cwd=repo, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr  # threshold -1: every staged image is flagged; the commit is blocked
+    assert "3 images: 3 scored, 0 errored, 3 flagged" in proc.stdout and "config memdetect.toml" in proc.stdout
+    for f in files:
+        assert f"flagged: {f}" in proc.stdout
+    assert "unstaged" not in proc.stdout
+    status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True,
+                            text=True, check=True).stdout
+    assert ".memdetect" not in status  # the report and its journal ignore themselves
+
+
+def _action() -> dict:
+    return yaml.safe_load(ACTION.read_text())
+
+
+def test_action_definition_is_consistent_with_run_sh():
+    action = _action()
+    steps = action["runs"]["steps"]
+    assert action["runs"]["using"] == "composite"
+    assert any(s.get("uses", "").startswith("actions/setup-python@") for s in steps)
+    install = next(s for s in steps if s.get("name") == "Install memdetect")
+    assert "--index-url" in install["run"] and '"$GITHUB_ACTION_PATH/../.."' in install["run"]
+    assert action["inputs"]["torch-index-url"]["default"] == "https://download.pytorch.org/whl/cpu"
+    audit = next(s for s in steps if s.get("id") == "audit")
+    assert audit["run"] == 'bash "$GITHUB_ACTION_PATH/run.sh"'
+    text = ACTION.read_text()
+    assert set(re.findall(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", text)) == set(action["inputs"])  # all used, none unknown
+    for s in steps:  # inputs reach shell code through env only (no script injection)
+        assert "${{" not in s.get("run", "")
+    assert set(re.findall(r"MEMDETECT_[A-Z_]+", RUN_SH.read_text())) - {"MEMDETECT_BIN"} == set(audit["env"])
+    for key, out in action["outputs"].items():
+        assert out["value"] == "${{ steps.audit.outputs.%s }}" % key
+
+
+def _step_env(**inputs) -> dict:
+    """The audit step's env as GitHub would set it: each MEMDETECT_* from its input, default unless given."""
+    action = _action()
+    values = {k: v.get("default", "") for k, v in action["inputs"].items()}
+    values.update(inputs)
+    audit = next(s for s in action["runs"]["steps"] if s.get("id") == "audit")
+    return {var: str(values[re.search(r"inputs\.([\w-]+)", expr).group(1)]) for var, expr in audit["env"].items()}
+
+
+def _outputs(path: Path) -> dict:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines())
+
+
+def test_action_run_sh_locally(tiny_ddpm, tmp_path):
+    ws = tmp_path / "workspace"
+    write_images(ws / "generated", 4)
+    (ws / "generated" / "corrupt.png").write_bytes(b"\x89PNG truncated")
+    (ws / "memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = -1\n')
+    gh = {"GITHUB_ACTIONS": "true", "GITHUB_WORKSPACE": str(ws), "GITHUB_OUTPUT": str(tmp_path / "out1"),
+          "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md")}
+    step = _step_env(paths="generated\n", html="report.html", **{"extra-args": "--workers 0 --batch-size 2"})
+    proc = subprocess.run(["bash", str(RUN_SH)], cwd=ws, env=_env(**gh, **step), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr  # flagged, and fail-on-flagged defaults to true
+    outputs = _outputs(tmp_path / "out1")
+    assert set(outputs) == set(_action()["outputs"])
+    assert outputs == {"exit-code": "1", "report": "memdetect-report.csv", "junit": "memdetect-junit.xml",
+                       "summary-json": "memdetect-summary.json", "images": "5", "scored": "4", "errored": "1",
+                       "flagged": "4"}
+    for name in ("memdetect-report.csv", "memdetect-report.csv.journal.jsonl", "memdetect-junit.xml",
+                 "memdetect-summary.json", "report.html"):
+        assert (ws / name).is_file(), name
+    assert "::error file=generated/img_000.png,title=memdetect%3A memorized image::" in proc.stdout
+    assert "::warning file=generated/corrupt.png," in proc.stdout
+    assert "| 5 | 4 | 1 | 4 | 1 |" in (tmp_path / "summary.md").read_text()
+
+
+
+def test_action_run_sh_exit_codes(tmp_path):
+    """run.sh's own logic, with a stand-in for memdetect (MEMDETECT_BIN) that exits with a given code."""
+    fake = tmp_path / "fake-memdetect"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > args.txt\n'
+                    'while [ $# -gt 0 ]; do [ "$1" = --summary-json ] && out=$2; shift; done\n'
+                    '[ "$FAKE_RC" = 2 ] || echo \'{"images": 3, "scored": 3, "errored": 0, "flagged": 1}\' > "$out"\n'
+                    'exit "$FAKE_RC"\n')
+    fake.chmod(0o755)
+    (tmp_path / "memdetect-summary.json").write_text('{"images": 99, "scored": 99, "errored": 0, "flagged": 99}')
+    cases = [("1", "true", 1), ("1", "false", 0), ("0", "true", 0), ("2", "false", 2)]
+    for rc, fail_on_flagged, expected in cases:
+        out = tmp_path / f"out-{rc}-{fail_on_flagged}"
+        step = _step_env(paths="a b\n c d/e f.png \n", **{"fail-on-flagged": fail_on_flagged, "extra-args": "-b 8"})
+        env = _env(**step, MEMDETECT_BIN=str(fake), FAKE_RC=rc, GITHUB_OUTPUT=str(out))
+        proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == expected, (rc, fail_on_flagged, proc.stderr)
+        outputs = _outputs(out)
+        assert outputs["exit-code"] == rc
+        assert ("flagged" in outputs) == (rc != "2")  # an earlier run's summary is never reported
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert args[:3] == ["audit", "a b", "c d/e f.png"]  # one path per line, spaces kept
+    assert args[-2:] == ["-b", "8"] and "--config" in args and "--junit" in args
+
+
+def test_action_run_sh_rejects_empty_paths(tmp_path):
+    proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=_env(**_step_env(paths="  ")),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "the 'paths' input is empty" in proc.stderr
