@@ -10,22 +10,48 @@ Every function returns one score per image oriented like ours: **higher = more l
       LID(x) ~= D + s^2 (tr grad_y s_t(y) + ||s_t(y)||^2) = D - s tr(d eps_hat / d y) + ||eps_hat(y)||^2,
   the trace from Hutchinson's estimator with ``probes`` Rademacher vectors (one vector-Jacobian product each).
   Memorized samples sit on low-dimensional pieces of the learned density: the score is the *negative* LID.
-* ``nearest_generation``: a Carlini et al.-style density criterion for unconditional models: memorized training
-  images are regenerated many times, so a memorized generation has a near-copy among the other generations. The
-  score is the negative L2 distance (pixels in [0, 1], per-pixel RMS) to the nearest *other* generation in the pool.
+* ``carlini_density`` (Carlini et al., 2023, "Extracting Training Data from Diffusion Models"): memorized training
+  images are regenerated many times, so a memorized generation has near-copies among the other generations of the
+  same prompt (or pool). Carlini et al. link two generations whose *tiled* L2 distance (``tiled_l2``: the image cut
+  into a 4x4 grid of tiles, the distance is the largest per-tile distance, so every tile must match) is below a
+  threshold and call a prompt memorized when the generations form a large clique. The threshold-free version used
+  for ROC curves: the score of a generation is minus its tiled-L2 distance to its ``neighbours``-th nearest other
+  generation, i.e. the smallest threshold at which it has that many linked neighbours (a star around it; any clique
+  of ``neighbours`` + 1 generations containing it implies the star at the same threshold). ``nearest_generation``
+  is the same criterion with one tile and one neighbour (the demo benchmark's pool criterion).
+* ``noise_difference_norm`` / ``wen_first_step`` / ``wen_all_steps`` (Wen et al., ICLR 2024, "Detecting,
+  Explaining, and Mitigating Memorization in Diffusion Models"): the L2 norm, per generation, of the difference
+  between the conditional and the unconditional noise predictions, ||eps(x_t, c) - eps(x_t, null)||, at the first
+  sampling step (from the initial noise x_T) or averaged over every step of the generation. Memorized prompts pull
+  the prediction hard towards their image: large = memorized. For class-conditional models c is the class and null
+  the null class (the class-conditional analogue).
+* ``nemo_activations`` / ``NemoStatistics`` (Hintersdorf et al., NeurIPS 2024, "Finding NeMo"): the cross-attention
+  *value* layers (``attn2.to_v`` of the down and mid blocks: the 7 layers NeMo reads in SD 1.x) applied to the
+  prompt's text embedding; a neuron's activation is its absolute value averaged over the 77 tokens. NeMo flags
+  neurons whose activation is an outlier, |a - mean| / std > theta, against statistics of non-memorized prompts.
+  The score here is the largest such z-score over all neurons of all value layers (a threshold-free version of
+  NeMo's out-of-distribution neuron test, for ROC curves); the statistics come from reference prompts the caller
+  chooses (``bench laion``: the normal prompts, each of them scored against the others: leave-one-out).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from ..models.base import Adapter
 
 
-def _eps(adapter: Adapter, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    return adapter.predict_noise(x_t, t).float()
+def predict_eps(adapter: Adapter, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
+    """The adapter's noise prediction, with the empty condition or with ``cond`` (text embeddings, class labels)."""
+    x_t = x_t.to(adapter.dtype)
+    if cond is None:
+        return adapter.predict_noise(x_t, t).float()
+    return adapter.predict_noise(x_t, t, cond).float()
 
 
 @torch.no_grad()
@@ -35,13 +61,18 @@ def denoising_loss(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequen
     for k in range(draws):
         eps = adapter.draw_noise(x0, [int(seed) + 7919 * k for seed in seeds])
         x_t = adapter.apply_noise(x0, t, eps)
-        err = (_eps(adapter, x_t, t) - eps).pow(2).flatten(1).mean(1)
+        err = (predict_eps(adapter, x_t, t) - eps).pow(2).flatten(1).mean(1)
         total += err.cpu()
     return -(total / draws)
 
 
-def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], probes: int = 1) -> torch.Tensor:
-    """Negative FLIPD LID estimate (see module docstring); ``seeds`` seed the Hutchinson probes."""
+def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], probes: int = 1,
+          cond: Any = None) -> torch.Tensor:
+    """Negative FLIPD LID estimate (see module docstring); ``seeds`` seed the Hutchinson probes.
+
+    ``cond``: the condition of a conditional model (text embeddings ``[B, 77, D]``, class labels ``[B]``) for the
+    conditional LID(x | c) that Ross et al. use on text-to-image models; None: the empty condition.
+    """
     with torch.no_grad():
         x0 = adapter.encode(images).float()
     s = adapter.noise_std(t)
@@ -49,7 +80,7 @@ def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], 
     # the noise-free point of x_t's space: a x0 for variance-preserving models, x0 for EDM's variance-exploding one
     y = adapter.apply_noise(x0, t, torch.zeros_like(x0)).detach().requires_grad_(True)
     with torch.enable_grad():
-        eps = _eps(adapter, y, t)
+        eps = predict_eps(adapter, y, t, cond)
         trace = torch.zeros(x0.shape[0], device=y.device)
         for k in range(probes):
             v = torch.stack([
@@ -62,21 +93,146 @@ def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], 
     return -lid.detach().cpu()
 
 
+def tiled_l2(x: torch.Tensor, y: torch.Tensor, grid: int = 4) -> torch.Tensor:
+    """Carlini et al.'s tiled distance between every image of ``x`` [N, C, H, W] and of ``y`` [M, C, H, W]: both
+    cut into a ``grid`` x ``grid`` array of tiles (H and W divisible by ``grid``), the distance is the largest
+    per-tile RMS pixel difference (pixels scaled to [0, 1]; uint8 or float input). Returns [N, M]."""
+    if x.shape[1:] != y.shape[1:]:
+        raise ValueError(f"images {tuple(x.shape[1:])} and {tuple(y.shape[1:])} differ in shape")
+    c, h, w = x.shape[1:]
+    if grid < 1 or h % grid or w % grid:
+        raise ValueError(f"a {grid}x{grid} tiling needs the image sides ({h}x{w}) to be multiples of {grid}")
+
+    def tiles(z: torch.Tensor) -> torch.Tensor:  # [N, grid * grid, C * th * tw]
+        z = z.float() / 255.0 if z.dtype == torch.uint8 else z.float()
+        z = z.reshape(z.shape[0], c, grid, h // grid, grid, w // grid).permute(2, 4, 0, 1, 3, 5)
+        return z.reshape(grid * grid, z.shape[2], -1)
+
+    tx, ty = tiles(x), tiles(y)
+    dist = torch.cdist(tx, ty)  # [tiles, N, M]
+    return dist.amax(dim=0) / tx.shape[-1] ** 0.5
+
+
 @torch.no_grad()
+def carlini_density(images: torch.Tensor, pool: torch.Tensor | None = None, *, neighbours: int = 1, grid: int = 4,
+                    chunk: int = 1024) -> torch.Tensor:
+    """Minus the tiled-L2 distance from each image to its ``neighbours``-th nearest other image of ``pool``
+    (default: ``images``; when given, ``pool`` must hold ``images`` as its first rows, so that an image is never its
+    own neighbour). High = the image has many near-copies among the generations = memorized (module docstring)."""
+    n = images.shape[0]
+    pool = images if pool is None else pool
+    if not 1 <= neighbours <= pool.shape[0] - 1:
+        raise ValueError(f"{neighbours} neighbour(s) asked for in a pool of {pool.shape[0]} images (at most "
+                         f"{pool.shape[0] - 1})")
+    best = torch.full((n, neighbours), float("inf"))
+    for start in range(0, pool.shape[0], chunk):
+        block = pool[start:start + chunk]
+        dist = tiled_l2(images, block, grid)
+        idx = torch.arange(start, start + block.shape[0])
+        dist[idx[None, :] == torch.arange(n)[:, None]] = float("inf")  # an image is not its own neighbour
+        best = torch.cat([best, dist], dim=1).topk(neighbours, dim=1, largest=False).values
+    return -best[:, neighbours - 1]
+
+
 def nearest_generation(images: torch.Tensor, pool: torch.Tensor | None = None, chunk: int = 2048) -> torch.Tensor:
-    """Negative RMS pixel distance from each image to its nearest other image in ``pool`` (default: ``images``).
+    """Negative RMS pixel distance from each image to its nearest other image in ``pool`` (default: ``images``):
+    ``carlini_density`` with one tile and one neighbour.
 
     ``pool`` must contain ``images`` as its first rows when given (an image is never its own neighbour).
     """
-    x = images.flatten(1).float() / 255.0
-    p = x if pool is None else pool.flatten(1).float() / 255.0
-    n = x.shape[0]
-    best = torch.full((n,), float("inf"))
-    for start in range(0, p.shape[0], chunk):
-        block = p[start:start + chunk]
-        dist = torch.cdist(x, block)
-        idx = torch.arange(start, start + block.shape[0])
-        self_mask = idx[None, :] == torch.arange(n)[:, None]
-        dist[self_mask] = float("inf")
-        best = torch.minimum(best, dist.min(dim=1).values)
-    return -(best / x.shape[1] ** 0.5)
+    return carlini_density(images, pool, neighbours=1, grid=1, chunk=chunk)
+
+
+# -- Wen et al. ----------------------------------------------------------------------------------------------------
+
+
+def noise_difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """||eps_cond - eps_uncond||_2 per sample (float32, on the inputs' device): Wen et al.'s per-step quantity."""
+    return (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)
+
+
+@torch.no_grad()
+def wen_first_step(adapter: Adapter, x_T: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
+    """Wen et al.'s detection at the first sampling step: the noise-difference norm at the initial noise ``x_T``
+    (as the sampler feeds it to the denoiser) and the first timestep ``t``, for condition ``cond`` against the empty
+    condition. One conditional and one unconditional denoiser call per sample; no generation needed."""
+    return noise_difference_norm(predict_eps(adapter, x_T, t, cond), predict_eps(adapter, x_T, t)).cpu()
+
+
+def wen_all_steps(step_norms: torch.Tensor) -> torch.Tensor:
+    """Wen et al.'s all-step score: the noise-difference norms recorded at every step of the generation
+    ([steps, B], see ``memdetect.bench.generate``), averaged over the steps."""
+    return step_norms.float().mean(dim=0)
+
+
+# -- NeMo (Hintersdorf et al.) -------------------------------------------------------------------------------------
+
+#: The cross-attention value projections of the down and mid blocks (NeMo's 7 layers in SD 1.x).
+NEMO_VALUE_LAYERS = re.compile(
+    r"^(down_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn2\.to_v$")
+
+
+def nemo_value_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
+    """NeMo's value layers of a text-conditional UNet, by module name, in forward order."""
+    layers = {name: m for name, m in denoiser.named_modules() if NEMO_VALUE_LAYERS.match(name)}
+    if not layers:
+        raise ValueError("the model has no cross-attention value layers (down/mid attn2.to_v); NeMo needs a "
+                         "text-conditional UNet")
+    return layers
+
+
+@torch.no_grad()
+def nemo_activations(denoiser: nn.Module, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """|to_v(text embedding)| averaged over tokens, for every neuron of every value layer: [B, neurons] (float32).
+
+    The value projections see only the text embedding, so no denoiser forward pass is needed: this is what NeMo's
+    hooks capture during the first denoising step.
+    """
+    acts = []
+    for layer in nemo_value_layers(denoiser).values():
+        weight = next(layer.parameters())
+        acts.append(layer(text_embeddings.to(weight.device, weight.dtype)).float().abs().mean(dim=1).cpu())
+    return torch.cat(acts, dim=1)
+
+
+@dataclass(frozen=True)
+class NemoStatistics:
+    """Per-neuron mean and standard deviation (unbiased, as NeMo computes them) over reference prompts, kept as
+    float64 sums so that one prompt can be left out exactly (``without``)."""
+
+    total: torch.Tensor  # sum of the activations, float64 [neurons]
+    squares: torch.Tensor  # sum of their squares, float64 [neurons]
+    count: int
+
+    @classmethod
+    def fit(cls, activations: torch.Tensor) -> "NemoStatistics":
+        if activations.shape[0] < 2:
+            raise ValueError("NeMo's statistics need at least 2 reference prompts")
+        a = activations.double()
+        return cls(a.sum(dim=0), a.pow(2).sum(dim=0), int(a.shape[0]))
+
+    def without(self, activations: torch.Tensor) -> "NemoStatistics":
+        """The statistics of the reference prompts less one of them (its activations [neurons]): a reference prompt
+        that is also scored is compared with the others only, never with statistics that contain it."""
+        if self.count < 3:
+            raise ValueError("leaving a prompt out of NeMo's statistics needs at least 3 reference prompts")
+        a = activations.double()
+        return NemoStatistics(self.total - a, self.squares - a.pow(2), self.count - 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+    @property
+    def std(self) -> torch.Tensor:
+        var = (self.squares - self.total.pow(2) / self.count) / (self.count - 1)
+        return var.clamp_min(0).sqrt().float()
+
+    def zscores(self, activations: torch.Tensor) -> torch.Tensor:
+        """|a - mean| / std per neuron, [B, neurons] (std floored at 1e-8: a constant neuron is never an outlier
+        unless it moves)."""
+        return (activations.float() - self.mean).abs() / self.std.clamp_min(1e-8)
+
+    def score(self, activations: torch.Tensor) -> torch.Tensor:
+        """The largest z-score over all neurons of all value layers: high = memorized."""
+        return self.zscores(activations).amax(dim=1)

@@ -13,6 +13,7 @@ criterion) and the nearest-generation criterion (Carlini et al.-style; its time 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from ..scores import SCORES, std
 from . import baselines
 from .labels import LabelRule
 from .metrics import roc_metrics
+
+log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["method", "auroc", "tpr_at_1pct_fpr", "seconds_per_sample", "n_memorized", "n_generalized"]
 SWEEP_TIMESTEPS = (10, 25, 50, 100, 200, 400)
@@ -111,13 +114,26 @@ def score_methods(det: Detector, data: DemoSet, *, batch_size: int, flipd_probes
     return df, seconds
 
 
-def results_table(per_sample: pd.DataFrame, seconds: dict, labels: np.ndarray) -> pd.DataFrame:
+def results_table(per_sample: pd.DataFrame, seconds: dict, labels: np.ndarray,
+                  timing: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per method of ``seconds``. ``timing``: how each method was timed, written as a ``timing`` column.
+
+    A method with a NaN or infinite score gets NaN metrics and a warning instead of stopping the table.
+    """
     rows = []
     for method, sec in seconds.items():
-        m = roc_metrics(labels, per_sample[method].to_numpy())
+        scores = per_sample[method].to_numpy(dtype=np.float64)
+        if np.isfinite(scores).all():
+            m = roc_metrics(labels, scores)
+        else:
+            log.warning("%s: %d of %d scores are NaN or infinite; its AUROC is left empty", method,
+                        int((~np.isfinite(scores)).sum()), len(scores))
+            m = {"auroc": float("nan"), "tpr_at_1pct_fpr": float("nan")}
         rows.append({"method": method, **m, "seconds_per_sample": sec, "n_memorized": int(labels.sum()),
                      "n_generalized": int((1 - labels).sum())})
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        if timing is not None:
+            rows[-1]["timing"] = timing.get(method, "")
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS + (["timing"] if timing is not None else []))
 
 
 def plot_roc(per_sample: pd.DataFrame, methods, labels: np.ndarray, path: Path, title: str) -> None:
@@ -129,6 +145,8 @@ def plot_roc(per_sample: pd.DataFrame, methods, labels: np.ndarray, path: Path, 
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for m in methods:
+        if not np.isfinite(per_sample[m].to_numpy(dtype=np.float64)).all():
+            continue
         fpr, tpr, _ = roc_curve(labels, per_sample[m])
         ax.plot(fpr, tpr, label=m)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.5, ls="--")

@@ -14,6 +14,7 @@ computed against every training image (exact search, no index).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 
@@ -36,18 +37,29 @@ def nearest_neighbours(
 
     samples: [N, C, H, W], train: [M, C, H, W], any real dtype (uint8 is fine). Returns (sim [N], index [N]).
     """
-    if samples.shape[1:] != train.shape[1:]:
-        raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(train.shape[1:])} differ")
+    return nearest_neighbours_in(samples, (train[start : start + chunk] for start in range(0, train.shape[0], chunk)))
+
+
+@torch.no_grad()
+def nearest_neighbours_in(
+    samples: torch.Tensor, train_batches: Iterable[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``nearest_neighbours`` over training images that arrive in batches (a folder too large for memory);
+    indices count across the batches in order."""
     s = _centred_unit(samples)
     best_sim = torch.full((s.shape[0],), -2.0, device=s.device)
     best_idx = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
-    for start in range(0, train.shape[0], chunk):
-        t = _centred_unit(train[start : start + chunk].to(s.device))
+    start = 0
+    for batch in train_batches:
+        if batch.shape[1:] != samples.shape[1:]:
+            raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(batch.shape[1:])} differ")
+        t = _centred_unit(batch.to(s.device))
         sim = s @ t.T
         val, idx = sim.max(dim=1)
         better = val > best_sim
         best_sim = torch.where(better, val, best_sim)
         best_idx = torch.where(better, idx + start, best_idx)
+        start += batch.shape[0]
     return best_sim.cpu(), best_idx.cpu()
 
 

@@ -1,0 +1,299 @@
+"""Prompt lists for ``memdetect bench laion``: local files in any common format, or the public lists, cached.
+
+Formats (detected from the suffix, else from the content):
+
+* ``.jsonl`` (JSON lines): one object per line with a ``caption``, ``prompt`` or ``text`` key (any case), or one
+  JSON string per line. Wen et al.'s ``sdv1_500_memorized.jsonl`` is of this kind.
+* ``.json``: a list of strings or of such objects (e.g. ``match_verbatim_captions.json``).
+* ``.csv`` / ``.tsv``: a header with a ``prompt``, ``caption`` or ``text`` column (any case); the delimiter
+  (``,`` ``;`` tab ``|``) is sniffed, since NeMo's lists are ``;``-separated.
+* ``.txt`` and anything else: one prompt per line, blank lines skipped.
+
+Every list becomes a frame with ``row`` (0-based position in the file), ``prompt`` and the file's other columns,
+which ``--memorized-filter`` can select on (``type=VM``, ``max_sscd>=0.5``, ``in_ren_sd1_mem345=1``).
+
+The public lists are pinned to the commits that ``../shared/data/prompts/README.md`` records and checked against
+their git blob ids (``git hash-object``), so a cached or downloaded copy is known to be byte-identical to the
+published file. They are cached in ``$MEMDETECT_CACHE/prompts`` (default ``~/.cache/memdetect/prompts``); with
+``HF_HUB_OFFLINE`` or ``MEMDETECT_OFFLINE`` set, a list that is not cached is a one-line error naming the option that
+reads a local file instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from ..errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+PROMPT_KEYS = ("prompt", "caption", "text")
+FORMATS = ("jsonl", "json", "csv", "txt")
+
+
+@dataclass(frozen=True)
+class PublicList:
+    """A published prompt list pinned to one commit and checked against its git blob id."""
+
+    name: str
+    url: str
+    blob: str  # git blob id (sha1 of "blob <size>\\0" + content)
+    what: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_WEN = "https://raw.githubusercontent.com/YuxinWenRick/diffusion_memorization/c8fe471d80b62213bdc8a384543ff44b44c62020"
+_NEMO = ("https://raw.githubusercontent.com/ml-research/localizing_memorization_in_diffusion_models/"
+         "f952eded64fca0bcf42e0bb3be9a01d64653cfdb")
+
+PUBLIC_LISTS: dict[str, PublicList] = {p.name: p for p in [
+    PublicList("wen-memorized", f"{_WEN}/examples/sdv1_500_memorized.jsonl",
+               "a412754b278c546062c6629d033bb853cf2f6cb9",
+               "Wen et al.'s 500 memorized SD v1 prompts (sdv1_500_memorized.jsonl)"),
+    PublicList("nemo-memorized", f"{_NEMO}/prompts/memorized_laion_prompts.csv",
+               "eac833b14e97a285d29793f22dbd60218239ed6f",
+               "NeMo's memorized LAION prompts with VM/TM types (memorized_laion_prompts.csv)"),
+    PublicList("nemo-unmemorized", f"{_NEMO}/prompts/unmemorized_laion_prompts.csv",
+               "c18247e3bf83ea4a830e9b5115fea281d203a42f",
+               "NeMo's 500 unmemorized LAION prompts (unmemorized_laion_prompts.csv)"),
+]}
+
+#: The defaults of ``bench laion``. With a ``--memorized-filter`` the memorized default is NeMo's copy of the same 500
+#: prompts (same rows, order, captions), which carries the ``type`` (VM/TM) and SSCD columns to filter on.
+DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL = "wen-memorized", "nemo-memorized", "nemo-unmemorized"
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id ``git hash-object`` gives ``data``: sha1 over ``b"blob <len>\\0" + data``."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
+               for v in ("MEMDETECT_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def prompt_cache_dir() -> Path:
+    from ..models.edm import cache_dir  # the one place that knows $MEMDETECT_CACHE
+
+    return cache_dir() / "prompts"
+
+
+def fetch_public_list(name: str, *, option: str = "--memorized/--normal", timeout: float = 60.0) -> Path:
+    """The cached, blob-checked copy of public list ``name``, downloaded on first use.
+
+    ``option`` names the flag that reads a local file instead; it goes into the error messages.
+    """
+    pub = PUBLIC_LISTS[name]
+    dest = prompt_cache_dir() / f"{pub.blob[:12]}-{pub.filename}"
+    if dest.is_file():
+        if git_blob_id(dest.read_bytes()) == pub.blob:
+            return dest
+        log.warning("cached %s does not match its pinned git blob id; downloading it again", dest)
+    if _offline():
+        raise InputError(f"{pub.what} is not cached in {dest.parent} and offline mode is set (HF_HUB_OFFLINE or "
+                         f"MEMDETECT_OFFLINE); run once with network access, or pass {option} FILE")
+    try:
+        with urllib.request.urlopen(pub.url, timeout=timeout) as r:
+            data = r.read()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise InputError(f"could not download {pub.what} from {pub.url} ({reason}); pass {option} FILE") from None
+    if git_blob_id(data) != pub.blob:
+        raise InputError(f"the download of {pub.url} is not the pinned file (git blob {git_blob_id(data)[:12]}, "
+                         f"expected {pub.blob[:12]}); refusing to use it, pass {option} FILE")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(data)
+    os.replace(tmp, dest)
+    return dest
+
+
+# -- reading -----------------------------------------------------------------------------------------------------------
+
+
+def detect_format(path: str | os.PathLike, text: str | None = None) -> str:
+    """``jsonl``, ``json``, ``csv`` or ``txt``: from the suffix when it is one of those, else from the content."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if suffix == ".json":
+        return "json"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix == ".txt":
+        return "txt"
+    text = _read_text(path) if text is None else text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return "txt"
+    first = lines[0].lstrip()
+    if first.startswith("["):
+        return "json"
+    if first.startswith("{"):
+        return "jsonl"
+    if _csv_header(text) is not None:
+        return "csv"
+    return "txt"
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"prompt list {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt list {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read prompt list {path}: {e.strerror or e}") from None
+
+
+def _csv_header(text: str) -> tuple[str, str] | None:
+    """(delimiter, prompt column) when ``text`` looks like a CSV with a prompt column in its header, else None."""
+    sample = "\n".join(text.splitlines()[:20])
+    try:
+        delimiter = csv.Sniffer().sniff(sample, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return None
+    header = next(csv.reader(io.StringIO(sample), delimiter=delimiter), [])
+    column = _prompt_key(header)
+    return (delimiter, column) if column is not None and len(header) > 1 else None
+
+
+def _prompt_key(keys: Sequence[str]) -> str | None:
+    lower = {str(k).strip().lower(): k for k in keys}
+    return next((lower[k] for k in PROMPT_KEYS if k in lower), None)
+
+
+def _records_frame(items: list, path: Path) -> pd.DataFrame:
+    rows = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            rows.append({"prompt": item})
+        elif isinstance(item, dict):
+            key = _prompt_key(list(item))
+            if key is None:
+                raise InputError(f"{path}: entry {i} has no {'/'.join(PROMPT_KEYS)} key (keys: "
+                                 f"{', '.join(map(str, item)) or 'none'})")
+            rows.append({**{k: v for k, v in item.items() if k != key}, "prompt": item[key]})
+        else:
+            raise InputError(f"{path}: entry {i} is a {type(item).__name__}, not a prompt string or object")
+    return pd.DataFrame(rows)
+
+
+def read_prompts(path: str | os.PathLike, fmt: str | None = None) -> pd.DataFrame:
+    """A prompt list as a frame: ``row``, ``prompt`` and the file's other columns (empty prompts dropped)."""
+    path = Path(path)
+    text = _read_text(path)
+    fmt = fmt or detect_format(path, text)
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown prompt list format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "jsonl":
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        df = _records_frame(items, path)
+    elif fmt == "json":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path} is not JSON ({e.msg} at line {e.lineno})") from None
+        if isinstance(doc, dict) and isinstance(doc.get("prompts"), list):
+            doc = doc["prompts"]
+        if not isinstance(doc, list):
+            raise InputError(f"{path}: expected a JSON list of prompts (or {{\"prompts\": [...]}})")
+        df = _records_frame(doc, path)
+    elif fmt == "csv":
+        found = _csv_header(text)
+        if found is None:
+            raise InputError(f"{path}: no {'/'.join(PROMPT_KEYS)} column in the CSV header")
+        delimiter, column = found
+        df = pd.read_csv(io.StringIO(text), sep=delimiter, dtype=str, keep_default_na=False)
+        df = df.rename(columns={column: "prompt"})
+        df = df.drop(columns=[c for c in df.columns if str(c).startswith("Unnamed:") or str(c) == ""])
+    else:
+        df = pd.DataFrame({"prompt": [ln.strip() for ln in text.splitlines()]})
+    if "prompt" not in df.columns:
+        df["prompt"] = []
+    df["prompt"] = df["prompt"].map(lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v).strip())
+    df = df[df["prompt"] != ""].reset_index(drop=True)
+    if "row" in df.columns:  # the file's own row column keeps its values under another name
+        df = df.rename(columns={"row": "file_row"})
+    if df.empty:
+        raise InputError(f"prompt list {path} holds no prompts")
+    df.insert(0, "row", range(len(df)))
+    return df[["row", "prompt", *[c for c in df.columns if c not in ("row", "prompt")]]]
+
+
+# -- filters -----------------------------------------------------------------------------------------------------------
+
+_FILTER = re.compile(r"^\s*(?P<column>[^=!<>]+?)\s*(?P<op>==|=|!=|>=|<=|>|<)\s*(?P<value>.*?)\s*$")
+
+
+def apply_filter(df: pd.DataFrame, spec: str) -> pd.DataFrame:
+    """Rows of ``df`` matching ``COLUMN OP VALUE``: ``=`` / ``!=`` against comma-separated values (case-insensitive
+    text), ``>=`` ``<=`` ``>`` ``<`` numerically (rows whose value is not a number are dropped)."""
+    m = _FILTER.match(spec)
+    if not m:
+        raise UsageError(f"cannot read the filter {spec!r}; write COLUMN=VALUE[,VALUE], COLUMN!=VALUE or "
+                         f"COLUMN>=NUMBER (also <=, >, <)")
+    column, op, value = m["column"], m["op"], m["value"]
+    by_lower = {str(c).lower(): c for c in df.columns}
+    if column.lower() not in by_lower:
+        raise UsageError(f"filter {spec!r}: the prompt list has no column {column!r} (columns: "
+                         f"{', '.join(map(str, df.columns))})")
+    col = df[by_lower[column.lower()]]
+    if op in ("=", "==", "!="):
+        wanted = {v.strip().lower() for v in value.split(",")}
+        hit = col.astype(str).str.strip().str.lower().isin(wanted)
+        return df[hit if op != "!=" else ~hit]
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"filter {spec!r}: {op} needs a number, got {value!r}") from None
+    x = pd.to_numeric(col, errors="coerce")
+    hit = {">=": x >= number, "<=": x <= number, ">": x > number, "<": x < number}[op]
+    return df[hit.fillna(False)]
+
+
+def load_list(source: str | os.PathLike | None, default: str, *, filters: Sequence[str] = (),
+              limit: int | None = None, option: str = "--memorized") -> tuple[pd.DataFrame, str]:
+    """A prompt list (a local file, or the public list ``default`` when ``source`` is None), filtered, then its
+    first ``limit`` rows. Returns the frame and a description of where it came from."""
+    if source is None:
+        path = fetch_public_list(default, option=option)
+        origin = f"{PUBLIC_LISTS[default].what}, {PUBLIC_LISTS[default].url}"
+    else:
+        path = Path(source)
+        origin = str(path)
+    df = read_prompts(path)
+    for spec in filters:
+        df = apply_filter(df, spec)
+    if df.empty:
+        raise InputError(f"no prompt of {origin} passes the filter(s) {', '.join(filters)}")
+    if limit is not None:
+        if limit < 1:
+            raise UsageError(f"--limit must be at least 1, got {limit}")
+        df = df.head(limit)
+    return df.reset_index(drop=True), origin

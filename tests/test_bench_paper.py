@@ -1,0 +1,454 @@
+"""The paper benchmarks (`memdetect bench laion | imagenet | cifar10`) end to end on tiny models, offline on CPU;
+prompt-list reading and caching; the samplers against closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from memdetect import Detector
+from memdetect.bench import generate as gen
+from memdetect.bench import prompts
+from memdetect.bench.demo import RESULT_COLUMNS
+from memdetect.bench.paper import LAION_METHODS, OURS
+from memdetect.cli import app
+from memdetect.errors import InputError, UsageError
+from memdetect.models.base import Adapter
+
+from .conftest import SHARED, needs_shared, write_images
+
+runner = CliRunner()
+PAPER_COLUMNS = [*RESULT_COLUMNS, "timing"]
+MEMORIZED = ["The No Limits Business Woman Podcast", "Mothers influence on her young hippo",
+             "Talks on the Precepts and Buddhist Ethics", "Full body U-Zip main opening"]
+NORMAL = ["A small kitchen with some quirky art decorations.", "a red car parked on a quiet road",
+          "A dog wearing a bandanna and sitting on the trunk of a car.", "a tuxemon cartoon of a blue bird"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These models are tiny: on a small shared machine, intra-op threads cost (much) more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- prompt lists --------------------------------------------------------------------------------------------------
+
+
+def test_prompt_list_formats_are_detected(tmp_path):
+    files = {
+        "wen.jsonl": "\n".join(json.dumps({"caption": p, "index": i}) for i, p in enumerate(MEMORIZED)) + "\n",
+        "nemo.csv": ";Caption;URL;type\n" + "".join(f"{i};{p};http://x/{i};VM\n" for i, p in enumerate(MEMORIZED)),
+        "plain.csv": "id,Prompt\n" + "".join(f'{i},"{p}"\n' for i, p in enumerate(MEMORIZED)),
+        "lines.txt": "\n\n".join(MEMORIZED),  # blank lines skipped, no trailing newline
+        "list.json": json.dumps(MEMORIZED),
+        "sniffed_jsonl.dat": "".join(json.dumps({"prompt": p}) + "\n" for p in MEMORIZED),
+        "sniffed_csv": "text\tother\n" + "".join(f"{p}\t1\n" for p in MEMORIZED),
+        "sniffed_txt": "\n".join(MEMORIZED) + "\n",
+    }
+    formats = {"wen.jsonl": "jsonl", "nemo.csv": "csv", "plain.csv": "csv", "lines.txt": "txt", "list.json": "json",
+               "sniffed_jsonl.dat": "jsonl", "sniffed_csv": "csv", "sniffed_txt": "txt"}
+    for name, text in files.items():
+        path = tmp_path / name
+        path.write_text(text)
+        assert prompts.detect_format(path) == formats[name], name
+        df = prompts.read_prompts(path)
+        assert list(df["prompt"]) == MEMORIZED, name
+        assert list(df["row"]) == list(range(len(MEMORIZED)))
+    nemo = prompts.read_prompts(tmp_path / "nemo.csv")
+    assert list(nemo.columns) == ["row", "prompt", "URL", "type"]  # the unnamed index column is dropped
+
+
+def test_prompt_filters_and_errors(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("Caption;type;max_sscd\na;VM;0.9\nb;TM;0.2\nc;tm;\nd;VM;0.4\n")
+    df = prompts.read_prompts(path)
+    assert list(prompts.apply_filter(df, "type=VM")["prompt"]) == ["a", "d"]
+    assert list(prompts.apply_filter(df, "TYPE = tm")["prompt"]) == ["b", "c"]  # case-insensitive
+    assert list(prompts.apply_filter(df, "type!=vm")["prompt"]) == ["b", "c"]
+    assert list(prompts.apply_filter(df, "max_sscd>=0.4")["row"]) == [0, 3]  # rows keep their file positions
+    assert list(prompts.apply_filter(df, "max_sscd<0.4")["prompt"]) == ["b"]  # no value: never passes
+    with pytest.raises(UsageError, match="no column 'kind'.*type"):
+        prompts.apply_filter(df, "kind=VM")
+    with pytest.raises(UsageError, match="COLUMN=VALUE"):
+        prompts.apply_filter(df, "type")
+    with pytest.raises(UsageError, match="needs a number"):
+        prompts.apply_filter(df, "max_sscd>=high")
+    with pytest.raises(InputError, match="passes the filter"):
+        prompts.load_list(path, "wen-memorized", filters=["type=XX"])
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(InputError, match="no prompts"):
+        prompts.read_prompts(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"caption": "a"}\n{"url": "b"}\n')
+    with pytest.raises(InputError, match="entry 1 has no prompt/caption/text key"):
+        prompts.read_prompts(tmp_path / "bad.jsonl")
+    assert list(prompts.load_list(path, "wen-memorized", limit=2)[0]["prompt"]) == ["a", "b"]
+
+
+def test_public_list_download_cache_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMDETECT_CACHE", str(tmp_path / "cache"))
+    data = b"".join(json.dumps({"caption": p}).encode() + b"\n" for p in MEMORIZED)
+    fake = prompts.PublicList("fake", "https://example.invalid/x/list.jsonl", prompts.git_blob_id(data), "a test list")
+    monkeypatch.setitem(prompts.PUBLIC_LISTS, "fake", fake)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="not cached .* offline mode is set .* pass --memorized FILE") as e:
+        prompts.fetch_public_list("fake", option="--memorized")
+    assert "\n" not in str(e.value)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    served = []
+
+    class Response:
+        def __init__(self, body):
+            self.body = body
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def read(self):
+            return self.body
+
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", lambda url, timeout: served.append(url) or Response(data))
+    path = prompts.fetch_public_list("fake")
+    assert served == [fake.url] and path.read_bytes() == data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # cached now: offline is fine, nothing downloaded
+    assert prompts.fetch_public_list("fake") == path and len(served) == 1
+    assert list(prompts.load_list(None, "fake")[0]["prompt"]) == MEMORIZED
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    path.write_bytes(data + b"tampered\n")  # a cached copy that no longer matches is fetched again
+    assert prompts.fetch_public_list("fake").read_bytes() == data and len(served) == 2
+    path.unlink()
+    monkeypatch.setattr(prompts.urllib.request, "urlopen", lambda url, timeout: Response(data + b"x"))
+    with pytest.raises(InputError, match="not the pinned file"):
+        prompts.fetch_public_list("fake")
+    assert not path.exists()
+
+
+def test_bench_laion_default_lists_offline_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMDETECT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "n.txt").write_text("\n".join(NORMAL))
+    res = invoke("bench", "laion", "--normal", tmp_path / "n.txt", "--output", tmp_path / "out")
+    assert res.exit_code == 2
+    assert "Wen et al.'s 500 memorized SD v1 prompts" in res.output and "--memorized FILE" in res.output
+    res = invoke("bench", "laion", "--memorized", tmp_path / "n.txt", "--output", tmp_path / "out")
+    assert res.exit_code == 2 and "unmemorized_laion_prompts.csv" in res.output and "--normal FILE" in res.output
+
+
+def test_bench_laion_filters_read_the_labelled_copy_of_the_default_list(tmp_path, monkeypatch):
+    from memdetect.bench import paper
+
+    asked = []
+
+    def record(source, default, **kwargs):
+        asked.append((default, tuple(kwargs.get("filters", ()))))
+        raise InputError("stop here")
+
+    monkeypatch.setattr(paper, "load_list", record)
+    invoke("bench", "laion", "--output", tmp_path / "o")
+    invoke("bench", "laion", "--memorized-filter", "type=VM", "--memorized-filter", "max_sscd>=0.5",
+           "--output", tmp_path / "o")
+    assert asked == [("wen-memorized", ()), ("nemo-memorized", ("type=VM", "max_sscd>=0.5"))]
+
+
+@needs_shared("data", "prompts")
+def test_pinned_public_lists_match_the_shared_copies(tmp_path, monkeypatch):
+    """The pinned blob ids are those of the copies in ../shared; placed in the cache, they serve the defaults."""
+    folders = {"wen-memorized": "YuxinWenRick__diffusion_memorization",
+               "nemo-memorized": "ml-research__localizing_memorization_in_diffusion_models",
+               "nemo-unmemorized": "ml-research__localizing_memorization_in_diffusion_models"}
+    monkeypatch.setenv("MEMDETECT_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, pub in prompts.PUBLIC_LISTS.items():
+        copy = SHARED / "data" / "prompts" / folders[name] / pub.filename
+        assert prompts.git_blob_id(copy.read_bytes()) == pub.blob, name
+        dest = prompts.prompt_cache_dir() / f"{pub.blob[:12]}-{pub.filename}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(copy, dest)
+    wen, _ = prompts.load_list(None, prompts.DEFAULT_MEMORIZED)
+    vm, _ = prompts.load_list(None, prompts.DEFAULT_MEMORIZED_LABELLED, filters=["type=VM"])
+    normal, _ = prompts.load_list(None, prompts.DEFAULT_NORMAL, limit=10)
+    assert len(wen) == 500 and len(vm) == 112 and len(normal) == 10
+    assert set(vm["prompt"]) <= set(wen["prompt"])  # NeMo's copy holds the same 500 prompts
+
+
+# -- samplers ------------------------------------------------------------------------------------------------------
+
+
+class GaussianEDM(Adapter):
+    """A pixel 'model' of data ~ N(0, s^2 I): its ideal denoiser D(x; sigma) = x s^2 / (s^2 + sigma^2) makes the
+    probability-flow ODE solvable, x(sigma) = x_T sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_max^2)."""
+
+    family = "edm"
+    S = 0.5
+
+    class Net(nn.Module):
+        sigma_min, sigma_max = 0.002, 80.0
+
+        def forward(self, x, sigma):
+            s2 = GaussianEDM.S ** 2
+            return x * s2 / (s2 + sigma.reshape(-1, 1, 1, 1) ** 2)
+
+    def __init__(self):
+        from diffusers import DDPMScheduler
+
+        super().__init__(self.Net(), DDPMScheduler(), resolution=4, device=torch.device("cpu"), dtype=torch.float32)
+
+    @classmethod
+    def load(cls, source, **kw):  # pragma: no cover - built in memory
+        raise TypeError("built in memory")
+
+    def encode(self, images):
+        return images.float() / 127.5 - 1
+
+    def forward(self, x_t, t):  # pragma: no cover - not used
+        pass
+
+    def predict_noise(self, x_t, t):  # pragma: no cover - not used
+        raise NotImplementedError
+
+    def default_layer(self):
+        return ""
+
+
+def test_edm_heun_sampler_solves_the_gaussian_ode():
+    adapter = GaussianEDM()
+    s = GaussianEDM.S
+    errors = {}
+    for steps in (36, 72, 144):
+        x0, x_T = gen.sample_edm(adapter, [3, 4], steps=steps)
+        assert x_T.std() > 50  # starts at sigma_max = 80
+        expected = x_T * s / math.sqrt(s ** 2 + 80.0 ** 2)  # the ODE's exact end point
+        errors[steps] = float((x0 - expected).abs().max() / expected.abs().max())
+    assert errors[144] < 1e-3
+    assert 3.5 < errors[36] / errors[72] < 4.5  # Heun is second order: twice the steps, a quarter of the error
+    with pytest.raises(ValueError, match="at least 2"):
+        gen.sample_edm(adapter, [1], steps=1)
+
+
+@pytest.mark.parametrize("family", ["sd", "ddpm"])
+def test_generation_is_seeded_per_image(family, tiny_sd, tiny_ddpm):
+    det = Detector.from_pretrained(family, str({"sd": tiny_sd, "ddpm": tiny_ddpm}[family]), device="cpu",
+                                   dtype="float32")
+    a = det.adapter
+    cond = None
+    if family == "sd":
+        cond = gen.TextEncoder.load(a.source, a.device, a.dtype)(["a cat", "a dog"])
+    both = gen.generate(a, [11, 12], cond=cond, steps=4, guidance=7.5)
+    alone = gen.generate(a, [12], cond=None if cond is None else cond[1:], steps=4, guidance=7.5)
+    assert both.images.shape == (2, 3, a.resolution, a.resolution) and both.images.dtype == torch.uint8
+    # the same sample alone or second in a batch: equal up to float rounding of batched kernels
+    assert (both.images[1].int() - alone.images[0].int()).abs().max() <= 1
+    assert (both.images[0].int() - both.images[1].int()).abs().max() > 10  # different seeds, different images
+    if family == "sd":
+        assert both.noise_difference.shape == (4, 2) and torch.isfinite(both.noise_difference).all()
+    else:
+        assert both.noise_difference is None  # unconditional: no Wen score
+
+
+# -- bench laion ---------------------------------------------------------------------------------------------------
+
+
+def _lists(tmp_path):
+    (tmp_path / "m.txt").write_text("\n".join(MEMORIZED))
+    (tmp_path / "n.csv").write_text("prompt,source\n" + "".join(f'"{p}",coco\n' for p in NORMAL))
+    return tmp_path / "m.txt", tmp_path / "n.csv"
+
+
+def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
+    from memdetect.bench import baselines, paper
+
+    m, n = _lists(tmp_path)
+    out = tmp_path / "out"
+    base = ["bench", "laion", "--model", "sd14", "--model-path", tiny_sd, "--memorized", m, "--normal", n,
+            "--generations", "2", "--steps", "3", "--device", "cpu", "--output", out]
+    res = invoke(*base, "--limit", "2")  # 2 normal prompts: too few for leave-one-out NeMo statistics
+    assert res.exit_code == 2 and "at least 3 reference prompts" in res.output
+    res = invoke(*base, "--limit", "3")
+    assert res.exit_code == 0, res.output
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns) == PAPER_COLUMNS
+    assert list(results["method"]) == LAION_METHODS
+    assert set(LAION_METHODS) == {*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "carlini"}
+    assert (results["n_memorized"] == 3).all() and (results["n_generalized"] == 3).all()
+    assert results["auroc"].between(0, 1).all() and (results["seconds_per_sample"] > 0).all()
+    assert results.set_index("method").loc["wen_all_steps", "timing"].startswith("the generation itself")
+    scores = pd.read_csv(out / "scores.csv")
+    assert list(scores["prompt"]) == MEMORIZED[:3] + NORMAL[:3] and list(scores["label"]) == [1, 1, 1, 0, 0, 0]
+    assert np.isfinite(scores[LAION_METHODS].to_numpy()).all()  # every method, a finite score per prompt
+    # NeMo: statistics of the normal prompts; a normal prompt is scored against the other two only
+    unet = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter.denoiser
+    text = gen.TextEncoder.load(str(tiny_sd), torch.device("cpu"), torch.float32)
+    acts = {p: baselines.nemo_activations(unet, text([p]))[0] for p in MEMORIZED[:3] + NORMAL[:3]}
+
+    def max_z(p, reference):
+        ref = torch.stack([acts[q] for q in reference])
+        return float(((acts[p] - ref.mean(0)).abs() / ref.std(0)).max())
+
+    expected = [max_z(p, NORMAL[:3]) for p in MEMORIZED[:3]] + [
+        max_z(p, [q for q in NORMAL[:3] if q != p]) for p in NORMAL[:3]]
+    np.testing.assert_allclose(scores["nemo"], expected, rtol=1e-3)
+    images = pd.read_csv(out / "images.csv")
+    assert len(images) == 12 and all((out / p).is_file() for p in images["image"])
+    # prompt score = mean of its generations' scores
+    np.testing.assert_allclose(images.groupby("key", sort=False)["ross_flipd"].mean(), scores["ross_flipd"])
+    # ours is the scan path: the image alone, no prompt
+    scanned = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").scan([out / "images"])
+    by_name = dict(zip(scanned["path"].map(lambda p: p.rsplit("/", 1)[-1]), scanned["std"]))
+    np.testing.assert_allclose([by_name[p.rsplit("/", 1)[-1]] for p in images["image"]], images["ours_std"],
+                               rtol=1e-5)
+    assert "leave-one-out" in json.loads((out / "settings.json").read_text())["nemo_reference"]
+    assert (out / "roc.png").stat().st_size > 0
+
+    # a rerun skips every finished prompt: nothing is generated again
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()}
+    monkeypatch.setattr(paper, "generate", lambda *a, **k: pytest.fail("a finished prompt was regenerated"))
+    res = invoke(*base, "--limit", "3")
+    assert res.exit_code == 0, res.output
+    assert "generated 0, reused 6" in res.output
+    assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
+    pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), scores, rtol=1e-4)
+    # a larger --limit generates only the new prompts
+    calls = []
+    monkeypatch.setattr(paper, "generate", lambda *a, **k: calls.append(1) or gen.generate(*a, **k))
+    res = invoke(*base, "--limit", "4")
+    assert res.exit_code == 0, res.output
+    assert len(calls) == 2 and "generated 2, reused 6" in res.output
+    assert len(pd.read_csv(out / "scores.csv")) == 8
+    # other settings in the same folder are refused, not mixed
+    res = invoke(*base[:-4], "--steps", "4", "--device", "cpu", "--output", out)
+    assert res.exit_code == 2 and "steps=3" in res.output
+
+
+def test_bench_laion_rejects_a_class_model(tiny_dit, tmp_path):
+    m, n = _lists(tmp_path)
+    res = invoke("bench", "laion", "--model", "dit", "--model-path", tiny_dit, "--memorized", m, "--normal", n,
+                 "--output", tmp_path / "out", "--device", "cpu")
+    assert res.exit_code == 2 and "needs a sd model" in res.output
+
+
+# -- bench imagenet / cifar10 --------------------------------------------------------------------------------------
+
+
+def _two_runs(args: list, out, train, copies: list[str], monkeypatch) -> pd.DataFrame:
+    """Run once against unrelated training images (nothing memorized: an error, but the samples are kept), copy
+    some generations into the training folder, rerun: those are memorized now, and nothing is regenerated."""
+    from memdetect.bench import paper
+
+    res = invoke(*args)
+    assert res.exit_code == 2 and "0 memorized" in res.output, res.output
+    for key in copies:
+        shutil.copy(out / "images" / f"{key}.png", train / f"copy-{key}.png")
+    monkeypatch.setattr(paper, "generate", lambda *a, **k: pytest.fail("a finished sample was regenerated"))
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    return pd.read_csv(out / "scores.csv")
+
+
+@pytest.mark.parametrize("bench", ["imagenet", "cifar10-ddpm", "cifar10-edm"])
+def test_bench_samples_end_to_end(bench, tiny_dit, tiny_ddpm, tmp_path, monkeypatch):
+    if bench == "cifar10-edm":
+        from memdetect.models import edm
+
+        torch.manual_seed(0)
+        net = edm.build_network("VPPrecond", dict(img_resolution=16, img_channels=3, model_channels=8,
+                                                  channel_mult=[1, 2], num_blocks=1, attn_resolutions=[]))
+        model, path = "edm", edm.save_safetensors(net, tmp_path / "edm.safetensors")
+    else:
+        model, path = {"imagenet": ("dit", tiny_dit), "cifar10-ddpm": ("ddpm-cifar10", tiny_ddpm)}[bench]
+    train = tmp_path / "train"
+    write_images(train, 4, size=(16, 16))
+    (train / "aaa-broken.png").write_bytes(b"not an image")  # skipped, first in order: indices must still map
+    out = tmp_path / "out"
+    args = ["bench", bench.split("-")[0], "--model", model, "--model-path", path, "--train-dir", train,
+            "--num-samples", "6", "--batch-size", "3", "--steps", "3", "--device", "cpu", "--output", out]
+    if bench == "imagenet":
+        args += ["--classes", "0-2,7"]
+    scores = _two_runs(args, out, train, ["sample-000001", "sample-000004"], monkeypatch)
+    conditional = bench == "imagenet"
+    methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd", "carlini"]
+    assert len(scores) == 6 and np.isfinite(scores[methods].to_numpy()).all()
+    assert list(scores.loc[scores["label"] == "memorized", "key"]) == ["sample-000001", "sample-000004"]
+    np.testing.assert_allclose(scores.loc[[1, 4], "similarity"], 1.0, atol=1e-5)
+    assert [p.rsplit("/", 1)[-1] for p in scores.loc[[1, 4], "nearest_train"]] == [
+        "copy-sample-000001.png", "copy-sample-000004.png"]
+    if conditional:
+        assert list(scores["class"]) == [0, 1, 2, 7, 0, 1]  # --classes cycled
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns) == PAPER_COLUMNS and list(results["method"]) == methods
+    assert (results["n_memorized"] == 2).all()
+    assert (results["n_generalized"] == int((scores["label"] == "generalized").sum())).all()
+
+
+def test_bench_cifar10_rejects_a_latent_model_and_classes(tiny_dit, tmp_path):
+    train = tmp_path / "train"
+    write_images(train, 2, size=(16, 16))
+    res = invoke("bench", "cifar10", "--model", "dit", "--model-path", tiny_dit, "--train-dir", train,
+                 "--output", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 2 and "needs a ddpm or edm model" in res.output
+    res = invoke("bench", "imagenet", "--model-path", tiny_dit, "--train-dir", train, "--classes", "1,x",
+                 "--output", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 2 and "--classes takes" in res.output
+
+
+def test_processes_split_the_work_and_the_main_one_writes_the_tables(tiny_ddpm, tmp_path, monkeypatch):
+    """Two processes (threads here, with a barrier for accelerate's wait_for_everyone) share the batches through
+    their own records files; only the main process writes the tables, which cover every sample."""
+    import threading
+
+    from memdetect.bench import paper
+
+    barrier = threading.Barrier(2, timeout=120)
+    monkeypatch.setattr(paper, "processes", lambda: paper.Processes(
+        rank=int(threading.current_thread().name[-1]), world=2, wait=barrier.wait))
+    # diffusers loads through accelerate's init_empty_weights, which patches nn.Module globally: two threads loading
+    # at once can leave the patch in place (real processes do not share it), so the stand-ins load one at a time
+    lock, load = threading.Lock(), paper._load
+
+    def load_one_at_a_time(*args, **kwargs):
+        with lock:
+            return load(*args, **kwargs)
+
+    monkeypatch.setattr(paper, "_load", load_one_at_a_time)
+    train = tmp_path / "train"
+    write_images(train, 2, size=(16, 16))
+    out = tmp_path / "out"
+    results, errors = {}, []
+
+    def run(rank):
+        try:
+            results[rank] = paper.run_samples("cifar10", out, model="ddpm-cifar10", model_path=str(tiny_ddpm),
+                                              train_dir=train, num_samples=8, batch_size=2, steps=2, device="cpu")
+        except Exception as e:
+            errors.append((rank, e))
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(r,), name=f"rank{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # nothing is memorized by random training images: the main process says so once the tables are due
+    assert len(errors) == 1 and errors[0][0] == 0 and "0 memorized and 8 generalized" in str(errors[0][1])
+    shares = {r: [json.loads(x)["key"] for x in (out / "records" / f"records-{r}.jsonl").read_text().splitlines()]
+              for r in (0, 1)}
+    assert shares == {0: ["sample-000000", "sample-000001", "sample-000004", "sample-000005"],
+                      1: ["sample-000002", "sample-000003", "sample-000006", "sample-000007"]}  # batches 0, 2 | 1, 3
+    assert results[1]["generated"] == 4 and "results" not in results[1]  # the other process writes no tables
+    assert list(pd.read_csv(out / "scores.csv")["key"]) == [f"sample-{i:06d}" for i in range(8)]
