@@ -109,7 +109,7 @@ def _sync(device: torch.device) -> None:
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) -> float:
     """Sustained FLOP/s of a large square matmul in the scan's dtype (a roofline for dense layers)."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if device.type == "cuda" else 4096
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
@@ -149,15 +149,24 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def wen_first_step_seconds(adapter, extras: dict, n: int, batch: int) -> float | None:
-    """Seconds per sample of Wen et al.'s first-step score as the harness implements it (SD only)."""
-    fn = getattr(baselines, "wen_first_step", None)
-    if fn is None or "tokenizer" not in extras:
+def wen_first_step_seconds(adapter, extras: dict, n: int) -> float | None:
+    """Seconds per sample of Wen et al.'s first-step score as the harness times it (SD only): encoding the prompt,
+    then one conditional and one unconditional denoiser call at the initial noise and the first DDIM timestep."""
+    if "tokenizer" not in extras:
         return None
+    tok, text = extras["tokenizer"], extras["text_encoder"]
     prompts = ["a photograph of an astronaut riding a horse"] * n
-    t = timed(lambda: fn(adapter, prompts, extras["tokenizer"], extras["text_encoder"], seeds=list(range(n))),
-              adapter.device)
-    return t / n
+    x_T = torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0)).to(adapter.device,
+                                                                                                   adapter.dtype)
+
+    def run():
+        with torch.inference_mode():
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            cond = text(ids)[0].to(adapter.device, adapter.dtype)
+            baselines.wen_first_step(adapter, x_T, 981, cond)  # 981: DDIM's first timestep at 50 steps
+
+    return timed(run, adapter.device) / n
 
 
 def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -199,7 +208,7 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         flipd_s = timed(lambda: baselines.flipd(adapter, x, det.timestep, seeds, probes=1), device) / nb
         row["seconds_per_image_ross_flipd"] = flipd_s
         print(f"[{name}] Ross et al. FLIPD (1 probe): {flipd_s:.4f} s/image", flush=True)
-        wen = wen_first_step_seconds(adapter, extras, nb, det.batch_size)
+        wen = wen_first_step_seconds(adapter, extras, nb)
         if wen is not None:
             row["seconds_per_image_wen_first_step"] = wen
             print(f"[{name}] Wen et al. first step: {wen:.4f} s/image", flush=True)
@@ -296,11 +305,11 @@ def main(argv=None) -> int:
     print(f"memdetect {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
           f"{describe_device(device)}; matmul peak {args.peak / 1e9:.0f} GFLOP/s ({str(dtype).replace('torch.', '')})",
           flush=True)
+    mem = memory_profile(args.memory) if args.memory else None  # first: before the big models inflate the RSS
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows.append(measure(name, args, device, dtype))
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    mem = memory_profile(args.memory) if args.memory else None
 
     from rich.console import Console
     from rich.table import Table

