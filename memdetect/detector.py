@@ -27,6 +27,7 @@ from .errors import InputError, UsageError
 from .io import PREPROCESS, ImageError, discover, display_path, file_digest, image_seed, load_image
 from .journal import fingerprint, row_key
 from .models import ADAPTERS, Adapter, ModelSpec, load_adapter, resolve_model
+from .runtime import release_free_memory, retain_freed_memory
 from .scores import SCORES, compute_all
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Detector:
         self.batch_size = batch_size or adapter.default_batch_size()
         self.early_exit = early_exit
         self.name = name or adapter.source
+        if adapter.device.type == "cpu":
+            retain_freed_memory()  # reuse freed activation pages instead of faulting in fresh ones (runtime.py)
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
 
     @classmethod
@@ -250,6 +253,8 @@ class _Images(torch.utils.data.Dataset):
 def _loader(files, resolution: int, batch_size: int, num_workers: int | None):
     if num_workers is None:
         num_workers = 0 if len(files) <= batch_size else min(4, max(1, (os.cpu_count() or 2) // 2))
+    if num_workers:
+        release_free_memory()  # workers are forked: retained free pages must not be shared copy-on-write
     return torch.utils.data.DataLoader(_Images(files, resolution), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, collate_fn=list,
                                        prefetch_factor=2 if num_workers else None,
