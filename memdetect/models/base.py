@@ -22,6 +22,8 @@ from typing import ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..winograd import use_winograd
+
 
 class Adapter(ABC):
     family: ClassVar[str]
@@ -122,6 +124,9 @@ def place(module, device: torch.device, dtype: torch.dtype):
     layers: measured on 2 CPU cores with SD1.4's real architecture, the VAE encoder went from 12.7 to 9.8 s per
     512 px image and the UNet up to ``up_blocks.0`` from 3.4 to 2.9 s (``benchmarks/perf.py``). Activations follow
     the weights' layout; values are unchanged up to float rounding. ``MEMDETECT_CHANNELS_LAST=0`` turns it off.
+
+    On a CPU, the wide 3x3 convolutions also get Winograd's algorithm (``memdetect.winograd``; it applies to float32
+    inference only and falls back to the direct kernel everywhere else; ``MEMDETECT_WINOGRAD=0`` turns it off).
     """
     module = module.to(device)
     if dtype != torch.float32:
@@ -129,4 +134,11 @@ def place(module, device: torch.device, dtype: torch.dtype):
     if os.environ.get("MEMDETECT_CHANNELS_LAST", "1") != "0" and any(
             isinstance(m, nn.Conv2d) for m in module.modules()):
         module = module.to(memory_format=torch.channels_last)
+    if device.type == "cpu":
+        use_winograd(module)
     return module
+
+
+def vae_latent(vae, x: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """The VAE posterior's mean times the scaling factor, for pixels ``x`` in [-1, 1] (``[B, 3, R, R]``)."""
+    return vae.encode(x).latent_dist.mean * scaling_factor

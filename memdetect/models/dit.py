@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, place, to_unit_range
+from .base import Adapter, place, to_unit_range, vae_latent
 from .hub import load_component
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
@@ -56,7 +56,7 @@ class DiTAdapter(Adapter):
     def encode(self, images):
         x = to_unit_range(images).to(self.device, self.dtype)
         with self.autocast():
-            return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+            return vae_latent(self.vae, x, self.scaling_factor)
 
     def latent_shape(self):
         s = self.denoiser.config.sample_size

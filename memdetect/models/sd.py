@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Adapter, place, to_unit_range
+from .base import Adapter, place, to_unit_range, vae_latent
 from .hub import load_component
 
 
@@ -50,7 +50,7 @@ class StableDiffusionAdapter(Adapter):
     def encode(self, images):
         x = to_unit_range(images).to(self.device, self.dtype)
         with self.autocast():
-            return self.vae.encode(x).latent_dist.mean * self.scaling_factor
+            return vae_latent(self.vae, x, self.scaling_factor)
 
     def latent_shape(self):
         scale = 2 ** (len(self.vae.config.block_out_channels) - 1)

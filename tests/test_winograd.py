@@ -1,0 +1,157 @@
+"""Winograd F(4x4, 3x3): equal to the direct convolution up to float32 rounding, used only where it applies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memdetect import winograd
+from memdetect.models.base import place
+
+from .conftest import CONFIGS, needs_shared
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max())
+
+
+@pytest.mark.parametrize("n,c_in,c_out,h,w", [
+    (1, 8, 16, 8, 8),  # whole tiles
+    (3, 16, 8, 5, 7),  # partial tiles in both directions
+    (2, 32, 32, 33, 1),  # one column
+    (1, 4, 4, 1, 1),  # a single pixel
+])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv3x3_matches_a_float64_reference(n, c_in, c_out, h, w, channels_last, bias):
+    g = torch.Generator().manual_seed(n * 1000 + c_in + h + w)
+    x = torch.randn(n, c_in, h, w, generator=g)
+    wt = torch.randn(c_out, c_in, 3, 3, generator=g) / (3 * c_in ** 0.5)
+    b = torch.randn(c_out, generator=g) if bias else None
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ref = F.conv2d(x.double(), wt.double(), None if b is None else b.double(), padding=1)
+    y = winograd.conv3x3(x, winograd.transform_weight(wt), b)
+    assert y.shape == ref.shape and y.dtype == torch.float32
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    direct = _rel_err(F.conv2d(x, wt, b, padding=1), ref)
+    err = _rel_err(y, ref)
+    assert err < 3e-5, (err, direct)  # float32 rounding: direct is ~1e-6 here, Winograd a few times that
+
+
+def test_a_wrong_weight_transform_is_caught():
+    """The reference comparison above can fail: a transposed kernel gives a different convolution."""
+    g = torch.Generator().manual_seed(1)
+    x, wt = torch.randn(1, 8, 12, 12, generator=g), torch.randn(8, 8, 3, 3, generator=g)
+    ref = F.conv2d(x.double(), wt.double(), padding=1)
+    assert _rel_err(winograd.conv3x3(x, winograd.transform_weight(wt.transpose(2, 3)), None), ref) > 1e-2
+
+
+def _wide_conv(c=256, **kw):
+    torch.manual_seed(0)
+    return nn.Conv2d(c, c, 3, padding=1, **kw)
+
+
+def test_use_winograd_swaps_only_eligible_convolutions_and_keeps_names_and_state():
+    m = nn.Sequential(_wide_conv(), nn.Conv2d(256, 256, 3, stride=2, padding=1), nn.Conv2d(256, 256, 1),
+                      nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(256, 256, 3, padding=1, groups=2),
+                      nn.Conv2d(128, 256, 3, padding=1))
+    keys = list(m.state_dict())
+    assert winograd.use_winograd(m) == 2
+    assert [type(c).__name__ for c in m] == ["WinogradConv2d", "Conv2d", "Conv2d", "Conv2d", "Conv2d",
+                                             "WinogradConv2d"]
+    assert list(m.state_dict()) == keys
+
+
+def test_forward_uses_winograd_in_inference_and_the_direct_kernel_elsewhere():
+    conv = _wide_conv()
+    x = torch.randn(2, 256, 9, 9)
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    winograd.use_winograd(conv)
+    seen = []
+    conv.register_forward_hook(lambda m, a, out: seen.append(out))
+    with torch.inference_mode():
+        fast = conv(x)
+        with winograd.disabled():
+            off = conv(x)
+    assert not torch.equal(fast, direct) and torch.allclose(fast, direct, rtol=0, atol=1e-4)  # it did run Winograd
+    assert torch.equal(off, direct)
+    assert len(seen) == 2  # hooks still fire
+    # autograd (gradient-based baselines): the direct kernel, and gradients flow
+    xg = x.clone().requires_grad_(True)
+    out = conv(xg)
+    assert torch.equal(out.detach(), direct)
+    out.sum().backward()
+    assert xg.grad is not None and conv.weight.grad is not None
+    # another dtype: the direct kernel
+    with torch.inference_mode():
+        assert conv.double()(x.double()).dtype == torch.float64
+
+
+def test_env_switch_turns_it_off(monkeypatch):
+    conv = _wide_conv()
+    winograd.use_winograd(conv)
+    x = torch.randn(1, 256, 8, 8)
+    monkeypatch.setenv(winograd.ENV, "0")
+    with torch.inference_mode():
+        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+
+
+def test_cached_weight_transform_follows_weight_changes():
+    conv = _wide_conv()
+    winograd.use_winograd(conv)
+    x = torch.randn(1, 256, 8, 8)
+    with torch.inference_mode():
+        conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(-2.0)
+    with torch.inference_mode():
+        y = conv(x)
+    ref = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    assert _rel_err(y, ref) < 3e-5
+
+
+def test_place_applies_it_on_cpu_and_detector_scores_agree_with_direct_convolutions():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from memdetect.detector import Detector
+    from memdetect.models.ddpm import PixelDDPMAdapter
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(256, 256),
+                       layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=32)
+    adapter = PixelDDPMAdapter(place(unet, torch.device("cpu"), torch.float32),
+                               DDPMScheduler(num_train_timesteps=1000), resolution=16, device=torch.device("cpu"),
+                               dtype=torch.float32)
+    assert sum(isinstance(m, winograd.WinogradConv2d) for m in unet.modules()) >= 4
+    det = Detector(adapter)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    fast = det.score_tensor(images)
+    with winograd.disabled():
+        direct = det.score_tensor(images)
+    for metric in fast:
+        assert fast[metric] == pytest.approx(direct[metric], rel=1e-4), metric
+
+
+@needs_shared("data", "configs", "sd14", "vae", "config.json")
+def test_sd14_vae_latents_agree_with_direct_convolutions():
+    from diffusers import AutoencoderKL
+
+    from memdetect.models.base import vae_latent
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_config(json.loads(CONFIGS.joinpath("sd14", "vae", "config.json").read_text()))
+    vae = place(vae.eval(), torch.device("cpu"), torch.float32)
+    n = sum(isinstance(m, winograd.WinogradConv2d) for m in vae.encoder.modules())
+    assert n == 16  # 3x3 stride-1 convolutions of down_blocks 1-3 and the mid-block (128 x 128 ones stay direct)
+    x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        fast = vae_latent(vae, x, 0.18215)
+        with winograd.disabled():
+            direct = vae_latent(vae, x, 0.18215)
+    assert _rel_err(fast, direct.double()) < 1e-4
