@@ -4,16 +4,25 @@ For each model, built from its real config in ``../shared/data/configs`` with ra
 does not depend on the weights), one run on one machine measures:
 
 * **default**: memdetect's scan path as a user gets it: ``Detector.scan`` over PNG files on disk (decoding in
-  DataLoader workers), the adapter's default batch size, early exit at the hooked layer, ``inference_mode``;
-* **naive**: the same images one at a time with the *full* denoiser forward (early exit off), batch 1;
-* **floor**: the FLOPs of everything the default path computes per image (VAE encoder + denoiser up to the hooked
-  layer), counted with ``torch.utils.flop_counter.FlopCounterMode``, divided by this machine's measured fp32 (CPU)
-  or bf16 (GPU) matmul peak. Convolutions rarely beat a large matmul, so this is a lower bound;
+  DataLoader workers), the adapter's default batch size, early exit at the hooked layer, ``inference_mode``,
+  channels-last weights, freed memory kept for reuse (``memdetect.runtime``) and, on a CPU, Winograd's algorithm
+  for the wide 3x3 convolutions (``memdetect.winograd``);
+* **direct convs**: the default path with Winograd off (``MEMDETECT_WINOGRAD=0``), i.e. executing exactly the
+  model's FLOPs: how close the rest of the pipeline runs to the floor;
+* **naive**: what a plain diffusers script does: the same images one at a time with the *full* denoiser forward,
+  batch 1, in a separate process with none of the above (``MEMDETECT_CHANNELS_LAST=0``, ``MEMDETECT_WINOGRAD=0``,
+  ``MEMDETECT_RETAIN_MEMORY=0``, early exit off);
+* **floor**: the model's FLOPs for everything the default path computes per image (VAE encoder + denoiser up to
+  the hooked layer), counted with ``torch.utils.flop_counter.FlopCounterMode`` on the direct convolutions, divided
+  by this machine's measured fp32 (CPU) or bf16 (GPU) matmul peak (the best of a few square sizes, written into a
+  preallocated output). Winograd executes fewer multiplications than the model's FLOP count (``GFLOP run``), so
+  the default path can run below this floor; the direct-convs column is the like-for-like comparison;
 * **baselines** as the benchmark harness implements them (``memdetect.bench.baselines``), same device and batch
   policy: Ross et al.'s FLIPD (one Hutchinson probe) and, for text-conditional SD, Wen et al.'s first-step score.
 
 It prints a table and, last, one JSON line per model with ``model, seconds_per_image_default,
-seconds_per_image_naive, floor_seconds, floor_ratio, speedup_vs_naive, device`` (plus the baselines' seconds).
+seconds_per_image_naive, floor_seconds, floor_ratio, speedup_vs_naive, device`` (plus the direct-convolution
+path, the baselines' seconds and the executed FLOPs).
 ``--memory N`` also scans a generated folder of N small images with the shipped demo model and reports the peak
 RSS after each tenth of the folder: it must stay flat.
 
@@ -28,6 +37,7 @@ import contextlib
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -39,7 +49,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from memdetect import __version__
+from memdetect import __version__, winograd
 from memdetect.bench import baselines
 from memdetect.capture import Trace
 from memdetect.detector import Detector
@@ -107,20 +117,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) -> float:
-    """Sustained FLOP/s of a large square matmul in the scan's dtype (a roofline for dense layers)."""
-    n = 8192 if device.type == "cuda" else 4096
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    _sync(device)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
+    """Sustained FLOP/s of square matmuls in the scan's dtype (a roofline for dense layers): the best over a few
+    sizes, each written into a preallocated output so that no allocation or page fault is timed."""
+    best = 0.0
+    for n in ((4096, 8192) if device.type == "cuda" else (2048, 3072, 4096)):
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        c = torch.empty(n, n, device=device, dtype=dtype)
+        for _ in range(2):
+            torch.mm(a, b, out=c)
         _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            torch.mm(a, b, out=c)
+            reps += 1
+        _sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+        del a, b, c
+    return best
 
 
 def write_images(folder: Path, n: int, resolution: int, seed: int = 0) -> list[Path]:
@@ -134,9 +149,12 @@ def write_images(folder: Path, n: int, resolution: int, seed: int = 0) -> list[P
     return paths
 
 
-def flops_per_image(det: Detector, image: torch.Tensor) -> float:
-    """FLOPs of the default path for one image: encode, noise, denoiser up to the hooked layer (early exit)."""
-    with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+def flops_per_image(det: Detector, image: torch.Tensor, *, direct: bool = True) -> float:
+    """FLOPs of the default path for one image: encode, noise, denoiser up to the hooked layer (early exit).
+
+    ``direct``: the model's FLOPs (direct convolutions); otherwise what runs (Winograd where it applies)."""
+    off = winograd.disabled() if direct else contextlib.nullcontext()
+    with off, torch.inference_mode(), FlopCounterMode(display=False) as fc:
         det.features(image)
     return float(fc.get_total_flops())
 
@@ -169,6 +187,34 @@ def wen_first_step_seconds(adapter, extras: dict, n: int) -> float | None:
     return timed(run, adapter.device) / n
 
 
+NAIVE_ENV = {"MEMDETECT_CHANNELS_LAST": "0", "MEMDETECT_WINOGRAD": "0", "MEMDETECT_RETAIN_MEMORY": "0"}
+
+
+def naive_seconds(name: str, args, device: torch.device, dtype: torch.dtype, n: int) -> float:
+    """The naive path, run here (``--naive-child``) in a process started with ``NAIVE_ENV``: full forward, batch 1."""
+    adapter, _ = build(name, Path(args.configs), device, dtype)
+    naive_det = Detector(adapter, batch_size=1, early_exit=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_images(Path(tmp), n, adapter.resolution)
+        imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    naive_det.features(imgs[:1])  # warm-up, as for the default path
+
+    def naive_run():
+        for i in range(n):
+            naive_det.features(imgs[i:i + 1])
+
+    return timed(naive_run, device) / n
+
+
+def naive_in_child(name: str, args, n: int) -> float:
+    cmd = [sys.executable, __file__, "--naive-child", name, "--naive-images", str(n), "--configs", args.configs,
+           "--device", args.device]
+    out = subprocess.run(cmd, env={**os.environ, **NAIVE_ENV}, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"naive measurement failed:\n{out.stderr}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_image_naive"])
+
+
 def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
     adapter, extras = build(name, Path(args.configs), device, dtype)
     det = Detector(adapter)  # the defaults a user gets: paper layer, t=50, default batch size, early exit
@@ -183,24 +229,22 @@ def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
         det.features(one)  # warm-up: allocator, oneDNN / cuDNN plans
         default = timed(lambda: det.scan(files), device) / n
         print(f"[{name}] default: {default:.4f} s/image", flush=True)
-
-        naive_det = Detector(adapter, batch_size=1, early_exit=False)
-        imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
-                            for f in files[:n_naive]])
-
-        def naive_run():
-            for i in range(n_naive):
-                naive_det.features(imgs[i:i + 1])
-
-        naive = timed(naive_run, device) / n_naive
-        print(f"[{name}] naive (full forward, batch 1): {naive:.4f} s/image", flush=True)
+        with winograd.disabled():
+            det.features(one)
+            direct = timed(lambda: det.scan(files), device) / n
+        print(f"[{name}] default with direct convolutions: {direct:.4f} s/image", flush=True)
         flops = flops_per_image(det, one)
+        flops_run = flops_per_image(det, one, direct=False)
+    naive = naive_in_child(name, args, n_naive)
+    print(f"[{name}] naive (full forward, batch 1, no memdetect speedups): {naive:.4f} s/image", flush=True)
     peak = args.peak
     floor = flops / peak
     row = {"model": name, "seconds_per_image_default": default, "seconds_per_image_naive": naive,
            "floor_seconds": floor, "floor_ratio": default / floor, "speedup_vs_naive": naive / default,
-           "device": describe_device(device), "gflops_per_image": flops / 1e9, "peak_gflops": peak / 1e9,
-           "batch_size": det.batch_size, "layer": str(det.layer), "images": n}
+           "device": describe_device(device), "seconds_per_image_direct_convs": direct,
+           "floor_ratio_direct_convs": direct / floor, "gflops_per_image": flops / 1e9,
+           "gflops_run_per_image": flops_run / 1e9, "peak_gflops": peak / 1e9,
+           "batch_size": det.batch_size, "layer": str(det.layer), "images": n, "naive_images": n_naive}
     if not args.no_baselines:
         nb = min(args.baseline_images or det.batch_size, n)
         x = torch.randint(0, 256, (nb, 3, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
@@ -291,6 +335,7 @@ def main(argv=None) -> int:
                    help="on a GPU: SD1.4 images/s at batch 64 bf16")
     p.add_argument("--memory", type=int, default=0, metavar="N", help="also: peak RSS while scanning N images")
     p.add_argument("--peak", type=float, default=None, help="matmul FLOP/s to use instead of measuring it")
+    p.add_argument("--naive-child", default=None, help=argparse.SUPPRESS)  # internal: the naive path's process
     args = p.parse_args(argv)
 
     from memdetect.detector import resolve_device, resolve_dtype
@@ -300,6 +345,10 @@ def main(argv=None) -> int:
     if not Path(args.configs).is_dir():
         print(f"real configs not found at {args.configs} (pass --configs)", file=sys.stderr)
         return 2
+    if args.naive_child:
+        print(json.dumps({"seconds_per_image_naive": naive_seconds(args.naive_child, args, device, dtype,
+                                                                   args.naive_images or 1)}))
+        return 0
     if args.peak is None:
         args.peak = matmul_peak(device, dtype)
     print(f"memdetect {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
@@ -315,15 +364,17 @@ def main(argv=None) -> int:
     from rich.table import Table
 
     t = Table(title="seconds per image (lower is better)", title_justify="left")
-    cols = ["model", "default", "naive", "floor", "floor ratio", "speedup", "FLIPD", "Wen 1st", "GFLOP/img"]
+    cols = ["model", "default", "direct convs", "naive", "floor", "floor ratio", "speedup", "FLIPD", "Wen 1st",
+            "GFLOP/img", "GFLOP run"]
     for c in cols:
         t.add_column(c, justify="left" if c == "model" else "right")
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in rows:
-        t.add_row(r["model"], fmt(r["seconds_per_image_default"]), fmt(r["seconds_per_image_naive"]),
-                  fmt(r["floor_seconds"]), f"{r['floor_ratio']:.2f}", f"{r['speedup_vs_naive']:.2f}x",
+        t.add_row(r["model"], fmt(r["seconds_per_image_default"]), fmt(r["seconds_per_image_direct_convs"]),
+                  fmt(r["seconds_per_image_naive"]), fmt(r["floor_seconds"]),
+                  f"{r['floor_ratio']:.2f} ({r['floor_ratio_direct_convs']:.2f})", f"{r['speedup_vs_naive']:.2f}x",
                   fmt(r.get("seconds_per_image_ross_flipd")), fmt(r.get("seconds_per_image_wen_first_step")),
-                  f"{r['gflops_per_image']:.0f}")
+                  f"{r['gflops_per_image']:.0f}", f"{r['gflops_run_per_image']:.0f}")
     Console(width=160).print(t)
     if mem:
         print(f"memory: {mem['rows']} images in {mem['seconds']} s; peak RSS (MiB) after each tenth: "
