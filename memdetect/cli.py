@@ -579,6 +579,10 @@ def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
     out.print(f"wrote {output}/results.csv, scores.csv, roc.png, settings.json", highlight=False)
 
 
+FlipdProbesOpt = typer.Option(1, "--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s FLIPD.")
+GenerationSeedOpt = typer.Option(0, "--seed", help="Generation seed.")
+
+
 @bench_app.command("laion")
 @handle_errors
 def bench_laion(
@@ -598,11 +602,11 @@ def bench_laion(
     guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
     nemo_reference: Optional[Path] = typer.Option(None, "--nemo-reference", help="Prompts for NeMo's activation "
                                                   "statistics (default: the normal prompts, leave-one-out)."),
-    flipd_probes: int = typer.Option(1, "--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s FLIPD."),
+    flipd_probes: int = FlipdProbesOpt,
     output: Path = typer.Option(Path("bench-laion"), "--output", "-o", help="Results folder (a rerun resumes it)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    seed: int = typer.Option(0, "--seed", help="Generation seed."),
+    seed: int = GenerationSeedOpt,
 ):
     """Paper Table 1, LAION: memorized vs normal prompts on Stable Diffusion, ours against Wen, NeMo, Ross, Carlini."""
     from .bench.paper import run_laion
@@ -657,6 +661,8 @@ LabelResolutionOpt = typer.Option(None, "--label-resolution", min=4, help="Resol
                                                                           "comparison (default: min(model, 64)).")
 StepsOpt = typer.Option(None, "--steps", min=1, help="Sampling steps (default: DiT 50 DDIM, pixel DDPM 1000 "
                                                      "ancestral, EDM 18 Heun).")
+GenerationBatchOpt = typer.Option(None, "--batch-size", "-b", min=1, help="Samples per generation and scoring "
+                                                                          "batch (default: the model's batch size).")
 
 
 @bench_app.command("imagenet")
@@ -670,15 +676,15 @@ def bench_imagenet(
                                                                   "(default: all)."),
     guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale (DiTPipeline's default)."),
     steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1),
+    batch_size: Optional[int] = GenerationBatchOpt,
     memorized_at: float = MemorizedAtOpt,
     generalized_below: float = GeneralizedBelowOpt,
     label_resolution: Optional[int] = LabelResolutionOpt,
-    flipd_probes: int = typer.Option(1, "--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s FLIPD."),
+    flipd_probes: int = FlipdProbesOpt,
     output: Path = typer.Option(Path("bench-imagenet"), "--output", "-o", help="Results folder (a rerun resumes it)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    seed: int = typer.Option(0, "--seed", help="Generation seed."),
+    seed: int = GenerationSeedOpt,
 ):
     """Paper Table 1, ImageNet: DiT samples labelled by their nearest training image; ours against the baselines."""
     _bench_samples("imagenet", train_dir=train_dir, model_path=model_path, output=output, memorized_at=memorized_at,
@@ -697,15 +703,15 @@ def bench_cifar10(
     model_path: Optional[Path] = ModelPathOpt,
     num_samples: int = NumSamplesOpt,
     steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1),
+    batch_size: Optional[int] = GenerationBatchOpt,
     memorized_at: float = MemorizedAtOpt,
     generalized_below: float = GeneralizedBelowOpt,
     label_resolution: Optional[int] = LabelResolutionOpt,
-    flipd_probes: int = typer.Option(1, "--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s FLIPD."),
+    flipd_probes: int = FlipdProbesOpt,
     output: Path = typer.Option(Path("bench-cifar10"), "--output", "-o", help="Results folder (a rerun resumes it)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    seed: int = typer.Option(0, "--seed", help="Generation seed."),
+    seed: int = GenerationSeedOpt,
 ):
     """Paper Table 1, CIFAR-10: unconditional samples labelled by their nearest training image."""
     _bench_samples("cifar10", train_dir=train_dir, model_path=model_path, output=output, memorized_at=memorized_at,

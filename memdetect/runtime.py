@@ -22,6 +22,7 @@ the free pages back (glibc's ``malloc_trim``), and ``Detector`` calls it before 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
@@ -37,6 +38,7 @@ ENV = "MEMDETECT_RETAIN_MEMORY"
 _state: dict[str, bool] = {}
 
 
+@functools.cache
 def glibc() -> ctypes.CDLL | None:
     """The running glibc, or None on other C libraries / platforms (musl, macOS, Windows)."""
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":

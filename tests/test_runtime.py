@@ -31,14 +31,19 @@ print(json.dumps({"on": on, "faults": resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
-def _probe(mode: str, env_value: str | None = None) -> dict:
+def _run(script: str, *argv: str, env_value: str | None = None) -> dict:
+    """Run ``script`` in a fresh interpreter (the allocator setting is per process); its last line is JSON."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop(runtime.ENV, None)
     if env_value is not None:
         env[runtime.ENV] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], env=env, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", script, *argv], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _probe(mode: str, env_value: str | None = None) -> dict:
+    return _run(PROBE, mode, env_value=env_value)
 
 
 @needs_glibc
@@ -86,11 +91,7 @@ print(json.dumps({"kept": kept, "after": rss_mib(), "released": released}))
 
 @needs_glibc
 def test_release_hands_retained_pages_back_before_a_fork():
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop(runtime.ENV, None)
-    out = subprocess.run([sys.executable, "-c", RELEASE], env=env, capture_output=True, text=True, timeout=120,
-                         check=True)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = _run(RELEASE)
     assert r["released"] is True
     assert r["kept"] - r["after"] > 200, r  # the freed 256 MiB stayed resident until released
 
