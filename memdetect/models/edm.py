@@ -59,7 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelNotFoundError, UnsupportedModelError, UsageError
+from ..errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
+from ..safe_pickle import LIMITS, printable, short_repr
 from .base import Adapter, place, to_unit_range
 
 log = logging.getLogger(__name__)
@@ -385,64 +386,101 @@ _COMMON_ARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "mode
 _UNET_ARGS = ("augment_dim", "model_channels", "channel_mult", "channel_mult_emb", "num_blocks", "attn_resolutions",
               "dropout", "label_dropout", "embedding_type", "channel_mult_noise", "encoder_type", "decoder_type",
               "resample_filter")
+#: The one value memdetect implements for each string argument.
+_STRING_ARGS = {"model_type": "SongUNet", "embedding_type": "positional", "encoder_type": "standard",
+                "decoder_type": "standard"}
+#: Ranges of the integer arguments, checked before anything is built. NVlabs' DDPM++ networks are CIFAR-10 32x32
+#: (model_channels 128, channel_mult [2, 2, 2], num_blocks 4, channel_mult_emb 4, channel_mult_noise 1, augment_dim
+#: 9) and FFHQ / AFHQv2 64x64 (channel_mult [1, 2, 2, 2]); class-conditional ImageNet has label_dim 1000. The bounds
+#: leave room for other DDPM++ networks while a config (a few bytes) cannot describe a network that takes minutes to
+#: build: tensors must match every parameter, so its weights are bounded by the file's size anyway.
+_INT_RANGES = {"img_resolution": (8, 512), "img_channels": (1, 4), "label_dim": (0, 10_000), "augment_dim": (0, 64),
+               "model_channels": (1, 1024), "channel_mult_emb": (1, 16), "num_blocks": (1, 16),
+               "channel_mult_noise": (1, 16), "M": (1, 1_000_000)}
+_MAX_LEVELS = 8  # entries of channel_mult (resolutions), and of attn_resolutions
+#: model_channels * max(channel_mult) * img_resolution**2: the widest feature map of one image (CIFAR-10: 262,144;
+#: FFHQ 64x64: 1,048,576). Weights grow with channels squared but feature maps with resolution squared, so this keeps
+#: a small network at a large resolution from costing GBs per batch.
+_MAX_FEATURE_VALUES = 1 << 24
+#: Ranges of the float arguments (NaN never passes). Only sigma_max may be infinite (EDMPrecond's default).
+_FLOAT_RANGES = {"dropout": (0.0, 1.0), "label_dropout": (0.0, 1.0), "beta_d": (1e-6, 100.0),
+                 "beta_min": (0.0, 100.0), "epsilon_t": (1e-12, 1.0), "sigma_min": (0.0, 1e6),
+                 "sigma_max": (1e-9, math.inf), "sigma_data": (1e-6, 1e6)}
 
 
 def _checked_kwargs(class_name: str, kwargs: dict, source: str) -> dict:
-    """Validate constructor arguments read from a checkpoint (untrusted data): known names, sane types and sizes."""
+    """Validate constructor arguments read from a checkpoint (untrusted data) before anything is built: known names,
+    types and ranges (``_INT_RANGES``, ``_FLOAT_RANGES``, ``_STRING_ARGS``), a resample filter that resamples by
+    exactly 2, a resolution that halves cleanly at every level, and a bounded feature-map size."""
     cls = PRECONDS[class_name]
-    unknown = sorted(map(repr, set(kwargs) - set(_COMMON_ARGS) - set(cls.extra_args) - set(_UNET_ARGS)))
+    if not isinstance(kwargs, dict):
+        raise UnsupportedModelError(f"{source}: the constructor arguments of {class_name} are not a dict")
+    allowed = set(_COMMON_ARGS) | set(cls.extra_args) | set(_UNET_ARGS)
+    unknown = [k for k in kwargs if k not in allowed]
     if unknown:
-        raise UnsupportedModelError(f"{source}: {class_name} argument(s) {', '.join(unknown)} are not supported "
-                                    f"by memdetect's EDM network")
+        shown = ", ".join(short_repr(k, 40) for k in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise UnsupportedModelError(f"{source}: {class_name} argument(s) {shown} are not supported by memdetect's "
+                                    f"EDM network")
 
     def bad(name, value, want):
-        return UnsupportedModelError(f"{source}: {class_name} argument {name}={value!r} is not supported ({want})")
+        return UnsupportedModelError(f"{source}: {class_name} argument {name}={short_repr(value, 60)} is not "
+                                     f"supported ({want})")
 
-    def integer(name, lo, hi):
-        v = kwargs.get(name)
-        if v is None:
-            return
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise bad(name, v, f"an integer in [{lo}, {hi}]")
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
 
-    def integers(name, lo, hi, n_max):
-        v = kwargs.get(name)
-        if v is None:
-            return
-        if not isinstance(v, (list, tuple)) or len(v) > n_max or any(
-                isinstance(i, bool) or not isinstance(i, int) or not lo <= i <= hi for i in v):
-            raise bad(name, v, f"a list of at most {n_max} integers in [{lo}, {hi}]")
-        kwargs[name] = list(v)
-
-    def number(name):
-        v = kwargs.get(name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
-            raise bad(name, v, "a number")
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     kwargs = dict(kwargs)
-    for name, lo, hi in [("img_resolution", 4, 4096), ("img_channels", 1, 64), ("label_dim", 0, 100_000),
-                         ("augment_dim", 0, 1024), ("model_channels", 1, 4096), ("channel_mult_emb", 1, 64),
-                         ("num_blocks", 1, 64), ("channel_mult_noise", 1, 64), ("M", 1, 1_000_000)]:
-        integer(name, lo, hi)
-    integers("channel_mult", 1, 64, 12)
-    integers("attn_resolutions", 1, 4096, 12)
-    v = kwargs.get("resample_filter")
-    if v is not None:
-        if not isinstance(v, (list, tuple)) or not 1 <= len(v) <= 16 or any(
-                isinstance(i, bool) or not isinstance(i, (int, float)) for i in v) or sum(v) == 0:
-            raise bad("resample_filter", v, "a short list of numbers")
-        kwargs["resample_filter"] = list(v)
-    for name in ("dropout", "label_dropout", "beta_d", "beta_min", "epsilon_t", "sigma_min", "sigma_max",
-                 "sigma_data"):
-        number(name)
-    for name in ("model_type", "embedding_type", "encoder_type", "decoder_type"):
-        if name in kwargs and not isinstance(kwargs[name], str):
-            raise bad(name, kwargs[name], "a string")
-    if "use_fp16" in kwargs and not isinstance(kwargs["use_fp16"], (bool, int)):
-        raise bad("use_fp16", kwargs["use_fp16"], "a boolean")
     for name in ("img_resolution", "img_channels"):
         if name not in kwargs:
             raise UnsupportedModelError(f"{source}: {class_name} needs the constructor argument {name}")
+    for name, (lo, hi) in _INT_RANGES.items():
+        v = kwargs.get(name)
+        if v is not None and not (is_int(v) and lo <= v <= hi):
+            raise bad(name, v, f"an integer in [{lo}, {hi}]")
+    for name, lo, hi in [("channel_mult", 1, 16), ("attn_resolutions", 1, 512)]:
+        v = kwargs.get(name)
+        if v is None:
+            continue
+        if not isinstance(v, (list, tuple)) or len(v) > _MAX_LEVELS or any(not (is_int(i) and lo <= i <= hi)
+                                                                           for i in v):
+            raise bad(name, v, f"a list of at most {_MAX_LEVELS} integers in [{lo}, {hi}]")
+        kwargs[name] = list(v)
+    if kwargs.get("channel_mult") == []:
+        raise bad("channel_mult", [], "at least one resolution level")
+    v = kwargs.get("resample_filter")
+    if v is not None:
+        ok = (isinstance(v, (list, tuple)) and len(v) in (2, 4, 6, 8)
+              and all(is_number(i) and -1e6 <= i <= 1e6 for i in v))
+        if not (ok and sum(v) > 0 and max(abs(i) for i in v) <= 1e6 * sum(v)):
+            raise bad("resample_filter", v, "2, 4, 6 or 8 finite numbers with a positive sum, as in [1, 1] or "
+                                            "[1, 3, 3, 1]")
+        kwargs["resample_filter"] = [float(i) for i in v]
+    for name, (lo, hi) in _FLOAT_RANGES.items():
+        v = kwargs.get(name)
+        if v is not None and not (is_number(v) and lo <= v <= hi):
+            raise bad(name, v, f"a number in [{lo:g}, {hi:g}]")
+    for name, want in _STRING_ARGS.items():
+        v = kwargs.get(name, want)
+        if not (isinstance(v, str) and v == want):
+            raise bad(name, v, f"memdetect implements the DDPM++ SongUNet: {name}={want!r}")
+    if "use_fp16" in kwargs and not isinstance(kwargs["use_fp16"], (bool, int)):
+        raise bad("use_fp16", kwargs["use_fp16"], "a boolean")
+    # the structure these numbers describe (SongUNet's defaults: model_channels 128, channel_mult [1, 2, 2, 2])
+    res, mult = kwargs["img_resolution"], kwargs.get("channel_mult", [1, 2, 2, 2])
+    mc, noise = kwargs.get("model_channels", 128), kwargs.get("channel_mult_noise", 1)
+    if res % (1 << (len(mult) - 1)):
+        raise bad("img_resolution", res, f"a multiple of {1 << (len(mult) - 1)}, to halve at each of "
+                                         f"{len(mult)} levels")
+    if mc * noise % 2:
+        raise bad("model_channels", mc, "even times channel_mult_noise: the noise embedding has cos and sin halves")
+    if mc * max(mult) * res * res > _MAX_FEATURE_VALUES:
+        raise UnsupportedModelError(f"{source}: {class_name} at img_resolution {res} with model_channels {mc} and "
+                                    f"channel_mult {mult} has feature maps of {mc * max(mult) * res * res:,} values "
+                                    f"per image, more than memdetect's limit of {_MAX_FEATURE_VALUES:,}")
     return kwargs
 
 
@@ -452,35 +490,54 @@ def build_network(class_name: str, init_kwargs: dict, *, source: str = "checkpoi
 
     ``device="meta"`` builds the structure without allocating weights.
     """
-    class_name = str(class_name)
+    source = printable(source, 200)
+    if not isinstance(class_name, str):
+        raise UnsupportedModelError(f"{source} names its network with a {type(class_name).__name__}, not a class "
+                                    f"name (supported: {', '.join(PRECONDS)})")
     class_name = _PRECOND_ALIASES.get(class_name, class_name)
     if class_name not in PRECONDS:
-        raise UnsupportedModelError(f"{source} holds a {class_name}, which memdetect does not support "
+        raise UnsupportedModelError(f"{source} holds a {printable(class_name, 60)}, which memdetect does not support "
                                     f"(supported: {', '.join(PRECONDS)} with the DDPM++ SongUNet)")
     kwargs = _checked_kwargs(class_name, init_kwargs, source)
     with torch.device(device):
         try:
-            return PRECONDS[class_name](**kwargs)
+            net = PRECONDS[class_name](**kwargs)
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{source}: {e}") from None
-        except (ValueError, TypeError, RuntimeError, ZeroDivisionError) as e:
-            raise UnsupportedModelError(f"{source}: cannot build {class_name} from its arguments ({e})") from None
+        except (ValueError, TypeError, RuntimeError, ArithmeticError) as e:
+            raise UnsupportedModelError(f"{source}: cannot build {class_name} from its arguments "
+                                        f"({printable(str(e), 160)})") from None
+    for name, m in net.named_modules():
+        channels = m.weight.shape[0] if isinstance(m, GroupNorm) else 0
+        if isinstance(m, GroupNorm) and (m.num_groups < 1 or channels % m.num_groups):
+            raise UnsupportedModelError(f"{source}: the arguments of {class_name} give {name} {channels} channels, "
+                                        f"which group normalisation cannot split into min(32, channels / 4) groups")
+    return net
 
 
 def load_state(net: _Precond, state: dict[str, torch.Tensor], source: str) -> _Precond:
-    """Load ``state`` into ``net`` (built on any device, meta included) after checking names and shapes match."""
+    """Load ``state`` into ``net`` (built on any device, meta included) after checking names, shapes and dtypes.
+
+    Every parameter must have a floating-point tensor of its exact shape, so the network allocated here is at most
+    twice the bytes of the tensors read (float16 -> float32), which the readers bound by the file size.
+    """
+    source = printable(source, 200)
     want = net.state_dict(keep_vars=True)
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
     if missing or unexpected:
         parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else ""]
+                 f"{len(unexpected)} unexpected (e.g. {printable(unexpected[0], 120)})" if unexpected else ""]
         raise ModelNotFoundError(f"{source} does not match the network its configuration describes: tensors "
                                  f"{' and '.join(p for p in parts if p)}")
     for k, v in want.items():
-        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
-            got = tuple(state[k].shape) if isinstance(state[k], torch.Tensor) else type(state[k]).__name__
+        t = state[k]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(v.shape):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ModelNotFoundError(f"{source}: tensor {k} has shape {got}, the network expects {tuple(v.shape)}")
+        if not t.is_floating_point():
+            raise ModelNotFoundError(f"{source}: tensor {k} holds {str(t.dtype).replace('torch.', '')} values, not "
+                                     f"floating-point weights")
     if any(p.is_meta for p in want.values()):
         net = net.to_empty(device="cpu")
     with torch.no_grad():
@@ -490,7 +547,12 @@ def load_state(net: _Precond, state: dict[str, torch.Tensor], source: str) -> _P
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Checkpoint formats.
+# Checkpoint formats. Every name a file provides reaches messages through printable / short_repr (control characters
+# escaped, length cut); see memdetect.safe_pickle for the budgets of .pkl files.
+
+_SIDECAR_MAX_BYTES = 1 << 20
+_SIDECAR_MAX_DEPTH = 8  # a sidecar is {"class_name": ..., "init_kwargs": {"channel_mult": [...], ...}}: depth 3
+_SAFETENSORS_MAX_HEADER = 8 << 20  # the real CIFAR-10 network's header: 425 tensors, about 40 KB
 
 
 def network_from_pickle(path: str | os.PathLike) -> _Precond:
@@ -498,59 +560,140 @@ def network_from_pickle(path: str | os.PathLike) -> _Precond:
     from .. import safe_pickle
 
     path = Path(path)
+    name = printable(path.name)
     data = safe_pickle.load(path)
     if not isinstance(data, dict) or "ema" not in data:
-        keys = ", ".join(map(str, data)) if isinstance(data, dict) else type(data).__name__
-        raise ModelNotFoundError(f"{path.name} is not an EDM network pickle: it has no 'ema' entry (found: {keys})")
+        if isinstance(data, dict):
+            keys = ", ".join(printable(str(k), 40) for k in list(data)[:8]) + (", ..." if len(data) > 8 else "")
+        else:
+            keys = type(data).__name__
+        raise ModelNotFoundError(f"{name} is not an EDM network pickle: it has no 'ema' entry (found: {keys})")
     ema = data["ema"]
     if not isinstance(ema, safe_pickle.PersistentObject):
-        raise ModelNotFoundError(f"{path.name}: 'ema' is not an NVlabs persistent network object")
+        raise ModelNotFoundError(f"{name}: 'ema' is not an NVlabs persistent network object")
     if ema.init_args:
-        raise UnsupportedModelError(f"{path.name}: {ema.class_name} was built with positional arguments, "
+        raise UnsupportedModelError(f"{name}: {printable(ema.class_name, 60)} was built with positional arguments, "
                                     f"which memdetect does not read")
-    net = build_network(ema.class_name, ema.init_kwargs, source=path.name, device="meta")
-    return load_state(net, safe_pickle.module_tensors(ema), path.name)
+    net = build_network(ema.class_name, ema.init_kwargs, source=name, device="meta")
+    return load_state(net, safe_pickle.module_tensors(ema), name)
+
+
+def _json_depth(obj) -> int:
+    depth, todo = 0, [(obj, 1)]
+    while todo:
+        node, d = todo.pop()
+        if isinstance(node, (dict, list)):
+            depth = max(depth, d)
+            todo.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return depth
+
+
+def _read_json(path: Path, what: str, max_bytes: int, *, offset: int = 0, exact: bool = False):
+    """JSON from ``path``: the bytes from ``offset`` on, at most ``max_bytes`` of them (exactly that many if
+    ``exact``). Nesting too deep for the parser is refused as unsafe, not raised as a RecursionError."""
+    shown = printable(str(path), 200)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            raw = f.read(max_bytes if exact else max_bytes + 1)
+        if len(raw) > max_bytes:
+            raise UnsafeCheckpointError(f"{what} {shown} is larger than memdetect's limit of {max_bytes:,} bytes")
+        obj = json.loads(raw)
+    except RecursionError:
+        raise UnsafeCheckpointError(f"{what} {shown} nests too deeply for memdetect to read") from None
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"cannot read {what} {shown}: {printable(str(e), 160)}") from None
+    return obj
 
 
 def _sidecar(path: Path) -> dict | None:
     for p in (path.with_suffix(".json"), path.parent / "config.json"):
         if p.is_file():
-            try:
-                cfg = json.loads(p.read_text())
-            except (OSError, ValueError) as e:
-                raise ModelNotFoundError(f"cannot read the EDM config {p}: {e}") from None
+            cfg = _read_json(p, "the EDM config", _SIDECAR_MAX_BYTES)
             if not isinstance(cfg, dict):
-                raise ModelNotFoundError(f"the EDM config {p} is not a JSON object")
+                raise ModelNotFoundError(f"the EDM config {printable(str(p), 200)} is not a JSON object")
+            if _json_depth(cfg) > _SIDECAR_MAX_DEPTH:
+                raise UnsafeCheckpointError(f"the EDM config {printable(str(p), 200)} nests more than "
+                                            f"{_SIDECAR_MAX_DEPTH} levels deep, which memdetect refuses to read")
             return cfg
     return None
 
 
 def infer_config(state: dict[str, torch.Tensor]) -> dict:
-    """SongUNet constructor arguments implied by the tensor names and shapes of a preconditioner state dict."""
+    """SongUNet constructor arguments implied by the tensor names and shapes of a preconditioner state dict.
+
+    Reads only what the names and shapes say, within bounds (a resolution in the ``_INT_RANGES`` range, at most
+    ``_MAX_LEVELS`` levels, a resample filter of shape [1, 1, k, k]); ``build_network`` checks the rest.
+    """
+    def fail(why: str) -> ModelNotFoundError:
+        return ModelNotFoundError(f"cannot infer the EDM network from the state dict: {why}")
+
+    def shape(key: str, ndim: int) -> tuple[int, ...]:
+        t = state.get(key)
+        if not isinstance(t, torch.Tensor) or t.dim() != ndim:
+            raise fail(f"{printable(key, 80)} is not a {ndim}-D tensor")
+        return tuple(int(s) for s in t.shape)
+
     convs = [k for k in state if k.startswith("model.enc.") and k.endswith("_conv.weight")]
     if len(convs) != 1:
-        raise ModelNotFoundError("cannot infer the EDM network from the state dict: no single model.enc.*_conv")
-    res = int(convs[0].split(".")[2].split("x")[0])
-    mc, channels = state[convs[0]].shape[:2]
-    emb, noise = state["model.map_layer0.weight"].shape
+        raise fail("no single model.enc.*_conv")
+    head = convs[0].split(".")[2].split("x")[0]
+    lo, hi = _INT_RANGES["img_resolution"]
+    if not (head.isascii() and head.isdigit() and len(head) <= 4 and lo <= int(head) <= hi):
+        raise fail(f"its input convolution {printable(convs[0], 80)} names a resolution outside [{lo}, {hi}]")
+    res = int(head)
+    mc, channels = shape(convs[0], 4)[:2]
+    if mc < 1:
+        raise fail(f"{printable(convs[0], 80)} has no output channels")
+    emb, noise = shape("model.map_layer0.weight", 2)
     levels, r = [], res
-    while f"model.enc.{r}x{r}_block0.conv0.weight" in state:
+    while r >= 1 and len(levels) <= _MAX_LEVELS and f"model.enc.{r}x{r}_block0.conv0.weight" in state:
         levels.append(r)
         r //= 2
     if not levels:
-        raise ModelNotFoundError("cannot infer the EDM network from the state dict: no encoder blocks")
+        raise fail("no encoder blocks")
     num_blocks = sum(1 for k in state if k.startswith(f"model.enc.{res}x{res}_block") and k.endswith("conv0.weight"))
-    cfg = dict(img_resolution=res, img_channels=int(channels), model_channels=int(mc),
-               channel_mult=[int(state[f"model.enc.{r}x{r}_block0.conv0.weight"].shape[0]) // mc for r in levels],
-               channel_mult_emb=int(emb) // mc, channel_mult_noise=int(noise) // mc, num_blocks=num_blocks,
+    cfg = dict(img_resolution=res, img_channels=channels, model_channels=mc,
+               channel_mult=[shape(f"model.enc.{r}x{r}_block0.conv0.weight", 4)[0] // mc for r in levels],
+               channel_mult_emb=emb // mc, channel_mult_noise=noise // mc, num_blocks=num_blocks,
                attn_resolutions=[r for r in levels if f"model.enc.{r}x{r}_block0.qkv.weight" in state],
-               label_dim=int(state["model.map_label.weight"].shape[1]) if "model.map_label.weight" in state else 0,
-               augment_dim=(int(state["model.map_augment.weight"].shape[1])
-                            if "model.map_augment.weight" in state else 0))
-    filt = next((v for k, v in state.items() if k.endswith("resample_filter")), None)
-    if filt is not None:
-        cfg["resample_filter"] = [float(x) for x in filt.reshape(filt.shape[-2], filt.shape[-1]).sum(dim=1)]
+               label_dim=shape("model.map_label.weight", 2)[1] if "model.map_label.weight" in state else 0,
+               augment_dim=shape("model.map_augment.weight", 2)[1] if "model.map_augment.weight" in state else 0)
+    key, filt = next(((k, v) for k, v in state.items() if k.endswith("resample_filter")), (None, None))
+    if key is not None:
+        k = filt.shape[-1] if isinstance(filt, torch.Tensor) and filt.dim() == 4 else 0
+        if not (tuple(filt.shape) == (1, 1, k, k) and 2 <= k <= 8 and filt.is_floating_point()
+                and bool(torch.isfinite(filt).all())):
+            got = tuple(filt.shape) if isinstance(filt, torch.Tensor) else type(filt).__name__
+            raise fail(f"its resample filter {printable(key, 80)} has shape {got}, not [1, 1, k, k] of finite "
+                       f"numbers with k from 2 to 8")
+        cfg["resample_filter"] = [float(x) for x in filt[0, 0].double().sum(dim=1)]
     return cfg
+
+
+def _safetensors_header(path: Path, name: str) -> int:
+    """Check a .safetensors header before the library reads it: a bounded JSON object with at most
+    ``LIMITS.tensors`` entries. Returns the file size. (The library checks that the tensors exactly tile the data
+    after the header, so their bytes never exceed the file's.)"""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelNotFoundError(f"cannot read {name}: {printable(str(e), 160)}") from None
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < n <= size - 8:
+        raise ModelNotFoundError(f"cannot read {name}: it is not a safetensors file (no header)")
+    if n > _SAFETENSORS_MAX_HEADER:
+        raise UnsafeCheckpointError(f"{name} has a safetensors header of {n:,} bytes, more than memdetect's limit of "
+                                    f"{_SAFETENSORS_MAX_HEADER:,}")
+    header = _read_json(path, "the safetensors header of", n, offset=8, exact=True)
+    if not isinstance(header, dict):
+        raise ModelNotFoundError(f"cannot read {name}: its safetensors header is not a JSON object")
+    if len(header) > LIMITS.tensors:
+        raise UnsafeCheckpointError(f"{name} holds {len(header):,} tensors, more than memdetect's limit of "
+                                    f"{LIMITS.tensors:,}")
+    return size
 
 
 def network_from_safetensors(path: str | os.PathLike) -> _Precond:
@@ -559,28 +702,33 @@ def network_from_safetensors(path: str | os.PathLike) -> _Precond:
     from safetensors.torch import load_file
 
     path = Path(path)
+    name = printable(path.name)
+    _safetensors_header(path, name)
     try:
         state = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise ModelNotFoundError(f"cannot read {path}: {e}") from None
+    except (OSError, SafetensorError, ValueError, RuntimeError, MemoryError) as e:
+        raise ModelNotFoundError(f"cannot read {name}: {printable(str(e), 160)}") from None
     if not any(k.startswith("model.") for k in state):
         state = {f"model.{k}": v for k, v in state.items()}
     cfg = _sidecar(path)
-    name = cfg and (cfg.get("class_name") or _PRECOND_ALIASES.get(str(cfg.get("precond", "")).lower()))
-    if not name:
-        raise ModelNotFoundError(f"{path.name} needs a JSON sidecar {path.with_suffix('.json').name} naming its "
+    cls = cfg.get("class_name") if cfg else None
+    if cls is None and cfg and isinstance(cfg.get("precond"), str):
+        cls = _PRECOND_ALIASES.get(cfg["precond"].lower(), cfg["precond"])
+    if not cls:
+        raise ModelNotFoundError(f"{name} needs a JSON sidecar {printable(path.with_suffix('.json').name)} naming its "
                                  f"preconditioning, e.g. {{\"class_name\": \"EDMPrecond\"}} (VPPrecond, VEPrecond "
                                  f"or EDMPrecond)")
     given = cfg.get("init_kwargs") or {}
     if not isinstance(given, dict):
-        raise ModelNotFoundError(f"the init_kwargs in the config of {path.name} are not a JSON object")
+        raise ModelNotFoundError(f"the init_kwargs in the config of {name} are not a JSON object")
     try:
         inferred = infer_config(state)
-    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
-        raise ModelNotFoundError(f"cannot infer the EDM network of {path.name} from its tensors ({e})") from None
+    except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError, TypeError) as e:
+        raise ModelNotFoundError(f"cannot infer the EDM network of {name} from its tensors "
+                                 f"({printable(str(e), 160)})") from None
     kwargs = {**inferred, **given}
-    net = build_network(name, kwargs, source=path.name, device="meta")
-    return load_state(net, state, path.name)
+    net = build_network(cls, kwargs, source=name, device="meta")
+    return load_state(net, state, name)
 
 
 def save_safetensors(net: _Precond, path: str | os.PathLike) -> Path:
