@@ -33,7 +33,9 @@ out = Console()
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]memdetect: error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.text import Text  # the message is plain text: a "[/x]" in a name is not markup
+
+    err.print(Text.assemble(("memdetect: error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     if not os.environ.get("MEMDETECT_DEBUG"):
         err.print("[dim](set MEMDETECT_DEBUG=1 for the full traceback)[/]")
     raise typer.Exit(EXIT_ERROR)
