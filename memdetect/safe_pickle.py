@@ -145,6 +145,9 @@ class _ShortRepr(reprlib.Repr):
     def repr_tuple(self, x, level):
         return self._items(x, level, "(", ",)" if len(x) == 1 else ")", self.maxtuple)
 
+    def repr_bytes(self, x, level):
+        return repr(x[:self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
     def repr_int(self, x, level):
         if x.bit_length() > 128:
             return f"<int of {x.bit_length()} bits>"

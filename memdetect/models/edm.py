@@ -433,26 +433,26 @@ def _checked_kwargs(class_name: str, kwargs: dict, source: str) -> dict:
     def is_number(v) -> bool:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    kwargs = dict(kwargs)
+    kwargs = dict(kwargs)  # a value given as None is checked like any other (and refused)
     for name in ("img_resolution", "img_channels"):
         if name not in kwargs:
             raise UnsupportedModelError(f"{source}: {class_name} needs the constructor argument {name}")
     for name, (lo, hi) in _INT_RANGES.items():
-        v = kwargs.get(name)
-        if v is not None and not (is_int(v) and lo <= v <= hi):
+        v = kwargs.get(name, lo)
+        if not (is_int(v) and lo <= v <= hi):
             raise bad(name, v, f"an integer in [{lo}, {hi}]")
     for name, lo, hi in [("channel_mult", 1, 16), ("attn_resolutions", 1, 512)]:
-        v = kwargs.get(name)
-        if v is None:
+        if name not in kwargs:
             continue
+        v = kwargs[name]
         if not isinstance(v, (list, tuple)) or len(v) > _MAX_LEVELS or any(not (is_int(i) and lo <= i <= hi)
                                                                            for i in v):
             raise bad(name, v, f"a list of at most {_MAX_LEVELS} integers in [{lo}, {hi}]")
         kwargs[name] = list(v)
     if kwargs.get("channel_mult") == []:
         raise bad("channel_mult", [], "at least one resolution level")
-    v = kwargs.get("resample_filter")
-    if v is not None:
+    if "resample_filter" in kwargs:
+        v = kwargs["resample_filter"]
         ok = (isinstance(v, (list, tuple)) and len(v) in (2, 4, 6, 8)
               and all(is_number(i) and -1e6 <= i <= 1e6 for i in v))
         if not (ok and sum(v) > 0 and max(abs(i) for i in v) <= 1e6 * sum(v)):
@@ -460,8 +460,8 @@ def _checked_kwargs(class_name: str, kwargs: dict, source: str) -> dict:
                                             "[1, 3, 3, 1]")
         kwargs["resample_filter"] = [float(i) for i in v]
     for name, (lo, hi) in _FLOAT_RANGES.items():
-        v = kwargs.get(name)
-        if v is not None and not (is_number(v) and lo <= v <= hi):
+        v = kwargs.get(name, lo)
+        if not (is_number(v) and lo <= v <= hi):
             raise bad(name, v, f"a number in [{lo:g}, {hi:g}]")
     for name, want in _STRING_ARGS.items():
         v = kwargs.get(name, want)
