@@ -83,17 +83,22 @@ class Persistent:
         return (_reconstruct_persistent_obj, (self.meta,))
 
 
-def persistent_tree(module: torch.nn.Module, src: str, init_kwargs=None):
+def persistent_tree(module: torch.nn.Module, src: str, init_kwargs=None, tensor=None):
     """A torch module as NVlabs pickles it: persistent objects holding the module ``__dict__``; ModuleDicts stay
-    real torch ModuleDicts (pickled natively) whose ``_modules`` hold persistent objects."""
-    children = OrderedDict((k, None if c is None else persistent_tree(c, src)) for k, c in module._modules.items())
+    real torch ModuleDicts (pickled natively) whose ``_modules`` hold persistent objects.
+
+    ``tensor(t)``, when given, replaces each parameter and buffer by what it returns (hostile checkpoints use it to
+    pickle other views of a meta network's shapes)."""
+    children = OrderedDict((k, None if c is None else persistent_tree(c, src, tensor=tensor))
+                           for k, c in module._modules.items())
     if isinstance(module, torch.nn.ModuleDict):
         md = torch.nn.ModuleDict()
         md._modules = children
         return md
-    params = OrderedDict((k, None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False))
+    params = OrderedDict((k, None if p is None else tensor(p) if tensor else
+                          torch.nn.Parameter(p.detach().clone(), requires_grad=False))
                          for k, p in module._parameters.items())
-    buffers = OrderedDict(module._buffers)
+    buffers = OrderedDict((k, None if b is None else tensor(b) if tensor else b) for k, b in module._buffers.items())
     if type(module).__name__ == "Conv2d":
         buffers.setdefault("resample_filter", None)  # NVlabs registers a None buffer when not resampling
     state = {"training": False, "_parameters": params, "_buffers": buffers, "_non_persistent_buffers_set": set(),
@@ -106,10 +111,10 @@ def persistent_tree(module: torch.nn.Module, src: str, init_kwargs=None):
     return Persistent(meta)
 
 
-def write_nvlabs_pickle(path: Path, net, marker: Path, **extra) -> Path:
+def write_nvlabs_pickle(path: Path, net, marker: Path, tensor=None, **extra) -> Path:
     src = f"open({str(marker)!r}, 'w').write('module_src was executed')\n"
     kwargs = dict(net.init_kwargs, dropout=np.float64(net.init_kwargs.get("dropout", 0.0)))
-    data = dict(ema=persistent_tree(net, src, kwargs),
+    data = dict(ema=persistent_tree(net, src, kwargs, tensor=tensor),
                 loss_fn=Persistent(dict(type="class", version=6, module_src=src, class_name="EDMLoss",
                                         state={"P_mean": -1.2, "P_std": 1.2, "sigma_data": 0.5, "_init_args": (),
                                                "_init_kwargs": {}})),
