@@ -512,7 +512,8 @@ def bad_filter_state():
 
 
 SIDECAR_CASES = {  # sidecar, state (None: the tiny network's), fragments
-    "resolution 0 in the tensor names": ({"precond": "edm"}, resolution0_state, ["names a resolution outside [8, 512]"]),
+    "resolution 0 in the tensor names": ({"precond": "edm"}, resolution0_state,
+                                         ["names a resolution outside [8, 512]"]),
     "img_resolution 0": (with_kwargs(img_resolution=0), None, ["img_resolution=0 is not supported"]),
     "img_resolution 4096": (with_kwargs(img_resolution=4096), None, ["img_resolution=4096", "[8, 512]"]),
     "img_resolution not halving": (with_kwargs(img_resolution=10, channel_mult=[1, 2, 2]), None,
