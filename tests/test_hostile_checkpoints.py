@@ -524,6 +524,8 @@ SIDECAR_CASES = {  # sidecar, state (None: the tiny network's), fragments
     "channel_mult nested": (with_kwargs(channel_mult=[[[[1]]]]), None, ["channel_mult=[[[["]),
     "num_blocks 10**9": (with_kwargs(num_blocks=10**9), None, ["num_blocks=1000000000"]),
     "img_channels 0": (with_kwargs(img_channels=0), None, ["img_channels=0"]),
+    "img_channels 1": ({"precond": "edm"}, lambda: edm.build_network("EDMPrecond", {**TINY, "img_channels": 1})
+                       .state_dict(), ["network for 1-channel images; memdetect scans RGB images"]),
     "channel_mult null": (with_kwargs(channel_mult=None), None, ["channel_mult=None"]),
     "img_resolution null": (with_kwargs(img_resolution=None), None, ["img_resolution=None"]),
     "odd noise channels": (with_kwargs(model_channels=3), None, ["model_channels=3", "cos and sin"]),

@@ -550,6 +550,14 @@ def load_state(net: _Precond, state: dict[str, torch.Tensor], source: str) -> _P
 # Checkpoint formats. Every name a file provides reaches messages through printable / short_repr (control characters
 # escaped, length cut); see memdetect.safe_pickle for the budgets of .pkl files.
 
+def _scannable(net: _Precond, name: str) -> _Precond:
+    """``net`` (still on the meta device), if memdetect can feed it: the adapter scans RGB images."""
+    if net.img_channels != 3:
+        raise UnsupportedModelError(f"{name} holds a network for {net.img_channels}-channel images; memdetect scans "
+                                    f"RGB images (img_channels 3)")
+    return net
+
+
 _SIDECAR_MAX_BYTES = 1 << 20
 _SIDECAR_MAX_DEPTH = 8  # a sidecar is {"class_name": ..., "init_kwargs": {"channel_mult": [...], ...}}: depth 3
 _SAFETENSORS_MAX_HEADER = 8 << 20  # the real CIFAR-10 network's header: 425 tensors, about 40 KB
@@ -574,7 +582,7 @@ def network_from_pickle(path: str | os.PathLike) -> _Precond:
     if ema.init_args:
         raise UnsupportedModelError(f"{name}: {printable(ema.class_name, 60)} was built with positional arguments, "
                                     f"which memdetect does not read")
-    net = build_network(ema.class_name, ema.init_kwargs, source=name, device="meta")
+    net = _scannable(build_network(ema.class_name, ema.init_kwargs, source=name, device="meta"), name)
     return load_state(net, safe_pickle.module_tensors(ema), name)
 
 
@@ -727,7 +735,7 @@ def network_from_safetensors(path: str | os.PathLike) -> _Precond:
         raise ModelNotFoundError(f"cannot infer the EDM network of {name} from its tensors "
                                  f"({printable(str(e), 160)})") from None
     kwargs = {**inferred, **given}
-    net = build_network(cls, kwargs, source=name, device="meta")
+    net = _scannable(build_network(cls, kwargs, source=name, device="meta"), name)
     return load_state(net, state, name)
 
 
