@@ -32,9 +32,9 @@ def _tokenizer_dir(tmp: Path) -> Path:
     real = CONFIGS / "sd14" / "tokenizer"
     if real.exists():
         return real
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from tokenizers.pre_tokenizers import ByteLevel  # public API: the 256 characters byte-level BPE maps bytes to
 
-    chars = list(bytes_to_unicode().values())
+    chars = sorted(ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
@@ -42,6 +42,10 @@ def _tokenizer_dir(tmp: Path) -> Path:
     d.mkdir()
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>"}))
     return d
 
 
