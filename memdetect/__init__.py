@@ -2,17 +2,26 @@
 
 Method: Zhang et al. (2025), "Generalization of Diffusion Models Arises with a Balanced Representation Space":
 a memorized sample produces a spiky activation vector at a mid-network layer, a novel one a balanced vector.
+
+    from memdetect import Detector
+    from memdetect.scan import scan
+    result = scan(Detector.from_pretrained("demo"), ["generated/"], output="report.csv")
+
+``memdetect.retain_freed_memory()`` opts a CPU scanning process into keeping freed memory for reuse (faster; it
+holds for the whole process, see ``memdetect.runtime``).
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+_LAZY = {"Detector": "detector", "Settings": "detector", "retain_freed_memory": "runtime"}
 
 
 def __getattr__(name):  # lazy: `import memdetect` stays cheap for the CLI's --help
-    if name in ("Detector", "Settings"):
-        from . import detector
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(detector, name)
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(name)
 
 
-__all__ = ["Detector", "Settings", "__version__"]
+__all__ = ["Detector", "Settings", "__version__", "retain_freed_memory"]

@@ -17,20 +17,32 @@ target.
 With a labelled set (``--memorized``) the same threshold is kept (the memorized images do not move it) and its ROC
 point is reported: sklearn's ``roc_curve`` gives the (FPR, TPR) of every distinct score; the chosen point is the one
 whose score threshold is the smallest ``>=`` ours (which flags exactly the same images), plus the AUROC.
+
+``calibrate_paths`` does the whole job for image files: scan the reference (and memorized) images, choose the
+thresholds, write ``memdetect.toml`` (``memdetect.config``) atomically.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import platform
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
 
+from ._version import __version__
+from .config import CONFIG_VERSION, to_toml
+from .detector import Detector
 from .errors import InputError, UsageError
+from .io import atomic_write, display_path, expand_globs
+from .scan import scan
+from .scores import SCORES
 
-METRICS = ("std", "l4l2", "entropy", "maxmin")
 RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
 
 
@@ -39,13 +51,23 @@ def allowed_flags(n: int, fpr: float) -> int:
     return int(math.floor(fpr * n + 1e-9))
 
 
+def check_fpr(fpr: float) -> None:
+    if not 0.0 <= fpr < 1.0:
+        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
+
+
+def check_output(output: str | os.PathLike, force: bool = False) -> None:
+    """Refuse to overwrite an existing config without ``force``."""
+    if Path(output).exists() and not force:
+        raise UsageError(f"{display_path(output)} exists; pass --force to overwrite it")
+
+
 def fpr_threshold(scores, fpr: float) -> float:
     """The smallest threshold flagging at most ``floor(fpr * n)`` of ``scores`` (see the module docstring)."""
     s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
     if s.size == 0:
         raise InputError("no reference scores to calibrate on")
-    if not 0.0 <= fpr < 1.0:
-        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
+    check_fpr(fpr)
     if not np.isfinite(s).all():
         raise InputError("reference scores contain NaN or infinity")
     m = allowed_flags(s.size, fpr)
@@ -71,7 +93,7 @@ def calibrate(novel: pd.DataFrame, fpr: float, memorized: pd.DataFrame | None = 
     if memorized is not None and len(memorized) == 0:
         raise InputError("no memorized images could be scored")
     rows = []
-    for m in METRICS:
+    for m in SCORES:
         ref = novel[m].to_numpy(np.float64)
         t = fpr_threshold(ref, fpr)
         row = {"metric": m, "threshold": t, "fpr_target": fpr, "fpr_reference": float((ref >= t).mean()),
@@ -90,21 +112,19 @@ def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: fl
     import diffusers
     import torch
 
-    from . import __version__
-    from .config import CONFIG_VERSION
-
     by = table.set_index("metric")
     cal = {"fpr": fpr, "rule": RULE, "reference": reference, "n_reference": int(by.loc[metric, "n_reference"]),
            "n_errored": n_errored, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "family": settings["family"], "source": settings["source"], "pooling": settings["pooling"],
            "preprocess": settings["preprocess"], "dtype": settings["dtype"], "device": settings["device"],
-           "thresholds": {m: float(by.loc[m, "threshold"]) for m in METRICS},
-           "fpr_reference": {m: float(by.loc[m, "fpr_reference"]) for m in METRICS}}
+           "winograd": settings["winograd"], "allocator": settings["allocator"],
+           "thresholds": {m: float(by.loc[m, "threshold"]) for m in SCORES},
+           "fpr_reference": {m: float(by.loc[m, "fpr_reference"]) for m in SCORES}}
     if memorized is not None:
         cal["memorized"] = memorized
         cal["n_memorized"] = int(by.loc[metric, "n_memorized"])
-        cal["tpr"] = {m: float(by.loc[m, "tpr"]) for m in METRICS}
-        cal["auroc"] = {m: float(by.loc[m, "auroc"]) for m in METRICS}
+        cal["tpr"] = {m: float(by.loc[m, "tpr"]) for m in SCORES}
+        cal["auroc"] = {m: float(by.loc[m, "auroc"]) for m in SCORES}
     return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": settings["layer"],
             "timestep": settings["timestep"], "sigma": sigma,
             "seed": settings["seed"], "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
@@ -113,4 +133,67 @@ def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: fl
                          "python": platform.python_version()}}
 
 
-__all__ = ["RULE", "allowed_flags", "calibrate", "config_document", "fpr_threshold", "roc_point"]
+def _shorten(items: list[str], keep: int = 10) -> list[str]:
+    """A shell glob can expand to thousands of files: the config records the first few and a count."""
+    return items if len(items) <= keep else [*items[:keep], f"... and {len(items) - keep} more"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``calibrate_paths`` chose and wrote: ``table`` (one row per metric, see ``calibrate``), the config
+    ``document`` written to ``path``, and the image counts."""
+
+    table: pd.DataFrame
+    document: dict
+    path: Path
+    metric: str
+    fpr: float
+    n_reference: int
+    n_errored: int
+    n_memorized: int | None
+
+    @property
+    def strict(self) -> bool:
+        """Whether ``fpr x n_reference < 1``: no reference image may be flagged, the threshold sits just above the
+        largest reference score."""
+        return allowed_flags(self.n_reference, self.fpr) == 0
+
+
+def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], *, fpr: float = 0.01,
+                    memorized: Iterable[str | os.PathLike] = (), output: str | os.PathLike = "memdetect.toml",
+                    force: bool = False, model: str | None = None, model_path: str | os.PathLike | None = None,
+                    sigma: float | None = None, on_batch: Callable[[int, int], None] | None = None,
+                    num_workers: int | None = None) -> Calibration:
+    """Scan ``reference`` (images known to be novel; files, folders, quoted globs) and optionally ``memorized``,
+    choose every metric's threshold at ``fpr`` and write the config to ``output`` (refused if it exists, unless
+    ``force``). ``model`` / ``model_path`` / ``sigma``: what the config records to load the model again (default:
+    the detector's name)."""
+    check_fpr(fpr)
+    check_output(output, force)
+    output = Path(output)
+    reference, memorized = expand_globs(reference), expand_globs(memorized)
+    ref = scan(detector, reference, on_batch=on_batch, num_workers=num_workers).frame
+    novel = ref[ref["error"].isna()]
+    if not len(novel):
+        raise InputError("none of the reference images could be scored")
+    mem = None
+    if memorized:
+        scored = scan(detector, memorized, on_batch=on_batch, num_workers=num_workers).frame
+        mem = scored[scored["error"].isna()]
+    table = calibrate(novel, fpr, mem)
+    n_errored = int(ref["error"].notna().sum())
+    doc = config_document(vars(detector.settings), table, metric=detector.metric, fpr=fpr,
+                          reference=_shorten([display_path(p) for p in reference]),
+                          memorized=_shorten([display_path(p) for p in memorized]) if memorized else None,
+                          n_errored=n_errored, model=model or detector.name,
+                          model_path=str(Path(model_path).resolve()) if model_path else None, sigma=sigma)
+    header = (f"memdetect calibration ({len(novel)} novel reference images, target FPR {fpr:g}).\n"
+              f"Use: memdetect audit PATH... --config {output.name}   (or: memdetect scan PATH... --config ...)")
+    atomic_write(output, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))
+    return Calibration(table, doc, output, detector.metric, fpr, len(novel), n_errored,
+                       None if mem is None else len(mem))
+
+
+__all__ = ["RULE", "Calibration", "allowed_flags", "calibrate", "calibrate_paths", "check_fpr", "check_output",
+           "config_document",
+           "fpr_threshold", "roc_point"]

@@ -1,4 +1,9 @@
-"""Outputs for CI systems: a JSON summary, JUnit XML and GitHub Actions annotations.
+"""The CI audit: a scan with a calibrated threshold, and its outputs for CI systems (a JSON summary, JUnit XML,
+GitHub Actions annotations and step summary).
+
+    from memdetect.ci import audit
+    done = audit(detector_with_threshold, ["generated/"], junit="junit.xml", summary_json="summary.json")
+    done.exit_code                                     # 0: nothing flagged, 1: flagged
 
 Why three: the JSON summary is for scripts (counts, exit code, flagged paths); JUnit XML is what most CI servers
 (GitLab, Jenkins, Azure, GitHub test reporters) render as a test list, one test case per image; GitHub reads
@@ -6,6 +11,9 @@ Why three: the JSON summary is for scripts (counts, exit code, flagged paths); J
 
 The mapping is the exit-code contract's: a flagged image is a *failure*; an unreadable file is *skipped* with its
 reason (it does not fail the run, as it does not change the exit code); a scored, unflagged image passes.
+
+The default report goes to ``.memdetect/report.csv``; a report folder named ``.memdetect`` gets a ``.gitignore``
+that keeps it (report, journal) out of git.
 """
 
 from __future__ import annotations
@@ -13,13 +21,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable, TextIO
 
 import pandas as pd
 
-from . import __version__
-from .io import _atomic_write
+from ._version import __version__
+from .detector import Detector
+from .errors import UsageError
+from .io import atomic_write
+from .report import counts
+from .scan import ScanResult, scan
+from .scores import SCORES
+
+EXIT_OK, EXIT_FLAGGED = 0, 1
+DEFAULT_REPORT = Path(".memdetect") / "report.csv"
+ANNOTATIONS = ("auto", "github", "none")
 
 #: Characters XML 1.0 forbids (even escaped); they can occur in file names.
 _XML_BAD = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -44,13 +64,11 @@ def _reason(row, metric: str, threshold: float | None) -> str:
 def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | None = None,
             report: str | None = None, resumed: int = 0) -> dict:
     """The machine-readable result of a run: counts, exit code, flagged images (highest first) and errors."""
-    from .detector import scan_summary
-
     flagged, errored = _flagged(df), _errored(df)
     return {
         "memdetect": __version__,
         "exit_code": exit_code,
-        **scan_summary(df),
+        **counts(df),
         "resumed": int(resumed),
         "metric": settings.get("metric"),
         "threshold": settings.get("threshold"),
@@ -63,9 +81,7 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    _atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n"))
-    return p
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n"))
 
 
 def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit") -> bytes:
@@ -85,16 +101,14 @@ def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit
             ET.SubElement(tc, "skipped", {"message": _xml_safe(f"not scored: {r['error']}")})
         elif i in flagged_idx:
             f = ET.SubElement(tc, "failure", {"type": "memorized", "message": _xml_safe(_reason(r, metric, threshold))})
-            f.text = _xml_safe(" ".join(f"{m}={r[m]:.6g}" for m in ("std", "l4l2", "entropy", "maxmin")))
+            f.text = _xml_safe(" ".join(f"{m}={r[m]:.6g}" for m in SCORES))
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
 def write_junit(df: pd.DataFrame, path: str | os.PathLike, settings: dict) -> Path:
-    p = Path(path)
     data = junit_xml(df, settings)
-    _atomic_write(p, lambda tmp: Path(tmp).write_bytes(data))
-    return p
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 # -- GitHub Actions ----------------------------------------------------------------------------------------------
@@ -152,5 +166,89 @@ def step_summary_markdown(doc: dict, limit: int = 50) -> str:
     return "\n".join(md) + "\n"
 
 
-__all__ = ["github_annotations", "junit_xml", "running_on_github", "step_summary_markdown", "summary", "write_json",
-           "write_junit"]
+# -- the audit ---------------------------------------------------------------------------------------------------
+
+
+def check_annotations(annotations: str) -> None:
+    if annotations not in ANNOTATIONS:
+        raise UsageError(f"--annotations must be {', '.join(ANNOTATIONS[:-1])} or {ANNOTATIONS[-1]}, got "
+                         f"{annotations!r}")
+
+
+def check_threshold(threshold: float | None) -> None:
+    if threshold is None:
+        raise UsageError("audit needs a threshold: --config memdetect.toml (write one with `memdetect calibrate`) "
+                         "or --threshold X")
+
+
+def ignore_report_folder(report: str | os.PathLike) -> Path | None:
+    """Write ``.gitignore`` (``*``) into the report's folder when it is named ``.memdetect`` and has none; returns
+    the file written."""
+    folder = Path(report).parent
+    ignore = folder / ".gitignore"
+    if folder.name != DEFAULT_REPORT.parent.name or ignore.exists():
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    ignore.write_text("# written by memdetect audit: keep its reports out of git\n*\n")
+    return ignore
+
+
+def write_ci_outputs(result: ScanResult, *, config: str | os.PathLike | None = None,
+                     junit: str | os.PathLike | None = None, summary_json: str | os.PathLike | None = None,
+                     annotations: str = "auto", stream: TextIO | None = None) -> dict:
+    """Everything a CI system reads from an audit's scan: the summary document (returned; also written to
+    ``summary_json``), JUnit XML (``junit``), and under GitHub Actions (``annotations="auto"`` when
+    ``GITHUB_ACTIONS=true``, or ``"github"``) the workflow annotations on ``stream`` (default stdout) and a Markdown
+    table appended to ``$GITHUB_STEP_SUMMARY``. A report folder named ``.memdetect`` gets its ``.gitignore``."""
+    check_annotations(annotations)
+    settings = asdict(result.settings)
+    if result.output is not None:
+        ignore_report_folder(result.output)
+    code = EXIT_FLAGGED if result.flagged else EXIT_OK
+    doc = summary(result.frame, exit_code=code, settings=settings, config=str(config) if config else None,
+                  report=str(result.output) if result.output else None, resumed=result.resumed)
+    if summary_json is not None:
+        write_json(doc, summary_json)
+    if junit is not None:
+        write_junit(result.frame, junit, settings)
+    if annotations == "github" or (annotations == "auto" and running_on_github()):
+        stream = stream or sys.stdout
+        stream.write("".join(line + "\n" for line in github_annotations(result.frame, settings)))
+        stream.flush()
+        if os.environ.get("GITHUB_STEP_SUMMARY"):
+            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
+                f.write(step_summary_markdown(doc))
+    return doc
+
+
+@dataclass(frozen=True)
+class Audit:
+    """An audit's scan, its summary document (``summary``) and its exit code (0 nothing flagged, 1 flagged)."""
+
+    result: ScanResult
+    summary: dict
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.summary["exit_code"])
+
+
+def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike = DEFAULT_REPORT,
+          resume: bool = True, html: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+          junit: str | os.PathLike | None = None, summary_json: str | os.PathLike | None = None,
+          annotations: str = "auto", stream: TextIO | None = None, on_batch: Callable[[int], None] | None = None,
+          num_workers: int | None = None) -> Audit:
+    """Scan with the detector's threshold into ``output`` (resumable), then ``write_ci_outputs``."""
+    check_threshold(detector.threshold)
+    check_annotations(annotations)
+    ignore_report_folder(output)
+    result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
+                  num_workers=num_workers)
+    doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
+                           stream=stream)
+    return Audit(result, doc)
+
+
+__all__ = ["ANNOTATIONS", "Audit", "DEFAULT_REPORT", "audit", "check_annotations", "check_threshold",
+           "github_annotations", "ignore_report_folder", "junit_xml", "running_on_github", "step_summary_markdown",
+           "summary", "write_ci_outputs", "write_json", "write_junit"]

@@ -1,9 +1,14 @@
-"""The ``memdetect`` command line: a thin layer over ``memdetect.detector``.
+"""The ``memdetect`` command line: options in, one library call, rendering out.
+
+Each command parses its options, calls the library (``memdetect.scan``, ``memdetect.calibrate``, ``memdetect.ci``,
+``Detector.layers``, ``memdetect.bench``) and renders what it returns. Options that several commands share are
+declared once, as ``Annotated`` aliases.
 
 Exit codes (every command):
   0  the scan finished and nothing was flagged
   1  at least one image was flagged memorized (only possible with a threshold)
-  2  a usage, model or input error stopped the command (one line on stderr; MEMDETECT_DEBUG=1 for a traceback)
+  2  an error stopped the command: one line on stderr. A usage, config, model, input or system error says what to
+     fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -11,19 +16,20 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
+import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from .errors import MemdetectError
+from ._version import __version__
+from .errors import MemdetectError, UsageError
+from .scores import SCORES
 
-EXIT_OK, EXIT_FLAGGED, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Detect memorized images from diffusion models (one partial forward pass per image).\n\n"
@@ -32,35 +38,46 @@ err = Console(stderr=True)
 out = Console()
 
 
-def _fail(message: str) -> None:
+# -- errors --------------------------------------------------------------------------------------------------------
+
+def _debug() -> bool:
+    return bool(os.environ.get("MEMDETECT_DEBUG"))
+
+
+def _fail(kind: str, message: str, hint: str) -> None:
+    """One line on stderr (the traceback too with MEMDETECT_DEBUG=1), then exit 2."""
     from rich.text import Text  # the message is plain text: a "[/x]" in a name is not markup
 
-    err.print(Text.assemble(("memdetect: error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
-    if not os.environ.get("MEMDETECT_DEBUG"):
-        err.print("[dim](set MEMDETECT_DEBUG=1 for the full traceback)[/]")
+    if _debug():
+        err.print(traceback.format_exc(), markup=False, highlight=False)
+    err.print(Text.assemble((f"memdetect: {kind}:", "bold red"), " ", message), highlight=False, soft_wrap=True)
+    if not _debug():
+        err.print(f"[dim]({hint}set MEMDETECT_DEBUG=1 for the full traceback)[/]")
     raise typer.Exit(EXIT_ERROR)
 
 
 def handle_errors(fn):
-    """Map the library's user-facing errors to one line on stderr and exit code 2 (the CLI_ERROR_MAPPINGS idea)."""
+    """Map exceptions to one line on stderr and exit code 2 (the CLI_ERROR_MAPPINGS idea).
+
+    Known errors: memdetect's own (``memdetect.errors``: usage, config, model, input) and the operating system's
+    (a missing path, an unwritable folder, a full disk). Anything else is a bug, reported as an internal error and
+    never as the user's mistake; it still exits 2, never 1 (which means "flagged").
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except typer.Exit:
+        except (typer.Exit, typer.Abort):
             raise
-        except (MemdetectError, OSError) as e:  # OSError: a path that is missing, unwritable, a full disk...
-            if os.environ.get("MEMDETECT_DEBUG"):
-                raise
-            _fail(str(e) or type(e).__name__)
-        except ValueError as e:  # bad option values detected in the library (formats, ranges)
-            if os.environ.get("MEMDETECT_DEBUG"):
-                raise
-            _fail(str(e))
         except KeyboardInterrupt:
             err.print("interrupted")
-            raise typer.Exit(130)
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except (MemdetectError, OSError) as e:
+            _fail("error", str(e) or type(e).__name__, "")
+        except Exception as e:
+            _fail("internal error", f"{type(e).__name__}: {e}".rstrip(": "),
+                  "a bug in memdetect, please report it; ")
 
     return wrapper
 
@@ -73,8 +90,9 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log diagnostics to stderr."),
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log diagnostics to stderr.")] = False,
 ):
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
@@ -89,20 +107,37 @@ def _root(
             pass
 
 
-# Options shared by the commands that load a model (aliases reused, as huggingface_hub's CLI does).
-ModelOpt = typer.Option("demo", "--model", "-m", help="Preset (see `memdetect models`), family (with --model-path), "
-                                                       "hub id or local diffusers folder.")
-ModelPathOpt = typer.Option(None, "--model-path", help="Local weights for the preset or family (a diffusers folder).")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.")
-ConfigOpt = typer.Option(None, "--config", "-c", help="memdetect.toml from `memdetect calibrate`: model, layer, "
-                                                      "timestep, seed, metric and threshold (flags may not contradict "
-                                                      "it; --threshold, --metric and --model-path may override).")
-ResumeOpt = typer.Option(True, "--resume/--no-resume", help="Continue from the report's journal "
-                                                             "(<output>.journal.jsonl): images already scored with the "
-                                                             "same settings are not scored again.")
-HtmlOpt = typer.Option(None, "--html", help="Also write a self-contained HTML report (histogram, top images, "
-                                             "settings).")
+# -- options shared by several commands (declared once, as huggingface_hub's CLI does) ------------------------------
+
+Paths = Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
+                                             show_default=False)]
+Model = Annotated[str, typer.Option("--model", "-m", help="Preset (see `memdetect models`), family (with "
+                                                          "--model-path), hub id or local diffusers folder.")]
+ModelPath = Annotated[Optional[Path], typer.Option("--model-path", help="Local weights for the preset or family (a "
+                                                                        "diffusers folder, or an EDM checkpoint).")]
+Layer = Annotated[Optional[str], typer.Option("--layer", help="NAME[:in][@CALL]; default: the model's paper layer.")]
+Timestep = Annotated[Optional[int], typer.Option("--timestep", "-t", help="DDPM timestep to noise to (default: 50).")]
+Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM only: noise level sigma, instead of the "
+                                                                "--timestep's (t=50 is sigma 0.176).")]
+Metric = Annotated[str, typer.Option("--metric", help=f"Score column: {', '.join(SCORES)}.")]
+Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this.")]
+Seed = Annotated[int, typer.Option("--seed", help="Noise seed (an image's noise depends on this and its pixels).")]
+BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass (default: per "
+                                                                             "model and device).")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, "
+                                                    "bfloat16.")]
+Workers = Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, table or summary (files are still "
+                                                           "written).")]
+Config = Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml from `memdetect calibrate`: "
+                                                "model, layer, timestep, seed, metric and threshold (flags may not "
+                                                "contradict it; --threshold, --metric and --model-path may override).")]
+Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the report's journal "
+                                      "(<output>.journal.jsonl): images already scored with the same settings are "
+                                      "not scored again.")]
+Html = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (histogram, "
+                                                             "top images, settings).")]
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -121,81 +156,91 @@ def scan_settings(ctx: typer.Context, config: Optional[Path], **flags) -> dict:
     return merge(load_config(config) if config else None, flags, _given(ctx))
 
 
-def load_detector(model, model_path, *, layer=None, timestep=None, metric="std", threshold=None, seed=0,
-                  batch_size=None, device="auto", dtype="auto", early_exit=True, sigma=None):
-    from .detector import Detector, resolve_device, resolve_dtype
-    from .errors import UsageError
-    from .scores import SCORES
+def speed_settings(device: str) -> None:
+    """The process-wide setting a command-line scan opts into: freed memory kept for reuse on a CPU."""
+    from . import runtime
+    from .detector import resolve_device
 
-    # cheap checks first: a typo in a flag must not cost a model load
-    if metric not in SCORES:
-        raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(SCORES)}")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("batch size must be at least 1")
+    if resolve_device(device).type == "cpu":
+        runtime.retain_freed_memory()
+
+
+def load_detector(model, model_path, *, metric="std", batch_size=None, device="auto", dtype="auto", **kwargs):
+    from .detector import Detector, check_options, resolve_device, resolve_dtype
+
+    check_options(metric=metric, batch_size=batch_size)  # a typo in a flag must not cost a model load
     resolve_dtype(dtype, resolve_device(device))
+    speed_settings(device)
     with err.status(f"loading {model}{' from ' + str(model_path) if model_path else ''} ..."):
-        return Detector.from_pretrained(model, str(model_path) if model_path else None, layer=layer,
-                                        timestep=timestep, metric=metric, threshold=threshold, seed=seed,
-                                        batch_size=batch_size, device=device, dtype=dtype, early_exit=early_exit,
-                                        sigma=sigma)
+        return Detector.from_pretrained(model, str(model_path) if model_path else None, metric=metric,
+                                        batch_size=batch_size, device=device, dtype=dtype, **kwargs)
 
 
-def run_scan(det, paths: list[Path], *, output: Optional[Path], quiet: bool, top: int, num_workers=None,
-             resume: bool = True, html: Optional[Path] = None, render: bool = True):
-    """Scan with a progress bar, write the report (and HTML), print the table and summary; return the frame.
-
-    With an ``output``, rows are journaled batch by batch next to it and a rerun continues where a killed one
-    stopped (``memdetect.journal``); ``df.attrs["resumed"]`` counts the rows taken from the journal.
-    """
-    from contextlib import nullcontext
-
+def progress_bar(what: str, *, quiet: bool = False):
+    """A progress bar on stderr and the (done, total) callback the library reports to."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .detector import rows_to_frame
-    from .io import check_report_path, discover, display_path, write_report
-    from .journal import Journal, journal_path, scan_files
-
-    if output is not None:
-        check_report_path(output)
-    files = discover(paths)
-    if not files:
-        raise MemdetectError(f"no image files found under {', '.join(str(p) for p in paths)}")
-    journal = Journal(journal_path(output), fresh=not resume) if output is not None else nullcontext()
-    with journal, Progress(TextColumn("scanning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TimeRemainingColumn(), console=err, disable=quiet, transient=True) as progress:
-        task = progress.add_task("scan", total=len(files))
-        result = scan_files(det, files, journal if output is not None else None, num_workers=num_workers,
-                            on_batch=lambda n: progress.advance(task, n))
-    df = rows_to_frame(result.rows)
-    df.attrs["resumed"] = result.resumed
-    settings = vars(det.settings)
-    if output is not None:
-        write_report(df.assign(**{k: settings[k] for k in ("model", "layer", "timestep", "seed", "metric")}),
-                     output, settings=settings)
-    if html is not None:
-        from .html_report import write_html
-
-        write_html(df, html, settings, files={display_path(f): f for f in files})
-    if render and not quiet:
-        render_scan(df, det, top=top, output=output)
-    return df
+    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err, disable=quiet, transient=True)
+    task = bar.add_task(what, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def render_scan(df, det, *, top: int, output: Optional[Path]) -> None:
-    from .detector import scan_summary
+# -- scan ------------------------------------------------------------------------------------------------------------
 
-    s = scan_summary(df)
+@app.command()
+@handle_errors
+def scan(
+    ctx: typer.Context,
+    paths: Paths,
+    config: Config = None,
+    model: Model = "demo", model_path: ModelPath = None,
+    layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
+    metric: Metric = "std",
+    threshold: Threshold = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    seed: Seed = 0,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Report file: .csv, .json or "
+                                                                          ".parquet.")] = None,
+    top: Annotated[int, typer.Option("--top", help="Rows in the terminal table of highest scores (0: none).")] = 10,
+    workers: Workers = None,
+    no_early_exit: Annotated[bool, typer.Option("--no-early-exit", help="Run the full forward pass (for "
+                                                                        "checking).")] = False,
+    resume: Resume = True,
+    html: Html = None,
+    quiet: Quiet = False,
+):
+    """Score every image for memorization and write a report."""
+    from .scan import scan as run_scan
+
+    s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
+                      metric=metric, threshold=threshold, seed=seed)
+    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
+                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
+                        early_exit=not no_early_exit, sigma=s["sigma"])
+    bar, progress = progress_bar("scanning", quiet=quiet)
+    with bar:
+        result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
+                          num_workers=workers)
+    if not quiet:
+        render_scan(result, det, top=top)
+    raise typer.Exit(EXIT_FLAGGED if result.flagged else EXIT_OK)
+
+
+def render_scan(result, det, *, top: int) -> None:
+    df, s = result.frame, result.counts
     scored = df[df["error"].isna()].sort_values("score", ascending=False)
     if top and len(scored):
         t = Table(title=f"highest {det.metric} scores ({det.name}, {det.layer}, t={det.timestep})",
                   title_justify="left")
         t.add_column("path", overflow="fold")
-        for c in ("score", "std", "l4l2", "entropy", "maxmin"):
+        for c in ("score", *SCORES):
             t.add_column(c, justify="right")
         if det.threshold is not None:
             t.add_column("memorized")
         for _, r in scored.head(top).iterrows():
-            cells = [escape(r["path"]), *(f"{r[c]:.4g}" for c in ("score", "std", "l4l2", "entropy", "maxmin"))]
+            cells = [escape(r["path"]), *(f"{r[c]:.4g}" for c in ("score", *SCORES))]
             if det.threshold is not None:
                 cells.append("[bold red]yes[/]" if r["memorized"] else "no")
             t.add_row(*cells)
@@ -206,227 +251,129 @@ def render_scan(df, det, *, top: int, output: Optional[Path]) -> None:
     if len(errors) > 5:
         err.print(f"[yellow]... and {len(errors) - 5} more errors (see the report's error column)[/]")
     thr = f" at {det.metric} >= {det.threshold:g}" if det.threshold is not None else " (no threshold: nothing flagged)"
-    dest = f"; report: {escape(str(output))}" if output else ""
-    resumed = df.attrs.get("resumed", 0)
-    dest += f" ({resumed} rows reused from its journal)" if resumed else ""
+    dest = f"; report: {escape(str(result.output))}" if result.output else ""
+    dest += f" ({result.resumed} rows reused from its journal)" if result.resumed else ""
     out.print(f"{s['images']} images: {s['scored']} scored, {s['errored']} errored, "
               f"{s['flagged']} flagged memorized{thr}{dest}", highlight=False)
 
 
-@app.command()
-@handle_errors
-def scan(
-    ctx: typer.Context,
-    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively).",
-                                       show_default=False),
-    config: Optional[Path] = ConfigOpt,
-    model: str = ModelOpt,
-    model_path: Optional[Path] = ModelPathOpt,
-    layer: Optional[str] = typer.Option(None, "--layer", help="NAME[:in][@CALL]; default: the model's paper layer."),
-    timestep: Optional[int] = typer.Option(None, "--timestep", "-t", help="DDPM timestep to noise to (default: 50)."),
-    sigma: Optional[float] = typer.Option(None, "--sigma", help="EDM only: noise level sigma, instead of the "
-                                                                 "--timestep's (t=50 is sigma 0.176)."),
-    metric: str = typer.Option("std", "--metric", help="Score column: std, l4l2, entropy, maxmin."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Flag images whose score is >= this."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass "
-                                                                               "(default: per model and device)."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    seed: int = typer.Option(0, "--seed", help="Noise seed (an image's noise depends on this and its pixels)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report file: .csv, .json or .parquet."),
-    top: int = typer.Option(10, "--top", help="Rows in the terminal table of highest scores (0: none)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes."),
-    no_early_exit: bool = typer.Option(False, "--no-early-exit", help="Run the full forward pass (for checking)."),
-    resume: bool = ResumeOpt,
-    html: Optional[Path] = HtmlOpt,
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, table or summary."),
-):
-    """Score every image for memorization and write a report."""
-    s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed)
-    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
-                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"])
-    df = run_scan(det, paths, output=output, quiet=quiet, top=top, num_workers=workers, resume=resume, html=html)
-    flagged = bool(df["memorized"].fillna(False).any())
-    raise typer.Exit(EXIT_FLAGGED if flagged else EXIT_OK)
-
-
-def _expand(paths: list[Path]) -> list[Path]:
-    """Expand quoted glob patterns (``--memorized 'dir/mem_*.png'``): a repeatable option cannot take the many
-    arguments an unquoted shell glob expands to, and Windows shells do not expand globs at all."""
-    import glob
-
-    out: list[Path] = []
-    for p in paths:
-        if not p.exists() and any(c in str(p) for c in "*?["):
-            matches = sorted(glob.glob(str(p), recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no file matches {p}")
-            out.extend(Path(m) for m in matches)
-        else:
-            out.append(p)
-    return out
-
-
-def _shorten(items: list[str], keep: int = 10) -> list[str]:
-    """A shell glob can expand to thousands of files: the config records the first few and a count."""
-    return items if len(items) <= keep else [*items[:keep], f"... and {len(items) - keep} more"]
-
+# -- calibrate -------------------------------------------------------------------------------------------------------
 
 @app.command()
 @handle_errors
 def calibrate(
-    ctx: typer.Context,
-    reference: List[Path] = typer.Argument(..., help="Images known to be novel (files, folders, quoted globs).",
-                                           show_default=False),
-    fpr: float = typer.Option(0.01, "--fpr", help="Largest fraction of the reference images the threshold may flag."),
-    memorized: Optional[List[Path]] = typer.Option(None, "--memorized", help="Images known to be memorized (a file, "
-                                                   "folder or quoted glob; repeatable): report the threshold's ROC "
-                                                   "point."),
-    output: Path = typer.Option(Path("memdetect.toml"), "--output", "-o", help="Config file to write."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing config file."),
-    model: str = ModelOpt,
-    model_path: Optional[Path] = ModelPathOpt,
-    layer: Optional[str] = typer.Option(None, "--layer", help="NAME[:in][@CALL]; default: the model's paper layer."),
-    timestep: Optional[int] = typer.Option(None, "--timestep", "-t", help="DDPM timestep to noise to (default: 50)."),
-    sigma: Optional[float] = typer.Option(None, "--sigma", help="EDM only: noise level sigma."),
-    metric: str = typer.Option("std", "--metric", help="The metric the config flags with (thresholds are written "
-                                                       "for every metric)."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or table."),
+    reference: Annotated[List[Path], typer.Argument(help="Images known to be novel (files, folders, quoted globs).",
+                                                    show_default=False)],
+    fpr: Annotated[float, typer.Option("--fpr", help="Largest fraction of the reference images the threshold may "
+                                                     "flag.")] = 0.01,
+    memorized: Annotated[Optional[List[Path]], typer.Option("--memorized", help="Images known to be memorized (a "
+                         "file, folder or quoted glob; repeatable): report the threshold's ROC point.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("memdetect.toml"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
+    model: Model = "demo", model_path: ModelPath = None,
+    layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
+    metric: Annotated[str, typer.Option("--metric", help="The metric the config flags with (thresholds are written "
+                                                         "for every metric).")] = "std",
+    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    workers: Workers = None,
+    quiet: Quiet = False,
 ):
     """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml."""
-    from .calibrate import allowed_flags, calibrate as calibrate_scores, config_document
-    from .config import to_toml
-    from .errors import InputError, UsageError
-    from .io import _atomic_write, display_path
+    from .calibrate import calibrate_paths, check_fpr, check_output
 
-    if not 0.0 <= fpr < 1.0:
-        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
-    if output.exists() and not force:
-        raise UsageError(f"{display_path(output)} exists; pass --force to overwrite it")
-    reference, memorized = _expand(reference), _expand(memorized or [])
+    check_fpr(fpr)
+    check_output(output, force)
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
                         batch_size=batch_size, device=device, dtype=dtype, sigma=sigma)
-    ref = run_scan(det, reference, output=None, quiet=quiet, top=0, num_workers=workers, render=False)
-    novel = ref[ref["error"].isna()]
-    if not len(novel):
-        raise InputError("none of the reference images could be scored (see the errors above)")
-    mem = None
-    if memorized:
-        scored = run_scan(det, memorized, output=None, quiet=quiet, top=0, num_workers=workers, render=False)
-        mem = scored[scored["error"].isna()]
-    table = calibrate_scores(novel, fpr, mem)
-    doc = config_document(vars(det.settings), table, metric=metric, fpr=fpr,
-                          reference=_shorten([display_path(p) for p in reference]),
-                          memorized=_shorten([display_path(p) for p in memorized]) if memorized else None,
-                          n_errored=int(ref["error"].notna().sum()), model=model,
-                          model_path=str(model_path.resolve()) if model_path else None, sigma=sigma)
-    header = (f"memdetect calibration ({len(novel)} novel reference images, target FPR {fpr:g}).\n"
-              f"Use: memdetect audit PATH... --config {output.name}   (or: memdetect scan PATH... --config ...)")
-    _atomic_write(output, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))
+    bar, progress = progress_bar("scanning", quiet=quiet)
+    with bar:
+        cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
+                              model=model, model_path=model_path, sigma=sigma, on_batch=progress,
+                              num_workers=workers)
+    render_calibration(cal, det)
 
-    t = Table(title=f"thresholds at FPR <= {fpr:g} on {len(novel)} reference images ({det.name}, {det.layer}, "
-                    f"t={det.timestep})", title_justify="left")
-    cols = ["metric", "threshold", "reference flagged"] + (["TPR", "AUROC"] if mem is not None else [])
+
+def render_calibration(cal, det) -> None:
+    from .io import display_path
+
+    labelled = cal.n_memorized is not None
+    t = Table(title=f"thresholds at FPR <= {cal.fpr:g} on {cal.n_reference} reference images ({det.name}, "
+                    f"{det.layer}, t={det.timestep})", title_justify="left")
+    cols = ["metric", "threshold", "reference flagged"] + (["TPR", "AUROC"] if labelled else [])
     for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
-    for _, r in table.iterrows():
-        name = f"[bold]{r['metric']}[/] (config)" if r["metric"] == metric else r["metric"]
+    for _, r in cal.table.iterrows():
+        name = f"[bold]{r['metric']}[/] (config)" if r["metric"] == cal.metric else r["metric"]
         cells = [name, f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']} "
                                                f"({r['fpr_reference']:.3g})"]
-        if mem is not None:
+        if labelled:
             cells += [f"{r['tpr']:.3f}", f"{r['auroc']:.3f}" + (" (inverted)" if r["auroc"] < 0.5 else "")]
         t.add_row(*cells)
     out.print(t)
-    if allowed_flags(len(novel), fpr) == 0:
-        out.print(f"note: {fpr:g} x {len(novel)} reference images < 1, so no reference image may be flagged: each "
-                  f"threshold sits just above the largest reference score. More reference images give a threshold "
-                  f"that really has FPR {fpr:g}.", highlight=False)
-    if mem is not None:
-        row = table.set_index("metric").loc[metric]
-        out.print(f"ROC point of {metric} >= {row['threshold']:.6g}: FPR {row['roc_fpr']:.3g}, TPR {row['tpr']:.3g} "
-                  f"({len(mem)} memorized, {len(novel)} novel); AUROC {row['auroc']:.3f}", highlight=False)
-    out.print(f"wrote {escape(display_path(output))}", highlight=False)
+    if cal.strict:
+        out.print(f"note: {cal.fpr:g} x {cal.n_reference} reference images < 1, so no reference image may be flagged: "
+                  f"each threshold sits just above the largest reference score. More reference images give a "
+                  f"threshold that really has FPR {cal.fpr:g}.", highlight=False)
+    if labelled:
+        row = cal.table.set_index("metric").loc[cal.metric]
+        out.print(f"ROC point of {cal.metric} >= {row['threshold']:.6g}: FPR {row['roc_fpr']:.3g}, TPR "
+                  f"{row['tpr']:.3g} ({cal.n_memorized} memorized, {cal.n_reference} novel); AUROC "
+                  f"{row['auroc']:.3f}", highlight=False)
+    out.print(f"wrote {escape(display_path(cal.path))}", highlight=False)
 
+
+# -- audit -----------------------------------------------------------------------------------------------------------
 
 @app.command()
 @handle_errors
 def audit(
     ctx: typer.Context,
-    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively).",
-                                       show_default=False),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="memdetect.toml from `memdetect calibrate` "
-                                          "(default: ./memdetect.toml if it exists)."),
-    output: Path = typer.Option(Path(".memdetect/report.csv"), "--output", "-o", help="Report file (.csv, .json, "
-                                "or .parquet); its journal makes a rerun continue."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML: one test case per image, a failure "
-                                         "per flagged image, unreadable files skipped."),
-    summary_json: Optional[Path] = typer.Option(None, "--summary-json", help="Write a JSON summary: counts, exit "
-                                                "code, flagged images, errors, settings."),
-    html: Optional[Path] = HtmlOpt,
-    annotations: str = typer.Option("auto", "--annotations", help="GitHub workflow annotations on stdout: auto (when "
-                                    "GITHUB_ACTIONS=true), github, none."),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Flag images whose score is >= this "
-                                              "(overrides the config's)."),
-    metric: str = typer.Option("std", "--metric", help="Score column: std, l4l2, entropy, maxmin."),
-    model: str = ModelOpt,
-    model_path: Optional[Path] = ModelPathOpt,
-    layer: Optional[str] = typer.Option(None, "--layer", help="NAME[:in][@CALL] (without a config)."),
-    timestep: Optional[int] = typer.Option(None, "--timestep", "-t", help="DDPM timestep (without a config)."),
-    sigma: Optional[float] = typer.Option(None, "--sigma", help="EDM only: noise level sigma (without a config)."),
-    seed: int = typer.Option(0, "--seed", help="Noise seed (without a config)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Images per forward pass."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    workers: Optional[int] = typer.Option(None, "--workers", help="Image-decoding worker processes."),
-    resume: bool = ResumeOpt,
-    top: int = typer.Option(50, "--top", help="Flagged images listed in the summary (0: none)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary (files are still written)."),
+    paths: Paths,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml from `memdetect calibrate` "
+                                                   "(default: ./memdetect.toml if it exists).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or .parquet); its journal "
+                                         "makes a rerun continue.")] = Path(".memdetect/report.csv"),
+    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a "
+                                                  "failure per flagged image, unreadable files skipped.")] = None,
+    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write a JSON summary: counts, exit "
+                                                         "code, flagged images, errors, settings.")] = None,
+    html: Html = None,
+    annotations: Annotated[str, typer.Option("--annotations", help="GitHub workflow annotations on stdout: auto "
+                                             "(when GITHUB_ACTIONS=true), github, none.")] = "auto",
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this "
+                                                       "(overrides the config's).")] = None,
+    metric: Metric = "std",
+    model: Model = "demo", model_path: ModelPath = None,
+    layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
+    seed: Seed = 0,
+    batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    workers: Workers = None,
+    resume: Resume = True,
+    top: Annotated[int, typer.Option("--top", help="Flagged images listed in the summary (0: none).")] = 50,
+    quiet: Quiet = False,
 ):
     """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2."""
     from . import ci
-    from .errors import UsageError
 
-    if annotations not in ("auto", "github", "none"):
-        raise UsageError(f"--annotations must be auto, github or none, got {annotations!r}")
+    ci.check_annotations(annotations)
     if config is None and Path("memdetect.toml").is_file():
         config = Path("memdetect.toml")
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed)
-    if s["threshold"] is None:
-        raise UsageError("audit needs a threshold: --config memdetect.toml (write one with `memdetect calibrate`) "
-                         "or --threshold X")
+    ci.check_threshold(s["threshold"])
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"])
-    if output == Path(".memdetect/report.csv") and not Path(".memdetect/.gitignore").exists():
-        Path(".memdetect").mkdir(exist_ok=True)
-        Path(".memdetect/.gitignore").write_text("# written by memdetect audit: keep its reports out of git\n*\n")
-    df = run_scan(det, paths, output=output, quiet=quiet, top=0, num_workers=workers, resume=resume, html=html,
-                  render=False)
-    code = EXIT_FLAGGED if bool(df["memorized"].fillna(False).any()) else EXIT_OK
-    settings = vars(det.settings)
-    doc = ci.summary(df, exit_code=code, settings=settings, config=str(config) if config else None,
-                     report=str(output), resumed=df.attrs.get("resumed", 0))
-    if summary_json is not None:
-        ci.write_json(doc, summary_json)
-    if junit is not None:
-        ci.write_junit(df, junit, settings)
-    if annotations == "github" or (annotations == "auto" and ci.running_on_github()):
-        sys.stdout.write("".join(line + "\n" for line in ci.github_annotations(df, settings)))
-        sys.stdout.flush()
-        if os.environ.get("GITHUB_STEP_SUMMARY"):
-            with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
-                f.write(ci.step_summary_markdown(doc))
+    bar, progress = progress_bar("scanning", quiet=quiet)
+    with bar:
+        done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
+                        summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers)
     if not quiet:
-        render_audit(doc, top=top)
-    raise typer.Exit(code)
+        render_audit(done.summary, top=top)
+    raise typer.Exit(done.exit_code)
 
 
 def render_audit(doc: dict, *, top: int) -> None:
@@ -447,6 +394,8 @@ def render_audit(doc: dict, *, top: int) -> None:
     say(f"report: {doc['report']}{resumed}")
 
 
+# -- models, layers --------------------------------------------------------------------------------------------------
+
 @app.command()
 @handle_errors
 def models():
@@ -457,8 +406,8 @@ def models():
     for c in ("preset", "family", "weights", "layer", "t", "note"):
         t.add_column(c, overflow="fold")
     for p in PRESETS.values():
-        layer = p.layer or ("middle block: " + p.options.get("reading", "") if p.family == "dit"
-                            else "up_blocks.0.resnets.<last>.conv2:in")
+        cls = ADAPTERS.get(p.family)
+        layer = p.layer or (cls.layer_hint(p.options) if cls else "(family not installed)")
         t.add_row(p.name, p.family, p.source, layer, str(p.timestep), p.note)
     out.print(t)
     out.print(f"families (with --model-path DIR): {', '.join(sorted(ADAPTERS))}")
@@ -467,24 +416,15 @@ def models():
 @app.command()
 @handle_errors
 def layers(
-    model: str = ModelOpt,
-    model_path: Optional[Path] = ModelPathOpt,
-    contains: Optional[str] = typer.Option(None, "--filter", help="Only names containing this text."),
-    inputs: bool = typer.Option(False, "--inputs", help="Also list module inputs (NAME:in)."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
+    model: Model = "demo", model_path: ModelPath = None,
+    contains: Annotated[Optional[str], typer.Option("--filter", help="Only names containing this text.")] = None,
+    inputs: Annotated[bool, typer.Option("--inputs", help="Also list module inputs (NAME:in).")] = False,
+    device: Device = "auto", dtype: Dtype = "auto",
 ):
     """List hookable layers with their output shape on a probe input and how often each fires per forward."""
-    import torch
-
-    from .capture import probe_layers
-
     det = load_detector(model, model_path, device=device, dtype=dtype)
-    a = det.adapter
-    x0 = torch.randn(1, *a.latent_shape(), generator=torch.Generator().manual_seed(0)).to(a.device, a.dtype)
-    x_t = a.noise(x0, det.timestep, [0])
-    with torch.inference_mode(), err.status("probing one forward pass ..."):
-        infos = probe_layers(a.denoiser, lambda: a.forward(x_t, det.timestep), include_inputs=inputs)
+    with err.status("probing one forward pass ..."):
+        infos = det.layers(include_inputs=inputs)
     t = Table(title=f"{det.name}: hookable layers in forward order (batch 1; default: {det.layer})",
               title_justify="left")
     for c in ("layer", "module", "shape", "calls/forward"):
@@ -498,8 +438,29 @@ def layers(
     out.print(t)
 
 
+# -- bench -----------------------------------------------------------------------------------------------------------
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks with ground-truth labels (AUROC, TPR@1%FPR, cost).")
 app.add_typer(bench_app, name="bench")
+
+FlipdProbes = Annotated[int, typer.Option("--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s "
+                                                                        "FLIPD.")]
+GenerationSeed = Annotated[int, typer.Option("--seed", help="Generation seed.")]
+GenerationBatch = Annotated[Optional[int], typer.Option("--batch-size", "-b", min=1, help="Samples per generation "
+                                                        "and scoring batch (default: the model's batch size).")]
+BenchOutput = Annotated[Optional[Path], typer.Option("--output", "-o", help="Results folder (a rerun resumes it; "
+                                                                            "default: bench-<name>).")]
+TrainDir = Annotated[Path, typer.Option("--train-dir", help="The model's training images (a folder, searched "
+                                                            "recursively), for nearest-neighbour labels.")]
+NumSamples = Annotated[int, typer.Option("--num-samples", "-n", min=2, help="Samples to generate.")]
+MemorizedAt = Annotated[float, typer.Option("--memorized-at", help="Memorized at nearest-neighbour pixel "
+                                                                   "correlation >= this.")]
+GeneralizedBelow = Annotated[float, typer.Option("--generalized-below", help="Generalized below this (between: "
+                                                                            "excluded).")]
+LabelResolution = Annotated[Optional[int], typer.Option("--label-resolution", min=4, help="Resolution of the "
+                                                        "nearest-neighbour comparison (default: min(model, 64)).")]
+Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default: the family's: DiT 50 "
+                                              "DDIM, pixel DDPM 1000 ancestral, EDM 18 Heun).")]
 
 
 def render_results(results, title: str) -> None:
@@ -515,28 +476,27 @@ def render_results(results, title: str) -> None:
 @bench_app.command("demo")
 @handle_errors
 def bench_demo(
-    output: Path = typer.Option(Path("bench-demo"), "--output", "-o", help="Folder for results.csv, scores.csv, "
-                                                                          "roc.png (and sweep.*)."),
-    sweep_layers: bool = typer.Option(False, "--sweep-layers", help="Also: std AUROC at every layer and a few "
-                                                                    "timesteps (selection / held-out halves)."),
-    device: str = DeviceOpt,
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b"),
-    flipd_probes: int = typer.Option(1, "--flipd-probes", help="Hutchinson probes for the FLIPD baseline."),
-    model_path: Optional[Path] = typer.Option(None, "--model-path", help="Another copy of the demo model."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=4, help="Score a stratified, seeded subset of this "
-                                                                    "many labelled samples (quick check)."),
-    sweep_timesteps: str = typer.Option("10,25,50,100,200,400", "--sweep-timesteps",
-                                        help="Comma-separated timesteps for --sweep-layers."),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv, scores.csv, roc.png (and "
+                                                                "sweep.*).")] = Path("bench-demo"),
+    sweep_layers: Annotated[bool, typer.Option("--sweep-layers", help="Also: std AUROC at every layer and a few "
+                                               "timesteps (selection / held-out halves).")] = False,
+    device: Device = "auto",
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per scoring batch.")] = None,
+    flipd_probes: FlipdProbes = 1,
+    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Another copy of the demo model.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=4, help="Score a stratified, seeded subset of this "
+                                                 "many labelled samples (quick check).")] = None,
+    sweep_timesteps: Annotated[str, typer.Option("--sweep-timesteps", help="Comma-separated timesteps for "
+                                                 "--sweep-layers.")] = "10,25,50,100,200,400",
 ):
     """Ground truth: score the shipped demo model's labelled generations with every method."""
     from .bench.demo import run_demo
-    from .errors import UsageError
 
     try:
         steps = tuple(int(v) for v in sweep_timesteps.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
-
+    speed_settings(device)
     with err.status("benchmarking on the demo model's labelled generations ..."):
         res = run_demo(output, device=device, batch_size=batch_size, flipd_probes=flipd_probes, sweep=sweep_layers,
                        model_path=str(model_path) if model_path else None, limit=limit, sweep_timesteps=steps)
@@ -558,16 +518,6 @@ def bench_demo(
     out.print(f"wrote {output}/results.csv, scores.csv, roc.png" + (", sweep.csv, sweep.png" if sweep_layers else ""))
 
 
-def _bench_progress(what: str):
-    """A progress bar on stderr and the (done, total) callback the paper benchmarks report to."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                   transient=True)
-    task = bar.add_task(what, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
-
-
 def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
     if "results" not in res:  # a non-main process under accelerate: the main one writes the tables
         return
@@ -581,39 +531,37 @@ def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
     out.print(f"wrote {output}/results.csv, scores.csv, roc.png, settings.json", highlight=False)
 
 
-FlipdProbesOpt = typer.Option(1, "--flipd-probes", min=1, help="Hutchinson probes for Ross et al.'s FLIPD.")
-GenerationSeedOpt = typer.Option(0, "--seed", help="Generation seed.")
-
-
 @bench_app.command("laion")
 @handle_errors
 def bench_laion(
-    model: str = typer.Option("sd14", "--model", "-m", help="A Stable Diffusion preset, family or folder."),
-    model_path: Optional[Path] = ModelPathOpt,
-    memorized: Optional[Path] = typer.Option(None, "--memorized", help="Memorized prompts (jsonl, json, csv or txt) "
-                                             "(default: Wen et al.'s sdv1_500_memorized.jsonl, downloaded once)."),
-    normal: Optional[Path] = typer.Option(None, "--normal", help="Normal prompts (default: NeMo's "
-                                          "unmemorized_laion_prompts.csv, downloaded once)."),
-    memorized_filter: Optional[List[str]] = typer.Option(None, "--memorized-filter", help="Keep memorized prompts "
-                                                         "matching COLUMN=VALUE[,VALUE] or COLUMN>=NUMBER, e.g. "
-                                                         "type=VM (repeatable; the default list then is NeMo's copy "
-                                                         "of the same 500, with type and SSCD columns)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="The first N prompts of each list."),
-    generations: int = typer.Option(4, "--generations", "-k", min=2, help="Generations per prompt."),
-    steps: int = typer.Option(50, "--steps", min=1, help="DDIM steps."),
-    guidance: float = typer.Option(7.5, "--guidance", help="Classifier-free guidance scale."),
-    nemo_reference: Optional[Path] = typer.Option(None, "--nemo-reference", help="Prompts for NeMo's activation "
-                                                  "statistics (default: the normal prompts, leave-one-out)."),
-    flipd_probes: int = FlipdProbesOpt,
-    output: Path = typer.Option(Path("bench-laion"), "--output", "-o", help="Results folder (a rerun resumes it)."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    seed: int = GenerationSeedOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="A text-conditional (Stable Diffusion) preset, family or "
+                                                             "folder.")] = "sd14",
+    model_path: ModelPath = None,
+    memorized: Annotated[Optional[Path], typer.Option("--memorized", help="Memorized prompts (jsonl, json, csv or "
+                         "txt) (default: Wen et al.'s sdv1_500_memorized.jsonl, downloaded once).")] = None,
+    normal: Annotated[Optional[Path], typer.Option("--normal", help="Normal prompts (default: NeMo's "
+                      "unmemorized_laion_prompts.csv, downloaded once).")] = None,
+    memorized_filter: Annotated[Optional[List[str]], typer.Option("--memorized-filter", help="Keep memorized prompts "
+                                "matching COLUMN=VALUE[,VALUE] or COLUMN>=NUMBER, e.g. type=VM (repeatable; the "
+                                "default list then is NeMo's copy of the same 500, with type and SSCD "
+                                "columns).")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="The first N prompts of each list.")] = None,
+    generations: Annotated[int, typer.Option("--generations", "-k", min=2, help="Generations per prompt.")] = 4,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    nemo_reference: Annotated[Optional[Path], typer.Option("--nemo-reference", help="Prompts for NeMo's activation "
+                              "statistics (default: the normal prompts, leave-one-out).")] = None,
+    flipd_probes: FlipdProbes = 1,
+    output: BenchOutput = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    seed: GenerationSeed = 0,
 ):
     """Paper Table 1, LAION: memorized vs normal prompts on Stable Diffusion, ours against Wen, NeMo, Ross, Carlini."""
     from .bench.paper import run_laion
 
-    bar, progress = _bench_progress("generating and scoring prompts")
+    output = output or Path("bench-laion")
+    speed_settings(device)
+    bar, progress = progress_bar("generating and scoring prompts")
     with bar:
         res = run_laion(output, model=model, model_path=str(model_path) if model_path else None, memorized=memorized,
                         normal=normal, memorized_filters=memorized_filter or (), limit=limit, generations=generations,
@@ -625,8 +573,6 @@ def bench_laion(
 
 
 def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
-    from .errors import UsageError
-
     if text is None:
         return None
     classes: list[int] = []
@@ -638,88 +584,58 @@ def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
     return classes
 
 
-def _bench_samples(bench: str, *, train_dir: Path, model_path: Optional[Path], output: Path, memorized_at: float,
-                   generalized_below: float, **kwargs) -> None:
-    from .bench.labels import LabelRule
-    from .bench.paper import run_samples
+def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None:
+    """Register ``bench imagenet`` / ``bench cifar10``: one command, two benchmarks (their defaults differ)."""
 
-    rule = LabelRule(memorized_at=memorized_at, generalized_below=generalized_below)
-    bar, progress = _bench_progress("generating and scoring samples")
-    with bar:
-        res = run_samples(bench, output, train_dir=train_dir, model_path=str(model_path) if model_path else None,
-                          rule=rule, progress=progress, **kwargs)
-    lab = res["settings"]["labels"]
-    _render_paper(res, f"bench {bench}: {kwargs['model']}, {kwargs['num_samples']} samples", output,
-                  f"; labels: pixel correlation at {lab['resolution']} px, memorized >= {lab['memorized_at']}, "
-                  f"generalized < {lab['generalized_below']}")
+    @handle_errors
+    def command(
+        train_dir: TrainDir,
+        model: str = typer.Option(model, "--model", "-m", help=model_help),
+        model_path: ModelPath = None,
+        num_samples: NumSamples = 1000,
+        classes: Annotated[Optional[str], typer.Option("--classes", help="Class-conditional models: classes to "
+                                                       "generate, cycled (e.g. 0-9,207) (default: all).")] = None,
+        guidance: Annotated[Optional[float], typer.Option("--guidance", help="Class-conditional models: "
+                                                          "classifier-free guidance scale (default: 4.0, "
+                                                          "DiTPipeline's).")] = None,
+        steps: Steps = None,
+        batch_size: GenerationBatch = None,
+        memorized_at: MemorizedAt = 0.95,
+        generalized_below: GeneralizedBelow = 0.80,
+        label_resolution: LabelResolution = None,
+        flipd_probes: FlipdProbes = 1,
+        output: BenchOutput = None,
+        device: Device = "auto",
+        dtype: Dtype = "auto",
+        seed: GenerationSeed = 0,
+    ):
+        from .bench.paper import label_rule, run_samples
 
+        rule = label_rule(memorized_at, generalized_below)
+        output = output or Path(f"bench-{bench}")
+        speed_settings(device)
+        bar, progress = progress_bar("generating and scoring samples")
+        with bar:
+            res = run_samples(bench, output, model=model, model_path=str(model_path) if model_path else None,
+                              train_dir=train_dir, num_samples=num_samples, classes=_parse_classes(classes),
+                              guidance=guidance, steps=steps, batch_size=batch_size, rule=rule,
+                              label_resolution=label_resolution, flipd_probes=flipd_probes, device=device,
+                              dtype=dtype, seed=seed, progress=progress)
+        lab = res["settings"]["labels"]
+        _render_paper(res, f"bench {bench}: {model}, {num_samples} samples", output,
+                      f"; labels: pixel correlation at {lab['resolution']} px, memorized >= {lab['memorized_at']}, "
+                      f"generalized < {lab['generalized_below']}")
 
-TrainDirOpt = typer.Option(..., "--train-dir", help="The model's training images (a folder, searched recursively), "
-                                                   "for nearest-neighbour labels.")
-NumSamplesOpt = typer.Option(1000, "--num-samples", "-n", min=2, help="Samples to generate.")
-MemorizedAtOpt = typer.Option(0.95, "--memorized-at", help="Memorized at nearest-neighbour pixel correlation >= this.")
-GeneralizedBelowOpt = typer.Option(0.80, "--generalized-below", help="Generalized below this (between: excluded).")
-LabelResolutionOpt = typer.Option(None, "--label-resolution", min=4, help="Resolution of the nearest-neighbour "
-                                                                          "comparison (default: min(model, 64)).")
-StepsOpt = typer.Option(None, "--steps", min=1, help="Sampling steps (default: DiT 50 DDIM, pixel DDPM 1000 "
-                                                     "ancestral, EDM 18 Heun).")
-GenerationBatchOpt = typer.Option(None, "--batch-size", "-b", min=1, help="Samples per generation and scoring "
-                                                                          "batch (default: the model's batch size).")
-
-
-@bench_app.command("imagenet")
-@handle_errors
-def bench_imagenet(
-    train_dir: Path = TrainDirOpt,
-    model: str = typer.Option("dit", "--model", "-m", help="A DiT preset, family or folder."),
-    model_path: Optional[Path] = ModelPathOpt,
-    num_samples: int = NumSamplesOpt,
-    classes: Optional[str] = typer.Option(None, "--classes", help="Classes to generate, cycled (e.g. 0-9,207) "
-                                                                  "(default: all)."),
-    guidance: float = typer.Option(4.0, "--guidance", help="Classifier-free guidance scale (DiTPipeline's default)."),
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = GenerationBatchOpt,
-    memorized_at: float = MemorizedAtOpt,
-    generalized_below: float = GeneralizedBelowOpt,
-    label_resolution: Optional[int] = LabelResolutionOpt,
-    flipd_probes: int = FlipdProbesOpt,
-    output: Path = typer.Option(Path("bench-imagenet"), "--output", "-o", help="Results folder (a rerun resumes it)."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    seed: int = GenerationSeedOpt,
-):
-    """Paper Table 1, ImageNet: DiT samples labelled by their nearest training image; ours against the baselines."""
-    _bench_samples("imagenet", train_dir=train_dir, model_path=model_path, output=output, memorized_at=memorized_at,
-                   generalized_below=generalized_below, model=model, num_samples=num_samples,
-                   classes=_parse_classes(classes), guidance=guidance, steps=steps, batch_size=batch_size,
-                   label_resolution=label_resolution, flipd_probes=flipd_probes, device=device, dtype=dtype,
-                   seed=seed)
+    command.__doc__ = doc
+    bench_app.command(bench)(command)
 
 
-@bench_app.command("cifar10")
-@handle_errors
-def bench_cifar10(
-    train_dir: Path = TrainDirOpt,
-    model: str = typer.Option("edm-cifar10", "--model", "-m", help="edm-cifar10, ddpm-cifar10, or an edm / ddpm "
-                                                                   "family with --model-path."),
-    model_path: Optional[Path] = ModelPathOpt,
-    num_samples: int = NumSamplesOpt,
-    steps: Optional[int] = StepsOpt,
-    batch_size: Optional[int] = GenerationBatchOpt,
-    memorized_at: float = MemorizedAtOpt,
-    generalized_below: float = GeneralizedBelowOpt,
-    label_resolution: Optional[int] = LabelResolutionOpt,
-    flipd_probes: int = FlipdProbesOpt,
-    output: Path = typer.Option(Path("bench-cifar10"), "--output", "-o", help="Results folder (a rerun resumes it)."),
-    device: str = DeviceOpt,
-    dtype: str = DtypeOpt,
-    seed: int = GenerationSeedOpt,
-):
-    """Paper Table 1, CIFAR-10: unconditional samples labelled by their nearest training image."""
-    _bench_samples("cifar10", train_dir=train_dir, model_path=model_path, output=output, memorized_at=memorized_at,
-                   generalized_below=generalized_below, model=model, num_samples=num_samples, steps=steps,
-                   batch_size=batch_size, label_resolution=label_resolution, flipd_probes=flipd_probes,
-                   device=device, dtype=dtype, seed=seed)
+_samples_bench("imagenet", model="dit", model_help="A class-conditional (DiT) preset, family or folder.",
+               doc="Paper Table 1, ImageNet: class-conditional samples labelled by their nearest training image; ours "
+                   "against the baselines.")
+_samples_bench("cifar10", model="edm-cifar10", model_help="An unconditional preset (edm-cifar10, ddpm-cifar10), or a "
+                                                          "family with --model-path.",
+               doc="Paper Table 1, CIFAR-10: unconditional samples labelled by their nearest training image.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,7 +645,3 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

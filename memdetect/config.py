@@ -31,13 +31,13 @@ from typing import Any
 
 from .errors import UsageError
 from .io import display_path
+from .scores import SCORES
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyproject dependency there)
     import tomli as tomllib
 
-METRICS = ("std", "l4l2", "entropy", "maxmin")
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
             "seed": int, "metric": str, "threshold": float}
 TABLES = ("calibration", "versions")
@@ -103,12 +103,12 @@ def load_config(path: str | os.PathLike) -> Config:
         raise UsageError(f"{name} has config version {values['version']}; this memdetect reads version "
                          f"{CONFIG_VERSION} (upgrade memdetect)")
     metric = values.get("metric", "std")
-    if metric not in METRICS:
-        raise UsageError(f"unknown metric {metric!r} in {name}; choose one of {', '.join(METRICS)}")
+    if metric not in SCORES:
+        raise UsageError(f"unknown metric {metric!r} in {name}; choose one of {', '.join(SCORES)}")
     thresholds = {}
     table = doc.get("calibration", {}).get("thresholds", {}) if isinstance(doc.get("calibration"), dict) else {}
     for m, v in table.items():
-        if m in METRICS and isinstance(v, (int, float)) and not isinstance(v, bool):
+        if m in SCORES and isinstance(v, (int, float)) and not isinstance(v, bool):
             thresholds[m] = float(v)
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():

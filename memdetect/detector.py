@@ -5,15 +5,15 @@
     df = det.scan(["generated/"])                      # pandas DataFrame, one row per file
     feats = det.features(uint8_images, seeds)          # pooled [B, C] activations
 
+``memdetect.scan.scan(det, paths, output=...)`` adds the resumable journal, the written report and the HTML page.
+
 Data flows one way: pixels -> ``adapter.encode`` -> ``adapter.noise`` (per-image seed) -> ``Trace`` around
 ``adapter.forward`` (stops once the layer fired) -> ``pool`` -> ``scores`` -> rows.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -21,20 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import __version__
-from .capture import LayerSpec, Trace, pool
-from .errors import InputError, UsageError
+from . import runtime, winograd
+from ._version import __version__
+from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
+from .errors import UsageError
 from .io import PREPROCESS, ImageError, discover, display_path, file_digest, image_seed, load_image
 from .journal import fingerprint, row_key
-from .models import ADAPTERS, Adapter, ModelSpec, load_adapter, resolve_model
-from .runtime import release_free_memory, retain_freed_memory
+from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
+from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
 
-log = logging.getLogger(__name__)
-
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-METRIC_COLUMNS = list(SCORES)
-COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "error", "key"]  # key: see memdetect.journal
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -62,9 +59,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
+def check_options(*, metric: str = "std", batch_size: int | None = None) -> None:
+    """The checks that need no model: a typo in an option fails before the (slow) model load."""
+    if metric not in SCORES:
+        raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(SCORES)}")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError("batch size must be at least 1")
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Everything that determines a score (written into reports and calibration files)."""
+    """Everything that determines a score (written into reports, journals' keys and calibration files).
+
+    ``winograd``: whether the wide 3x3 convolutions ran with Winograd's algorithm (CPU float32; scores differ by
+    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.runtime``).
+    """
 
     model: str
     family: str
@@ -80,21 +89,25 @@ class Settings:
     resolution: int
     dtype: str
     device: str
+    winograd: bool
+    allocator: str
     memdetect: str = __version__
 
 
 class Detector:
-    """Score images for memorization with one partial forward pass of a diffusion model."""
+    """Score images for memorization with one partial forward pass of a diffusion model.
+
+    ``winograd``: Winograd's algorithm for the wide 3x3 convolutions of a CPU float32 scan (None: on unless
+    ``MEMDETECT_WINOGRAD=0``). It configures the adapter's modules and is recorded in ``settings``. The process-wide
+    allocator setting is not the detector's to make: see ``memdetect.retain_freed_memory``.
+    """
 
     def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
-                 early_exit: bool = True, name: str = ""):
-        if metric not in SCORES:
-            raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(SCORES)}")
+                 early_exit: bool = True, name: str = "", winograd: bool | None = None):
+        check_options(metric=metric, batch_size=batch_size)
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
-        if batch_size is not None and batch_size < 1:
-            raise UsageError("batch size must be at least 1")
         self.adapter = adapter
         self.layer = LayerSpec.parse(layer or adapter.default_layer())
         self.timestep = int(timestep)
@@ -104,9 +117,14 @@ class Detector:
         self.batch_size = batch_size or adapter.default_batch_size()
         self.early_exit = early_exit
         self.name = name or adapter.source
-        if adapter.device.type == "cpu":
-            retain_freed_memory()  # reuse freed activation pages instead of faulting in fresh ones (runtime.py)
+        self.winograd = self._configure_winograd(winograd)
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
+
+    def _configure_winograd(self, on: bool | None) -> bool:
+        a = self.adapter
+        on = winograd.default() if on is None else bool(on)
+        applies = on and a.device.type == "cpu" and a.dtype == torch.float32
+        return winograd.configure(a.networks(), applies) > 0
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", model_path: str | None = None, *, layer: str | None = None,
@@ -118,7 +136,7 @@ class Detector:
         """
         spec: ModelSpec = resolve_model(model, model_path)
         if sigma is not None:
-            if not getattr(ADAPTERS.get(spec.family), "accepts_sigma", False):
+            if not adapter_class(spec.family).accepts_sigma:
                 raise UsageError(f"--sigma applies to EDM models only; {spec.family} models take --timestep")
             if not 0 < float(sigma) < float("inf"):
                 raise UsageError(f"--sigma must be a positive number, got {sigma}")
@@ -134,7 +152,18 @@ class Detector:
         return Settings(model=self.name, family=a.family, source=a.source, layer=str(self.layer),
                         timestep=self.timestep, sigma=round(a.sigma(self.timestep), 6), pooling=a.pooling,
                         metric=self.metric, threshold=self.threshold, seed=self.seed, preprocess=PREPROCESS,
-                        resolution=a.resolution, dtype=str(a.dtype).replace("torch.", ""), device=str(a.device))
+                        resolution=a.resolution, dtype=str(a.dtype).replace("torch.", ""), device=str(a.device),
+                        winograd=self.winograd, allocator=runtime.allocator_state())
+
+    @property
+    def fingerprint(self) -> str:
+        """The hash of the settings that change a score (``memdetect.journal``): part of every row's key."""
+        return fingerprint(asdict(self.settings))
+
+    def row(self, path: str, scores: dict[str, float] | None, *, error: str | None = None,
+            key: str | None = None) -> dict:
+        """A report row with this detector's metric and threshold (``memdetect.report.make_row``)."""
+        return make_row(path, scores, metric=self.metric, threshold=self.threshold, error=error, key=key)
 
     # -- tensors -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -159,48 +188,49 @@ class Detector:
         """Every metric for a batch of uint8 images."""
         return {k: v.numpy() for k, v in compute_all(self.features(images, seeds)).items()}
 
-    # -- files ---------------------------------------------------------------------------------------------------
-    def iter_rows(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
-        """Yield the report rows batch by batch (one row per file: scores, or an ``error``)."""
-        files = discover(paths)
-        yield from self.iter_files(files, num_workers=num_workers, on_batch=on_batch)
+    @torch.inference_mode()
+    def layers(self, *, include_inputs: bool = False) -> list[LayerInfo]:
+        """Every hookable layer in forward order, with its shape on a probe input (batch 1: seeded noise in model
+        space, noised to the detector's timestep) and how often it fires per forward pass."""
+        a = self.adapter
+        x0 = torch.randn(1, *a.latent_shape(), generator=torch.Generator().manual_seed(0)).to(a.device, a.dtype)
+        x_t = a.noise(x0, self.timestep, [0])
+        return probe_layers(a.denoiser, lambda: a.forward(x_t, self.timestep), include_inputs=include_inputs)
 
-    def iter_files(self, files: Sequence[os.PathLike], *, num_workers: int | None = None,
-                   on_batch: Callable[[int], None] | None = None) -> Iterator[list[dict]]:
-        loader = _loader(files, self.adapter.resolution, self.batch_size, num_workers)
-        fp = fingerprint(asdict(self.settings))
+    # -- files ---------------------------------------------------------------------------------------------------
+    def iter_files(self, files: Sequence[os.PathLike], *, digests: Sequence[str | None] | None = None,
+                   num_workers: int | None = None, on_batch: Callable[[int], None] | None = None,
+                   ) -> Iterator[list[dict]]:
+        """Yield the report rows of ``files`` batch by batch, in order (one row per file: scores, or an ``error``).
+
+        Each file's bytes are hashed for its row's ``key`` while it is decoded, unless ``digests`` (one per file,
+        from ``io.file_digest``) are given.
+        """
+        loader = _loader(files, digests, self.adapter.resolution, self.batch_size, num_workers)
+        fp = self.fingerprint
         for items in loader:
-            rows: list[dict] = []
-            for it in items:
-                it["key"] = row_key(it.get("digest"), fp)
             good = [it for it in items if it["error"] is None]
+            scores: dict[str, np.ndarray] = {}
             if good:
                 pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
-                seeds = [image_seed(it["pixels"], self.seed) for it in good]
-                scores = self.score_tensor(pixels, seeds)
-                for j, it in enumerate(good):
-                    it["scores"] = {k: float(v[j]) for k, v in scores.items()}
+                scores = self.score_tensor(pixels, [image_seed(it["pixels"], self.seed) for it in good])
+            rows, j = [], 0
             for it in items:
-                rows.append(self._row(it))
+                key = row_key(it["digest"], fp)
+                if it["error"] is None:
+                    rows.append(self.row(it["path"], {k: float(v[j]) for k, v in scores.items()}, key=key))
+                    j += 1
+                else:
+                    rows.append(self.row(it["path"], None, error=it["error"], key=key))
             if on_batch:
                 on_batch(len(items))
             yield rows
 
-    def _row(self, item: dict) -> dict:
-        row = {"path": item["path"], "score": None, **{m: None for m in METRIC_COLUMNS}, "memorized": None,
-               "error": item["error"], "key": item.get("key")}
-        if item["error"] is None:
-            row.update(item["scores"])
-            row["score"] = row[self.metric]
-            if self.threshold is not None:
-                row["memorized"] = bool(row["score"] >= self.threshold)
-        return row
-
-    def scan(self, paths: Iterable[str | os.PathLike], **kwargs) -> pd.DataFrame:
-        """Score every image under ``paths``; one row per file, in discovery order."""
-        rows = [r for batch in self.iter_rows(paths, **kwargs) for r in batch]
-        return rows_to_frame(rows)
+    def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None) -> pd.DataFrame:
+        """Score every image under ``paths``; one row per file, in discovery order (no journal, no files written:
+        see ``memdetect.scan.scan`` for those)."""
+        files = discover(paths)
+        return rows_to_frame([r for batch in self.iter_files(files, num_workers=num_workers) for r in batch])
 
     def score_images(self, images: Sequence) -> pd.DataFrame:
         """Score in-memory PIL images (rows have ``path`` = their index)."""
@@ -211,27 +241,15 @@ class Detector:
         rows = []
         for start in range(0, len(arrs), self.batch_size):
             chunk = arrs[start:start + self.batch_size]
-            seeds = [image_seed(a, self.seed) for a in chunk]
-            s = self.score_tensor(torch.from_numpy(np.stack(chunk)), seeds)
-            for j in range(len(chunk)):
-                rows.append(self._row({"path": str(start + j), "error": None,
-                                       "scores": {k: float(v[j]) for k, v in s.items()}}))
+            s = self.score_tensor(torch.from_numpy(np.stack(chunk)), [image_seed(a, self.seed) for a in chunk])
+            rows += [self.row(str(start + j), {k: float(v[j]) for k, v in s.items()}) for j in range(len(chunk))]
         return rows_to_frame(rows)
 
 
-def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    for c in ["score", *METRIC_COLUMNS]:
-        df[c] = df[c].astype("float64")
-    df["memorized"] = df["memorized"].astype("boolean")
-    df["error"] = df["error"].astype("string")
-    df["key"] = df["key"].astype("string")
-    return df
-
-
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[os.PathLike], resolution: int):
+    def __init__(self, files: Sequence[os.PathLike], digests: Sequence[str | None] | None, resolution: int):
         self.files = list(files)
+        self.digests = None if digests is None else list(digests)
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -239,9 +257,11 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]
-        item = {"path": display_path(path), "pixels": None, "error": None, "digest": None}
+        item = {"path": display_path(path), "pixels": None, "error": None,
+                "digest": self.digests[i] if self.digests is not None else None}
         try:
-            item["digest"] = file_digest(path)  # the resume key's content part (memdetect.journal)
+            if self.digests is None:
+                item["digest"] = file_digest(path)  # the resume key's content part (memdetect.journal)
             item["pixels"] = load_image(path, self.resolution)
         except ImageError as e:
             item["error"] = str(e)
@@ -250,22 +270,15 @@ class _Images(torch.utils.data.Dataset):
         return item
 
 
-def _loader(files, resolution: int, batch_size: int, num_workers: int | None):
+def _loader(files, digests, resolution: int, batch_size: int, num_workers: int | None):
     if num_workers is None:
         num_workers = 0 if len(files) <= batch_size else min(4, max(1, (os.cpu_count() or 2) // 2))
     if num_workers:
-        release_free_memory()  # workers are forked: retained free pages must not be shared copy-on-write
-    return torch.utils.data.DataLoader(_Images(files, resolution), batch_size=batch_size, shuffle=False,
+        runtime.release_free_memory()  # workers are forked: retained free pages must not be shared copy-on-write
+    return torch.utils.data.DataLoader(_Images(files, digests, resolution), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, collate_fn=list,
                                        prefetch_factor=2 if num_workers else None,
                                        persistent_workers=False)
 
 
-def scan_summary(df: pd.DataFrame) -> dict:
-    errored = int(df["error"].notna().sum())
-    flagged = int(df["memorized"].fillna(False).sum())
-    return {"images": int(len(df)), "scored": int(len(df) - errored), "errored": errored, "flagged": flagged}
-
-
-__all__ = ["COLUMNS", "Detector", "Settings", "resolve_device", "resolve_dtype", "rows_to_frame", "scan_summary",
-           "InputError"]
+__all__ = ["DTYPES", "Detector", "Settings", "check_options", "resolve_device", "resolve_dtype"]

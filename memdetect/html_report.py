@@ -17,8 +17,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from . import __version__
-from .io import _atomic_write, load_image
+from ._version import __version__
+from .io import atomic_write, load_image
+from .report import counts
 
 THUMB = 128
 CSS = """
@@ -76,10 +77,8 @@ def thumbnail_png(path: str | os.PathLike, size: int = THUMB) -> bytes | None:
 def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.PathLike] | None = None,
                 top: int = 24, title: str = "memdetect report") -> str:
     """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its thumbnail from."""
-    from .detector import scan_summary
-
     esc = html.escape
-    s = scan_summary(df)
+    s = counts(df)
     metric, threshold = settings.get("metric", "score"), settings.get("threshold")
     scored = df[df["error"].isna()].sort_values("score", ascending=False)
     flagged = scored[scored["memorized"].fillna(False).astype(bool)]
@@ -128,10 +127,8 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
 
 def write_html(df: pd.DataFrame, path: str | os.PathLike, settings: dict, **kwargs) -> Path:
     """Render and write the report atomically."""
-    p = Path(path)
     text = render_html(df, settings, **kwargs)
-    _atomic_write(p, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    return p
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 __all__ = ["histogram_png", "render_html", "thumbnail_png", "write_html"]

@@ -11,6 +11,7 @@ error row and goes on.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -18,10 +19,12 @@ import stat
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import InputError, UsageError
 
 PREPROCESS = "pil-fit-bicubic"
 IMAGE_EXTENSIONS = frozenset(
@@ -72,6 +75,22 @@ def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
             if q not in seen:
                 seen.add(q)
                 out.append(q)
+    return out
+
+
+def expand_globs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Paths with quoted glob patterns expanded (``'dir/mem_*.png'``, ``**`` included), sorted; a path that exists is
+    kept as it is. A repeatable option cannot take the many arguments an unquoted shell glob expands to, and Windows
+    shells do not expand globs at all. Raises InputError for a pattern that matches nothing."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists() and any(c in str(p) for c in "*?["):
+            matches = sorted(glob.glob(str(p), recursive=True))
+            if not matches:
+                raise InputError(f"no file matches {display_path(p)}")
+            out.extend(Path(m) for m in matches)
+        else:
+            out.append(p)
     return out
 
 
@@ -184,7 +203,7 @@ REPORT_FORMATS = (".csv", ".json", ".parquet")
 def check_report_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.suffix.lower() not in REPORT_FORMATS:
-        raise ValueError(f"report format {p.suffix or '(none)'!r} is not supported; use one of "
+        raise UsageError(f"report format {p.suffix or '(none)'!r} is not supported; use one of "
                          f"{', '.join(REPORT_FORMATS)}")
     return p
 
@@ -195,7 +214,10 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Write ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and renamed over
+    ``path`` (readers see the old file or the new one, never half of one). Returns ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -208,6 +230,7 @@ def _atomic_write(path: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
 
 
 def write_report(df, path: str | os.PathLike, settings: dict | None = None) -> Path:
@@ -219,21 +242,15 @@ def write_report(df, path: str | os.PathLike, settings: dict | None = None) -> P
     p = check_report_path(path)
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        _atomic_write(p, lambda tmp: df.to_csv(tmp, index=False))
+        atomic_write(p, lambda tmp: df.to_csv(tmp, index=False))
     elif suffix == ".json":
         rows = json.loads(df.to_json(orient="records"))
         doc = {"settings": settings or {}, "rows": rows}
-        _atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+        atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
     else:
         try:
             import pyarrow  # noqa: F401
         except ImportError:
-            raise ValueError("writing .parquet needs pyarrow: pip install 'memdetect[parquet]'") from None
-        _atomic_write(p, lambda tmp: df.to_parquet(tmp, index=False))
+            raise UsageError("writing .parquet needs pyarrow: pip install 'memdetect[parquet]'") from None
+        atomic_write(p, lambda tmp: df.to_parquet(tmp, index=False))
     return p
-
-
-def stack(arrays: Sequence[np.ndarray]):
-    import torch
-
-    return torch.from_numpy(np.stack(arrays))

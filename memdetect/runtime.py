@@ -9,9 +9,11 @@ scan: 13.6 s per image, 9.4 s once freed memory is kept. ``MEMDETECT_RETAIN_MEMO
 from its heap and not to trim it, so a freed activation's pages are reused by the next layer.
 
 The price is that the process keeps its peak heap until it exits instead of handing memory back between batches
-(peak RSS is unchanged; RSS stays at it). That is what a scanner process wants, so ``Detector`` applies it for CPU
-scans; set ``MEMDETECT_RETAIN_MEMORY=0`` to leave the allocator alone (e.g. when memdetect is embedded in a
-long-running service that must return memory). Other C libraries are left as they are.
+(peak RSS is unchanged; RSS stays at it). That is what a scanner process wants, so the ``memdetect`` command calls
+``retain_freed_memory`` for CPU scans. It holds for the whole process, so the library never sets it by itself: a
+program that embeds memdetect opts in by calling ``memdetect.retain_freed_memory()`` (and can undo it with
+``restore_allocator``). ``MEMDETECT_RETAIN_MEMORY=0`` makes the call a no-op. The state is part of a scan's
+``Settings`` (``allocator``). Other C libraries are left as they are.
 
 One interaction needs care: a process forked while its heap holds gigabytes of freed-but-retained pages shares
 them copy-on-write, and every page the parent then reuses is copied, doubling physical memory (measured: a
@@ -33,7 +35,10 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD = -1  # <malloc.h>: free memory above this at the heap's top goes back to the kernel
 _M_MMAP_MAX = -4  # <malloc.h>: how many blocks may be served by mmap at once (0: none; the heap serves all)
 _TRIM_NEVER = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # mallopt(3): glibc's defaults
 ENV = "MEMDETECT_RETAIN_MEMORY"
+#: ``allocator_state()`` values, as ``Settings.allocator`` records them
+RETAINED, DEFAULT = "retain-freed", "default"
 
 _state: dict[str, bool] = {}
 
@@ -50,7 +55,7 @@ def glibc() -> ctypes.CDLL | None:
 
 
 def retain_freed_memory() -> bool:
-    """Keep freed large blocks in the process for reuse (glibc only; once per process). True when in effect.
+    """Keep freed large blocks in the process for reuse (glibc only; process-wide). True when in effect.
 
     Idempotent and cheap; a no-op returning False when ``MEMDETECT_RETAIN_MEMORY=0`` or the C library is not glibc.
     """
@@ -66,6 +71,31 @@ def retain_freed_memory() -> bool:
             log.debug("mallopt refused; the allocator is left as it was")
     _state["done"] = ok
     return ok
+
+
+def retained() -> bool:
+    """Whether ``retain_freed_memory`` is in effect in this process."""
+    return bool(_state.get("done"))
+
+
+def allocator_state() -> str:
+    """``"retain-freed"`` while freed memory is retained, else ``"default"`` (recorded in a scan's ``Settings``)."""
+    return RETAINED if retained() else DEFAULT
+
+
+def restore_allocator() -> bool:
+    """Undo ``retain_freed_memory``: glibc's documented defaults again (mmap for large blocks, trimming at 128 KiB),
+    and free pages handed back (glibc's dynamic mmap threshold stays off once set). True when the allocator was
+    changed back; the next ``retain_freed_memory`` applies it again."""
+    was = retained()
+    _state.clear()
+    libc = glibc()
+    if not was or libc is None:
+        return False
+    libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+    libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.malloc_trim(0)
+    return True
 
 
 def release_free_memory() -> bool:

@@ -2,7 +2,9 @@
 
 Every score is oriented so that **higher = spikier = more likely memorized** (at layers near the bottleneck, where
 the paper finds memorized samples to have spiky representations; other layers may invert, see ``bench --sweep``).
-All computations run in float32 (or float64 if given float64).
+All computations run in float32 (or float64 if given float64). ``SCORES`` is the one table of score names: reports,
+journals, configs, calibration and the CLI take the names and their order from it. torch is imported where a score
+is computed, so reading the names (the CLI's ``--help``) does not load it.
 
 * ``std``     population standard deviation over channels: sqrt(mean((v - mean(v))^2)). The paper's primary score.
 * ``l4l2``    ||v||_4 / ||v||_2 (0 for an all-zero row). In [C^(-1/4), 1]; 1 when one channel holds all the mass.
@@ -14,14 +16,17 @@ All computations run in float32 (or float64 if given float64).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 EPS = 1e-12
 
 
 def _check(v: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if v.ndim != 2:
         raise ValueError(f"scores expect pooled activations of shape [B, C], got {tuple(v.shape)}")
     if v.shape[1] < 2:
@@ -36,6 +41,8 @@ def std(v: torch.Tensor) -> torch.Tensor:
 
 def l4l2(v: torch.Tensor) -> torch.Tensor:
     """||v||_4 / ||v||_2 per row (0 where the row is all zeros)."""
+    import torch
+
     v = _check(v)
     l2 = torch.linalg.vector_norm(v, ord=2, dim=1)
     l4 = torch.linalg.vector_norm(v, ord=4, dim=1)
@@ -44,6 +51,8 @@ def l4l2(v: torch.Tensor) -> torch.Tensor:
 
 def entropy(v: torch.Tensor) -> torch.Tensor:
     """1 - H(p)/log(C) with p = |v|/sum|v| (0 for an all-zero row, which has no distribution)."""
+    import torch
+
     v = _check(v)
     a = v.abs()
     total = a.sum(dim=1, keepdim=True)

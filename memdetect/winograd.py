@@ -15,8 +15,10 @@ from the direct convolution by float32 rounding only: about 1e-5 of the output's
 5e-6 for the direct convolution itself, both measured against a float64 reference (``tests/test_winograd.py``).
 
 Used only where it is safe and pays: CPU, float32, no autograd (gradient-based baselines keep the direct kernel),
-``C_in x C_out >= MIN_CHANNEL_PRODUCT``. ``MEMDETECT_WINOGRAD=0`` turns it off; ``disabled()`` does so for a block
-(``benchmarks/perf.py`` counts the model's FLOPs, the direct convolution's, with it off).
+``C_in x C_out >= MIN_CHANNEL_PRODUCT``. It is a setting of the ``Detector`` (``winograd=``; default ``default()``:
+on unless ``MEMDETECT_WINOGRAD=0``), applied to the model's modules by ``configure`` and recorded in the scan's
+``Settings`` and resume keys. ``disabled()`` runs the direct kernel for a block of code, for measurements only
+(``benchmarks/perf.py`` counts the model's FLOPs, the direct convolution's, with it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +59,20 @@ _BT32, _AT32 = _BT.float(), _AT.float()
 _local = threading.local()
 
 
+def default() -> bool:
+    """Whether a ``Detector`` uses Winograd when not told: yes, unless ``MEMDETECT_WINOGRAD`` is 0/false/no/off."""
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @contextlib.contextmanager
 def disabled():
-    """Use the direct convolution inside this block (this thread)."""
+    """Use the direct convolution inside this block (this thread), whatever the modules are configured for."""
     prev = getattr(_local, "off", False)
     _local.off = True
     try:
         yield
     finally:
         _local.off = prev
-
-
-def enabled() -> bool:
-    return not getattr(_local, "off", False) and os.environ.get(ENV, "1").strip().lower() not in (
-        "0", "false", "no", "off")
 
 
 def transform_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ class WinogradConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type != "cpu" or x.dtype != torch.float32 or self.weight.dtype != torch.float32
-                or torch.is_grad_enabled() or not enabled()):
+                or torch.is_grad_enabled() or getattr(_local, "off", False)):
             return super().forward(x)
         key = (self.weight.data_ptr(), self.weight._version)
         if getattr(self, "_winograd_key", None) != key:
@@ -135,3 +138,23 @@ def use_winograd(module: nn.Module) -> int:
             m.__class__ = WinogradConv2d
             count += 1
     return count
+
+
+def use_direct(module: nn.Module) -> int:
+    """Swap every ``WinogradConv2d`` in ``module`` back to ``nn.Conv2d`` (dropping its cached transform); how many."""
+    count = 0
+    for m in module.modules():
+        if type(m) is WinogradConv2d:
+            m.__class__ = nn.Conv2d
+            m.__dict__.pop("_winograd_u", None)
+            m.__dict__.pop("_winograd_key", None)
+            count += 1
+    return count
+
+
+def configure(modules: Iterable[nn.Module], on: bool) -> int:
+    """Winograd on or off for the eligible convolutions of ``modules``; returns how many use it now."""
+    modules = list(modules)
+    for m in modules:
+        (use_winograd if on else use_direct)(m)
+    return sum(type(c) is WinogradConv2d for m in modules for c in m.modules())

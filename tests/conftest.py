@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight models of every family, saved with ``save_pretrained`` and loaded back
-through memdetect's real loading path; sample image folders; the ``../shared`` location (skip when absent)."""
+through memdetect's real loading path; sample image folders; the ``../shared`` location (skip when absent; point
+``MEMDETECT_SHARED`` at a missing folder to run as a plain clone does); global state reset after every test."""
 
 from __future__ import annotations
 
@@ -21,10 +22,31 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def needs_shared(*parts: str):
-    """Skip unless ``../shared/<parts>`` exists (a fresh user clone has no ../shared)."""
+    """Mark a test ``shared`` and skip it unless ``../shared/<parts>`` exists (a fresh user clone has no ../shared);
+    ``pytest -m shared`` runs exactly these."""
     path = SHARED.joinpath(*parts)
-    return pytest.mark.skipif(not path.exists(), reason=f"needs {path} (the developers' shared data folder), "
+    skip = pytest.mark.skipif(not path.exists(), reason=f"needs {path} (the developers' shared data folder), "
                                                         f"absent in a plain clone")
+
+    def mark(test):
+        return skip(pytest.mark.shared(test))
+
+    return mark
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_state():
+    """Process-wide state a test may change goes back after it: the allocator setting (the CLI opts into it) and
+    the adapter and preset tables (tests register toy families)."""
+    from memdetect import runtime
+    from memdetect.models import ADAPTERS, PRESETS
+
+    adapters, presets = dict(ADAPTERS), dict(PRESETS)
+    yield
+    runtime.restore_allocator()
+    for table, saved in ((ADAPTERS, adapters), (PRESETS, presets)):
+        table.clear()
+        table.update(saved)
 
 
 def _tokenizer_dir(tmp: Path) -> Path:

@@ -186,7 +186,7 @@ def test_permission_error_maps_to_a_row_even_as_root(tmp_path, monkeypatch):
 
 # -- CI outputs --------------------------------------------------------------------------------------------------
 def _frame():
-    from memdetect.detector import rows_to_frame
+    from memdetect.report import rows_to_frame
 
     rows = [
         {"path": "a.png", "score": 2.0, "std": 2.0, "l4l2": 0.5, "entropy": 0.1, "maxmin": 9.0, "memorized": True,

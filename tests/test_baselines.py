@@ -8,7 +8,9 @@ from torch import nn
 from memdetect.bench import baselines
 from memdetect.bench.labels import LabelRule, nearest_neighbours
 from memdetect.bench.metrics import roc_metrics, tpr_at_fpr
+from memdetect.errors import UnsupportedModelError
 from memdetect.models.base import Adapter, to_unit_range
+from memdetect.models.sd import cross_attention_values
 
 
 class LinearEps(Adapter):
@@ -33,10 +35,8 @@ class LinearEps(Adapter):
     def encode(self, images):
         return to_unit_range(images)
 
-    def forward(self, x_t, t):
-        self.denoiser(x_t)
-
-    def predict_noise(self, x_t, t):
+    def predict_noise(self, x_t, t, cond=None):
+        self._unconditional(cond)
         return self.denoiser(x_t)
 
     def default_layer(self):
@@ -139,14 +139,14 @@ class BiasedLinearEps(LinearEps):
     """eps_hat(y, c) = w * y + c: the condition adds a fixed vector, so ||eps(y, c) - eps(y, null)|| = ||c|| at every
     point y, hence at every step of any sampling trajectory."""
 
+    conditioning = "class"
+
     def predict_noise(self, x_t, t, cond=None):
         out = self.denoiser(x_t)
         return out if cond is None else out + cond
 
 
 def test_wen_first_and_all_steps_closed_form():
-    from memdetect.bench.generate import sample_ddim
-
     adapter = BiasedLinearEps([0.1, -0.2, 0.3])
     cond = torch.zeros(3, 3, 4, 4)
     cond[0, 0, 0, 0] = 3.0  # norm 3
@@ -155,7 +155,8 @@ def test_wen_first_and_all_steps_closed_form():
     expected = torch.tensor([3.0, 0.5 * 48 ** 0.5, 4.0])
     x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(baselines.wen_first_step(adapter, x_T, 981, cond), expected)
-    x0, x_T2, first_t, norms = sample_ddim(adapter, [1, 2, 3], cond=cond, steps=4, guidance=7.5)
+    sample = adapter.sample([1, 2, 3], cond=cond, steps=4, guidance=7.5)  # the protocol's DDIM sampler
+    x_T2, first_t, norms = sample.x_T, sample.first_t, sample.noise_difference
     assert norms.shape == (4, 3) and first_t == 750  # 1000 training steps, 4 with "leading" spacing: 750, 500, ...
     torch.testing.assert_close(baselines.wen_all_steps(norms), expected)
     # the sampler's first recorded norm is the stand-alone first-step score at its x_T
@@ -166,6 +167,7 @@ class _Block(nn.Module):
     def __init__(self, to_v: nn.Linear, cross: bool = True):
         super().__init__()
         attn = nn.Module()
+        attn.is_cross_attention = cross  # as diffusers' Attention says
         attn.to_v = to_v
         block = nn.Module()
         if cross:
@@ -194,13 +196,14 @@ def test_nemo_value_neurons_hand_computed():
     up = nn.Module()
     up.attentions = nn.ModuleList([_Block(_linear([[5.0, 5.0]]))])  # up blocks: not NeMo's
     unet.up_blocks = nn.ModuleList([up])
-    assert list(baselines.nemo_value_layers(unet)) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
-                                                       "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
+    values = cross_attention_values(unet)  # found from the module tree: down and mid blocks, cross-attention only
+    assert list(values) == ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_v",
+                            "mid_block.attentions.0.transformer_blocks.0.attn2.to_v"]
     # two tokens per prompt; a neuron's activation is |to_v(token)| averaged over the tokens
     emb = torch.tensor([[[1.0, 1.0], [-3.0, 0.0]],   # neurons: (|1|+|-3|)/2=2, (|-2|+0)/2=1, (|2|+|-3|)/2=2.5
                         [[0.0, 2.0], [1.0, 1.0]],    # 0.5, 3, 2
                         [[2.0, -2.0], [0.0, 0.0]]])  # 1, 2, 0
-    acts = baselines.nemo_activations(unet, emb)
+    acts = baselines.nemo_activations(values.values(), emb)
     torch.testing.assert_close(acts, torch.tensor([[2.0, 1.0, 2.5], [0.5, 3.0, 2.0], [1.0, 2.0, 0.0]]))
     stats = baselines.NemoStatistics.fit(acts[:2])  # reference: the first two prompts
     torch.testing.assert_close(stats.mean, torch.tensor([1.25, 2.0, 2.25]))
@@ -215,8 +218,10 @@ def test_nemo_value_neurons_hand_computed():
     torch.testing.assert_close(loo.std, stats.std)
     with pytest.raises(ValueError, match="at least 3"):
         stats.without(acts[0])
-    with pytest.raises(ValueError, match="value layers"):
-        baselines.nemo_value_layers(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(UnsupportedModelError, match="value layers"):
+        cross_attention_values(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(UnsupportedModelError, match="no text cross-attention"):
+        LinearEps(W).cross_attention_values()  # the protocol's answer for a family without text conditioning
 
 
 def test_tiled_l2_needs_every_tile_to_match():

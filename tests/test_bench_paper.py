@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import urllib.request
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,7 @@ from memdetect.bench.demo import RESULT_COLUMNS
 from memdetect.bench.paper import LAION_METHODS, OURS
 from memdetect.cli import app
 from memdetect.errors import InputError, UsageError
+from memdetect.models import edm
 from memdetect.models.base import Adapter
 
 from .conftest import SHARED, needs_shared, write_images
@@ -121,10 +123,11 @@ def test_public_list_download_cache_and_offline(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        def read(self):
-            return self.body
+        def read(self, size=-1):
+            out, self.body = self.body, b""
+            return out
 
-    monkeypatch.setattr(prompts.urllib.request, "urlopen", lambda url, timeout: served.append(url) or Response(data))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: served.append(url) or Response(data))
     path = prompts.fetch_public_list("fake")
     assert served == [fake.url] and path.read_bytes() == data
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # cached now: offline is fine, nothing downloaded
@@ -134,7 +137,7 @@ def test_public_list_download_cache_and_offline(tmp_path, monkeypatch):
     path.write_bytes(data + b"tampered\n")  # a cached copy that no longer matches is fetched again
     assert prompts.fetch_public_list("fake").read_bytes() == data and len(served) == 2
     path.unlink()
-    monkeypatch.setattr(prompts.urllib.request, "urlopen", lambda url, timeout: Response(data + b"x"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: Response(data + b"x"))
     with pytest.raises(InputError, match="not the pinned file"):
         prompts.fetch_public_list("fake")
     assert not path.exists()
@@ -217,10 +220,7 @@ class GaussianEDM(Adapter):
     def encode(self, images):
         return images.float() / 127.5 - 1
 
-    def forward(self, x_t, t):  # pragma: no cover - not used
-        pass
-
-    def predict_noise(self, x_t, t):  # pragma: no cover - not used
+    def predict_noise(self, x_t, t, cond=None):  # pragma: no cover - not used
         raise NotImplementedError
 
     def default_layer(self):
@@ -232,14 +232,14 @@ def test_edm_heun_sampler_solves_the_gaussian_ode():
     s = GaussianEDM.S
     errors = {}
     for steps in (36, 72, 144):
-        x0, x_T = gen.sample_edm(adapter, [3, 4], steps=steps)
+        x0, x_T = edm.sample_heun(adapter, [3, 4], steps=steps)
         assert x_T.std() > 50  # starts at sigma_max = 80
         expected = x_T * s / math.sqrt(s ** 2 + 80.0 ** 2)  # the ODE's exact end point
         errors[steps] = float((x0 - expected).abs().max() / expected.abs().max())
     assert errors[144] < 1e-3
     assert 3.5 < errors[36] / errors[72] < 4.5  # Heun is second order: twice the steps, a quarter of the error
     with pytest.raises(ValueError, match="at least 2"):
-        gen.sample_edm(adapter, [1], steps=1)
+        edm.sample_heun(adapter, [1], steps=1)
 
 
 @pytest.mark.parametrize("family", ["sd", "ddpm"])
@@ -249,7 +249,7 @@ def test_generation_is_seeded_per_image(family, tiny_sd, tiny_ddpm):
     a = det.adapter
     cond = None
     if family == "sd":
-        cond = gen.TextEncoder.load(a.source, a.device, a.dtype)(["a cat", "a dog"])
+        cond = a.encode_condition(["a cat", "a dog"])
     both = gen.generate(a, [11, 12], cond=cond, steps=4, guidance=7.5)
     alone = gen.generate(a, [12], cond=None if cond is None else cond[1:], steps=4, guidance=7.5)
     assert both.images.shape == (2, 3, a.resolution, a.resolution) and both.images.dtype == torch.uint8
@@ -257,9 +257,9 @@ def test_generation_is_seeded_per_image(family, tiny_sd, tiny_ddpm):
     assert (both.images[1].int() - alone.images[0].int()).abs().max() <= 1
     assert (both.images[0].int() - both.images[1].int()).abs().max() > 10  # different seeds, different images
     if family == "sd":
-        assert both.noise_difference.shape == (4, 2) and torch.isfinite(both.noise_difference).all()
+        assert both.sample.noise_difference.shape == (4, 2) and torch.isfinite(both.sample.noise_difference).all()
     else:
-        assert both.noise_difference is None  # unconditional: no Wen score
+        assert both.sample.noise_difference is None  # unconditional: no Wen score
 
 
 # -- bench laion ---------------------------------------------------------------------------------------------------
@@ -293,9 +293,9 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     assert list(scores["prompt"]) == MEMORIZED[:3] + NORMAL[:3] and list(scores["label"]) == [1, 1, 1, 0, 0, 0]
     assert np.isfinite(scores[LAION_METHODS].to_numpy()).all()  # every method, a finite score per prompt
     # NeMo: statistics of the normal prompts; a normal prompt is scored against the other two only
-    unet = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter.denoiser
-    text = gen.TextEncoder.load(str(tiny_sd), torch.device("cpu"), torch.float32)
-    acts = {p: baselines.nemo_activations(unet, text([p]))[0] for p in MEMORIZED[:3] + NORMAL[:3]}
+    a = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter
+    values = a.cross_attention_values().values()
+    acts = {p: baselines.nemo_activations(values, a.encode_condition([p]))[0] for p in MEMORIZED[:3] + NORMAL[:3]}
 
     def max_z(p, reference):
         ref = torch.stack([acts[q] for q in reference])
@@ -340,7 +340,7 @@ def test_bench_laion_rejects_a_class_model(tiny_dit, tmp_path):
     m, n = _lists(tmp_path)
     res = invoke("bench", "laion", "--model", "dit", "--model-path", tiny_dit, "--memorized", m, "--normal", n,
                  "--output", tmp_path / "out", "--device", "cpu")
-    assert res.exit_code == 2 and "needs a sd model" in res.output
+    assert res.exit_code == 2 and "needs a model that is text-conditional (prompts); " in res.output, res.output
 
 
 # -- bench imagenet / cifar10 --------------------------------------------------------------------------------------
@@ -401,7 +401,7 @@ def test_bench_cifar10_rejects_a_latent_model_and_classes(tiny_dit, tmp_path):
     write_images(train, 2, size=(16, 16))
     res = invoke("bench", "cifar10", "--model", "dit", "--model-path", tiny_dit, "--train-dir", train,
                  "--output", tmp_path / "o", "--device", "cpu")
-    assert res.exit_code == 2 and "needs a ddpm or edm model" in res.output
+    assert res.exit_code == 2 and "needs a model that is unconditional; " in res.output and "class-conditional" in res.output, res.output
     res = invoke("bench", "imagenet", "--model-path", tiny_dit, "--train-dir", train, "--classes", "1,x",
                  "--output", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 2 and "--classes takes" in res.output

@@ -1,4 +1,5 @@
-"""Resumable scans: the journal's file format, resume in-process, a real SIGKILL mid-scan, and bounded memory."""
+"""Resumable scans: the journal's file format, resume in-process (each file hashed once), a real SIGKILL mid-scan,
+and bounded memory."""
 
 import json
 import os
@@ -13,10 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from memdetect import scan as scan_mod
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
-from memdetect.io import discover
-from memdetect.journal import Journal, fingerprint, journal_path, row_key, scan_files
+from memdetect.journal import Journal, fingerprint, journal_path, read_journals, record_scores, row_key, scan_record
+from memdetect.scan import scan
 
 from .conftest import write_images
 
@@ -47,28 +49,38 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines()]
 
 
-def _row(key, path="a.png", **scores):
-    return {"key": key, "path": path, "error": None, **{m: scores.get(m, 0.5) for m in ("std", "l4l2", "entropy",
-                                                                                     "maxmin")}}
+def _rec(key, path="a.png", **scores):
+    return {"key": key, "path": path, **{m: scores.get(m, 0.5) for m in ("std", "l4l2", "entropy", "maxmin")}}
 
 
 def test_journal_appends_reads_back_and_cuts_a_torn_line(tmp_path):
     p = tmp_path / "r.csv.journal.jsonl"
     with Journal(p) as j:
         assert j.done == {}
-        assert j.append([_row("k1"), _row("k2"), {**_row(None), "error": "x"}, {**_row("k3"), "error": "bad"}]) == 2
-        assert j.append([_row("k1")]) == 0  # same key twice (identical bytes): written once
+        assert j.append([_rec("k1"), _rec("k2")]) == 2
+        assert j.append([]) == 0
+        with pytest.raises(ValueError, match="string key"):
+            j.append([{"path": "x"}])
     p.write_bytes(p.read_bytes() + b'{"key": "k9", "path": "torn')  # the process died mid-write
     with Journal(p) as j:
         assert set(j.done) == {"k1", "k2"}
-        j.append([_row("k4")])
+        j.append([_rec("k4")])
     assert [r["key"] for r in _lines(p)] == ["k1", "k2", "k4"]  # torn tail cut, next row on its own line
-    p.write_bytes(p.read_bytes() + b"not json\n[1, 2]\n" + b'{"key": "k5", "path": "x", "std": null}\n')
+    p.write_bytes(p.read_bytes() + b"not json\n[1, 2]\n" + b'{"key": "k5", "path": "x", "std": null}\n'
+                  + b'{"key": "k1", "path": "b.png", "std": 2}\n')
     with Journal(p) as j:
-        assert set(j.done) == {"k1", "k2", "k4"} and j.skipped_lines == 2  # the null-score row is not reusable
+        assert set(j.done) == {"k1", "k2", "k4", "k5"} and j.skipped_lines == 2
+        assert j.done["k1"]["path"] == "b.png"  # the last record of a key wins
+        assert record_scores(j.done["k5"]) is None and record_scores(j.done["k2"])["std"] == 0.5
+    assert read_journals([p, tmp_path / "missing.jsonl"]).keys() == {"k1", "k2", "k4", "k5"}
     with Journal(p, fresh=True) as j:
         assert j.done == {}
     assert p.read_bytes() == b""
+    # scan records: scored rows only, every score
+    row = {"path": "a.png", "key": "k", "error": None, "score": 0.5, "memorized": None, "std": 0.5, "l4l2": 0.1,
+           "entropy": 0.2, "maxmin": 3.0}
+    assert scan_record(row) == {"key": "k", "path": "a.png", "std": 0.5, "l4l2": 0.1, "entropy": 0.2, "maxmin": 3.0}
+    assert scan_record({**row, "error": "bad"}) is None and scan_record({**row, "key": None}) is None
 
 
 def test_journal_refuses_a_concurrent_writer(tmp_path):
@@ -88,55 +100,81 @@ def test_key_covers_content_and_scoring_settings(det):
     assert row_key("abc", fp) == row_key("abc", fingerprint(dict(s)))
     assert row_key(None, fp) is None
     changed = [dict(s, seed=1), dict(s, layer="x"), dict(s, timestep=10), dict(s, model="other"),
-               dict(s, memdetect="9.9")]
-    assert len({row_key("abc", fp), row_key("abd", fp), *(row_key("abc", fingerprint(c)) for c in changed)}) == 7
+               dict(s, memdetect="9.9"), dict(s, winograd=not s["winograd"]), dict(s, allocator="retain-freed")]
+    assert s["allocator"] == "default"  # nothing in the library changes the allocator by itself
+    assert len({row_key("abc", fp), row_key("abd", fp), *(row_key("abc", fingerprint(c)) for c in changed)}) == 9
     # metric, threshold and device do not change the key: rows keep every metric, flags are re-derived
     assert fingerprint(dict(s, metric="l4l2", threshold=0.3, device="cuda")) == fp
     assert journal_path("out/r.csv") == Path("out/r.csv.journal.jsonl")
 
 
 def test_resume_reuses_rows_and_rederives_flags(det, tmp_path):
-    files = write_images(tmp_path / "imgs", 10)
+    write_images(tmp_path / "imgs", 10)
     (tmp_path / "imgs" / "bad.png").write_bytes(b"nope")
-    files = discover([tmp_path / "imgs"])
-    jp = tmp_path / "j.jsonl"
-    with Journal(jp) as j:
-        first = scan_files(det, files, j, num_workers=0)
-    assert (first.resumed, first.computed) == (0, 11)
+    out = tmp_path / "r.csv"
+    first = scan(det, [tmp_path / "imgs"], output=out, num_workers=0)
+    assert (first.resumed, first.computed) == (0, 11) and first.output == out and out.is_file()
+    jp = journal_path(out)
     assert len(_lines(jp)) == 10  # the error row is not journaled
-    det.threshold = float(np.median([r["std"] for r in first.rows if r["error"] is None]))
+    det.threshold = float(np.median(first.frame["std"].dropna()))
     try:
-        with Journal(jp) as j:
-            again = scan_files(det, files, j, num_workers=0)
+        again = scan(det, [tmp_path / "imgs"], output=out, num_workers=0)
     finally:
         det.threshold = None
     assert (again.resumed, again.computed) == (10, 1)  # only the unreadable file is tried again
     assert len(_lines(jp)) == 10
-    a, b = pd.DataFrame(first.rows), pd.DataFrame(again.rows)
+    a, b = first.frame, again.frame
     assert list(a["path"]) == list(b["path"]) and list(a["key"]) == list(b["key"])
     np.testing.assert_array_equal(a["std"].to_numpy(float), b["std"].to_numpy(float))
     flags = b["memorized"].dropna()
     assert len(flags) == 10 and 0 < flags.sum() < 10  # the new threshold applies to reused rows
     assert b.loc[b["path"].str.endswith("bad.png"), "error"].item() == "not a recognised image format"
+    assert pd.read_csv(out)["memorized"].sum() == flags.sum()  # and the report is written from them
+    fresh = scan(det, [tmp_path / "imgs"], output=out, resume=False, num_workers=0)
+    assert (fresh.resumed, fresh.computed) == (0, 11)
+
+
+def test_resume_hashes_each_file_once(det, tmp_path, monkeypatch):
+    """With a journal to consult, every file is hashed up front; the files still to score are not hashed again."""
+    files = write_images(tmp_path / "imgs", 6)
+    out = tmp_path / "r.csv"
+    scan(det, files[:3], output=out, num_workers=0)
+    hashed = []
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return digest(path)
+
+    from memdetect import detector as detector_mod
+
+    digest = scan_mod.file_digest
+    monkeypatch.setattr(scan_mod, "file_digest", counting)
+    monkeypatch.setattr(detector_mod, "file_digest", counting)
+    res = scan(det, files, output=out, num_workers=0)
+    assert (res.resumed, res.computed) == (3, 3)
+    assert sorted(hashed) == sorted(f.name for f in files)  # six files, six hashes
+    hashed.clear()
+    scan(det, files, output=tmp_path / "fresh.csv", num_workers=0)  # no journal yet: hashed while decoding
+    assert sorted(hashed) == sorted(f.name for f in files)
 
 
 def test_a_crash_after_k_batches_leaves_exactly_k_batches(det, tmp_path):
     files = write_images(tmp_path / "imgs", 14)
-    jp = tmp_path / "j.jsonl"
+    out = tmp_path / "r.csv"
     seen = []
 
-    def boom(n):
-        seen.append(n)
+    def boom(done, total):
+        seen.append(done)
         if len(seen) == 3 + 1:  # called as batch 4 finishes scoring, before it is journaled
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt), Journal(jp) as j:
-        scan_files(det, files, j, num_workers=0, on_batch=boom)
-    assert len(_lines(jp)) == 3 * det.batch_size  # batches 1-3 are on disk; only batch 4 is lost
-    with Journal(jp) as j:
-        res = scan_files(det, files, j, num_workers=0)
+    with pytest.raises(KeyboardInterrupt):
+        scan(det, files, output=out, num_workers=0, on_batch=boom)
+    assert seen == [4, 8, 12, 14] and not out.exists()
+    assert len(_lines(journal_path(out))) == 3 * det.batch_size  # batches 1-3 are on disk; only batch 4 is lost
+    res = scan(det, files, output=out, num_workers=0)
     assert (res.resumed, res.computed) == (12, 2)
-    keys = [r["key"] for r in _lines(jp)]
+    keys = [r["key"] for r in _lines(journal_path(out))]
     assert len(keys) == 14 == len(set(keys))
 
 
@@ -206,8 +244,7 @@ def test_memory_stays_bounded_while_streaming(tiny_ddpm, tmp_path, one_thread):
 
     det = Detector.from_pretrained("ddpm", str(tiny_ddpm), batch_size=24)
     samples = []
-    with Journal(tmp_path / "j.jsonl") as j:
-        res = scan_files(det, discover([d]), j, num_workers=0, on_batch=lambda n: samples.append(rss_mb()))
-    assert len(res.rows) == 600 and len(samples) == 600 // det.batch_size
+    res = scan(det, [d], output=tmp_path / "r.csv", num_workers=0, on_batch=lambda done, total: samples.append(rss_mb()))
+    assert len(res.frame) == 600 and len(samples) == 600 // det.batch_size
     growth = samples[-1] - samples[len(samples) // 4]
     assert growth < 30, f"RSS grew {growth:.0f} MB over 450 images"

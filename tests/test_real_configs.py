@@ -1,6 +1,6 @@
 """Real architectures built from the configs in ../shared/data/configs with random weights (no downloads).
 
-SD1.4's UNet is 860M parameters: these tests take about a minute on 2 CPU cores and 4 GB of memory.
+SD1.4's UNet is 860M parameters: these tests take about a minute on 2 CPU cores and 4 GB of memory (``slow``).
 """
 
 import json
@@ -12,6 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from memdetect.capture import Trace, pool
 
 from .conftest import CONFIGS, needs_shared
+
+pytestmark = pytest.mark.slow
 
 
 def _config(*parts):
@@ -29,9 +31,13 @@ def test_sd14_default_layer_pools_to_1280_and_early_exit_is_exact_and_cheap():
     from diffusers import UNet2DConditionModel
 
     from memdetect.models.presets import PRESETS
+    from memdetect.models.sd import cross_attention_values
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(_config("sd14", "unet", "config.json")).eval()
+    values = cross_attention_values(unet)  # found from the module tree: NeMo's 7 value layers of SD 1.x
+    assert len(values) == 7 and all(n.startswith(("down_blocks.", "mid_block.")) and n.endswith(".attn2.to_v")
+                                    for n in values)
     spec = PRESETS["sd14"].layer
     assert spec == "up_blocks.0.resnets.2.conv2:in"
     x = torch.randn(1, 4, 64, 64)

@@ -1,4 +1,5 @@
-"""runtime.retain_freed_memory: freed activation memory is reused instead of faulted in again."""
+"""runtime.retain_freed_memory: freed activation memory is reused instead of faulted in again; the command line opts
+in, the library does not, and the state is recorded."""
 
 from __future__ import annotations
 
@@ -11,13 +12,18 @@ import pytest
 
 from memdetect import runtime
 
+from .conftest import REPO
+
 needs_glibc = pytest.mark.skipif(runtime.glibc() is None, reason="mallopt tuning applies to glibc (Linux) only")
 
 # What a layer-by-layer forward does to the allocator: allocate a large activation, write it, free it, repeat.
 PROBE = r"""
 import json, resource, sys, torch
 from memdetect import runtime
-on = runtime.retain_freed_memory() if sys.argv[1] == "retain" else False
+on = runtime.retain_freed_memory() if sys.argv[1] in ("retain", "restore") else False
+if sys.argv[1] == "restore":
+    assert runtime.restore_allocator() is on
+    on = runtime.retained()
 for _ in range(10):  # warm-up: glibc's heap settles after a few rounds
     x = torch.empty(16 * 2**20)  # 64 MiB
     x.fill_(1.0)
@@ -57,20 +63,37 @@ def test_retained_memory_is_reused_without_page_faults():
 
 
 @needs_glibc
+def test_restore_allocator_undoes_it():
+    restored = _probe("restore")
+    assert restored["on"] is False
+    assert restored["faults"] > 20 * 16 * 2**20 * 4 / 4096 / 4, restored
+
+
+@needs_glibc
 def test_env_switch_leaves_the_allocator_alone():
     off = _probe("retain", env_value="0")
     assert off["on"] is False
     assert off["faults"] > 20 * 16 * 2**20 * 4 / 4096 / 4, off
 
 
-def test_cpu_detector_applies_it():
+def test_the_library_leaves_the_allocator_alone_and_the_cli_opts_in(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from memdetect.cli import app
     from memdetect.detector import Detector
 
-    Detector.from_pretrained("demo", device="cpu")
-    if runtime.glibc() is None or os.environ.get(runtime.ENV) == "0":
-        assert runtime._state.get("done") in (None, False)
-    else:
-        assert runtime._state.get("done") is True
+    monkeypatch.delenv(runtime.ENV, raising=False)
+    det = Detector.from_pretrained("demo", device="cpu")
+    assert not runtime.retained() and det.settings.allocator == runtime.DEFAULT
+    report = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["scan", str(REPO / "examples" / "demo" / "mem_0001.png"), "--model", "demo",
+                                   "--device", "cpu", "--output", str(report), "--quiet"])
+    assert res.exit_code == 0, res.output
+    expected = runtime.RETAINED if runtime.glibc() is not None else runtime.DEFAULT
+    assert runtime.allocator_state() == expected
+    assert json.loads(report.read_text())["settings"]["allocator"] == expected  # recorded with the scores
+    runtime.restore_allocator()
+    assert not runtime.retained()
 
 
 RELEASE = r"""
@@ -100,11 +123,10 @@ def test_detector_releases_free_memory_before_starting_workers(tmp_path, monkeyp
     import numpy as np
     from PIL import Image
 
-    from memdetect import detector as detector_mod
     from memdetect.detector import Detector
 
     calls = []
-    monkeypatch.setattr(detector_mod, "release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(runtime, "release_free_memory", lambda: calls.append(1) or True)
     for i in range(5):
         Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     det = Detector.from_pretrained("demo", device="cpu", batch_size=2)

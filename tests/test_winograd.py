@@ -92,13 +92,20 @@ def test_forward_uses_winograd_in_inference_and_the_direct_kernel_elsewhere():
         assert conv.double()(x.double()).dtype == torch.float64
 
 
-def test_env_switch_turns_it_off(monkeypatch):
+def test_configure_swaps_in_and_back_and_the_env_switch_sets_the_default(monkeypatch):
     conv = _wide_conv()
-    winograd.use_winograd(conv)
     x = torch.randn(1, 256, 8, 8)
-    monkeypatch.setenv(winograd.ENV, "0")
+    direct = F.conv2d(x, conv.weight, conv.bias, padding=1)
+    assert winograd.configure([conv], True) == 1 and type(conv) is winograd.WinogradConv2d
     with torch.inference_mode():
-        assert torch.equal(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1))
+        assert not torch.equal(conv(x), direct)
+    assert winograd.configure([conv], False) == 0 and type(conv) is nn.Conv2d
+    with torch.inference_mode():
+        assert torch.equal(conv(x), direct)
+    monkeypatch.delenv(winograd.ENV, raising=False)
+    assert winograd.default() is True
+    monkeypatch.setenv(winograd.ENV, "0")
+    assert winograd.default() is False
 
 
 def test_cached_weight_transform_follows_weight_changes():
@@ -115,10 +122,11 @@ def test_cached_weight_transform_follows_weight_changes():
     assert _rel_err(y, ref) < 3e-5
 
 
-def test_place_applies_it_on_cpu_and_detector_scores_agree_with_direct_convolutions():
+def test_detector_setting_is_explicit_recorded_and_scores_agree_with_direct_convolutions(monkeypatch):
     from diffusers import DDPMScheduler, UNet2DModel
 
     from memdetect.detector import Detector
+    from memdetect.journal import fingerprint
     from memdetect.models.ddpm import PixelDDPMAdapter
 
     torch.manual_seed(0)
@@ -128,16 +136,26 @@ def test_place_applies_it_on_cpu_and_detector_scores_agree_with_direct_convoluti
     adapter = PixelDDPMAdapter(place(unet, torch.device("cpu"), torch.float32),
                                DDPMScheduler(num_train_timesteps=1000), resolution=16, device=torch.device("cpu"),
                                dtype=torch.float32)
-    assert sum(isinstance(m, winograd.WinogradConv2d) for m in unet.modules()) >= 4
-    det = Detector(adapter)
+    assert not any(isinstance(m, winograd.WinogradConv2d) for m in unet.modules())  # place() leaves convs alone
     images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    monkeypatch.delenv(winograd.ENV, raising=False)
+    det = Detector(adapter)  # default: on
+    assert det.winograd and det.settings.winograd is True
+    assert sum(isinstance(m, winograd.WinogradConv2d) for m in unet.modules()) >= 4
     fast = det.score_tensor(images)
     with winograd.disabled():
-        direct = det.score_tensor(images)
+        assert fast["std"] != pytest.approx(det.score_tensor(images)["std"], rel=1e-9, abs=0)  # it did run
+    off = Detector(adapter, winograd=False)
+    assert off.settings.winograd is False and not any(isinstance(m, winograd.WinogradConv2d) for m in unet.modules())
+    assert fingerprint(vars(off.settings)) != fingerprint(vars(det.settings))  # a resume key part
+    direct = off.score_tensor(images)
     for metric in fast:
         assert fast[metric] == pytest.approx(direct[metric], rel=1e-4), metric
+    monkeypatch.setenv(winograd.ENV, "0")
+    assert Detector(adapter).settings.winograd is False  # the environment sets the default
 
 
+@pytest.mark.slow
 @needs_shared("data", "configs", "sd14", "vae", "config.json")
 def test_sd14_vae_latents_agree_with_direct_convolutions():
     from diffusers import AutoencoderKL
@@ -147,6 +165,7 @@ def test_sd14_vae_latents_agree_with_direct_convolutions():
     torch.manual_seed(0)
     vae = AutoencoderKL.from_config(json.loads(CONFIGS.joinpath("sd14", "vae", "config.json").read_text()))
     vae = place(vae.eval(), torch.device("cpu"), torch.float32)
+    winograd.use_winograd(vae)
     n = sum(isinstance(m, winograd.WinogradConv2d) for m in vae.encoder.modules())
     assert n == 16  # 3x3 stride-1 convolutions of down_blocks 1-3 and the mid-block (128 x 128 ones stay direct)
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -26,8 +26,8 @@ Every function returns one score per image oriented like ours: **higher = more l
   the prediction hard towards their image: large = memorized. For class-conditional models c is the class and null
   the null class (the class-conditional analogue).
 * ``nemo_activations`` / ``NemoStatistics`` (Hintersdorf et al., NeurIPS 2024, "Finding NeMo"): the cross-attention
-  *value* layers (``attn2.to_v`` of the down and mid blocks: the 7 layers NeMo reads in SD 1.x) applied to the
-  prompt's text embedding; a neuron's activation is its absolute value averaged over the 77 tokens. NeMo flags
+  *value* layers (``Adapter.cross_attention_values``: ``attn2.to_v`` of the down and mid blocks, the 7 layers NeMo
+  reads in SD 1.x) applied to the prompt's text embedding; a neuron's activation is its absolute value averaged over the 77 tokens. NeMo flags
   neurons whose activation is an outlier, |a - mean| / std > theta, against statistics of non-memorized prompts.
   The score here is the largest such z-score over all neurons of all value layers (a threshold-free version of
   NeMo's out-of-distribution neuron test, for ROC curves); the statistics come from reference prompts the caller
@@ -36,22 +36,18 @@ Every function returns one score per image oriented like ours: **higher = more l
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..models.base import Adapter
+from ..models.base import Adapter, noise_difference_norm
 
 
 def predict_eps(adapter: Adapter, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
-    """The adapter's noise prediction, with the empty condition or with ``cond`` (text embeddings, class labels)."""
-    x_t = x_t.to(adapter.dtype)
-    if cond is None:
-        return adapter.predict_noise(x_t, t).float()
-    return adapter.predict_noise(x_t, t, cond).float()
+    """The adapter's noise prediction (float32) with ``cond`` (``Adapter.encode_condition``) or the null condition."""
+    return adapter.predict_noise(x_t.to(adapter.dtype), t, cond).float()
 
 
 @torch.no_grad()
@@ -146,11 +142,6 @@ def nearest_generation(images: torch.Tensor, pool: torch.Tensor | None = None, c
 # -- Wen et al. ----------------------------------------------------------------------------------------------------
 
 
-def noise_difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
-    """||eps_cond - eps_uncond||_2 per sample (float32, on the inputs' device): Wen et al.'s per-step quantity."""
-    return (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)
-
-
 @torch.no_grad()
 def wen_first_step(adapter: Adapter, x_T: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
     """Wen et al.'s detection at the first sampling step: the noise-difference norm at the initial noise ``x_T``
@@ -161,35 +152,22 @@ def wen_first_step(adapter: Adapter, x_T: torch.Tensor, t: int, cond: Any) -> to
 
 def wen_all_steps(step_norms: torch.Tensor) -> torch.Tensor:
     """Wen et al.'s all-step score: the noise-difference norms recorded at every step of the generation
-    ([steps, B], see ``memdetect.bench.generate``), averaged over the steps."""
+    ([steps, B], see ``Adapter.sample``), averaged over the steps."""
     return step_norms.float().mean(dim=0)
 
 
 # -- NeMo (Hintersdorf et al.) -------------------------------------------------------------------------------------
 
-#: The cross-attention value projections of the down and mid blocks (NeMo's 7 layers in SD 1.x).
-NEMO_VALUE_LAYERS = re.compile(
-    r"^(down_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+\.attn2\.to_v$")
-
-
-def nemo_value_layers(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """NeMo's value layers of a text-conditional UNet, by module name, in forward order."""
-    layers = {name: m for name, m in denoiser.named_modules() if NEMO_VALUE_LAYERS.match(name)}
-    if not layers:
-        raise ValueError("the model has no cross-attention value layers (down/mid attn2.to_v); NeMo needs a "
-                         "text-conditional UNet")
-    return layers
-
-
 @torch.no_grad()
-def nemo_activations(denoiser: nn.Module, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """|to_v(text embedding)| averaged over tokens, for every neuron of every value layer: [B, neurons] (float32).
+def nemo_activations(value_layers: Iterable[nn.Module], text_embeddings: torch.Tensor) -> torch.Tensor:
+    """|to_v(text embedding)| averaged over tokens, for every neuron of every value layer (``value_layers``, e.g.
+    ``adapter.cross_attention_values().values()``): [B, neurons] (float32).
 
     The value projections see only the text embedding, so no denoiser forward pass is needed: this is what NeMo's
     hooks capture during the first denoising step.
     """
     acts = []
-    for layer in nemo_value_layers(denoiser).values():
+    for layer in value_layers:
         weight = next(layer.parameters())
         acts.append(layer(text_embeddings.to(weight.device, weight.dtype)).float().abs().mean(dim=1).cpu())
     return torch.cat(acts, dim=1)

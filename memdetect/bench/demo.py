@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..capture import LayerSpec, Trace, pool, probe_layers
+from ..capture import LayerSpec, Trace, pool
 from ..detector import Detector
+from ..errors import UsageError
 from ..io import image_seed
 from ..models.presets import packaged
 from ..scores import SCORES, std
@@ -66,7 +67,7 @@ def subset(data: DemoSet, limit: int | None, seed: int = 0) -> DemoSet:
     from sklearn.model_selection import train_test_split
 
     if limit < 4:
-        raise ValueError(f"--limit must be at least 4 (2 per class), got {limit}")
+        raise UsageError(f"--limit must be at least 4 (2 per class), got {limit}")
     keep, _ = train_test_split(data.labelled, train_size=limit, stratify=data.labels, random_state=seed)
     return DemoSet(data.images, data.manifest, np.sort(keep))
 
@@ -176,10 +177,7 @@ def sweep_layers(det: Detector, data: DemoSet, *, timesteps=SWEEP_TIMESTEPS, bat
     labels = data.labels
     idx = np.arange(len(labels))
     sel, held = train_test_split(idx, train_size=select_fraction, stratify=labels, random_state=split_seed)
-    probe_x = a.noise(a.encode(images[:1]), det.timestep, [0])
-    with torch.inference_mode():
-        infos = probe_layers(a.denoiser, lambda: a.forward(probe_x, det.timestep))
-    specs = [i.spec for i in infos if len(i.shape) in (2, 3, 4) and i.shape[1] >= 2 and i.shape[0] == 1]
+    specs = [i.spec for i in det.layers() if len(i.shape) in (2, 3, 4) and i.shape[1] >= 2 and i.shape[0] == 1]
     specs = [s for s in specs if not s.startswith("time_")]  # image-independent time-embedding layers
     default = str(det.layer)
     if default not in specs:  # e.g. an input hook (NAME:in): sweep it too, just before its module's output

@@ -7,8 +7,9 @@ detector and with every baseline that applies, and writes, into its output folde
 * ``scores.csv``: one row per labelled unit (a prompt for laion, a generated image otherwise) with every score;
   laion also writes ``images.csv``, one row per generated image with the image-level scores;
 * ``roc.png``; ``settings.json`` (everything that determines the numbers); ``images/`` (the generations, PNG);
-* ``records/records-<rank>.jsonl``: one line per finished prompt or sample. A rerun into the same folder skips
-  what is recorded there (same settings required), so an interrupted run resumes where it stopped.
+* ``records/records-<rank>.jsonl``: a journal (``memdetect.journal``), one line per finished prompt or sample. A
+  rerun into the same folder skips what is recorded there (same settings required), so an interrupted run resumes
+  where it stopped.
 
 **laion** (Stable Diffusion): label 1 = a prompt of the memorized list, 0 = of the normal list (prompt-level
 labels, as in Wen et al. and NeMo). For each prompt, K generations (seeded, DDIM 50 steps, guidance 7.5). A method
@@ -58,14 +59,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..detector import Detector
 from ..errors import InputError, UsageError
 from ..io import ImageError, discover, image_seed, load_image
+from ..journal import Journal, read_journals
+from ..models.base import CONDITIONING
 from ..scores import SCORES, compute_all
 from . import baselines
 from .demo import plot_roc, results_table
-from .generate import TextEncoder, default_steps, generate, generation_seed, save_png
+from .generate import generate, generation_seed, save_png
 from .labels import LabelRule, nearest_neighbours_in
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
@@ -73,7 +76,10 @@ log = logging.getLogger(__name__)
 
 OURS = [f"ours_{m}" for m in SCORES]
 LAION_METHODS = [*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "carlini"]
-BENCH_FAMILIES = {"laion": ("sd",), "imagenet": ("dit",), "cifar10": ("ddpm", "edm")}
+#: what each benchmark's model must be conditioned on (``Adapter.conditioning``)
+BENCH_CONDITIONING = {"laion": "text", "imagenet": "class", "cifar10": None}
+#: classifier-free guidance of class-conditional samples (DiTPipeline's default)
+CLASS_GUIDANCE = 4.0
 #: settings that must match for a rerun to reuse recorded prompts or samples
 RESUME_KEYS = ("bench", "family", "source", "layer", "timestep", "steps", "guidance", "generations", "seed",
                "flipd_probes", "dtype", "classes")
@@ -129,31 +135,8 @@ class Clock:
         return out, time.perf_counter() - t0
 
 
-class Records:
-    """Append-only JSON-lines records, one file per process; a line cut short by a crash is ignored on reading."""
-
-    def __init__(self, folder: Path, rank: int = 0):
-        self.folder = folder
-        self.path = folder / f"records-{rank}.jsonl"
-
-    def load(self) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        for path in sorted(self.folder.glob("records-*.jsonl")):
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "key" in rec:
-                    out[rec["key"]] = rec
-        return out
-
-    def append(self, rec: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+def _journals(output: Path) -> list[Path]:
+    return sorted((output / "records").glob("records-*.jsonl"))
 
 
 def check_settings(output: Path, settings: dict, write: bool) -> None:
@@ -256,27 +239,28 @@ class PromptItem:
         return int(self.source == "memorized")
 
 
-def _laion_prompt(ctx: Context, text: TextEncoder, item: PromptItem, k: int) -> dict:
+def _laion_prompt(ctx: Context, item: PromptItem, k: int) -> dict:
     """Generate the K images of one prompt, save them, score them with the image- and generation-level methods."""
     a = ctx.adapter
     seeds = [generation_seed(ctx.seed, item.key, j) for j in range(k)]
-    cond = text([item.prompt]).expand(k, -1, -1)
+
+    def embed():  # prompt-using methods pay for their text encoding
+        cond = a.encode_condition([item.prompt])
+        return cond.expand(k, *cond.shape[1:])
+
+    cond = embed()
     gen, gen_sec = ctx.clock(lambda: generate(a, seeds, cond=cond, steps=ctx.steps, guidance=ctx.guidance))
     paths = [ctx.output / "images" / f"{item.key}_{j}.png" for j in range(k)]
     save_png(gen.images, paths)
     images = gen.images
-
-    def embed():  # prompt-using methods pay for their text encoding
-        return text([item.prompt]).expand(k, -1, -1)
-
     methods = {
         "ours": lambda: ours(ctx.det, images),
-        "wen_first_step": lambda: baselines.wen_first_step(a, gen.x_T, gen.first_t, embed()).numpy(),
+        "wen_first_step": lambda: baselines.wen_first_step(a, gen.sample.x_T, gen.sample.first_t, embed()).numpy(),
         "ross_flipd": lambda: _ross(ctx, images, embed()),
         "carlini": lambda: baselines.carlini_density(images, neighbours=k - 1).numpy(),
     }
     scores, seconds = score_images(ctx, methods)
-    scores["wen_all_steps"] = baselines.wen_all_steps(gen.noise_difference).numpy()
+    scores["wen_all_steps"] = baselines.wen_all_steps(gen.sample.noise_difference).numpy()
     seconds["wen_all_steps"] = gen_sec
     return {"key": item.key, "source": item.source, "row": item.row, "prompt": item.prompt, "label": item.label,
             "seeds": seeds, "images": [str(p.relative_to(ctx.output)) for p in paths], "n_images": k,
@@ -284,20 +268,21 @@ def _laion_prompt(ctx: Context, text: TextEncoder, item: PromptItem, k: int) -> 
             "seconds": seconds, "generation_seconds": gen_sec}
 
 
-def _nemo_scores(ctx: Context, text: TextEncoder, prompts: Sequence[str], reference: Sequence[str]) -> tuple:
+def _nemo_scores(ctx: Context, prompts: Sequence[str], reference: Sequence[str]) -> tuple:
     """NeMo's statistics on ``reference`` (untimed, like a calibration), then each prompt's score, timed one
     prompt at a time (text encoder + value layers + z-scores). A prompt that is also a reference prompt is scored
     against the statistics of the other reference prompts (leave-one-out): the default reference is the normal
     prompts themselves. Returns (scores [N], seconds [N])."""
-    unet = ctx.adapter.denoiser
+    a = ctx.adapter
+    values = list(a.cross_attention_values().values())
     reference = list(reference)
-    ref = torch.cat([baselines.nemo_activations(unet, text(list(b))) for b in _batches(reference, 32)])
+    ref = torch.cat([baselines.nemo_activations(values, a.encode_condition(b)) for b in _batches(reference, 32)])
     stats = baselines.NemoStatistics.fit(ref)
     row_of = {p: i for i, p in enumerate(reference)}
 
     def one(p: str) -> float:
         st = stats.without(ref[row_of[p]]) if p in row_of else stats
-        return float(st.score(baselines.nemo_activations(unet, text([p])))[0])
+        return float(st.score(baselines.nemo_activations(values, a.encode_condition([p])))[0])
 
     if prompts:
         one(prompts[0])  # warm-up
@@ -338,8 +323,7 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
     procs = processes()
     det = _load(model, model_path, "laion", procs, device, dtype)
     a = det.adapter
-    steps = steps or default_steps(a.family)
-    text = TextEncoder.load(a.source, a.device, a.dtype)
+    steps = steps or a.sampling_steps
     items = ([PromptItem(f"mem-{r:05d}", "memorized", int(r), p) for r, p in zip(mem_df["row"], mem_df["prompt"])]
              + [PromptItem(f"normal-{r:05d}", "normal", int(r), p) for r, p in zip(norm_df["row"], norm_df["prompt"])])
     settings = {**_common_settings("laion", det, steps, guidance, seed, flipd_probes, procs),
@@ -349,22 +333,22 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
                 "carlini": {"grid": 4, "neighbours": generations - 1}}
     check_settings(output, settings, procs.main)
     ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed)
-    records = Records(output / "records", procs.rank)
-    done = records.load()
+    done = read_journals(_journals(output))
     todo = [it for it in items if done.get(it.key, {}).get("prompt") != it.prompt]
     procs.wait()  # every process has read the same records before any adds to them: the shares do not overlap
     mine = todo[procs.rank::procs.world]
-    for n, item in enumerate(mine, 1):
-        records.append(_laion_prompt(ctx, text, item, generations))
-        if progress:
-            progress(n, len(mine))
+    with Journal(output / "records" / f"records-{procs.rank}.jsonl") as journal:
+        for n, item in enumerate(mine, 1):
+            journal.append([_laion_prompt(ctx, item, generations)])
+            if progress:
+                progress(n, len(mine))
     procs.wait()
     result = {"settings": settings, "generated": len(mine), "skipped": len(items) - len(todo)}
     if not procs.main:
         return result
 
-    recs = _recorded(records, [it.key for it in items], "prompts")
-    nemo, nemo_sec = _nemo_scores(ctx, text, [it.prompt for it in items], reference)
+    recs = _recorded(output, [it.key for it in items], "prompts")
+    nemo, nemo_sec = _nemo_scores(ctx, [it.prompt for it in items], reference)
     image_rows, prompt_rows = [], []
     for rec, nemo_score in zip(recs, nemo):
         row = {"key": rec["key"], "source": rec["source"], "row": rec["row"], "prompt": rec["prompt"],
@@ -395,18 +379,19 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
 
 def _sample_batch(ctx: Context, keys: Sequence[str], seeds: Sequence[int], classes: Sequence[int] | None) -> list[dict]:
     a = ctx.adapter
-    cond = None if classes is None else torch.tensor(list(classes), dtype=torch.long, device=a.device)
+    cond = None if classes is None else a.encode_condition(classes)
     gen, gen_sec = ctx.clock(lambda: generate(a, seeds, cond=cond, steps=ctx.steps, guidance=ctx.guidance))
     paths = [ctx.output / "images" / f"{k}.png" for k in keys]
     save_png(gen.images, paths)
     images = gen.images
     methods: dict[str, Callable[[], Any]] = {"ours": lambda: ours(ctx.det, images)}
     if cond is not None:
-        methods["wen_first_step"] = lambda: baselines.wen_first_step(a, gen.x_T, gen.first_t, cond).numpy()
+        methods["wen_first_step"] = lambda: baselines.wen_first_step(a, gen.sample.x_T, gen.sample.first_t,
+                                                                     cond).numpy()
     methods["ross_flipd"] = lambda: _ross(ctx, images, cond)
     scores, seconds = score_images(ctx, methods)
-    if gen.noise_difference is not None:
-        scores["wen_all_steps"] = baselines.wen_all_steps(gen.noise_difference).numpy()
+    if gen.sample.noise_difference is not None:
+        scores["wen_all_steps"] = baselines.wen_all_steps(gen.sample.noise_difference).numpy()
         seconds["wen_all_steps"] = gen_sec
     b = len(keys)
     return [{"key": k, "seed": int(s), "class": None if classes is None else int(classes[j]),
@@ -448,6 +433,13 @@ def train_batches(files: Sequence[Path], resolution: int, batch_size: int = 512,
             yield torch.from_numpy(np.stack(ok))
 
 
+def label_rule(memorized_at: float, generalized_below: float) -> LabelRule:
+    """The labelling rule of ``--memorized-at`` / ``--generalized-below``, checked (a one-line UsageError)."""
+    if not generalized_below <= memorized_at:
+        raise UsageError(f"--generalized-below ({generalized_below}) must not exceed --memorized-at ({memorized_at})")
+    return LabelRule(memorized_at=memorized_at, generalized_below=generalized_below)
+
+
 def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int,
                   rule: LabelRule) -> pd.DataFrame:
     """Nearest training image of each generated image (pixel correlation at ``resolution``) and its label."""
@@ -469,11 +461,12 @@ def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int,
 
 def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | Path, model_path: str | None = None,
                 num_samples: int = 1000, batch_size: int | None = None, steps: int | None = None,
-                guidance: float = 4.0, classes: Sequence[int] | None = None, rule: LabelRule = LabelRule(),
+                guidance: float | None = None, classes: Sequence[int] | None = None, rule: LabelRule = LabelRule(),
                 label_resolution: int | None = None, device: str = "auto", dtype: str = "auto", seed: int = 0,
                 flipd_probes: int = 1, carlini_neighbours: int = 1, progress: Progress | None = None) -> dict:
-    """``bench imagenet`` (DiT) / ``bench cifar10`` (pixel DDPM, EDM): generate, label by nearest training image,
-    score, tabulate (module docstring)."""
+    """``bench imagenet`` (class-conditional: DiT) / ``bench cifar10`` (unconditional: pixel DDPM, EDM): generate,
+    label by nearest training image, score, tabulate (module docstring). ``classes`` and ``guidance`` (default
+    ``CLASS_GUIDANCE``) apply to class-conditional models only."""
     output = Path(output)
     if bench not in ("imagenet", "cifar10"):
         raise UsageError(f"unknown benchmark {bench!r}; choose imagenet or cifar10")
@@ -489,16 +482,18 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     procs = processes()
     det = _load(model, model_path, bench, procs, device, dtype)
     a = det.adapter
-    steps = steps or default_steps(a.family)
-    conditional = a.family == "dit"
+    steps = steps or a.sampling_steps
+    conditional = a.conditioning == "class"
     if conditional:
-        n_classes = int(a.null_class)
+        guidance = CLASS_GUIDANCE if guidance is None else guidance
+        n_classes = int(a.num_classes)
         classes = list(range(n_classes)) if classes is None else [int(c) for c in classes]
         bad = [c for c in classes if not 0 <= c < n_classes]
         if bad or not classes:
             raise UsageError(f"--classes must be class indices in [0, {n_classes}), got {bad or 'none'}")
-    elif classes is not None:
-        raise UsageError(f"--classes applies to class-conditional models; {det.name} is unconditional")
+    elif classes is not None or guidance is not None:
+        given = "--classes" if classes is not None else "--guidance"
+        raise UsageError(f"{given} applies to class-conditional models; {det.name} is unconditional")
     else:
         guidance = 1.0
     bs = batch_size or det.batch_size
@@ -516,26 +511,25 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
                 "carlini": {"grid": 4, "neighbours": carlini_neighbours, "pool": "all generated samples"}}
     check_settings(output, settings, procs.main)
     ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed)
-    records = Records(output / "records", procs.rank)
-    done = records.load()
+    done = read_journals(_journals(output))
     todo = [k for k in keys if k not in done]
     procs.wait()  # as in run_laion: the same list of unfinished samples in every process
     mine = list(_batches(todo, bs))[procs.rank::procs.world]
     total = sum(len(b) for b in mine)
     finished = 0
-    for batch in mine:
-        for rec in _sample_batch(ctx, batch, [seeds[k] for k in batch], [cls_of[k] for k in batch] if conditional
-                                 else None):
-            records.append(rec)
-        finished += len(batch)
-        if progress:
-            progress(finished, total)
+    with Journal(output / "records" / f"records-{procs.rank}.jsonl") as journal:
+        for batch in mine:
+            journal.append(_sample_batch(ctx, batch, [seeds[k] for k in batch],
+                                         [cls_of[k] for k in batch] if conditional else None))
+            finished += len(batch)
+            if progress:
+                progress(finished, total)
     procs.wait()
     result = {"settings": settings, "generated": total, "skipped": len(keys) - len(todo)}
     if not procs.main:
         return result
 
-    recs = _recorded(records, keys, "samples")
+    recs = _recorded(output, keys, "samples")
     paths = [output / r["image"] for r in recs]
     images = torch.from_numpy(np.stack([_read_png(p) for p in paths]))
     methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd", "carlini"]
@@ -570,12 +564,13 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
 # -- shared ----------------------------------------------------------------------------------------------------------
 
 
-def _recorded(records: Records, keys: Sequence[str], what: str) -> list[dict]:
-    """The records of ``keys`` in order; an error naming how many are missing (a process that failed)."""
-    found = records.load()
+def _recorded(output: Path, keys: Sequence[str], what: str) -> list[dict]:
+    """The records of ``keys`` in order, from every process's journal; an error naming how many are missing (a
+    process that failed)."""
+    found = read_journals(_journals(output))
     missing = [k for k in keys if k not in found]
     if missing:
-        raise InputError(f"{len(missing)} {what} have no record in {records.folder} (first: {missing[0]}); a process "
+        raise InputError(f"{len(missing)} {what} have no record in {output / 'records'} (first: {missing[0]}); a process "
                          f"stopped early: rerun the same command to finish them")
     return [found[k] for k in keys]
 
@@ -584,21 +579,19 @@ def _load(model: str, model_path: str | None, bench: str, procs: Processes, devi
     if procs.device is not None and device == "auto":
         device = procs.device
     det = Detector.from_pretrained(model, model_path, device=device, dtype=dtype)
-    families = BENCH_FAMILIES[bench]
-    if det.adapter.family not in families:
-        raise UsageError(f"bench {bench} needs a {' or '.join(families)} model; {det.name} is a "
-                         f"{det.adapter.family} model")
+    need, have = BENCH_CONDITIONING[bench], det.adapter.conditioning
+    if have != need:
+        raise UsageError(f"bench {bench} needs a model that is {CONDITIONING[need]}; {det.name} is a "
+                         f"{det.adapter.family} model, {CONDITIONING[have]}")
     return det
 
 
 def _common_settings(bench: str, det: Detector, steps: int, guidance: float, seed: int, flipd_probes: int,
                      procs: Processes) -> dict:
     st = asdict(det.settings)
-    sampler = {"edm": "EDM Heun (deterministic)", "ddpm": "DDPM ancestral (DDIM eta=1)"}.get(det.adapter.family,
-                                                                                               "DDIM (eta=0)")
     return {"bench": bench, "family": st["family"], "source": st["source"], "model": st["model"],
             "layer": st["layer"], "timestep": st["timestep"], "dtype": st["dtype"], "device": st["device"],
-            "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed, "flipd_probes": flipd_probes,
+            "winograd": st["winograd"], "steps": steps, "sampler": det.adapter.sampler, "guidance": guidance, "seed": seed, "flipd_probes": flipd_probes,
             "flipd_timestep": st["timestep"], "processes": procs.world, "memdetect": __version__,
             "torch": torch.__version__}
 

@@ -14,9 +14,9 @@ which ``--memorized-filter`` can select on (``type=VM``, ``max_sscd>=0.5``, ``in
 
 The public lists are pinned to the commits that ``../shared/data/prompts/README.md`` records and checked against
 their git blob ids (``git hash-object``), so a cached or downloaded copy is known to be byte-identical to the
-published file. They are cached in ``$MEMDETECT_CACHE/prompts`` (default ``~/.cache/memdetect/prompts``); with
-``HF_HUB_OFFLINE`` or ``MEMDETECT_OFFLINE`` set, a list that is not cached is a one-line error naming the option that
-reads a local file instead.
+published file. They are cached in ``$MEMDETECT_CACHE/prompts`` (default ``~/.cache/memdetect/prompts``, see ``memdetect.hub``); in
+offline mode (``HF_HUB_OFFLINE`` or ``MEMDETECT_OFFLINE``), a list that is not cached is a one-line error naming the
+option that reads a local file instead.
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ import json
 import logging
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
 
+from .. import hub
 from ..errors import InputError, UsageError
 
 log = logging.getLogger(__name__)
@@ -84,15 +83,8 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("MEMDETECT_OFFLINE", "HF_HUB_OFFLINE"))
-
-
 def prompt_cache_dir() -> Path:
-    from ..models.edm import cache_dir  # the one place that knows $MEMDETECT_CACHE
-
-    return cache_dir() / "prompts"
+    return hub.cache_dir() / "prompts"
 
 
 def fetch_public_list(name: str, *, option: str = "--memorized/--normal", timeout: float = 60.0) -> Path:
@@ -106,22 +98,20 @@ def fetch_public_list(name: str, *, option: str = "--memorized/--normal", timeou
         if git_blob_id(dest.read_bytes()) == pub.blob:
             return dest
         log.warning("cached %s does not match its pinned git blob id; downloading it again", dest)
-    if _offline():
-        raise InputError(f"{pub.what} is not cached in {dest.parent} and offline mode is set (HF_HUB_OFFLINE or "
-                         f"MEMDETECT_OFFLINE); run once with network access, or pass {option} FILE")
+    if hub.offline():
+        raise InputError(f"{pub.what} is not cached in {dest.parent} and offline mode is set "
+                         f"({' or '.join(hub.OFFLINE_VARIABLES)}); run once with network access, or pass {option} FILE")
+    part = dest.with_name(dest.name + ".download")
     try:
-        with urllib.request.urlopen(pub.url, timeout=timeout) as r:
-            data = r.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise InputError(f"could not download {pub.what} from {pub.url} ({reason}); pass {option} FILE") from None
-    if git_blob_id(data) != pub.blob:
-        raise InputError(f"the download of {pub.url} is not the pinned file (git blob {git_blob_id(data)[:12]}, "
+        hub.download(pub.url, part, timeout=timeout)
+    except hub.DownloadError as e:
+        raise InputError(f"could not download {pub.what} from {pub.url} ({e}); pass {option} FILE") from None
+    blob = git_blob_id(part.read_bytes())
+    if blob != pub.blob:
+        part.unlink(missing_ok=True)
+        raise InputError(f"the download of {pub.url} is not the pinned file (git blob {blob[:12]}, "
                          f"expected {pub.blob[:12]}); refusing to use it, pass {option} FILE")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)
+    os.replace(part, dest)
     return dest
 
 

@@ -1,7 +1,12 @@
-"""Model adapters: a name-to-class table, presets, family detection and loading."""
+"""Model adapters: the family table, presets, family detection and loading.
+
+The built-in families (``sd``, ``dit``, ``ddpm``, ``edm``) register themselves when their files are imported here;
+other packages add theirs through the ``memdetect.adapters`` entry-point group (objects: ``Adapter`` subclasses).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -9,48 +14,30 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError, UsageError
-from .base import Adapter
-from .ddpm import PixelDDPMAdapter
-from .dit import DiTAdapter
-from .edm import EDMAdapter
-from .hub import read_json
-from .presets import PRESETS, Preset
-from .sd import StableDiffusionAdapter
+from ..hub import read_json
+from . import ddpm, dit, edm, sd  # noqa: F401  (each registers its adapter)
+from .base import ADAPTERS, Adapter, register_adapter
+from .presets import PRESETS, Preset, register_preset
 
-ADAPTERS: dict[str, type[Adapter]] = {}
+log = logging.getLogger(__name__)
 
-
-def register_adapter(cls: type[Adapter]) -> type[Adapter]:
-    """Add an adapter class to the table under ``cls.family`` (usable as a decorator)."""
-    ADAPTERS[cls.family] = cls
-    return cls
+ENTRY_POINT_GROUP = "memdetect.adapters"
 
 
-for _cls in (StableDiffusionAdapter, DiTAdapter, PixelDDPMAdapter, EDMAdapter):
-    register_adapter(_cls)
+def load_entry_points() -> list[str]:
+    """Register the adapters of the ``memdetect.adapters`` entry-point group; returns their families."""
+    added = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            cls = register_adapter(ep.load())
+        except Exception as e:  # one broken plug-in must not stop memdetect
+            log.warning("entry point %s (%s) is not a usable adapter: %s", ep.name, ENTRY_POINT_GROUP, e)
+            continue
+        added.append(cls.family)
+    return added
 
 
-def _load_entry_points() -> None:
-    """Third-party adapters: entry-point group ``memdetect.adapters`` whose objects are Adapter classes."""
-    try:
-        eps = entry_points(group="memdetect.adapters")
-    except TypeError:  # pragma: no cover - Python < 3.10 API
-        eps = entry_points().get("memdetect.adapters", [])
-    for ep in eps:
-        register_adapter(ep.load())
-
-
-_load_entry_points()
-
-#: diffusers pipeline / model class name -> family
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "DiTPipeline": "dit",
-    "DDPMPipeline": "ddpm",
-    "DDIMPipeline": "ddpm",
-    "UNet2DModel": "ddpm",
-}
+load_entry_points()
 
 
 def detect_family(source: str) -> str:
@@ -60,8 +47,9 @@ def detect_family(source: str) -> str:
         if cfg is None:
             continue
         name = cfg.get("_class_name", "")
-        if name in PIPELINE_FAMILIES:
-            return PIPELINE_FAMILIES[name]
+        for family, cls in ADAPTERS.items():
+            if name in cls.pipeline_classes:
+                return family
         if name:
             raise UnsupportedModelError(
                 f"{source} is a {name}, which memdetect does not support (families: {', '.join(sorted(ADAPTERS))})")
@@ -105,13 +93,18 @@ def resolve_model(model: str, model_path: str | None = None) -> ModelSpec:
     return ModelSpec(detect_family(model), model, model)
 
 
-def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Adapter:
+def adapter_class(family: str) -> type[Adapter]:
+    """The registered adapter of ``family``; UnsupportedModelError naming it and the known ones otherwise."""
     try:
-        cls = ADAPTERS[spec.family]
+        return ADAPTERS[family]
     except KeyError:
-        raise UnsupportedModelError(f"no adapter for family {spec.family!r} (have: {', '.join(sorted(ADAPTERS))})")
-    return cls.load(spec.source, device=device, dtype=dtype, **spec.options)
+        raise UnsupportedModelError(f"no adapter for family {family!r} (have: {', '.join(sorted(ADAPTERS))})") from None
 
 
-__all__ = ["ADAPTERS", "Adapter", "ModelSpec", "PRESETS", "Preset", "detect_family", "load_adapter",
-           "register_adapter", "resolve_model"]
+def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Adapter:
+    return adapter_class(spec.family).load(spec.source, device=device, dtype=dtype, **spec.options)
+
+
+__all__ = ["ADAPTERS", "Adapter", "ENTRY_POINT_GROUP", "ModelSpec", "PRESETS", "Preset", "adapter_class",
+           "detect_family", "load_adapter", "load_entry_points", "register_adapter", "register_preset",
+           "resolve_model"]

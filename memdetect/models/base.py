@@ -1,15 +1,22 @@
-"""The adapter protocol: one model family per adapter, each a self-contained file.
+"""The adapter protocol: one model family per adapter, each a self-contained file that registers itself.
 
-An adapter owns a loaded model and knows four things about its family:
+An adapter owns a loaded model and everything about its family that memdetect and its benchmarks need:
 
-* ``encode``: uint8 RGB images ``[B, 3, R, R]`` -> the denoiser's input space ``x0`` (VAE latent mean x scaling
-  factor for latent models, ``[-1, 1]`` pixels for pixel models);
-* ``noise``: ``x0`` -> ``x_t`` with the family's own scheduler (``add_noise``), the noise drawn per image from
-  a generator seeded by the caller (so an image's noise does not depend on its batch);
-* ``forward``: one denoiser call at timestep ``t`` with the empty condition (empty prompt, null class, none);
-* ``default_layer`` and ``pooling``: where to look and how to reduce what is captured there.
+* scanning: ``encode`` (uint8 RGB ``[B, 3, R, R]`` -> the denoiser's input space ``x0``: VAE latent mean x scaling
+  factor for latent models, ``[-1, 1]`` pixels for pixel models), ``noise`` (``x0`` -> ``x_t`` with the family's
+  own noising, one seeded draw per image), ``forward`` (one denoiser call with the null condition),
+  ``default_layer`` and ``pooling`` (where to look and how to reduce what is captured there);
+* conditioning: ``conditioning`` says what a condition is ("text": prompts, "class": class labels, None:
+  unconditional); ``encode_condition`` turns prompts or class indices into the condition ``predict_noise`` takes,
+  and ``predict_noise(x_t, t, cond=None)`` uses the null condition (empty prompt, null class, none) when ``cond``
+  is None; ``cross_attention_values`` finds the text cross-attention value layers (NeMo) in the module tree;
+* generation: ``sample`` (DDIM here; a family with another sampler overrides it) and ``decode`` (model space ->
+  uint8 pixels).
 
-The ``Detector`` composes these; hooks are attached to ``adapter.denoiser``.
+Registering: decorate the class with ``register_adapter`` (the family's name -> class table ``ADAPTERS``), or, from
+another package, name it in the ``memdetect.adapters`` entry-point group. A new family is one adapter file plus a
+preset row (``memdetect.models.presets.register_preset``). The ``Detector`` composes these; hooks are attached to
+``adapter.denoiser``.
 """
 
 from __future__ import annotations
@@ -17,18 +24,57 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from ..winograd import use_winograd
+from ..errors import UnsupportedModelError, UsageError
+
+#: family name -> adapter class (``register_adapter``)
+ADAPTERS: dict[str, type["Adapter"]] = {}
+#: what ``Adapter.conditioning`` may be, and how to say it
+CONDITIONING = {"text": "text-conditional (prompts)", "class": "class-conditional", None: "unconditional"}
+
+
+def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
+    """Class decorator: add an adapter class to ``ADAPTERS`` under ``cls.family`` (a later class replaces it)."""
+    family = getattr(cls, "family", None)
+    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or not isinstance(family, str) or not family:
+        raise TypeError(f"{cls!r} is not an Adapter subclass with a family name")
+    if cls.conditioning not in CONDITIONING:
+        raise TypeError(f"{cls.__name__}.conditioning must be one of {', '.join(map(repr, CONDITIONING))}")
+    ADAPTERS[family] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What a sampler returns, in model space (float32): the samples, the sampler's first denoiser input, its first
+    timestep (-1 for samplers without DDPM timesteps) and, with a condition, Wen et al.'s noise-difference norms
+    ||eps(x, c) - eps(x, null)|| at every step ([steps, B]; None without a condition)."""
+
+    x0: torch.Tensor
+    x_T: torch.Tensor
+    first_t: int
+    noise_difference: torch.Tensor | None = None
 
 
 class Adapter(ABC):
     family: ClassVar[str]
     #: "spatial-max" for UNets, "token-max" for transformers
     pooling: ClassVar[str] = "spatial-max"
+    #: diffusers ``_class_name`` values (model_index.json, config.json) this adapter loads: family detection
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: "text", "class" or None (see ``CONDITIONING``)
+    conditioning: ClassVar[str | None] = None
+    #: whether the family takes a noise level ``sigma`` directly (``--sigma``) as well as a DDPM timestep
+    accepts_sigma: ClassVar[bool] = False
+    #: sampling: the default number of steps, DDIM's eta (1: DDPM's ancestral sampler) and how to name the sampler
+    sampling_steps: ClassVar[int] = 50
+    sampling_eta: ClassVar[float] = 0.0
+    sampler: ClassVar[str] = "DDIM (eta=0)"
 
     def __init__(self, denoiser: nn.Module, scheduler, *, resolution: int, device: torch.device,
                  dtype: torch.dtype, source: str = ""):
@@ -42,21 +88,31 @@ class Adapter(ABC):
     # -- loading -------------------------------------------------------------------------------------------------
     @classmethod
     @abstractmethod
-    def load(cls, source: str, *, device: torch.device, dtype: torch.dtype, **kwargs) -> "Adapter":
-        """Load from a hub id or a local diffusers folder (raising ModelNotFoundError when unavailable)."""
+    def load(cls, source: str, *, device: torch.device, dtype: torch.dtype, **options) -> "Adapter":
+        """Load from a hub id or a local folder (raising ModelNotFoundError when unavailable)."""
 
-    # -- the pipeline stages -----------------------------------------------------------------------------------
+    @classmethod
+    def layer_hint(cls, options: dict) -> str:
+        """How ``memdetect models`` describes the default layer of a preset that leaves it to the adapter."""
+        return "the adapter's default layer"
+
+    def networks(self) -> list[nn.Module]:
+        """The modules this adapter runs (denoiser, VAE, ...): where speed settings such as Winograd apply."""
+        return [m for m in vars(self).values() if isinstance(m, nn.Module)]
+
+    # -- the scan's stages ---------------------------------------------------------------------------------------
     @abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, R, R] -> x0 in model space, on ``self.device`` in ``self.dtype``."""
 
     @abstractmethod
-    def forward(self, x_t: torch.Tensor, t: int) -> None:
-        """Run the denoiser once on ``x_t`` at timestep ``t`` with the empty condition (output unused)."""
+    def predict_noise(self, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
+        """The denoiser's epsilon prediction at ``x_t`` (same shape as ``x_t``) with condition ``cond`` (from
+        ``encode_condition``) or, when None, the null condition."""
 
-    @abstractmethod
-    def predict_noise(self, x_t: torch.Tensor, t: int) -> torch.Tensor:
-        """The denoiser's epsilon prediction at ``x_t`` (same shape as ``x_t``), for baselines that need it."""
+    def forward(self, x_t: torch.Tensor, t: int) -> None:
+        """Run the denoiser once on ``x_t`` at timestep ``t`` with the null condition (the hooks read it)."""
+        self.predict_noise(x_t, t)
 
     @abstractmethod
     def default_layer(self) -> str:
@@ -111,10 +167,129 @@ class Adapter(ABC):
         return {"family": self.family, "source": self.source, "resolution": self.resolution,
                 "pooling": self.pooling, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
 
+    # -- conditioning ----------------------------------------------------------------------------------------------
+    def encode_condition(self, values: Sequence[str] | Sequence[int]) -> Any:
+        """Prompts (``conditioning == "text"``) or class indices (``"class"``) -> the condition ``predict_noise``
+        takes, one per value (batch first)."""
+        raise UsageError(f"{self.family} models are {CONDITIONING[self.conditioning]}: they take no condition")
+
+    @property
+    def num_classes(self) -> int | None:
+        """How many classes a class-conditional model knows (None for the others)."""
+        return None
+
+    def cross_attention_values(self) -> dict[str, nn.Module]:
+        """The value projections of the denoiser's text cross-attention that NeMo reads, by module name, in forward
+        order (text-conditional families only)."""
+        raise UnsupportedModelError(f"{self.family} models have no text cross-attention (NeMo needs a "
+                                    f"text-conditional model)")
+
+    def _unconditional(self, cond: Any) -> None:
+        """For ``predict_noise`` of an unconditional family: refuse a condition."""
+        if cond is not None:
+            raise UsageError(f"{self.family} models are unconditional; the condition must be None")
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, seeds: Sequence[int], *, cond: Any = None, steps: int | None = None,
+               guidance: float = 1.0) -> Sample:
+        """Generate one sample per seed in model space: DDIM with ``sampling_eta`` over ``steps`` (default
+        ``sampling_steps``) and classifier-free guidance eps = u + g (c - u) when a condition is given.
+
+        diffusers' ``DDIMScheduler`` is built from the model's own scheduler config (its betas and timestep spacing),
+        as Wen et al. and NeMo swap it into the SD pipeline; ``eta=1`` with every training timestep is DDPM's
+        ancestral sampler with the posterior variance. With a condition both predictions are always evaluated
+        (Wen et al.'s norms need them). Every sample's initial noise (and DDPM's per-step noise) comes from its own
+        CPU generator seeded by the caller: a sample is the same alone or in any batch.
+        """
+        from diffusers import DDIMScheduler
+
+        steps = steps or self.sampling_steps
+        if not 1 <= steps <= self.num_train_timesteps:
+            raise UsageError(f"--steps must be in [1, {self.num_train_timesteps}], got {steps}")
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(steps)
+        eta = float(self.sampling_eta)
+        x = self.initial_noise(seeds) * float(sched.init_noise_sigma)
+        x_T = x.clone()
+        gens = [torch.Generator().manual_seed(int(s) + 1) for s in seeds] if eta > 0 else None
+        norms = []
+        for t in sched.timesteps:
+            t = int(t)
+            model_in = sched.scale_model_input(x, t).to(self.dtype)
+            if cond is None:
+                eps = self.predict_noise(model_in, t).float()
+            else:
+                eps_c, eps_u = self.predict_noise(model_in, t, cond).float(), self.predict_noise(model_in, t).float()
+                norms.append(noise_difference_norm(eps_c, eps_u).cpu())
+                eps = eps_u + guidance * (eps_c - eps_u)
+            noise = None
+            if gens is not None:
+                noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device)
+            x = sched.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample.float()
+        return Sample(x, x_T, int(sched.timesteps[0]), torch.stack(norms) if norms else None)
+
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """eps ~ N(0, I) in the model's input space, one CPU generator per seed (``draw_noise``)."""
+        return self.draw_noise(torch.empty(len(seeds), *self.latent_shape(), device=self.device), seeds)
+
+    @torch.no_grad()
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Model space -> uint8 [B, 3, R, R] on the CPU (pixel models: x0 is the image in [-1, 1])."""
+        return to_uint8(x0)
+
+
+def noise_difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:
+    """||eps_cond - eps_uncond||_2 per sample (float32, on the inputs' device): Wen et al.'s per-step quantity."""
+    return (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)
+
+
+class LatentAdapter(Adapter):
+    """Shared part of latent models with a diffusers ``AutoencoderKL``: x0 = the VAE posterior mean x scaling factor
+    (``vae.config.scaling_factor``, 0.18215 when absent); decoding is the VAE's decoder."""
+
+    def __init__(self, denoiser: nn.Module, vae: nn.Module, scheduler, *, device: torch.device, dtype: torch.dtype,
+                 source: str = ""):
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        super().__init__(denoiser, scheduler, resolution=denoiser.config.sample_size * self.vae_scale, device=device,
+                         dtype=dtype, source=source)
+        self.vae = vae.eval().requires_grad_(False)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+
+    def encode(self, images):
+        x = to_unit_range(images).to(self.device, self.dtype)
+        with self.autocast():
+            return vae_latent(self.vae, x, self.scaling_factor)
+
+    def latent_shape(self):
+        r = self.resolution // self.vae_scale
+        return (self.vae.config.latent_channels, r, r)
+
+    @torch.no_grad()
+    def decode(self, x0):
+        with self.autocast():
+            pixels = self.vae.decode((x0 / self.scaling_factor).to(self.dtype)).sample
+        return to_uint8(pixels)
+
+
+#: The paper's layer in a diffusers UNet: the input of the last up-block-0 resnet's second convolution, which in eval
+#: mode is the output of that resnet's post-norm2 SiLU, at the lowest resolution of the up path.
+UNET_LAYER = "up_blocks.0.resnets.{last}.conv2:in"
+
+
+def unet_layer(unet: nn.Module) -> str:
+    """``UNET_LAYER`` of a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``)."""
+    return UNET_LAYER.format(last=len(unet.up_blocks[0].resnets) - 1)
+
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> uint8 [0, 255] on the CPU (clamped, rounded)."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
 def place(module, device: torch.device, dtype: torch.dtype):
@@ -124,9 +299,7 @@ def place(module, device: torch.device, dtype: torch.dtype):
     layers: measured on 2 CPU cores with SD1.4's real architecture, the VAE encoder went from 12.7 to 9.8 s per
     512 px image and the UNet up to ``up_blocks.0`` from 3.4 to 2.9 s (``benchmarks/perf.py``). Activations follow
     the weights' layout; values are unchanged up to float rounding. ``MEMDETECT_CHANNELS_LAST=0`` turns it off.
-
-    On a CPU, the wide 3x3 convolutions also get Winograd's algorithm (``memdetect.winograd``; it applies to float32
-    inference only and falls back to the direct kernel everywhere else; ``MEMDETECT_WINOGRAD=0`` turns it off).
+    (Winograd's convolutions are a setting of the ``Detector``, recorded in its ``Settings``.)
     """
     module = module.to(device)
     if dtype != torch.float32:
@@ -134,8 +307,6 @@ def place(module, device: torch.device, dtype: torch.dtype):
     if os.environ.get("MEMDETECT_CHANNELS_LAST", "1") != "0" and any(
             isinstance(m, nn.Conv2d) for m in module.modules()):
         module = module.to(memory_format=torch.channels_last)
-    if device.type == "cpu":
-        use_winograd(module)
     return module
 
 

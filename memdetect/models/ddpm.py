@@ -6,16 +6,21 @@ SiLU of the last resnet in the lowest-resolution up block).
 
 from __future__ import annotations
 
-from .base import Adapter, place, to_unit_range
-from .hub import has_subfolder, load_component
+from ..hub import has_subfolder, load_component
+from .base import UNET_LAYER, Adapter, place, register_adapter, to_unit_range, unet_layer
 
 
+@register_adapter
 class PixelDDPMAdapter(Adapter):
     family = "ddpm"
     pooling = "spatial-max"
+    pipeline_classes = ("DDPMPipeline", "DDIMPipeline", "UNet2DModel")
+    sampling_steps = 1000
+    sampling_eta = 1.0
+    sampler = "DDPM ancestral (DDIM eta=1)"
 
     @classmethod
-    def load(cls, source, *, device, dtype, **kwargs):
+    def load(cls, source, *, device, dtype, **options):
         from diffusers import DDPMScheduler, UNet2DModel
 
         # New-layout repos keep unet/ and scheduler/ subfolders; the 2022 ones (google/ddpm-*) keep both at the root.
@@ -27,9 +32,12 @@ class PixelDDPMAdapter(Adapter):
         size = size[0] if isinstance(size, (list, tuple)) else size
         return cls(place(unet, device, dtype), scheduler, resolution=size, device=device, dtype=dtype, source=source)
 
+    @classmethod
+    def layer_hint(cls, options):
+        return UNET_LAYER.format(last="<last>")
+
     def default_layer(self) -> str:
-        last = len(self.denoiser.up_blocks[0].resnets) - 1
-        return f"up_blocks.0.resnets.{last}.conv2:in"
+        return unet_layer(self.denoiser)
 
     def encode(self, images):
         return to_unit_range(images).to(self.device, self.dtype)
@@ -37,10 +45,8 @@ class PixelDDPMAdapter(Adapter):
     def latent_shape(self):
         return (self.denoiser.config.in_channels, self.resolution, self.resolution)
 
-    def forward(self, x_t, t):
-        self.predict_noise(x_t, t)
-
-    def predict_noise(self, x_t, t):
+    def predict_noise(self, x_t, t, cond=None):
+        self._unconditional(cond)
         with self.autocast():
             out = self.denoiser(x_t, int(t)).sample
         if self.denoiser.config.out_channels == 2 * x_t.shape[1]:  # learned variance: first half is epsilon

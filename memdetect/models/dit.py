@@ -16,31 +16,33 @@ K = num_layers / 2 - 1: block 12 of 24 for DiT-L/4, block 14 of 28 (index 13) fo
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from .base import Adapter, place, to_unit_range, vae_latent
-from .hub import load_component
+from ..errors import UsageError
+from ..hub import load_component
+from .base import LatentAdapter, place, register_adapter
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
 
 
-class DiTAdapter(Adapter):
+@register_adapter
+class DiTAdapter(LatentAdapter):
     family = "dit"
     pooling = "token-max"
+    pipeline_classes = ("DiTPipeline",)
+    conditioning = "class"
 
     def __init__(self, transformer, vae, scheduler, *, device, dtype, source="", reading="mlp"):
         if reading not in READINGS:
             raise ValueError(f"unknown DiT layer reading {reading!r}; choose one of {', '.join(READINGS)}")
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(transformer, scheduler, resolution=transformer.config.sample_size * scale, device=device,
-                         dtype=dtype, source=source)
-        self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        super().__init__(transformer, vae, scheduler, device=device, dtype=dtype, source=source)
         self.reading = reading
         self.null_class = int(transformer.config.num_embeds_ada_norm)
 
     @classmethod
-    def load(cls, source, *, device, dtype, reading="mlp", **kwargs):
+    def load(cls, source, *, device, dtype, reading="mlp", **options):
         from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel
 
         transformer = load_component(DiTTransformer2DModel, source, "transformer")
@@ -49,31 +51,34 @@ class DiTAdapter(Adapter):
         return cls(place(transformer, device, dtype), place(vae, device, dtype), scheduler, device=device, dtype=dtype,
                    source=source, reading=reading)
 
+    @classmethod
+    def layer_hint(cls, options):
+        return "middle block: " + options.get("reading", "mlp")
+
     def default_layer(self) -> str:
         k = self.denoiser.config.num_layers // 2 - 1
         return READINGS[self.reading].format(k=k)
 
-    def encode(self, images):
-        x = to_unit_range(images).to(self.device, self.dtype)
-        with self.autocast():
-            return vae_latent(self.vae, x, self.scaling_factor)
-
-    def latent_shape(self):
-        s = self.denoiser.config.sample_size
-        return (self.denoiser.config.in_channels, s, s)
-
-    def forward(self, x_t, t):
-        self.predict_noise(x_t, t)
-
-    def predict_noise(self, x_t, t, class_labels: torch.Tensor | None = None):
-        """Epsilon prediction for the null class, or for ``class_labels`` [B] if given (learned sigma dropped)."""
+    def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
+        """Epsilon prediction for the null class, or for class labels ``cond`` [B] if given (learned sigma dropped)."""
         b = x_t.shape[0]
-        if class_labels is None:
-            class_labels = torch.full((b,), self.null_class, dtype=torch.long, device=x_t.device)
+        if cond is None:
+            cond = torch.full((b,), self.null_class, dtype=torch.long, device=x_t.device)
         timesteps = torch.full((b,), int(t), dtype=torch.long, device=x_t.device)
         with self.autocast():
-            out = self.denoiser(x_t, timestep=timesteps, class_labels=class_labels).sample
+            out = self.denoiser(x_t, timestep=timesteps, class_labels=cond).sample
         return out[:, : x_t.shape[1]]
+
+    @property
+    def num_classes(self) -> int:
+        return self.null_class  # the null class is the label after the last real one
+
+    def encode_condition(self, values: Sequence[int]) -> torch.Tensor:
+        """Class indices -> class labels [B] (long, on the device)."""
+        bad = [v for v in values if not 0 <= int(v) < self.num_classes]
+        if bad:
+            raise UsageError(f"class indices must be in [0, {self.num_classes}), got {bad[0]}")
+        return torch.tensor([int(v) for v in values], dtype=torch.long, device=self.device)
 
     def default_batch_size(self):
         return 64 if self.device.type == "cuda" else 8

@@ -1,4 +1,7 @@
-"""Named presets: model family, where the weights come from, and the paper's layer and timestep for it."""
+"""Named presets: model family, where the weights come from, and the paper's layer and timestep for it.
+
+A preset is one row; a new family adds its rows here or calls ``register_preset`` (a plug-in package, a test).
+"""
 
 from __future__ import annotations
 
@@ -45,3 +48,9 @@ PRESETS: dict[str, Preset] = {
                note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
     ]
 }
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add ``preset`` to ``PRESETS`` (a later row of the same name replaces it)."""
+    PRESETS[preset.name] = preset
+    return preset

@@ -1,64 +1,57 @@
 """Stable Diffusion 1.x / 2.x (latent UNet with CLIP text conditioning).
 
-x0 = VAE posterior mean x ``vae.config.scaling_factor``; condition = the empty prompt's text embedding, computed
-once at load time (the text encoder is then freed). Default layer: ``up_blocks.0.resnets.<last>.conv2:in``, the
-input of the last up-block-0 resnet's second conv, which in eval mode *is* the output of that resnet's
-``nonlinearity`` SiLU on its third call (after ``norm2``; [B, 1280, 8, 8] for SD1.4 at 512 px). We hook the conv
-input because the SiLU module fires three times per forward and, in diffusers 0.22-0.32, was one object shared by
-the whole UNet. ``up_blocks.0.resnets.2.nonlinearity@2`` names the same tensor on other diffusers versions.
+x0 = VAE posterior mean x ``vae.config.scaling_factor``; the null condition = the empty prompt's text embedding,
+computed once at load time (the text encoder is then freed, and loaded again only when prompts are encoded:
+``encode_condition``, for the benchmarks). Default layer: ``up_blocks.0.resnets.<last>.conv2:in``, the input of the
+last up-block-0 resnet's second conv, which in eval mode *is* the output of that resnet's ``nonlinearity`` SiLU on
+its third call (after ``norm2``; [B, 1280, 8, 8] for SD1.4 at 512 px). We hook the conv input because the SiLU
+module fires three times per forward and, in diffusers 0.22-0.32, was one object shared by the whole UNet.
+``up_blocks.0.resnets.2.nonlinearity@2`` names the same tensor on other diffusers versions.
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+from torch import nn
 
-from .base import Adapter, place, to_unit_range, vae_latent
-from .hub import load_component
+from ..errors import UnsupportedModelError
+from ..hub import load_component
+from .base import UNET_LAYER, LatentAdapter, place, register_adapter, unet_layer
 
 
-class StableDiffusionAdapter(Adapter):
+@register_adapter
+class StableDiffusionAdapter(LatentAdapter):
     family = "sd"
     pooling = "spatial-max"
+    pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+    conditioning = "text"
 
     def __init__(self, unet, vae, cond: torch.Tensor, scheduler, *, device, dtype, source=""):
-        scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(unet, scheduler, resolution=unet.config.sample_size * scale, device=device, dtype=dtype,
-                         source=source)
-        self.vae = vae.eval().requires_grad_(False)
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", 0.18215))
-        self.cond = cond
+        super().__init__(unet, vae, scheduler, device=device, dtype=dtype, source=source)
+        self.cond = cond  # the empty prompt's embedding [1, 77, D]
+        self._text = None  # (tokenizer, text encoder on the device), loaded by the first encode_condition
 
     @classmethod
-    def load(cls, source, *, device, dtype, **kwargs):
+    def load(cls, source, *, device, dtype, **options):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
 
-        tokenizer = load_component(CLIPTokenizer, source, "tokenizer")
-        text_encoder = load_component(CLIPTextModel, source, "text_encoder")
+        tokenizer, text_encoder = _load_text_encoder(source)
         unet = load_component(UNet2DConditionModel, source, "unet")
         vae = load_component(AutoencoderKL, source, "vae")
         scheduler = load_component(DDPMScheduler, source, "scheduler")
-        cond = empty_prompt_embedding(tokenizer, text_encoder)
+        cond = prompt_embeddings(tokenizer, text_encoder, [""])
         del text_encoder
         return cls(place(unet, device, dtype), place(vae, device, dtype), cond.to(device, dtype), scheduler,
                    device=device, dtype=dtype, source=source)
 
+    @classmethod
+    def layer_hint(cls, options):
+        return UNET_LAYER.format(last="<last>")
+
     def default_layer(self) -> str:
-        last = len(self.denoiser.up_blocks[0].resnets) - 1
-        return f"up_blocks.0.resnets.{last}.conv2:in"
-
-    def encode(self, images):
-        x = to_unit_range(images).to(self.device, self.dtype)
-        with self.autocast():
-            return vae_latent(self.vae, x, self.scaling_factor)
-
-    def latent_shape(self):
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        r = self.resolution // scale
-        return (self.vae.config.latent_channels, r, r)
-
-    def forward(self, x_t, t):
-        self.predict_noise(x_t, t)
+        return unet_layer(self.denoiser)
 
     def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
         """Epsilon prediction with the empty prompt, or with ``cond`` (text embeddings [B, 77, D]) if given."""
@@ -67,13 +60,45 @@ class StableDiffusionAdapter(Adapter):
         with self.autocast():
             return self.denoiser(x_t, int(t), encoder_hidden_states=cond).sample
 
+    def encode_condition(self, values: Sequence[str]) -> torch.Tensor:
+        """Prompts -> text embeddings [B, 77, D] in the model's dtype (the text encoder runs in float32)."""
+        if self._text is None:
+            tokenizer, text_encoder = _load_text_encoder(self.source)
+            self._text = (tokenizer, text_encoder.to(self.device))
+        return prompt_embeddings(*self._text, [str(v) for v in values]).to(self.dtype)
+
+    def cross_attention_values(self) -> dict[str, nn.Module]:
+        """``to_v`` of every cross-attention (an attention over the text embedding) in the down and mid blocks, the
+        layers NeMo reads (7 in SD 1.x: ``...attn2.to_v``), found from the module tree."""
+        return cross_attention_values(self.denoiser)
+
     def default_batch_size(self):
         return 32 if self.device.type == "cuda" else 4
 
 
+def _load_text_encoder(source: str):
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return load_component(CLIPTokenizer, source, "tokenizer"), load_component(CLIPTextModel, source, "text_encoder")
+
+
 @torch.no_grad()
-def empty_prompt_embedding(tokenizer, text_encoder) -> torch.Tensor:
-    """The text embedding of the empty prompt, padded to the tokenizer's max length ([1, 77, D] for CLIP)."""
-    ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def prompt_embeddings(tokenizer, text_encoder, prompts: Sequence[str]) -> torch.Tensor:
+    """Text embeddings of ``prompts`` ([B, 77, D] for CLIP), padded to the tokenizer's max length and truncated as
+    the SD pipeline does; on the text encoder's device. ``[""]`` gives the empty prompt's embedding."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     return text_encoder(ids.to(text_encoder.device))[0].detach()
+
+
+def cross_attention_values(unet: nn.Module) -> dict[str, nn.Module]:
+    """The value projections (``to_v``) of the cross-attention modules (``is_cross_attention``) in a UNet's down
+    blocks and mid block, by module name in forward order. Raises if there are none."""
+    names = {m: n for n, m in unet.named_modules()}
+    parts = [*getattr(unet, "down_blocks", []), *([unet.mid_block] if getattr(unet, "mid_block", None) else [])]
+    found = {names[m.to_v]: m.to_v for part in parts for m in part.modules()
+             if getattr(m, "is_cross_attention", False) and isinstance(getattr(m, "to_v", None), nn.Module)}
+    if not found:
+        raise UnsupportedModelError("the model has no cross-attention value layers in its down and mid blocks (NeMo "
+                                    "needs a text-conditional UNet)")
+    return found

@@ -1,0 +1,185 @@
+"""Where weights and data files come from: the Hugging Face hub and plain URLs, one cache and one offline switch.
+
+* Hugging Face: every diffusers / transformers component loads through ``from_pretrained`` (``load_component``),
+  so the Hugging Face cache, ``HF_HOME`` and tokens work as they do for diffusers itself; weights load as
+  safetensors when the repo has them (diffusers' default).
+* URLs (EDM's NVlabs checkpoints, the public prompt lists): downloaded once into ``cache_dir()``
+  (``$MEMDETECT_CACHE``, default ``~/.cache/memdetect``) and checked on every use (``fetch``, ``download``).
+* Offline mode (``offline()``): ``MEMDETECT_OFFLINE`` or ``HF_HUB_OFFLINE`` set to 1/true/yes/on. It holds for
+  both: a Hugging Face load is then local-only, and a file that is not cached is a one-sentence error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+#: Environment variables that switch memdetect offline (either one).
+OFFLINE_VARIABLES = ("MEMDETECT_OFFLINE", "HF_HUB_OFFLINE")
+
+
+def offline() -> bool:
+    """Whether offline mode is set (``MEMDETECT_OFFLINE`` or ``HF_HUB_OFFLINE``)."""
+    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"} for v in OFFLINE_VARIABLES)
+
+
+def cache_dir() -> Path:
+    """memdetect's download cache: ``$MEMDETECT_CACHE`` or ``~/.cache/memdetect``."""
+    return Path(os.environ.get("MEMDETECT_CACHE") or Path.home() / ".cache" / "memdetect").expanduser()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DownloadError(OSError):
+    """A URL could not be downloaded; the message is the reason (callers say what to do instead)."""
+
+
+def download(url: str, dest: Path, *, timeout: float = 60.0) -> tuple[str, int]:
+    """Stream ``url`` into ``dest`` (through ``dest.part``, renamed when complete); returns (sha256, size)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    h, size = hashlib.sha256(), 0
+    log.info("downloading %s to %s", url, dest)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                h.update(chunk)
+                size += len(chunk)
+                f.write(chunk)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise DownloadError(str(getattr(e, "reason", None) or e)) from None
+    os.replace(tmp, dest)
+    return h.hexdigest(), size
+
+
+def fetch(url: str, *, pinned: tuple[str, int] | None = None, timeout: float = 60.0) -> Path:
+    """The cached copy of the model file at ``url``, downloaded on first use; its sha256 is checked every time.
+
+    ``pinned``: the (sha256, size) known in advance. Without it memdetect trusts on first use: the first download's
+    sha256 is recorded next to the file (``<file>.sha256``) and every later use or re-download must match it. Trust
+    on first use catches a corrupted or swapped cache file, not a file that was already wrong when first
+    downloaded. Raises ModelNotFoundError (one sentence) when the file is not cached and cannot be downloaded, and
+    when a checksum does not match.
+    """
+    name = Path(urllib.parse.urlparse(url).path).name or "download"
+    dest = cache_dir() / "downloads" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    record = dest.with_name(dest.name + ".sha256")
+    expected = pinned[0] if pinned else (record.read_text().split()[0] if record.is_file() else None)
+    how = "pinned" if pinned else "recorded on first download"
+
+    if dest.is_file():
+        digest = sha256_file(dest)
+        if expected and digest != expected:
+            raise ModelNotFoundError(f"the cached {dest} has sha256 {digest[:16]}..., not the {how} "
+                                     f"{expected[:16]}...; delete it to download it again")
+        if not expected:
+            record.write_text(f"{digest}  {url}\n")
+        return dest
+    if offline() and not url.startswith("file:"):
+        raise ModelNotFoundError(f"{url} is not in the memdetect cache ({dest.parent}) and offline mode is set; "
+                                 f"download it yourself and pass --model-path FILE")
+    part = dest.with_name(dest.name + ".download")
+    try:
+        digest, size = download(url, part, timeout=timeout)
+    except DownloadError as e:
+        raise ModelNotFoundError(f"could not download {url} ({e}); download it yourself and pass "
+                                 f"--model-path FILE") from None
+    if expected and (digest != expected or (pinned and size != pinned[1])):
+        part.unlink(missing_ok=True)
+        raise ModelNotFoundError(f"the download of {url} has sha256 {digest[:16]}... ({size} bytes), not the {how} "
+                                 f"{expected[:16]}...; refusing to use it")
+    os.replace(part, dest)
+    if not pinned:
+        record.write_text(f"{digest}  {url}\n")
+    return dest
+
+
+# -- Hugging Face ------------------------------------------------------------------------------------------------
+
+def _not_available() -> tuple[type[BaseException], ...]:
+    try:  # huggingface_hub >= 0.20
+        from huggingface_hub.errors import HFValidationError
+    except ImportError:  # pragma: no cover
+        from huggingface_hub.utils import HFValidationError
+    return OSError, HFValidationError
+
+
+def not_found(source: str, what: str, err: BaseException | None = None) -> ModelNotFoundError:
+    """One sentence saying why ``what`` of ``source`` could not be had, and what to do."""
+    path = Path(source).expanduser()
+    if path.exists():
+        reason = f": {str(err).splitlines()[0][:200]}" if err else ""
+        return ModelNotFoundError(f"cannot load the {what} from folder {source}{reason}")
+    if source.startswith((".", "/", "~")) or os.sep in source.strip("/").replace("/", "", 1):
+        return ModelNotFoundError(f"model folder {source} does not exist")
+    if offline():
+        return ModelNotFoundError(
+            f"model {source!r} ({what}) is not in the local Hugging Face cache and offline mode is set "
+            f"({' or '.join(OFFLINE_VARIABLES)}); download it once with network access, or pass --model-path DIR")
+    return ModelNotFoundError(
+        f"model {source!r} ({what}) could not be loaded: it is not cached and the Hugging Face hub did not provide it "
+        f"(no network, no such repo, or a gated repo needing `hf auth login`); pass --model-path DIR for a local copy")
+
+
+def load_component(cls, source: str, subfolder: str | None = None, **kwargs):
+    """``cls.from_pretrained(source, subfolder=...)`` (local files only when offline), ModelNotFoundError on failure."""
+    if subfolder:
+        kwargs["subfolder"] = subfolder
+    if offline():
+        kwargs.setdefault("local_files_only", True)
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except _not_available() as err:
+        raise not_found(source, f"{subfolder or 'model'} ({cls.__name__})", err) from err
+
+
+def read_json(source: str, filename: str) -> dict | None:
+    """A JSON file from a local folder or hub repo; None if the repo exists but lacks the file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        f = path / filename
+        return json.loads(f.read_text()) if f.is_file() else None
+    if path.exists():
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(source, filename, local_files_only=offline())).read_text())
+    except EntryNotFoundError:
+        return None
+    except _not_available() as err:
+        raise not_found(source, filename, err) from err
+
+
+def has_subfolder(source: str, name: str) -> bool:
+    """Whether a diffusers repo/folder keeps a component in ``name/`` (new layout) rather than at its root."""
+    index = read_json(source, "model_index.json") or {}
+    if name not in index:
+        return False
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return (path / name).is_dir()
+    return read_json(source, f"{name}/config.json") is not None or read_json(
+        source, f"{name}/scheduler_config.json") is not None
+
+
+__all__ = ["DownloadError", "OFFLINE_VARIABLES", "cache_dir", "download", "fetch", "has_subfolder",
+           "load_component", "not_found", "offline", "read_json", "sha256_file"]

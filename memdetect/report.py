@@ -1,0 +1,63 @@
+"""Report rows: one per file (its scores, or an error), their columns, the table, the counts, the written report.
+
+A row is ``path, score, <every score in scores.SCORES>, memorized, error, key``: ``score`` is the chosen metric's
+column and ``memorized`` is ``score >= threshold`` (empty without a threshold), both derived from the scores when
+the row is made, so a row rebuilt from a journal with another metric or threshold is flagged by the new rule.
+``key`` identifies the image's bytes and scoring settings (``memdetect.journal``). The written report adds the
+settings that produced the scores as constant columns (``SETTINGS_COLUMNS``); a JSON report carries all of them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+
+from .io import write_report
+from .scores import SCORES
+
+METRIC_COLUMNS = list(SCORES)
+COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "error", "key"]
+#: settings written into every CSV / Parquet report row
+SETTINGS_COLUMNS = ("model", "layer", "timestep", "seed", "metric")
+
+
+def make_row(path: str, scores: Mapping[str, float] | None, *, metric: str, threshold: float | None,
+             error: str | None = None, key: str | None = None) -> dict:
+    """One report row: ``scores`` (every metric) for a scored file, or ``error`` (then ``scores`` is None)."""
+    row = {"path": path, "score": None, **{m: None for m in METRIC_COLUMNS}, "memorized": None, "error": error,
+           "key": key}
+    if error is None:
+        row.update({m: float(scores[m]) for m in METRIC_COLUMNS})
+        row["score"] = row[metric]
+        if threshold is not None:
+            row["memorized"] = bool(row["score"] >= threshold)
+    return row
+
+
+def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows as a typed frame (``COLUMNS``; floats, nullable boolean ``memorized``, strings)."""
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    for c in ["score", *METRIC_COLUMNS]:
+        df[c] = df[c].astype("float64")
+    df["memorized"] = df["memorized"].astype("boolean")
+    df["error"] = df["error"].astype("string")
+    df["key"] = df["key"].astype("string")
+    return df
+
+
+def counts(df: pd.DataFrame) -> dict:
+    """``images``, ``scored``, ``errored``, ``flagged`` of a report frame."""
+    errored = int(df["error"].notna().sum())
+    flagged = int(df["memorized"].fillna(False).sum())
+    return {"images": int(len(df)), "scored": int(len(df) - errored), "errored": errored, "flagged": flagged}
+
+
+def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
+    """Write the report (format from the suffix, atomically) with the settings columns added."""
+    return write_report(df.assign(**{k: settings[k] for k in SETTINGS_COLUMNS}), path, settings=dict(settings))
+
+
+__all__ = ["COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "counts", "make_row", "rows_to_frame", "write"]
