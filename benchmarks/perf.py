@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from memdetect import __version__, winograd
+from memdetect import __version__, runtime, winograd
 from memdetect.bench import baselines
 from memdetect.capture import Trace
 from memdetect.detector import Detector
@@ -74,12 +74,12 @@ def build(name: str, root: Path, device: torch.device, dtype: torch.dtype):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-        from memdetect.models.sd import StableDiffusionAdapter, empty_prompt_embedding
+        from memdetect.models.sd import StableDiffusionAdapter, prompt_embeddings
 
         sd = root / "sd14"
         tok = CLIPTokenizer.from_pretrained(sd / "tokenizer")
         text = CLIPTextModel(CLIPTextConfig.from_pretrained(sd / "text_encoder")).eval()
-        cond = empty_prompt_embedding(tok, text)
+        cond = prompt_embeddings(tok, text, [""])
         unet = UNet2DConditionModel.from_config(_cfg(sd, "unet", "config.json"))
         vae = AutoencoderKL.from_config(_cfg(sd, "vae", "config.json"))
         sched = DDPMScheduler.from_config(_cfg(sd, "scheduler", "scheduler_config.json"))
@@ -342,6 +342,8 @@ def main(argv=None) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype("auto", device)
+    if device.type == "cpu":
+        runtime.retain_freed_memory()  # what the memdetect command does (MEMDETECT_RETAIN_MEMORY=0: not)
     if not Path(args.configs).is_dir():
         print(f"real configs not found at {args.configs} (pass --configs)", file=sys.stderr)
         return 2
