@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -122,3 +123,61 @@ def test_console_script_subprocess(tiny_ddpm, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.count("memdetect: error:") == 1 and "Traceback" not in proc.stderr
+
+
+def test_an_unexpected_exception_is_an_internal_error_and_never_exit_1(tiny_ddpm, images_dir, monkeypatch):
+    from memdetect import scan as scan_mod
+
+    def bug(*args, **kwargs):
+        raise ValueError("an index was off by one")  # a bug raising ValueError is not the user's mistake
+
+    monkeypatch.setattr(scan_mod, "scan", bug)
+    args = ["scan", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--workers", 0]
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert "memdetect: internal error: ValueError: an index was off by one" in res.output
+    assert "a bug in memdetect" in res.output and "MEMDETECT_DEBUG=1" in res.output and "Traceback" not in res.output
+    monkeypatch.setenv("MEMDETECT_DEBUG", "1")
+    res = invoke(*args)
+    assert res.exit_code == 2 and "Traceback" in res.output and "off by one" in res.output
+    # a known error with MEMDETECT_DEBUG=1: the traceback too, and still exit 2 (1 means "flagged")
+    res = invoke("scan", images_dir, "--model", "nope")
+    assert res.exit_code == 2 and "Traceback" in res.output and "memdetect: error: unknown model" in res.output
+
+
+def test_commands_pass_their_options_to_the_library(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    """The CLI parses and calls one library function; its keyword arguments are the options."""
+    from memdetect import calibrate as calibrate_mod
+    from memdetect import ci
+    from memdetect import scan as scan_mod
+    from memdetect.errors import InputError
+
+    calls = {}
+
+    def record(name):
+        def fn(det, paths, **kwargs):
+            calls[name] = (det, list(paths), kwargs)
+            raise InputError("stop here")
+        return fn
+
+    monkeypatch.setattr(scan_mod, "scan", record("scan"))
+    monkeypatch.setattr(calibrate_mod, "calibrate_paths", record("calibrate"))
+    monkeypatch.setattr(ci, "audit", record("audit"))
+    base = ["--model", "ddpm", "--model-path", tiny_ddpm, "--workers", 1]
+    assert invoke("scan", images_dir, *base, "--output", tmp_path / "r.json", "--no-resume", "--html",
+                  tmp_path / "r.html", "--seed", 3, "--threshold", 0.5).exit_code == 2
+    det, paths, kw = calls["scan"]
+    assert paths == [images_dir] and det.seed == 3 and det.threshold == 0.5
+    assert kw["output"] == tmp_path / "r.json" and kw["resume"] is False and kw["html"] == tmp_path / "r.html"
+    assert kw["num_workers"] == 1 and callable(kw["on_batch"])
+    assert invoke("calibrate", images_dir, *base, "--fpr", 0.05, "--memorized", images_dir, "-o",
+                  tmp_path / "c.toml").exit_code == 2
+    det, paths, kw = calls["calibrate"]
+    assert paths == [images_dir] and kw["fpr"] == 0.05 and kw["memorized"] == [images_dir]
+    assert kw["output"] == tmp_path / "c.toml" and kw["model"] == "ddpm" and kw["model_path"] == tiny_ddpm
+    monkeypatch.chdir(tmp_path)
+    assert invoke("audit", images_dir, *base, "--threshold", 1, "--junit", "j.xml", "--annotations", "none",
+                  "--metric", "maxmin").exit_code == 2
+    det, paths, kw = calls["audit"]
+    assert det.metric == "maxmin" and det.threshold == 1
+    assert kw["junit"] == Path("j.xml") and kw["annotations"] == "none" and kw["output"] == Path(".memdetect/report.csv")

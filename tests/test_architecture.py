@@ -1,0 +1,123 @@
+"""The shape of the package: imports flow one way through written-down layers, with no cycles; model families are
+known inside ``memdetect/models/`` only.
+
+Every ``import`` statement counts, also the ones inside functions (a lazy import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
+
+#: Lowest first. A module may import from its own layer or a lower one, never from a higher one.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "_version"),                                              # words: exception types, the version
+    ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle"),  # tools that know no model family
+    ("models", "report", "journal", "config", "html_report"),            # families; rows; journal; config; HTML
+    ("detector",),                                                        # the library API: images -> rows
+    ("scan",),                                                            # a whole scan: journal, report, HTML
+    ("calibrate", "ci"),                                                  # thresholds; the CI audit and outputs
+    ("bench",),                                                           # benchmarks
+    ("cli", "__main__", "memdetect"),                                     # entry points and the package's facade
+]
+LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _exists(module: str) -> bool:
+    rel = Path(*module.split("."))
+    return (PACKAGE.parent / rel).with_suffix(".py").is_file() or (PACKAGE.parent / rel / "__init__.py").is_file()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """memdetect module -> the memdetect modules it imports (``from pkg import submodule`` resolved)."""
+    graph: dict[str, set[str]] = defaultdict(set)
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        graph[name]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                targets = [f"{base}.{a.name}" if _exists(f"{base}.{a.name}") else base for a in node.names]
+            graph[name].update(t for t in targets if t == "memdetect" or t.startswith("memdetect."))
+    return graph
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else module
+    assert top in LAYER_OF, f"{module} is in no layer: add it to LAYERS"
+    return LAYER_OF[top]
+
+
+def test_imports_flow_down_the_layers():
+    upward = [f"{src} (layer {_layer(src)}) imports {dst} (layer {_layer(dst)})"
+              for src, dsts in sorted(import_graph().items()) for dst in sorted(dsts) if _layer(dst) > _layer(src)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_every_module_is_in_a_layer_and_the_graph_is_read():
+    graph = import_graph()
+    for module in graph:
+        _layer(module)
+    assert "memdetect.journal" in graph["memdetect.scan"] and "memdetect.detector" in graph["memdetect.scan"]
+    assert "memdetect.models.base" in graph["memdetect.models.sd"]
+
+
+def _family_dispatch(path: Path) -> list[str]:
+    """Comparisons on a ``family`` value, and dict literals indexed by one: choosing code by family name."""
+    found = []
+
+    def is_family(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Name) and node.id.endswith("family")) or (
+            isinstance(node, ast.Attribute) and node.attr.endswith("family"))
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare) and any(is_family(n) for n in [node.left, *node.comparators]):
+            found.append(f"{path.name}:{node.lineno}")
+        if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict) and is_family(node.slice):
+            found.append(f"{path.name}:{node.lineno}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                and isinstance(node.func.value, ast.Dict) and node.args and is_family(node.args[0])):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_no_dispatch_on_family_names_outside_models():
+    outside = [p for p in PACKAGE.rglob("*.py") if "models" not in p.relative_to(PACKAGE).parts]
+    hits = [hit for p in outside for hit in _family_dispatch(p)]
+    assert not hits, f"family-specific code belongs in memdetect/models/ (an adapter): {hits}"
