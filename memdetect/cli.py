@@ -115,7 +115,9 @@ Model = Annotated[str, typer.Option("--model", "-m", help="Preset (see `memdetec
                                                           "--model-path), hub id or local diffusers folder.")]
 ModelPath = Annotated[Optional[Path], typer.Option("--model-path", help="Local weights for the preset or family (a "
                                                                         "diffusers folder, or an EDM checkpoint).")]
-Layer = Annotated[Optional[str], typer.Option("--layer", help="NAME[:in][@CALL]; default: the model's paper layer.")]
+# help texts are rich markup: "\\[" is a literal bracket ("[@CALL]" alone would be read as a tag and vanish)
+Layer = Annotated[Optional[str], typer.Option("--layer", help="NAME[:in]\\[@CALL]; default: the model's paper "
+                                                               "layer.")]
 Timestep = Annotated[Optional[int], typer.Option("--timestep", "-t", help="DDPM timestep to noise to (default: 50).")]
 Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM only: noise level sigma, instead of the "
                                                                 "--timestep's (t=50 is sigma 0.176).")]

@@ -98,7 +98,8 @@ class Detector:
     """Score images for memorization with one partial forward pass of a diffusion model.
 
     ``winograd``: Winograd's algorithm for the wide 3x3 convolutions of a CPU float32 scan (None: on unless
-    ``MEMDETECT_WINOGRAD=0``). It configures the adapter's modules and is recorded in ``settings``. The process-wide
+    ``MEMDETECT_WINOGRAD=0``). It configures the adapter's modules in place (a detector owns its adapter: two
+    detectors sharing one adapter share the last one's setting) and is recorded in ``settings``. The process-wide
     allocator setting is not the detector's to make: see ``memdetect.retain_freed_memory``.
     """
 
