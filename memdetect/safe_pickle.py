@@ -550,32 +550,29 @@ class _BoundedUnpickler(pickle._Unpickler):
         self.append(obj)
     dispatch[pickle.FROZENSET[0]] = load_frozenset
 
+    def _grow(self, kinds: tuple[type, ...], what: str, items, count: int):
+        """The container under the stack top, checked to be of ``kinds`` and charged for ``count`` new entries."""
+        target = self.stack[-1]
+        if type(target) not in kinds:
+            raise _Bad(f"{what} a {type(target).__name__}")
+        self._add(target, items, count)
+        return target
+
     def load_append(self):
         value = self.stack.pop()
-        target = self.stack[-1]
-        if type(target) is not list:
-            raise _Bad(f"an append to a {type(target).__name__}")
-        self._add(target, (value,), 1)
-        target.append(value)
+        self._grow((list,), "an append to", (value,), 1).append(value)
     dispatch[pickle.APPEND[0]] = load_append
 
     def load_appends(self):
         items = self.pop_mark()
-        target = self.stack[-1]
-        if type(target) is not list:
-            raise _Bad(f"an append to a {type(target).__name__}")
-        self._add(target, items, len(items))
-        target.extend(items)
+        self._grow((list,), "an append to", items, len(items)).extend(items)
     dispatch[pickle.APPENDS[0]] = load_appends
 
     def _setitems(self, items):
-        target = self.stack[-1]
-        if type(target) not in (dict, OrderedDict):
-            raise _Bad(f"an item assignment to a {type(target).__name__}")
         if len(items) % 2:
             raise _Bad("a dict update with a key and no value")
         _check_keys(items[0::2])
-        self._add(target, items, len(items) // 2)
+        target = self._grow((dict, OrderedDict), "an item assignment to", items, len(items) // 2)
         for i in range(0, len(items), 2):
             target[items[i]] = items[i + 1]
 
@@ -590,12 +587,8 @@ class _BoundedUnpickler(pickle._Unpickler):
 
     def load_additems(self):
         items = self.pop_mark()
-        target = self.stack[-1]
-        if type(target) is not set:
-            raise _Bad(f"a set update of a {type(target).__name__}")
         _check_keys(items)
-        self._add(target, items, len(items))
-        target.update(items)
+        self._grow((set,), "a set update of", items, len(items)).update(items)
     dispatch[pickle.ADDITEMS[0]] = load_additems
 
     def load_build(self):
