@@ -75,22 +75,16 @@ from typing import Any, ClassVar
 import torch
 
 from .errors import MemdetectError, ModelNotFoundError, UnsafeCheckpointError
+from .text import printable as _printable
 
 # ------------------------------------------------------------------------------------------------------------------
 # Messages: names and values from a checkpoint, made safe to show.
 
 
 def printable(text: str, limit: int = 120) -> str:
-    """``text`` as plain one-line text for a message: cut to ``limit`` characters (then "..."), and every character
-    that is not printable (C0/C1 controls such as ESC, newline and carriage return, DEL, Unicode line separators,
-    bidirectional overrides and other format characters) written as a Python escape (``\x1b``, ``\n``, ``\u202e``).
-    """
-    text = text if isinstance(text, str) else str(text)
-    cut = len(text) > limit
-    text = text[:limit]
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-    return text + "..." if cut else text
+    """``memdetect.text.printable`` with a default limit of 120 characters: one line, control and format characters
+    written as escapes (``\x1b``, ``\n``, ``\u202e``), cut to ``limit`` characters (then "...")."""
+    return _printable(text, limit)
 
 
 class _ShortRepr(reprlib.Repr):
