@@ -39,7 +39,7 @@ from ._version import __version__
 from .config import CONFIG_VERSION, to_toml
 from .detector import Detector
 from .errors import InputError, UsageError
-from .io import atomic_write, display_path, expand_globs
+from .io import atomic_write, check_destination, display_path, expand_globs
 from .scan import scan
 from .scores import SCORES
 
@@ -57,9 +57,11 @@ def check_fpr(fpr: float) -> None:
 
 
 def check_output(output: str | os.PathLike, force: bool = False) -> None:
-    """Refuse to overwrite an existing config without ``force``."""
-    if Path(output).exists() and not force:
+    """Refuse to overwrite an existing config without ``force``, and a destination that cannot be written (a folder,
+    a link, an unwritable place) before any image is scored."""
+    if Path(output).exists() and not force and not Path(output).is_dir():
         raise UsageError(f"{display_path(output)} exists; pass --force to overwrite it")
+    check_destination(output, "config")
 
 
 def fpr_threshold(scores, fpr: float) -> float:

@@ -13,7 +13,12 @@ Data flows one way: pixels -> ``adapter.encode`` -> ``adapter.noise`` (per-image
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
+import operator
 import os
+import signal
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -25,11 +30,13 @@ from . import runtime, winograd
 from ._version import __version__
 from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import UsageError
-from .io import PREPROCESS, ImageError, discover, display_path, file_digest, image_seed, load_image
+from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, display_path, image_seed, read_file
 from .journal import fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
+from .state import StateDir
+from .text import printable
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -59,12 +66,57 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
 
 
-def check_options(*, metric: str = "std", batch_size: int | None = None) -> None:
-    """The checks that need no model: a typo in an option fails before the (slow) model load."""
+#: Seeds are unsigned 64-bit integers (``io.image_seed`` hashes 8 bytes of it).
+MAX_SEED = 2**64 - 1
+
+
+def check_threshold(threshold: float | None) -> None:
+    """A threshold must be a finite number (NaN would flag nothing, -inf everything)."""
+    if threshold is None:
+        return
+    try:
+        finite = not isinstance(threshold, bool) and math.isfinite(threshold)
+    except TypeError:
+        finite = False
+    if not finite:
+        raise UsageError(f"the threshold must be a finite number, got {printable(threshold, 40)}")
+
+
+def _integer(value) -> int | None:
+    """``value`` as an int when it is an integer (Python or NumPy, not a bool), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_seed(seed: int) -> None:
+    s = _integer(seed)
+    if s is None or not 0 <= s <= MAX_SEED:
+        shown = f"a {s.bit_length()}-bit integer" if s is not None and s.bit_length() > 128 else printable(seed, 40)
+        raise UsageError(f"the seed must be an integer in [0, 2**64), got {shown}")
+
+
+def check_options(*, metric: str = "std", batch_size: int | None = None, threshold: float | None = None,
+                  seed: int = 0, timestep: int | None = None, sigma: float | None = None,
+                  num_workers: int | None = None) -> None:
+    """The checks that need no model: a typo in an option fails before the (slow) model load. Numbers must be
+    finite and in range (the timestep's upper bound is the model's, checked when it is loaded)."""
     if metric not in SCORES:
-        raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(SCORES)}")
+        raise UsageError(f"unknown metric {printable(metric, 60)!r}; choose one of {', '.join(SCORES)}")
     if batch_size is not None and batch_size < 1:
         raise UsageError("batch size must be at least 1")
+    check_threshold(threshold)
+    check_seed(seed)
+    if timestep is not None and (_integer(timestep) is None or timestep < 0):
+        raise UsageError(f"the timestep must be a non-negative integer, got {printable(timestep, 40)}")
+    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
+                              or not 0 < float(sigma) < float("inf")):
+        raise UsageError(f"--sigma must be a positive finite number, got {printable(sigma, 40)}")
+    if num_workers is not None and num_workers < 0:
+        raise UsageError("the number of workers must be 0 or more")
 
 
 @dataclass(frozen=True)
@@ -106,7 +158,7 @@ class Detector:
     def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
                  early_exit: bool = True, name: str = "", winograd: bool | None = None):
-        check_options(metric=metric, batch_size=batch_size)
+        check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep)
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
         self.adapter = adapter
@@ -119,6 +171,7 @@ class Detector:
         self.early_exit = early_exit
         self.name = name or adapter.source
         self.winograd = self._configure_winograd(winograd)
+        self._weights: str | None = None
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
 
     def _configure_winograd(self, on: bool | None) -> bool:
@@ -161,6 +214,18 @@ class Detector:
         """The hash of the settings that change a score (``memdetect.journal``): part of every row's key."""
         return fingerprint(asdict(self.settings))
 
+    def weights_digest(self, state: StateDir | None = None) -> str:
+        """The content hash of the model's weights, once per detector: the files the adapter loaded
+        (``Adapter.weight_files``, each file's hash cached in the state directory), or, for an adapter that names
+        none, the loaded parameters and buffers themselves."""
+        if self._weights is None:
+            files = self.adapter.weight_files()
+            if files:
+                self._weights = "files:" + (state or StateDir()).files_digest(files)
+            else:
+                self._weights = "tensors:" + tensors_digest(self.adapter.networks())
+        return self._weights
+
     def row(self, path: str, scores: dict[str, float] | None, *, error: str | None = None,
             key: str | None = None) -> dict:
         """A report row with this detector's metric and threshold (``memdetect.report.make_row``)."""
@@ -199,33 +264,38 @@ class Detector:
         return probe_layers(a.denoiser, lambda: a.forward(x_t, self.timestep), include_inputs=include_inputs)
 
     # -- files ---------------------------------------------------------------------------------------------------
-    def iter_files(self, files: Sequence[os.PathLike], *, digests: Sequence[str | None] | None = None,
+    def iter_files(self, files: Sequence[os.PathLike], *, fingerprint: str | None = None,
                    num_workers: int | None = None, on_batch: Callable[[int], None] | None = None,
                    ) -> Iterator[list[dict]]:
         """Yield the report rows of ``files`` batch by batch, in order (one row per file: scores, or an ``error``).
 
-        Each file's bytes are hashed for its row's ``key`` while it is decoded, unless ``digests`` (one per file,
-        from ``io.file_digest``) are given.
+        Each file is read once; its row's ``key`` hashes the bytes that were decoded and scored
+        (``fingerprint``: the key's settings part, default ``self.fingerprint``). Closing the generator (or an
+        exception, such as an interrupt, raised through it) stops the decoding workers at once.
         """
-        loader = _loader(files, digests, self.adapter.resolution, self.batch_size, num_workers)
-        fp = self.fingerprint
-        for items in loader:
-            good = [it for it in items if it["error"] is None]
-            scores: dict[str, np.ndarray] = {}
-            if good:
-                pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
-                scores = self.score_tensor(pixels, [image_seed(it["pixels"], self.seed) for it in good])
-            rows, j = [], 0
-            for it in items:
-                key = row_key(it["digest"], fp)
-                if it["error"] is None:
-                    rows.append(self.row(it["path"], {k: float(v[j]) for k, v in scores.items()}, key=key))
-                    j += 1
-                else:
-                    rows.append(self.row(it["path"], None, error=it["error"], key=key))
-            if on_batch:
-                on_batch(len(items))
-            yield rows
+        loader = _loader(files, self.adapter.resolution, self.batch_size, num_workers)
+        fp = fingerprint or self.fingerprint
+        batches = iter(loader)
+        try:
+            for items in batches:
+                good = [it for it in items if it["error"] is None]
+                scores: dict[str, np.ndarray] = {}
+                if good:
+                    pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
+                    scores = self.score_tensor(pixels, [image_seed(it["pixels"], self.seed) for it in good])
+                rows, j = [], 0
+                for it in items:
+                    key = row_key(it["digest"], fp)
+                    if it["error"] is None:
+                        rows.append(self.row(it["path"], {k: float(v[j]) for k, v in scores.items()}, key=key))
+                        j += 1
+                    else:
+                        rows.append(self.row(it["path"], None, error=it["error"], key=key))
+                if on_batch:
+                    on_batch(len(items))
+                yield rows
+        finally:
+            _stop_workers(batches)
 
     def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None) -> pd.DataFrame:
         """Score every image under ``paths``; one row per file, in discovery order (no journal, no files written:
@@ -247,10 +317,22 @@ class Detector:
         return rows_to_frame(rows)
 
 
+def tensors_digest(modules: Sequence[torch.nn.Module]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the modules' state dicts (parameters and buffers)."""
+    h = hashlib.sha256(b"memdetect-tensors-v1\n")
+    for i, module in enumerate(modules):
+        for name, t in sorted(module.state_dict().items()):
+            if not isinstance(t, torch.Tensor):
+                continue
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{i}:{name}:{t.dtype}:{tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[os.PathLike], digests: Sequence[str | None] | None, resolution: int):
+    def __init__(self, files: Sequence[os.PathLike], resolution: int):
         self.files = list(files)
-        self.digests = None if digests is None else list(digests)
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -258,28 +340,54 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]
-        item = {"path": display_path(path), "pixels": None, "error": None,
-                "digest": self.digests[i] if self.digests is not None else None}
+        item = {"path": display_path(path), "pixels": None, "error": None, "digest": None}
         try:
-            if self.digests is None:
-                item["digest"] = file_digest(path)  # the resume key's content part (memdetect.journal)
-            item["pixels"] = load_image(path, self.resolution)
+            data = read_file(path)  # read once: the key hashes exactly the bytes that are decoded
+            item["digest"] = content_digest(data)
+            item["pixels"] = decode_image(data, self.resolution)
         except ImageError as e:
             item["error"] = str(e)
         except Exception as e:  # never let one file stop the scan
-            item["error"] = f"{type(e).__name__}: {e}"
+            item["error"] = printable(f"{type(e).__name__}: {e}", 300)
         return item
 
 
-def _loader(files, digests, resolution: int, batch_size: int, num_workers: int | None):
+def _worker_init(_: int, *, parent: int) -> None:
+    """In each decoding worker: die with the scan (Linux ``PR_SET_PDEATHSIG``: even when the scan is SIGKILLed, no
+    worker is left behind), and ignore SIGINT (Ctrl-C reaches the whole process group; the scan stops its workers
+    itself, and a worker's KeyboardInterrupt would only print a traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers still stop when the scan stops them or exits
+        pass
+    if os.getppid() != parent:  # the scan died before the setting took effect
+        os._exit(1)
+
+
+def _stop_workers(batches) -> None:
+    """Stop a DataLoader iterator's worker processes now (what its finaliser does, without waiting for garbage
+    collection: an exception's traceback keeps the iterator alive)."""
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def _loader(files, resolution: int, batch_size: int, num_workers: int | None):
     if num_workers is None:
         num_workers = 0 if len(files) <= batch_size else min(4, max(1, (os.cpu_count() or 2) // 2))
     if num_workers:
         runtime.release_free_memory()  # workers are forked: retained free pages must not be shared copy-on-write
-    return torch.utils.data.DataLoader(_Images(files, digests, resolution), batch_size=batch_size, shuffle=False,
+    return torch.utils.data.DataLoader(_Images(files, resolution), batch_size=batch_size, shuffle=False,
                                        num_workers=num_workers, collate_fn=list,
                                        prefetch_factor=2 if num_workers else None,
-                                       persistent_workers=False)
+                                       persistent_workers=False,
+                                       worker_init_fn=functools.partial(_worker_init, parent=os.getpid())
+                                       if num_workers else None)
 
 
-__all__ = ["DTYPES", "Detector", "Settings", "check_options", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "MAX_SEED", "Detector", "Settings", "check_options", "check_seed", "check_threshold",
+           "resolve_device", "resolve_dtype", "tensors_digest"]

@@ -181,5 +181,48 @@ def has_subfolder(source: str, name: str) -> bool:
         source, f"{name}/scheduler_config.json") is not None
 
 
+#: Suffixes of weight files that ``from_pretrained`` may read.
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx"})
+
+
+def local_root(source: str) -> Path | None:
+    """The local folder of a model: the folder itself, or a hub repo's cached snapshot (None if not cached)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as e:  # not cached, no such repo, an old hub version: the caller hashes tensors instead
+        log.debug("no local snapshot of %s: %s", source, e)
+        return None
+
+
+def component_files(source: str, subfolders) -> list[Path]:
+    """The files ``from_pretrained`` reads for a model's components (``subfolders``: names, None for the root):
+    every regular file of each folder (configs, vocabularies) except other copies of the weights. Of the weight
+    files, the plain ``.safetensors`` ones are kept when there are any (what diffusers and transformers load),
+    else the plain ones of any format, else all (a variant such as ``.fp16.``). Empty when the model has no local
+    folder: the caller then hashes the loaded tensors."""
+    root = local_root(source)
+    if root is None:
+        return []
+    out: list[Path] = []
+    for sub in subfolders:
+        folder = root / sub if sub else root
+        try:
+            entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+        except OSError:
+            return []
+        weights = [p for p in entries if p.suffix in WEIGHT_SUFFIXES]
+        plain = [p for p in weights if "." not in p.name[: -len(p.suffix)]]
+        chosen = [p for p in plain if p.suffix == ".safetensors"] or plain or weights
+        out += [p for p in entries if p.suffix not in WEIGHT_SUFFIXES] + chosen
+    return out
+
+
 __all__ = ["DownloadError", "OFFLINE_VARIABLES", "cache_dir", "download", "fetch", "has_subfolder",
-           "load_component", "not_found", "offline", "read_json", "sha256_file"]
+           "component_files", "load_component", "local_root", "not_found", "offline", "read_json", "sha256_file"]

@@ -5,14 +5,22 @@ orientation, take the first frame of animated / multi-page files, convert any mo
 images are rescaled from their full range, alpha is dropped), then scale the shorter side to the model's
 resolution with bicubic filtering and crop the centre square (``ImageOps.fit``).
 
+Read once: ``read_file`` reads a file into memory once (at most ``MAX_FILE_BYTES``), and the scan hashes and decodes
+those same bytes (``content_digest``, ``decode_image``), so a row's key always names the bytes whose pixels were
+scored, even when the file is replaced while the scan runs. Decoding is bounded per image: at most ``MAX_PIXELS``
+pixels and ``MAX_DECODED_BYTES`` of decoded frame, checked from the header before any pixel is decoded, and 16-bit
+and float images are converted to 8 bits a band of rows at a time.
+
 A file that cannot be turned into pixels raises ``ImageError`` with a one-line reason; the scan records it as an
 error row and goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
+import io as _io
 import json
 import os
 import stat
@@ -25,12 +33,22 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, UsageError
+from .text import printable
 
 PREPROCESS = "pil-fit-bicubic"
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
 #: Refuse images with more pixels than this (decompression-bomb guard; Pillow's own default warns at 89 MP).
 MAX_PIXELS = 64_000_000
+#: Refuse image files larger than this: a file is read into memory once, then hashed and decoded from those bytes.
+MAX_FILE_BYTES = 256 * 2**20
+#: Refuse images whose decoded first frame would take more than this (Pillow keeps most modes at 4 bytes per pixel:
+#: 64 MP of RGB is 256 MB). Checked from the header, before decoding.
+MAX_DECODED_BYTES = 256 * 2**20
+#: Bytes per pixel of Pillow's in-memory modes (others: 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Rows converted at a time from 16-bit / float images (bounds the temporaries).
+_ROW_BAND = 256
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -109,25 +127,50 @@ def _special_kind(path: Path) -> str | None:
     return "device"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or float image as 8-bit ``L``: rescaled from its full range (16-bit: 0..65535; ``I``: 0..max(255,
+    max); ``F``: min(0, min)..max, or 0..1 when max <= 1), rounded. Converted a band of rows at a time: an 8000 x 8000
+    16-bit image needs its 8-bit result and a few MB more, not float64 copies of the whole image."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") else (a.max() if a.size and a.max() > 255 else 255.0)
-        lo = 0.0 if mode != "F" else min(0.0, float(a.min()) if a.size else 0.0)
-        if mode == "F" and a.size and a.max() <= 1.0:
-            hi = 1.0
-        a = np.clip((a - lo) / max(hi - lo, 1e-12) * 255.0, 0, 255).round().astype(np.uint8)
-        return Image.fromarray(a, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
+    lo_px, hi_px = img.getextrema() if mode in ("I", "F") else (0, 65535)
+    if mode.startswith("I;16"):
+        lo, hi = 0.0, 65535.0
+    elif mode == "I":
+        lo, hi = 0.0, float(hi_px) if hi_px > 255 else 255.0
+    else:  # "F"
+        lo = min(0.0, float(lo_px))
+        hi = 1.0 if hi_px <= 1.0 else (float(hi_px) if hi_px > 255 else 255.0)
+    span = max(hi - lo, 1e-12)
+    w, h = img.size
+    out = np.empty((h, w), dtype=np.uint8)
+    for top in range(0, h, _ROW_BAND):
+        band = np.asarray(img.crop((0, top, w, min(h, top + _ROW_BAND))), dtype=np.float64)
+        band -= lo  # the same operations, in the same order, as on the whole image: the same uint8 values
+        band /= span
+        band *= 255.0
+        np.clip(band, 0, 255, out=band)
+        out[top:top + band.shape[0]] = band.round()
+    return Image.fromarray(out, mode="L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _to_8bit(img)  # grey: converted to RGB after resizing (the same pixels, a third of the memory)
+    if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
 
 
-def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """Read ``path`` and return uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe."""
+def _size(n: int) -> str:
+    return f"{n / 2**20:.0f} MB" if n >= 2**20 else f"{n} bytes"
+
+
+def read_file(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of an image file, read once (at most ``limit``); ``ImageError`` with a one-line reason for anything
+    that is not a readable regular file of that size. A FIFO is never waited on (it is opened non-blocking and
+    refused), and what is read is what was checked (``fstat`` of the open file)."""
     p = Path(path)
     if p.is_dir():
         if not os.access(p, os.R_OK | os.X_OK):
@@ -139,58 +182,121 @@ def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
     if kind:  # opening a FIFO would block the scan forever; a device could be endless
         raise ImageError(f"not a regular file ({kind})")
     try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOENT) and p.is_symlink():
+            raise ImageError("broken symbolic link") from None
+        raise ImageError(f"cannot open: {printable(e.strerror or type(e).__name__)}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError("is a directory, not an image file")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError("not a regular file")
+        if st.st_size > limit:
+            raise ImageError(f"file too large ({_size(st.st_size)} > {_size(limit)} limit)")
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except OSError as e:
+        raise ImageError(f"cannot read: {printable(e.strerror or type(e).__name__)}") from None
+    finally:
+        os.close(fd)
+    if size > limit:  # the file grew while it was read
+        raise ImageError(f"file too large (> {_size(limit)} limit)")
+    return b"".join(chunks)
+
+
+def content_digest(data: bytes) -> str:
+    """sha256 of a file's bytes: the content part of a row's key (``memdetect.journal``)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Decode an image file's bytes into uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe."""
+    if not data:
+        raise ImageError("empty file (0 bytes)")
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as img:
+            with Image.open(_io.BytesIO(data)) as img:
                 w, h = img.size
                 if w * h > MAX_PIXELS:
                     raise ImageError(f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP > {MAX_PIXELS / 1e6:.0f} MP "
                                      f"limit; possible decompression bomb)")
                 if w < 1 or h < 1:
                     raise ImageError(f"image has no pixels ({w}x{h})")
+                decoded = w * h * _MODE_BYTES.get(img.mode, 4)
+                if decoded > MAX_DECODED_BYTES:
+                    raise ImageError(f"image too large to decode ({w}x{h} {printable(img.mode, 20)} = "
+                                     f"{_size(decoded)} > {_size(MAX_DECODED_BYTES)} limit)")
                 if getattr(img, "n_frames", 1) > 1:
                     img.seek(0)
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                img = _to_rgb(img)
-                img = ImageOps.fit(img, (resolution, resolution), method=Image.Resampling.BICUBIC,
-                                   centering=(0.5, 0.5))
-                arr = np.asarray(img, dtype=np.uint8)
+                ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turning
+                rgb = _to_rgb(img)
+                if rgb is not img:
+                    img.close()  # a converted frame's source goes before the resize allocates
+        rgb = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        arr = np.asarray(rgb if rgb.mode == "RGB" else rgb.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        size = p.stat().st_size if p.exists() else 0
-        raise ImageError("empty file (0 bytes)" if size == 0 else "not a recognised image format") from None
+        raise ImageError("not a recognised image format") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb guard: {e}") from None
+        raise ImageError(f"decompression bomb guard: {printable(e)}") from None
     except Image.DecompressionBombWarning as e:
-        raise ImageError(f"decompression bomb guard: {e}") from None
-    except PermissionError:
-        raise ImageError("permission denied") from None
-    except OSError as e:  # truncated / corrupt data, unreadable file
+        raise ImageError(f"decompression bomb guard: {printable(e)}") from None
+    except OSError as e:  # truncated / corrupt data
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"corrupt or unreadable image: {msg}") from None
+        raise ImageError(f"corrupt or unreadable image: {printable(msg, 200)}") from None
     except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as e:
-        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {printable(e, 200)}") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """Read ``path`` (once) and return uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe."""
+    return decode_image(read_file(path), resolution)
+
+
+def read_image(path: str | os.PathLike, resolution: int) -> tuple[str, np.ndarray]:
+    """``(sha256 of the bytes, pixels decoded from those same bytes)``: the key and the pixels of one read."""
+    data = read_file(path)
+    return content_digest(data), decode_image(data, resolution)
 
 
 def image_seed(pixels: np.ndarray, seed: int) -> int:
     """Per-image noise seed from the run seed and the preprocessed pixels (not from batch or position)."""
     h = hashlib.blake2b(digest_size=8)
-    h.update(int(seed).to_bytes(8, "little", signed=True))
+    h.update(int(seed).to_bytes(8, "little"))  # seeds are in [0, 2**64) (``check_seed``)
     h.update(np.ascontiguousarray(pixels).tobytes())
     return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def file_digest(path: str | os.PathLike) -> str | None:
-    """sha256 of a file's bytes (None if it cannot be read, or is not a regular file: a FIFO would block)."""
+def file_digest(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> str | None:
+    """sha256 of a file's bytes, read in chunks (None if it cannot be read, is not a regular file, or is larger than
+    ``limit``: such a file is an error row, never a journaled one). A FIFO is opened non-blocking and refused."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
             return None
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            h, size = hashlib.sha256(), 0
             for chunk in iter(lambda: f.read(1 << 20), b""):
+                size += len(chunk)
+                if size > limit:
+                    return None
                 h.update(chunk)
         return h.hexdigest()
     except OSError:
@@ -203,9 +309,52 @@ REPORT_FORMATS = (".csv", ".json", ".parquet")
 def check_report_path(path: str | os.PathLike) -> Path:
     p = Path(path)
     if p.suffix.lower() not in REPORT_FORMATS:
-        raise UsageError(f"report format {p.suffix or '(none)'!r} is not supported; use one of "
+        raise UsageError(f"report format {printable(p.suffix or '(none)')!r} is not supported; use one of "
                          f"{', '.join(REPORT_FORMATS)}")
     return p
+
+
+def refuse_symlink(path: str | os.PathLike, what: str = "output") -> None:
+    """UsageError when ``path`` is a symbolic link: reports and journals are never written through one."""
+    if os.path.islink(path):
+        raise UsageError(f"{what} {display_path(path)} is a symbolic link; memdetect does not write through links "
+                         f"(remove it or choose another path)")
+
+
+def check_destination(path: str | os.PathLike, what: str = "output") -> Path:
+    """Check, before any work, that a file can be written at ``path``: not a symbolic link, a folder or a special
+    file, and its nearest existing parent is a folder this process may create files in. UsageError (one line)
+    otherwise; returns ``path``."""
+    p = Path(path)
+    name = display_path(p)
+    refuse_symlink(p, what)
+    if p.exists():
+        if p.is_dir():
+            raise UsageError(f"{what} {name} is a directory; give a file name")
+        if not p.is_file():
+            raise UsageError(f"{what} {name} is not a regular file")
+    parent = p.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {name} cannot be written: {display_path(parent)} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {name} cannot be written: no permission to create files in "
+                         f"{display_path(parent)}")
+    return p
+
+
+def check_destinations(destinations: dict[str, str | os.PathLike | None]) -> None:
+    """``check_destination`` for every ``{what: path}`` given, and no two of them the same file."""
+    seen: dict[str, str] = {}
+    for what, path in destinations.items():
+        if path is None:
+            continue
+        check_destination(path, what)
+        real = os.path.realpath(path)
+        if real in seen:
+            raise UsageError(f"{what} and {seen[real]} are the same file ({display_path(path)}); give each its own")
+        seen[real] = what
 
 
 def _umask() -> int:
@@ -218,6 +367,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """Write ``path`` all at once: ``write(tmp)`` fills a temporary file beside it, which is fsynced and renamed over
     ``path`` (readers see the old file or the new one, never half of one). Returns ``path``."""
     path = Path(path)
+    refuse_symlink(path)  # os.replace would replace a link, not follow it; refusing says so
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -3,24 +3,32 @@
 Why: a CI scan over thousands of images (or a benchmark over thousands of generations) can be killed part-way (job
 timeouts, preemption, OOM killer, SIGKILL). Each batch's records are appended to the journal as soon as they are
 computed, then flushed and fsynced, so a kill loses at most the batch in flight; a rerun reads the journal and
-skips what it holds. ``memdetect.scan`` keeps a scan's journal next to its report (``journal_path``);
-``memdetect.bench.paper`` keeps one per process in its output folder.
+skips what it holds. ``memdetect.scan`` keeps a scan's journal next to its report (``journal_path``), or for
+``memdetect audit`` in the state directory (``memdetect.state``); ``memdetect.bench.paper`` keeps one per process in
+its output folder.
 
 File format: one JSON object per line with a string ``key``; the last record of a key wins. A torn last line (the
 process died mid-write) is cut off when the journal is opened for writing; unparseable lines are skipped. An open
 journal holds an exclusive lock, so two runs cannot interleave their lines in one file.
 
-Scan records (``scan_record``): ``{"key", "path", <every score>}``. The key of an image is a hash of its file's
-bytes (sha256) and of every setting that changes a score (``fingerprint`` of ``KEY_SETTINGS``): model name and
-source, family, layer, timestep, sigma, pooling, seed, preprocessing recipe, resolution, dtype, the speed settings
-(Winograd convolutions, the allocator) and memdetect version. Deliberately *not* in the key:
+Trust: a journal decides which images are *not* scored again, so whoever can write it could make memorized images
+pass. A scan's journal is therefore signed: opened with a ``secret`` (the state directory's, ``memdetect.state``),
+every record carries ``"mac"``, HMAC-SHA256 over ``MAC_CONTEXT`` and the record's canonical JSON (sorted keys, no
+spaces, ASCII, without the ``mac`` field). On reading, a record whose MAC does not verify (written by anyone else,
+edited, or copied from another state directory) is dropped (``rejected``) and its image is scored again. A journal
+is never opened through a symbolic link (``O_NOFOLLOW``) and must be a regular file with no other hard link. Without
+a secret (the benchmarks) records are neither signed nor checked.
+
+Scan records (``scan_record``): ``{"key", "path", <every score>, "mac"}``. The key of an image is a hash of its
+file's bytes (sha256) and of everything that changes a score (``fingerprint``): the settings in ``KEY_SETTINGS``
+(model name and source, family, layer, timestep, sigma, pooling, seed, preprocessing recipe, resolution, dtype, the
+speed settings (Winograd convolutions, the allocator) and memdetect version) and, for a resumable scan, the
+content hash of the model's weights (``memdetect.state``). Deliberately *not* in the key:
 
 * metric and threshold: records keep every metric; ``score`` and ``memorized`` are re-derived on reuse, so a
   recalibrated threshold reuses the journal;
 * the path: a renamed or copied image is not scored again;
-* device and batch size: scores agree to float tolerance;
-* the weights' bytes (hashing SD's 4 GB per run is too slow): after changing the weights behind the same name or
-  folder, rerun with ``--no-resume``.
+* device and batch size: scores agree to float tolerance.
 
 Only scored rows are journaled. A file that could not be read is tried again on every run: that costs a decode
 attempt, not a forward pass, and a failure that was transient (a file still being written, a full disk, memory)
@@ -29,10 +37,13 @@ must not stick.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -52,10 +63,35 @@ KEY_SETTINGS = ("model", "source", "family", "layer", "timestep", "sigma", "pool
                 "resolution", "dtype", "winograd", "allocator", "memdetect")
 
 
-def fingerprint(settings: dict) -> str:
-    """A short hash of the score-determining settings (``Detector.settings`` as a dict)."""
+#: What a record's MAC is computed over, before its canonical JSON (a version: the format can change).
+MAC_CONTEXT = b"memdetect journal record v1\n"
+MAC_FIELD = "mac"
+#: Lines longer than this are never written by memdetect: they are skipped unread.
+MAX_LINE = 64 * 1024
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def fingerprint(settings: dict, weights: str | None = None) -> str:
+    """A short hash of the score-determining settings (``Detector.settings`` as a dict) and, when given, of the
+    weights' content hash (``memdetect.state``)."""
     keep = {k: settings.get(k) for k in KEY_SETTINGS}
+    if weights is not None:
+        keep["weights"] = weights
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def record_mac(record: dict, secret: bytes) -> str:
+    """HMAC-SHA256 (hex) of a journal record without its ``mac`` field (see the module docstring)."""
+    body = json.dumps({k: v for k, v in record.items() if k != MAC_FIELD}, sort_keys=True, separators=(",", ":"),
+                      ensure_ascii=True, allow_nan=True)
+    return hmac.new(secret, MAC_CONTEXT + body.encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def verified(record: dict, secret: bytes) -> bool:
+    """Whether ``record`` carries a MAC made with ``secret`` over exactly its other fields."""
+    mac = record.get(MAC_FIELD)
+    return isinstance(mac, str) and hmac.compare_digest(mac, record_mac(record, secret))
 
 
 def row_key(digest: str | None, settings_fingerprint: str) -> str | None:
@@ -87,17 +123,21 @@ def record_scores(record: dict) -> dict[str, float] | None:
     return {m: float(v) for m, v in values.items()}
 
 
+def _record(line: bytes) -> dict | None:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and isinstance(rec.get("key"), str) else None
+
+
 def _parse(data: bytes, source: Path) -> tuple[dict[str, dict], int]:
     """The records of the complete lines of ``data`` (last one per key wins) and how many lines were skipped."""
     done: dict[str, dict] = {}
     skipped = 0
     for line in data[: data.rfind(b"\n") + 1].splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            skipped += 1
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("key"), str):
+        rec = _record(line)
+        if rec is None:
             skipped += 1
             continue
         done[rec["key"]] = rec
@@ -120,19 +160,39 @@ class Journal:
     """One journal file, opened for appending; use as a context manager.
 
     Opening reads what earlier runs finished (``done``: key -> record), cuts a torn last line and takes an
-    exclusive lock. ``fresh=True`` starts the file over.
+    exclusive lock. ``fresh=True`` starts the file over. With a ``secret``, records are signed when appended and
+    only records whose signature verifies are read back (``rejected`` counts the others). The file is created 0600,
+    never opened through a symbolic link, and must be a regular file with a single link.
     """
 
-    def __init__(self, path: str | os.PathLike, *, fresh: bool = False):
+    def __init__(self, path: str | os.PathLike, *, fresh: bool = False, secret: bytes | None = None):
         self.path = Path(path)
         self.fresh = fresh
+        self.secret = secret
         self.done: dict[str, dict] = {}
         self.skipped_lines = 0
+        self.rejected = 0
         self._file = None
 
-    def __enter__(self) -> "Journal":
+    def _open(self):
+        name = display_path(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+b")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _NOFOLLOW | _CLOEXEC, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UsageError(f"journal {name} is a symbolic link; memdetect does not follow links to its "
+                                 f"journals (remove it, or choose another output)") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else "has other hard links"
+            raise UsageError(f"journal {name} is {what}; remove it, or choose another output")
+        return os.fdopen(fd, "a+b")
+
+    def __enter__(self) -> "Journal":
+        f = self._open()
         try:
             if fcntl is not None:
                 try:
@@ -145,18 +205,70 @@ class Journal:
             if self.fresh:
                 f.truncate(0)
             else:
-                f.seek(0)
-                data = f.read()
-                end = data.rfind(b"\n") + 1
-                if end < len(data):  # a torn last line: the previous run died while writing it
-                    log.info("journal %s: dropping a torn last line (%d bytes)", self.path, len(data) - end)
+                end = self._read(f)
+                size = os.fstat(f.fileno()).st_size
+                if self.secret is not None and (self.rejected or self.skipped_lines):
+                    self._rewrite(f)  # keep only what verified: the next run need not reject it again
+                elif end < size:  # a torn last line: the previous run died while writing it
+                    log.info("journal %s: dropping a torn last line (%d bytes)", self.path, size - end)
                     f.truncate(end)
-                self.done, self.skipped_lines = _parse(data, self.path)
         except BaseException:
             f.close()
             raise
         self._file = f
         return self
+
+    def _read(self, f) -> int:
+        """Read the complete lines into ``done`` (streaming, lines over ``MAX_LINE`` skipped unread); returns where
+        the last complete line ends."""
+        f.seek(0)
+        pos = end = 0
+        buf = b""
+        overlong = False
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            start = 0
+            while True:
+                nl = chunk.find(b"\n", start)
+                if nl < 0:
+                    if not overlong:
+                        buf += chunk[start:]
+                        if len(buf) > MAX_LINE:
+                            buf, overlong = b"", True
+                    break
+                if overlong:
+                    self.skipped_lines += 1
+                    overlong = False
+                else:
+                    self._take(buf + chunk[start:nl])
+                buf = b""
+                start = nl + 1
+                end = pos + nl + 1
+            pos += len(chunk)
+        if self.skipped_lines:
+            log.info("journal %s: %d unreadable line(s) skipped", self.path, self.skipped_lines)
+        if self.rejected:
+            log.info("journal %s: %d row(s) not signed by this state directory (written elsewhere, or edited) are "
+                     "dropped; their images are scored again", self.path, self.rejected)
+        return end
+
+    def _rewrite(self, f) -> None:
+        """Replace the file's contents (under the lock) with the verified records, signed."""
+        f.truncate(0)
+        self._file = f
+        records = list(self.done.values())
+        self.done = {}
+        self.append(records)
+        self._file = None
+
+    def _take(self, line: bytes) -> None:
+        rec = _record(line) if len(line) <= MAX_LINE else None
+        if rec is None:
+            self.skipped_lines += 1
+        elif self.secret is not None and not verified(rec, self.secret):
+            self.rejected += 1
+        else:
+            rec.pop(MAC_FIELD, None)
+            self.done[rec["key"]] = rec
 
     def append(self, records: Iterable[dict]) -> int:
         """Write ``records`` (dicts with a string ``key``) as one flushed and fsynced batch; return how many."""
@@ -164,7 +276,9 @@ class Journal:
         for rec in records:
             if not isinstance(rec.get("key"), str):
                 raise ValueError(f"a journal record needs a string key, got {rec.get('key')!r}")
-            lines.append(json.dumps(rec, ensure_ascii=True, allow_nan=True) + "\n")
+            rec = {k: v for k, v in rec.items() if k != MAC_FIELD}
+            line = {**rec, MAC_FIELD: record_mac(rec, self.secret)} if self.secret is not None else rec
+            lines.append(json.dumps(line, ensure_ascii=True, allow_nan=True) + "\n")
             self.done[rec["key"]] = rec
         if lines:
             self._file.write("".join(lines).encode())
@@ -178,5 +292,5 @@ class Journal:
             self._file = None
 
 
-__all__ = ["Journal", "KEY_SETTINGS", "fingerprint", "journal_path", "read_journals", "record_scores", "row_key",
-           "scan_record"]
+__all__ = ["Journal", "KEY_SETTINGS", "MAC_FIELD", "fingerprint", "journal_path", "read_journals", "record_mac",
+           "record_scores", "row_key", "scan_record", "verified"]

@@ -6,18 +6,24 @@
     result.frame                                       # one row per file, in discovery order
     result.resumed, result.computed                    # rows taken from the journal, rows scored now
 
-With an ``output``, every batch's rows are appended to ``<output>.journal.jsonl`` as soon as they are scored
-(``memdetect.journal``), and a rerun with the same settings scores only the files whose key is not there yet: each
-file's bytes are then hashed once, up front, and the hash is passed on to the scoring of the files still to do. A
-fresh scan hashes the files in the loader, next to decoding them. The report is written atomically at the end; the
-HTML page (``memdetect.html_report``) too.
+Every destination (report, HTML) is checked before any image is read (``io.check_destinations``). With an
+``output``, every batch's rows are appended to a journal as soon as they are scored (``memdetect.journal``): beside
+the report (``<output>.journal.jsonl``) or, with ``journal_in_state=True`` (``memdetect audit``), in the state
+directory (``memdetect.state``), keyed by the settings, the weights' content hash and the report path. Journal rows
+are signed with the state directory's secret; rows that do not verify are scored again. A rerun with
+``resume=True`` scores only the files whose key is not in the journal: each file's bytes are then hashed up front to
+look its key up, and a file that must be scored is read again by the loader, which hashes and decodes the same bytes
+(so a file replaced in between is keyed by what was scored). The report is written atomically at the end; the HTML
+page (``memdetect.html_report``) too.
+
+Row keys hash the image bytes, the settings and the weights' content hash (``Detector.weights_digest``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -28,8 +34,9 @@ from . import report
 from .detector import Detector, Settings
 from .errors import InputError
 from .html_report import write_html
-from .io import check_report_path, discover, display_path, file_digest
-from .journal import Journal, journal_path, record_scores, row_key, scan_record
+from .io import check_destinations, check_report_path, discover, display_path, file_digest
+from .journal import Journal, fingerprint, journal_path, record_scores, row_key, scan_record
+from .state import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +44,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ScanResult:
     """One row per file in discovery order (``frame``), the settings that produced them, how many rows came from
-    the journal (``resumed``) and were scored now (``computed``), and the files written."""
+    the journal (``resumed``) and were scored now (``computed``), whether the journal was read (``resume``), how
+    many of its rows failed verification (``rejected``), the weights' content hash (``weights``), and the files
+    written."""
 
     frame: pd.DataFrame
     files: tuple[Path, ...]
@@ -46,6 +55,10 @@ class ScanResult:
     computed: int
     output: Path | None = None
     html: Path | None = None
+    journal: Path | None = None
+    resume: bool = False
+    rejected: int = 0
+    weights: str | None = None
 
     @property
     def counts(self) -> dict:
@@ -57,23 +70,38 @@ class ScanResult:
         """Whether any image was flagged memorized (the exit-code contract's 1)."""
         return bool(self.frame["memorized"].fillna(False).any())
 
+    @property
+    def settings_dict(self) -> dict:
+        """The settings as written into reports: ``Settings`` plus the weights' content hash."""
+        return {**asdict(self.settings), "weights": self.weights}
+
 
 def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike | None = None,
          resume: bool = True, html: str | os.PathLike | None = None,
-         on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None) -> ScanResult:
+         on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
+         state_dir: str | os.PathLike | StateDir | None = None, journal_in_state: bool = False) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
-    ``output``: the report (.csv, .json or .parquet), with its journal beside it; ``resume=False`` starts the journal
-    over. ``html``: also a self-contained HTML report. ``on_batch(done, total)``: progress, called once the journal's
-    rows are taken and after each scored batch. Raises InputError when ``paths`` hold no image file.
+    ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
+    (nothing is read from it). ``html``: also a self-contained HTML report. ``state_dir``: the state directory
+    (journal secret, weight-hash cache; default ``memdetect.state.default_state_dir()``); ``journal_in_state``:
+    keep the journal there instead of beside the report. ``on_batch(done, total)``: progress, called once the
+    journal's rows are taken and after each scored batch. Raises InputError when ``paths`` hold no image file and
+    UsageError for a destination that cannot be written (before any image is read).
     """
     paths = list(paths)
     output = check_report_path(output) if output is not None else None
+    check_destinations({"report": output, "HTML report": html})
     files = discover(paths)
     if not files:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
+    state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     settings = detector.settings
-    fp = detector.fingerprint
+    weights = detector.weights_digest(state)
+    fp = fingerprint(asdict(settings), weights=weights)
+    jpath = None
+    if output is not None:
+        jpath = state.journal_path(fp, output) if journal_in_state else journal_path(output)
     done = 0
 
     def advance(n: int) -> None:
@@ -84,41 +112,47 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
 
     rows: list[dict | None] = [None] * len(files)
     todo = list(range(len(files)))
-    digests: list[str | None] | None = None
-    with Journal(journal_path(output), fresh=not resume) if output is not None else nullcontext() as journal:
+    journal_cm = Journal(jpath, fresh=not resume, secret=state.secret()) if jpath is not None else nullcontext()
+    with journal_cm as journal:
         if journal is not None and journal.done:
-            todo, digests = [], []
+            todo = []
             for i, f in enumerate(files):
-                digest = file_digest(f)
-                key = row_key(digest, fp)
+                key = row_key(file_digest(f), fp)
                 scores = _reusable(journal, key)
                 if scores is None:
-                    todo.append(i)
-                    digests.append(digest)
+                    todo.append(i)  # read, hashed and decoded again by the loader: keyed by what it scores
                 else:
                     rows[i] = detector.row(display_path(f), scores, key=key)
             if len(files) > len(todo):
                 advance(len(files) - len(todo))
         pos = 0
-        for n, batch in enumerate(detector.iter_files([files[i] for i in todo], digests=digests,
-                                                      num_workers=num_workers, on_batch=advance)):
-            log.info("batch %d scored (%d rows)", n + 1, len(batch))
-            if journal is not None:  # a key is written once: two files with the same bytes share it
-                records = {rec["key"]: rec for rec in map(scan_record, batch)
-                           if rec is not None and not _reusable(journal, rec["key"])}
-                journal.append(records.values())
-            for row in batch:
-                rows[todo[pos]] = row
-                pos += 1
+        batches = detector.iter_files([files[i] for i in todo], fingerprint=fp, num_workers=num_workers,
+                                      on_batch=advance)
+        with closing(batches):  # an interrupt stops the decoding workers here, not at garbage collection
+            for n, batch in enumerate(batches):
+                log.info("batch %d scored (%d rows)", n + 1, len(batch))
+                if journal is not None:  # a key is written once: two files with the same bytes share it
+                    records = {rec["key"]: rec for rec in map(scan_record, batch)
+                               if rec is not None and not _reusable(journal, rec["key"])}
+                    journal.append(records.values())
+                for row in batch:
+                    rows[todo[pos]] = row
+                    pos += 1
+        rejected = journal.rejected if journal is not None else 0
     frame = report.rows_to_frame(rows)
-    settings_dict = asdict(settings)
+    result = ScanResult(frame, tuple(files), settings, resumed=len(files) - len(todo), computed=len(todo),
+                        output=output, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
+                        weights=weights)
+    settings_dict = result.settings_dict
     if output is not None:
         report.write(frame, output, settings_dict)
     html_path = None
     if html is not None:
-        html_path = write_html(frame, html, settings_dict, files={display_path(f): f for f in files})
-    return ScanResult(frame, tuple(files), settings, resumed=len(files) - len(todo), computed=len(todo),
-                      output=output, html=html_path)
+        html_path = write_html(frame, html, settings_dict, files={display_path(f): f for f in files},
+                               resumed=result.resumed)
+    return ScanResult(frame, tuple(files), settings, resumed=result.resumed, computed=result.computed,
+                      output=output, html=html_path, journal=jpath, resume=result.resume, rejected=rejected,
+                      weights=weights)
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:

@@ -35,6 +35,13 @@ def needs_shared(*parts: str):
 
 
 @pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    """Every test gets its own memdetect state directory (journal secret, audit journals, weight hashes): nothing is
+    written under ~/.cache, and no test sees another's state. Subprocesses inherit it through the environment."""
+    monkeypatch.setenv("MEMDETECT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+@pytest.fixture(autouse=True)
 def _reset_global_state():
     """Process-wide state a test may change goes back after it: the allocator setting (the CLI opts into it) and
     the adapter and preset tables (tests register toy families)."""

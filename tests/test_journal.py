@@ -134,28 +134,25 @@ def test_resume_reuses_rows_and_rederives_flags(det, tmp_path):
     assert (fresh.resumed, fresh.computed) == (0, 11)
 
 
-def test_resume_hashes_each_file_once(det, tmp_path, monkeypatch):
-    """With a journal to consult, every file is hashed up front; the files still to score are not hashed again."""
+def test_resume_hashes_up_front_and_scores_what_the_loader_read(det, tmp_path, monkeypatch):
+    """With a journal to consult, every file is hashed up front to look its key up; a file still to score is read
+    once more, by the loader, which hashes and decodes those same bytes (its key names what was scored)."""
     files = write_images(tmp_path / "imgs", 6)
     out = tmp_path / "r.csv"
     scan(det, files[:3], output=out, num_workers=0)
-    hashed = []
-
-    def counting(path):
-        hashed.append(Path(path).name)
-        return digest(path)
-
+    hashed, read = [], []
     from memdetect import detector as detector_mod
 
-    digest = scan_mod.file_digest
-    monkeypatch.setattr(scan_mod, "file_digest", counting)
-    monkeypatch.setattr(detector_mod, "file_digest", counting)
+    digest, read_file = scan_mod.file_digest, detector_mod.read_file
+    monkeypatch.setattr(scan_mod, "file_digest", lambda p: hashed.append(Path(p).name) or digest(p))
+    monkeypatch.setattr(detector_mod, "read_file", lambda p: read.append(Path(p).name) or read_file(p))
     res = scan(det, files, output=out, num_workers=0)
     assert (res.resumed, res.computed) == (3, 3)
-    assert sorted(hashed) == sorted(f.name for f in files)  # six files, six hashes
-    hashed.clear()
-    scan(det, files, output=tmp_path / "fresh.csv", num_workers=0)  # no journal yet: hashed while decoding
-    assert sorted(hashed) == sorted(f.name for f in files)
+    assert sorted(hashed) == sorted(f.name for f in files)  # six lookups
+    assert read == [f.name for f in files[3:]]  # one read per scored file
+    hashed.clear(), read.clear()
+    scan(det, files, output=tmp_path / "fresh.csv", num_workers=0)  # no journal yet: nothing hashed up front
+    assert hashed == [] and read == [f.name for f in files]
 
 
 def test_a_crash_after_k_batches_leaves_exactly_k_batches(det, tmp_path):

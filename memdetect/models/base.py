@@ -25,6 +25,7 @@ import contextlib
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -95,6 +96,12 @@ class Adapter(ABC):
     def layer_hint(cls, options: dict) -> str:
         """How ``memdetect models`` describes the default layer of a preset that leaves it to the adapter."""
         return "the adapter's default layer"
+
+    def weight_files(self) -> list[Path]:
+        """The files the model was loaded from (weights and the configs that shape it): their content hash is part
+        of a resumable scan's key (``memdetect.state``), so changed weights are never matched with old scores. An
+        adapter that returns none (this default) has its loaded tensors hashed instead, once per run."""
+        return []
 
     def networks(self) -> list[nn.Module]:
         """The modules this adapter runs (denoiser, VAE, ...): where speed settings such as Winograd apply."""

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UsageError
-from ..hub import load_component
+from ..hub import component_files, load_component
 from .base import LatentAdapter, place, register_adapter
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
@@ -82,3 +82,6 @@ class DiTAdapter(LatentAdapter):
 
     def default_batch_size(self):
         return 64 if self.device.type == "cuda" else 8
+
+    def weight_files(self):
+        return component_files(self.source, ("transformer", "vae", "scheduler"))

@@ -751,6 +751,14 @@ def save_safetensors(net: _Precond, path: str | os.PathLike) -> Path:
 
 def load_network(source: str | os.PathLike) -> _Precond:
     """A .pkl, a .safetensors, a folder holding exactly one of them, or an https URL (downloaded and verified)."""
+    path = checkpoint_path(source)
+    if path.suffix == ".safetensors":
+        return network_from_safetensors(path)
+    return network_from_pickle(path)
+
+
+def checkpoint_path(source: str | os.PathLike) -> Path:
+    """The local checkpoint file ``load_network`` reads for ``source`` (a URL is downloaded and verified)."""
     source = str(source)
     if urllib.parse.urlparse(source).scheme in ("http", "https", "file"):
         path = hub.fetch(source, pinned=KNOWN_DOWNLOADS.get(source))
@@ -764,9 +772,7 @@ def load_network(source: str | os.PathLike) -> _Precond:
         path = found[0]
     if not path.is_file():
         raise ModelNotFoundError(f"EDM checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        return network_from_safetensors(path)
-    return network_from_pickle(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -819,6 +825,11 @@ class EDMAdapter(Adapter):
     @classmethod
     def layer_hint(cls, options):
         return "model.enc.<lowest>_block<last>.norm0"
+
+    def weight_files(self):
+        path = checkpoint_path(self.source)
+        sidecar = path.with_suffix(".json")
+        return [path, sidecar] if path.suffix == ".safetensors" and sidecar.is_file() else [path]
 
     def default_layer(self) -> str:
         unet = self.denoiser.model

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..hub import load_component
+from ..hub import component_files, load_component
 from .base import UNET_LAYER, LatentAdapter, place, register_adapter, unet_layer
 
 
@@ -74,6 +74,9 @@ class StableDiffusionAdapter(LatentAdapter):
 
     def default_batch_size(self):
         return 32 if self.device.type == "cuda" else 4
+
+    def weight_files(self):
+        return component_files(self.source, ("unet", "vae", "scheduler", "text_encoder", "tokenizer"))
 
 
 def _load_text_encoder(source: str):
