@@ -13,7 +13,14 @@ The mapping is the exit-code contract's: a flagged image is a *failure*; an unre
 reason (it does not fail the run, as it does not change the exit code); a scored, unflagged image passes.
 
 The default report goes to ``.memdetect/report.csv``; a report folder named ``.memdetect`` gets a ``.gitignore``
-that keeps it (report, journal) out of git.
+that keeps it out of git. The audit's journal is not there: it lives in the state directory (``memdetect.state``),
+keyed by the settings, the weights' content hash and the report path, and is only read with ``resume=True``
+(``--resume``). Every destination is checked before any image is read.
+
+Names in CI outputs are escaped for the place they go: control characters become escapes
+(``memdetect.text.printable``) in annotations, the step summary (where ``|`` and backticks are escaped too, so a file
+name cannot break the table) and JUnit XML; GitHub's own ``%``-escapes keep a newline in a file name from starting
+a workflow command.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import os
 import re
 import sys
 import xml.etree.ElementTree as ET
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, TextIO
 
@@ -31,11 +38,14 @@ import pandas as pd
 
 from ._version import __version__
 from .detector import Detector
+from .detector import check_threshold as check_finite_threshold
 from .errors import UsageError
-from .io import atomic_write
+from .io import atomic_write, check_destinations, display_path
 from .report import counts
 from .scan import ScanResult, scan
 from .scores import SCORES
+from .state import StateDir
+from .text import printable
 
 EXIT_OK, EXIT_FLAGGED = 0, 1
 DEFAULT_REPORT = Path(".memdetect") / "report.csv"
@@ -46,7 +56,7 @@ _XML_BAD = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-
 
 
 def _xml_safe(s: str) -> str:
-    return _XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}", s)
+    return _XML_BAD.sub(lambda m: f"\\x{ord(m.group()):02x}", printable(s))
 
 
 def _flagged(df: pd.DataFrame) -> pd.DataFrame:
@@ -62,14 +72,18 @@ def _reason(row, metric: str, threshold: float | None) -> str:
 
 
 def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | None = None,
-            report: str | None = None, resumed: int = 0) -> dict:
-    """The machine-readable result of a run: counts, exit code, flagged images (highest first) and errors."""
+            report: str | None = None, resumed: int = 0, resume: bool = False, rejected: int = 0) -> dict:
+    """The machine-readable result of a run: counts, exit code, whether a journal was read (``resume``), how many
+    rows it gave (``resumed``) and how many of its rows failed verification (``journal_rows_rejected``), flagged
+    images (highest first) and errors."""
     flagged, errored = _flagged(df), _errored(df)
     return {
         "memdetect": __version__,
         "exit_code": exit_code,
         **counts(df),
+        "resume": bool(resume),
         "resumed": int(resumed),
+        "journal_rows_rejected": int(rejected),
         "metric": settings.get("metric"),
         "threshold": settings.get("threshold"),
         "config": config,
@@ -113,7 +127,9 @@ def write_junit(df: pd.DataFrame, path: str | os.PathLike, settings: dict) -> Pa
 
 # -- GitHub Actions ----------------------------------------------------------------------------------------------
 def _gh_data(s: str) -> str:
-    return s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    """A workflow command's data: GitHub's %-escapes for ``%``, CR and LF (it decodes them back), every other
+    control character written as an escape."""
+    return printable(s.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A"))
 
 
 def _gh_prop(s: str) -> str:
@@ -150,17 +166,24 @@ def github_annotations(df: pd.DataFrame, settings: dict, workspace: str | None =
     return lines
 
 
+def _md_cell(s: str) -> str:
+    """A name inside a code span in a Markdown table cell: one line, no ``|`` (ends the cell) and no backtick (ends
+    the span)."""
+    return printable(s).replace("|", "%7C").replace("`", "%60")
+
+
 def step_summary_markdown(doc: dict, limit: int = 50) -> str:
     """A short Markdown summary for ``$GITHUB_STEP_SUMMARY``."""
     md = ["### memdetect audit", "",
           "| images | scored | errored | flagged | exit code |", "|---|---|---|---|---|",
           f"| {doc['images']} | {doc['scored']} | {doc['errored']} | {doc['flagged']} | {doc['exit_code']} |", ""]
     if doc["threshold"] is not None:
-        md.append(f"Flagged when `{doc['metric']}` >= {doc['threshold']:.6g}.")
+        md.append(f"Flagged when `{_md_cell(doc['metric'])}` >= {doc['threshold']:.6g}.")
+    md.append(f"Rows reused from a verified journal: {doc.get('resumed', 0)}." if doc.get("resume")
+              else "Every image was scored in this run (no journal read).")
     if doc["flagged_images"]:
         md += ["", "| flagged image | score |", "|---|---|"]
-        md += [f"| `{f['path'].replace('|', '%7C').replace('`', '%60')}` | {f['score']:.4g} |"
-               for f in doc["flagged_images"][:limit]]
+        md += [f"| `{_md_cell(f['path'])}` | {f['score']:.4g} |" for f in doc["flagged_images"][:limit]]
         if len(doc["flagged_images"]) > limit:
             md.append(f"\n... and {len(doc['flagged_images']) - limit} more (see the report).")
     return "\n".join(md) + "\n"
@@ -179,18 +202,34 @@ def check_threshold(threshold: float | None) -> None:
     if threshold is None:
         raise UsageError("audit needs a threshold: --config memdetect.toml (write one with `memdetect calibrate`) "
                          "or --threshold X")
+    check_finite_threshold(threshold)
 
 
 def ignore_report_folder(report: str | os.PathLike) -> Path | None:
     """Write ``.gitignore`` (``*``) into the report's folder when it is named ``.memdetect`` and has none; returns
-    the file written."""
+    the file written. The file is created exclusively and never through a link (a committed ``.gitignore`` link
+    must not make memdetect write elsewhere)."""
     folder = Path(report).parent
     ignore = folder / ".gitignore"
-    if folder.name != DEFAULT_REPORT.parent.name or ignore.exists():
+    if folder.name != DEFAULT_REPORT.parent.name or ignore.exists() or ignore.is_symlink():
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    ignore.write_text("# written by memdetect audit: keep its reports out of git\n*\n")
+    try:
+        fd = os.open(ignore, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    except FileExistsError:
+        return None
+    with os.fdopen(fd, "w") as f:
+        f.write("# written by memdetect audit: keep its reports out of git\n*\n")
     return ignore
+
+
+def check_report_folder(report: str | os.PathLike) -> None:
+    """A report folder named ``.memdetect`` (the default's) must not be a link: one committed to a repository could
+    send the report anywhere."""
+    folder = Path(report).parent
+    if folder.name == DEFAULT_REPORT.parent.name and folder.is_symlink():
+        raise UsageError(f"report folder {display_path(folder)} is a symbolic link; memdetect does not write through "
+                         f"links (remove it, or pass --output)")
 
 
 def write_ci_outputs(result: ScanResult, *, config: str | os.PathLike | None = None,
@@ -201,12 +240,13 @@ def write_ci_outputs(result: ScanResult, *, config: str | os.PathLike | None = N
     ``GITHUB_ACTIONS=true``, or ``"github"``) the workflow annotations on ``stream`` (default stdout) and a Markdown
     table appended to ``$GITHUB_STEP_SUMMARY``. A report folder named ``.memdetect`` gets its ``.gitignore``."""
     check_annotations(annotations)
-    settings = asdict(result.settings)
+    settings = result.settings_dict
     if result.output is not None:
         ignore_report_folder(result.output)
     code = EXIT_FLAGGED if result.flagged else EXIT_OK
     doc = summary(result.frame, exit_code=code, settings=settings, config=str(config) if config else None,
-                  report=str(result.output) if result.output else None, resumed=result.resumed)
+                  report=str(result.output) if result.output else None, resumed=result.resumed,
+                  resume=result.resume, rejected=result.rejected)
     if summary_json is not None:
         write_json(doc, summary_json)
     if junit is not None:
@@ -234,21 +274,27 @@ class Audit:
 
 
 def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike = DEFAULT_REPORT,
-          resume: bool = True, html: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+          resume: bool = False, html: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
           junit: str | os.PathLike | None = None, summary_json: str | os.PathLike | None = None,
           annotations: str = "auto", stream: TextIO | None = None, on_batch: Callable[[int], None] | None = None,
-          num_workers: int | None = None) -> Audit:
-    """Scan with the detector's threshold into ``output`` (resumable), then ``write_ci_outputs``."""
+          num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None) -> Audit:
+    """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
+
+    The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
+    ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing. Nothing is read
+    from the scanned tree or the report's folder. Every destination is checked before any image is read."""
     check_threshold(detector.threshold)
     check_annotations(annotations)
+    check_report_folder(output)
+    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json})
     ignore_report_folder(output)
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
-                  num_workers=num_workers)
+                  num_workers=num_workers, state_dir=state_dir, journal_in_state=True)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream)
     return Audit(result, doc)
 
 
 __all__ = ["ANNOTATIONS", "Audit", "DEFAULT_REPORT", "audit", "check_annotations", "check_threshold",
-           "github_annotations", "ignore_report_folder", "junit_xml", "running_on_github", "step_summary_markdown",
+           "check_report_folder", "github_annotations", "ignore_report_folder", "junit_xml", "running_on_github", "step_summary_markdown",
            "summary", "write_ci_outputs", "write_json", "write_junit"]

@@ -5,37 +5,56 @@ Each command parses its options, calls the library (``memdetect.scan``, ``memdet
 declared once, as ``Annotated`` aliases.
 
 Exit codes (every command):
-  0  the scan finished and nothing was flagged
-  1  at least one image was flagged memorized (only possible with a threshold)
-  2  an error stopped the command: one line on stderr. A usage, config, model, input or system error says what to
-     fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the traceback.
+  0    the scan finished and nothing was flagged
+  1    at least one image was flagged memorized (only possible with a threshold)
+  2    an error stopped the command: one line on stderr. A usage, config, model, input or system error says what to
+       fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the
+       traceback. SIGTERM also ends a command with 2 (after stopping its decoding workers; the journal keeps
+       every batch scored so far).
+  130  interrupted by SIGINT (Ctrl-C), after the same clean-up.
+
+Everything printed is plain text: the consoles parse no rich markup and no emoji codes, and every name taken from a
+file, a flag or a config (paths, model names, layer names, error messages) goes through ``memdetect.text.printable``
+(control characters escaped), so a file name can neither style the output nor add a line of its own. Styled parts
+are ``rich.text.Text``; log lines are escaped by the log formatter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
+import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ._version import __version__
 from .errors import MemdetectError, UsageError
 from .scores import SCORES
+from .text import printable
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Detect memorized images from diffusion models (one partial forward pass per image).\n\n"
                        "Exit codes: 0 nothing flagged, 1 something flagged (needs a threshold), 2 error.")
-err = Console(stderr=True)
-out = Console()
+# no markup, no emoji codes, no highlighting: what is printed is the text given (names escaped with ``_p``)
+err = Console(stderr=True, markup=False, emoji=False, highlight=False)
+out = Console(markup=False, emoji=False, highlight=False)
+
+
+def _p(value) -> str:
+    """A name from a file, a flag or a config as plain one-line text (``memdetect.text.printable``)."""
+    return printable(str(value))
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -44,16 +63,41 @@ def _debug() -> bool:
     return bool(os.environ.get("MEMDETECT_DEBUG"))
 
 
-def _fail(kind: str, message: str, hint: str) -> None:
-    """One line on stderr (the traceback too with MEMDETECT_DEBUG=1), then exit 2."""
-    from rich.text import Text  # the message is plain text: a "[/x]" in a name is not markup
-
+def _fail(kind: str, message: str, hint: str, code: int = EXIT_ERROR) -> None:
+    """One line on stderr (the traceback too with MEMDETECT_DEBUG=1), then exit ``code`` (2)."""
     if _debug():
-        err.print(traceback.format_exc(), markup=False, highlight=False)
-    err.print(Text.assemble((f"memdetect: {kind}:", "bold red"), " ", message), highlight=False, soft_wrap=True)
-    if not _debug():
-        err.print(f"[dim]({hint}set MEMDETECT_DEBUG=1 for the full traceback)[/]")
-    raise typer.Exit(EXIT_ERROR)
+        err.print(traceback.format_exc())
+    # the message is plain text: a "[/x]" in a name is not markup, a newline or ESC in one is escaped
+    err.print(Text.assemble((f"memdetect: {kind}:", "bold red"), " ", printable(message)), soft_wrap=True)
+    if not _debug() and hint is not None:
+        err.print(Text(f"({hint}set MEMDETECT_DEBUG=1 for the full traceback)", style="dim"))
+    raise typer.Exit(code)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread. A ``BaseException`` (like Ctrl-C's KeyboardInterrupt), so no library
+    ``except Exception`` swallows it: it unwinds the scan, which stops its decoding workers and closes its
+    journal on the way out."""
+
+
+@contextlib.contextmanager
+def _terminate_cleanly():
+    """While a command runs: SIGTERM raises ``Terminated`` once (a second SIGTERM during the clean-up is ignored;
+    SIGKILL still works). Python's own SIGINT handler raises KeyboardInterrupt. Without this a SIGTERM kills the
+    process on the spot, and its DataLoader workers, blocked writing to a pipe nobody reads, outlive it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def handle_errors(fn):
@@ -61,18 +105,23 @@ def handle_errors(fn):
 
     Known errors: memdetect's own (``memdetect.errors``: usage, config, model, input) and the operating system's
     (a missing path, an unwritable folder, a full disk). Anything else is a bug, reported as an internal error and
-    never as the user's mistake; it still exits 2, never 1 (which means "flagged").
+    never as the user's mistake; it still exits 2, never 1 (which means "flagged"). SIGTERM is exit 2 and Ctrl-C
+    exit 130, once the scan has stopped its workers.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _terminate_cleanly():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except Terminated:
+            _interrupted("error", "terminated (SIGTERM); the scored batches are kept in the journal: rerun the "
+                                  "command to continue", EXIT_ERROR)
         except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+            _interrupted("interrupted", "stopped by Ctrl-C (SIGINT); the scored batches are kept in the journal: "
+                                        "rerun the command to continue", EXIT_INTERRUPTED)
         except (MemdetectError, OSError) as e:
             _fail("error", str(e) or type(e).__name__, "")
         except Exception as e:
@@ -80,6 +129,35 @@ def handle_errors(fn):
                   "a bug in memdetect, please report it; ")
 
     return wrapper
+
+
+#: Set by ``main`` (the console script): this process is the command, and may end without interpreter teardown.
+_CONSOLE = {"script": False}
+
+
+def _interrupted(kind: str, message: str, code: int) -> None:
+    """The interrupt's one line, then exit ``code``. The scan has already stopped its workers and closed its journal
+    and nothing else is open, so the console script ends at once (``os._exit`` after flushing): tearing down torch
+    and diffusers takes seconds, and whoever sent the signal is waiting (docker stop, CI runners: SIGKILL after a
+    grace period). Called in-process (tests, ``CliRunner``) it raises ``typer.Exit`` as usual."""
+    try:
+        _fail(kind, message, None, code)
+    except typer.Exit:
+        if _CONSOLE["script"]:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            logging.shutdown()
+            os._exit(code)
+        raise
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines with the message escaped (``memdetect.text.printable``): a file name cannot forge a line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
 
 
 def _version(value: bool):
@@ -94,7 +172,9 @@ def _root(
                                           help="Show the version.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log diagnostics to stderr.")] = False,
 ):
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, handlers=[handler])
     if not verbose:
         for name in ("diffusers", "transformers", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -136,8 +216,12 @@ Config = Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetec
                                                 "model, layer, timestep, seed, metric and threshold (flags may not "
                                                 "contradict it; --threshold, --metric and --model-path may override).")]
 Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from the report's journal "
-                                      "(<output>.journal.jsonl): images already scored with the same settings are "
-                                      "not scored again.")]
+                                      "(<output>.journal.jsonl): images already scored with the same settings and "
+                                      "weights are not scored again (only rows signed with this state directory's "
+                                      "secret are trusted).")]
+StateDirOption = Annotated[Optional[Path], typer.Option("--state-dir", envvar="MEMDETECT_STATE_DIR",
+                           help="memdetect's private state: the journal secret, audit journals, weight hashes "
+                                "(default: $XDG_CACHE_HOME/memdetect/state or ~/.cache/memdetect/state).")]
 Html = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (histogram, "
                                                              "top images, settings).")]
 
@@ -167,13 +251,16 @@ def speed_settings(device: str) -> None:
         runtime.retain_freed_memory()
 
 
-def load_detector(model, model_path, *, metric="std", batch_size=None, device="auto", dtype="auto", **kwargs):
+def load_detector(model, model_path, *, metric="std", batch_size=None, device="auto", dtype="auto",
+                  num_workers=None, **kwargs):
     from .detector import Detector, check_options, resolve_device, resolve_dtype
 
-    check_options(metric=metric, batch_size=batch_size)  # a typo in a flag must not cost a model load
+    # a typo or an out-of-range number in a flag must not cost a model load
+    check_options(metric=metric, batch_size=batch_size, num_workers=num_workers,
+                  **{k: kwargs[k] for k in ("threshold", "seed", "timestep", "sigma") if k in kwargs})
     resolve_dtype(dtype, resolve_device(device))
     speed_settings(device)
-    with err.status(f"loading {model}{' from ' + str(model_path) if model_path else ''} ..."):
+    with err.status(Text(f"loading {_p(model)}{' from ' + _p(model_path) if model_path else ''} ...")):
         return Detector.from_pretrained(model, str(model_path) if model_path else None, metric=metric,
                                         batch_size=batch_size, device=device, dtype=dtype, **kwargs)
 
@@ -210,21 +297,26 @@ def scan(
     no_early_exit: Annotated[bool, typer.Option("--no-early-exit", help="Run the full forward pass (for "
                                                                         "checking).")] = False,
     resume: Resume = True,
+    state_dir: StateDirOption = None,
     html: Html = None,
     quiet: Quiet = False,
 ):
     """Score every image for memorization and write a report."""
+    from .io import check_destinations, check_report_path
     from .scan import scan as run_scan
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed)
+    if output is not None:
+        check_report_path(output)
+    check_destinations({"report": output, "HTML report": html})  # before the model load, too
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"])
+                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
-                          num_workers=workers)
+                          num_workers=workers, state_dir=state_dir)
     if not quiet:
         render_scan(result, det, top=top)
     raise typer.Exit(EXIT_FLAGGED if result.flagged else EXIT_OK)
@@ -234,7 +326,7 @@ def render_scan(result, det, *, top: int) -> None:
     df, s = result.frame, result.counts
     scored = df[df["error"].isna()].sort_values("score", ascending=False)
     if top and len(scored):
-        t = Table(title=f"highest {det.metric} scores ({det.name}, {det.layer}, t={det.timestep})",
+        t = Table(title=f"highest {det.metric} scores ({_p(det.name)}, {_p(det.layer)}, t={det.timestep})",
                   title_justify="left")
         t.add_column("path", overflow="fold")
         for c in ("score", *SCORES):
@@ -242,21 +334,23 @@ def render_scan(result, det, *, top: int) -> None:
         if det.threshold is not None:
             t.add_column("memorized")
         for _, r in scored.head(top).iterrows():
-            cells = [escape(r["path"]), *(f"{r[c]:.4g}" for c in ("score", *SCORES))]
+            cells = [_p(r["path"]), *(f"{r[c]:.4g}" for c in ("score", *SCORES))]
             if det.threshold is not None:
-                cells.append("[bold red]yes[/]" if r["memorized"] else "no")
+                cells.append(Text("yes", style="bold red") if r["memorized"] else "no")
             t.add_row(*cells)
         out.print(t)
     errors = df[df["error"].notna()]
     for _, r in errors.head(5).iterrows():
-        err.print(f"[yellow]skipped[/] {escape(r['path'])}: {escape(r['error'])}", highlight=False, soft_wrap=True)
+        err.print(Text.assemble(("skipped", "yellow"), f" {_p(r['path'])}: {_p(r['error'])}"), soft_wrap=True)
     if len(errors) > 5:
-        err.print(f"[yellow]... and {len(errors) - 5} more errors (see the report's error column)[/]")
+        err.print(Text(f"... and {len(errors) - 5} more errors (see the report's error column)", style="yellow"))
     thr = f" at {det.metric} >= {det.threshold:g}" if det.threshold is not None else " (no threshold: nothing flagged)"
-    dest = f"; report: {escape(str(result.output))}" if result.output else ""
+    dest = f"; report: {_p(result.output)}" if result.output else ""
     dest += f" ({result.resumed} rows reused from its journal)" if result.resumed else ""
+    if result.rejected:
+        dest += f"; {result.rejected} journal rows failed verification and were dropped"
     out.print(f"{s['images']} images: {s['scored']} scored, {s['errored']} errored, "
-              f"{s['flagged']} flagged memorized{thr}{dest}", highlight=False)
+              f"{s['flagged']} flagged memorized{thr}{dest}", soft_wrap=True)
 
 
 # -- calibrate -------------------------------------------------------------------------------------------------------
@@ -301,13 +395,13 @@ def render_calibration(cal, det) -> None:
     from .io import display_path
 
     labelled = cal.n_memorized is not None
-    t = Table(title=f"thresholds at FPR <= {cal.fpr:g} on {cal.n_reference} reference images ({det.name}, "
-                    f"{det.layer}, t={det.timestep})", title_justify="left")
+    t = Table(title=f"thresholds at FPR <= {cal.fpr:g} on {cal.n_reference} reference images ({_p(det.name)}, "
+                    f"{_p(det.layer)}, t={det.timestep})", title_justify="left")
     cols = ["metric", "threshold", "reference flagged"] + (["TPR", "AUROC"] if labelled else [])
     for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
     for _, r in cal.table.iterrows():
-        name = f"[bold]{r['metric']}[/] (config)" if r["metric"] == cal.metric else r["metric"]
+        name = Text.assemble((r["metric"], "bold"), " (config)") if r["metric"] == cal.metric else r["metric"]
         cells = [name, f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']} "
                                                f"({r['fpr_reference']:.3g})"]
         if labelled:
@@ -323,7 +417,7 @@ def render_calibration(cal, det) -> None:
         out.print(f"ROC point of {cal.metric} >= {row['threshold']:.6g}: FPR {row['roc_fpr']:.3g}, TPR "
                   f"{row['tpr']:.3g} ({cal.n_memorized} memorized, {cal.n_reference} novel); AUROC "
                   f"{row['auroc']:.3f}", highlight=False)
-    out.print(f"wrote {escape(display_path(cal.path))}", highlight=False)
+    out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
 
 
 # -- audit -----------------------------------------------------------------------------------------------------------
@@ -335,8 +429,8 @@ def audit(
     paths: Paths,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml from `memdetect calibrate` "
                                                    "(default: ./memdetect.toml if it exists).")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or .parquet); its journal "
-                                         "makes a rerun continue.")] = Path(".memdetect/report.csv"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or "
+                                         ".parquet).")] = Path(".memdetect/report.csv"),
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a "
                                                   "failure per flagged image, unreadable files skipped.")] = None,
     summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write a JSON summary: counts, exit "
@@ -353,12 +447,18 @@ def audit(
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
-    resume: Resume = True,
+    resume: Annotated[bool, typer.Option("--resume/--no-resume", help="Continue an interrupted audit from its "
+                                         "journal in the state directory (keyed by the settings, the weights' "
+                                         "content hash and the report path; only rows signed with the state "
+                                         "directory's secret are trusted). Off by default: every image is "
+                                         "scored.")] = False,
+    state_dir: StateDirOption = None,
     top: Annotated[int, typer.Option("--top", help="Flagged images listed in the summary (0: none).")] = 50,
     quiet: Quiet = False,
 ):
     """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2."""
     from . import ci
+    from .io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
     if config is None and Path("memdetect.toml").is_file():
@@ -366,34 +466,43 @@ def audit(
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed)
     ci.check_threshold(s["threshold"])
+    check_report_path(output)
+    ci.check_report_folder(output)
+    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json})
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"])
+                        sigma=s["sigma"], num_workers=workers)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
-                        summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers)
+                        summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
+                        state_dir=state_dir)
     if not quiet:
         render_audit(done.summary, top=top)
     raise typer.Exit(done.exit_code)
 
 
 def render_audit(doc: dict, *, top: int) -> None:
-    """The audit's short summary: counts, then the flagged images by name (paths printed verbatim, never wrapped)."""
-    say = functools.partial(out.print, markup=False, highlight=False, soft_wrap=True)
-    cfg = f", config {doc['config']}" if doc["config"] else ""
+    """The audit's short summary: counts, then the flagged images by name (paths printed escaped, never wrapped)."""
+    say = functools.partial(out.print, soft_wrap=True)
+    cfg = f", config {_p(doc['config'])}" if doc["config"] else ""
     say(f"memdetect audit: {doc['images']} images: {doc['scored']} scored, {doc['errored']} errored, "
         f"{doc['flagged']} flagged memorized ({doc['metric']} >= {doc['threshold']:.6g}{cfg})")
     for f in doc["flagged_images"][:top]:
-        say(f"  flagged: {f['path']}  ({doc['metric']} {f['score']:.4g})")
+        say(f"  flagged: {_p(f['path'])}  ({doc['metric']} {f['score']:.4g})")
     if len(doc["flagged_images"]) > top:
         say(f"  ... and {len(doc['flagged_images']) - top} more flagged (see the report)")
     for e in doc["errors"][:5]:
-        err.print(f"  not scored: {e['path']}: {e['error']}", markup=False, highlight=False, soft_wrap=True)
+        err.print(f"  not scored: {_p(e['path'])}: {_p(e['error'])}", soft_wrap=True)
     if len(doc["errors"]) > 5:
-        err.print(f"  ... and {len(doc['errors']) - 5} more not scored (see the report's error column)", markup=False)
-    resumed = f" ({doc['resumed']} rows reused from its journal)" if doc["resumed"] else ""
-    say(f"report: {doc['report']}{resumed}")
+        err.print(f"  ... and {len(doc['errors']) - 5} more not scored (see the report's error column)")
+    if doc.get("resume"):
+        resumed = f" ({doc['resumed']} rows reused from its journal)" if doc["resumed"] else " (nothing reused)"
+    else:
+        resumed = " (no journal read: every image scored)"
+    if doc.get("journal_rows_rejected"):
+        resumed += f"; {doc['journal_rows_rejected']} journal rows failed verification and were dropped"
+    say(f"report: {_p(doc['report'])}{resumed}")
 
 
 # -- models, layers --------------------------------------------------------------------------------------------------
@@ -410,9 +519,9 @@ def models():
     for p in PRESETS.values():
         cls = ADAPTERS.get(p.family)
         layer = p.layer or (cls.layer_hint(p.options) if cls else "(family not installed)")
-        t.add_row(p.name, p.family, p.source, layer, str(p.timestep), p.note)
+        t.add_row(*map(_p, (p.name, p.family, p.source, layer, p.timestep, p.note)))
     out.print(t)
-    out.print(f"families (with --model-path DIR): {', '.join(sorted(ADAPTERS))}")
+    out.print(f"families (with --model-path DIR): {', '.join(map(_p, sorted(ADAPTERS)))}")
 
 
 @app.command()
@@ -427,7 +536,7 @@ def layers(
     det = load_detector(model, model_path, device=device, dtype=dtype)
     with err.status("probing one forward pass ..."):
         infos = det.layers(include_inputs=inputs)
-    t = Table(title=f"{det.name}: hookable layers in forward order (batch 1; default: {det.layer})",
+    t = Table(title=f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})",
               title_justify="left")
     for c in ("layer", "module", "shape", "calls/forward"):
         t.add_column(c, overflow="fold")
@@ -435,8 +544,8 @@ def layers(
     for info in infos:
         if contains and contains not in info.spec:
             continue
-        mark = "[bold green] <- default[/]" if info.spec == default else ""
-        t.add_row(info.spec + mark, info.module_type, "x".join(map(str, info.shape)) or "-", str(info.calls))
+        spec = Text.assemble(_p(info.spec), (" <- default", "bold green")) if info.spec == default else _p(info.spec)
+        t.add_row(spec, _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls))
     out.print(t)
 
 
@@ -470,7 +579,7 @@ def render_results(results, title: str) -> None:
     for c in ("method", "AUROC", "TPR@1%FPR", "s/sample", "memorized", "generalized"):
         t.add_column(c, justify="left" if c == "method" else "right")
     for _, r in results.iterrows():
-        t.add_row(r["method"], f"{r['auroc']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['seconds_per_sample']:.4f}",
+        t.add_row(_p(r["method"]), f"{r['auroc']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['seconds_per_sample']:.4f}",
                   str(r["n_memorized"]), str(r["n_generalized"]))
     out.print(t)
 
@@ -503,7 +612,7 @@ def bench_demo(
         res = run_demo(output, device=device, batch_size=batch_size, flipd_probes=flipd_probes, sweep=sweep_layers,
                        model_path=str(model_path) if model_path else None, limit=limit, sweep_timesteps=steps)
     st = res["settings"]
-    render_results(res["results"], f"bench demo: {st.layer}, t={st.timestep}, device {st.device}, "
+    render_results(res["results"], f"bench demo: {_p(st.layer)}, t={st.timestep}, device {st.device}, "
                                    f"batch {res['batch_size']}")
     if "sweep" in res:
         sw = res["sweep"]
@@ -511,13 +620,14 @@ def bench_demo(
         default = sw[(sw["layer"] == st.layer) & (sw["timestep"] == st.timestep)]
         out.print(f"sweep: {sw['layer'].nunique()} layers x {sw['timestep'].nunique()} timesteps; "
                   f"{int(sw['inverted'].sum())} (layer, t) pairs inverted (AUROC < 0.5)")
-        out.print(f"best on the selection half: {best['layer']} at t={best['timestep']}: AUROC "
+        out.print(f"best on the selection half: {_p(best['layer'])} at t={best['timestep']}: AUROC "
                   f"{best['auroc_select']:.3f} (selection), {best['auroc_heldout']:.3f} (held-out)")
         if len(default):
             d = default.iloc[0]
-            out.print(f"default layer {st.layer} at t={st.timestep}: AUROC {d['auroc_select']:.3f} (selection), "
+            out.print(f"default layer {_p(st.layer)} at t={st.timestep}: AUROC {d['auroc_select']:.3f} (selection), "
                       f"{d['auroc_heldout']:.3f} (held-out)")
-    out.print(f"wrote {output}/results.csv, scores.csv, roc.png" + (", sweep.csv, sweep.png" if sweep_layers else ""))
+    out.print(f"wrote {_p(output)}/results.csv, scores.csv, roc.png" + (", sweep.csv, sweep.png" if sweep_layers
+                                                                          else ""), soft_wrap=True)
 
 
 def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
@@ -525,12 +635,12 @@ def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
         return
     render_results(res["results"], title)
     st = res["settings"]
-    out.print(f"generated {res['generated']}, reused {res['skipped']} from earlier runs; {st['sampler']}, "
-              f"{st['steps']} steps; FLIPD {st['flipd_probes']} probe(s) at t={st['flipd_timestep']}{extra}",
-              highlight=False)
+    out.print(f"generated {res['generated']}, reused {res['skipped']} from earlier runs; {_p(st['sampler'])}, "
+              f"{st['steps']} steps; FLIPD {st['flipd_probes']} probe(s) at t={st['flipd_timestep']}{_p(extra)}",
+              soft_wrap=True)
     out.print("seconds/sample: scoring time per generated image on one device, generation excluded except for "
-              "wen_all_steps (see the timing column)", highlight=False)
-    out.print(f"wrote {output}/results.csv, scores.csv, roc.png, settings.json", highlight=False)
+              "wen_all_steps (see the timing column)")
+    out.print(f"wrote {_p(output)}/results.csv, scores.csv, roc.png, settings.json", soft_wrap=True)
 
 
 @bench_app.command("laion")
@@ -570,7 +680,7 @@ def bench_laion(
                         steps=steps, guidance=guidance, device=device, dtype=dtype, seed=seed,
                         flipd_probes=flipd_probes, nemo_reference=nemo_reference, progress=progress)
     extra = f"; NeMo statistics from {res['settings']['nemo_reference']}"
-    _render_paper(res, f"bench laion: {model}, {generations} generations per prompt (prompt score = mean)", output,
+    _render_paper(res, f"bench laion: {_p(model)}, {generations} generations per prompt (prompt score = mean)", output,
                   extra)
 
 
@@ -624,7 +734,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
                               label_resolution=label_resolution, flipd_probes=flipd_probes, device=device,
                               dtype=dtype, seed=seed, progress=progress)
         lab = res["settings"]["labels"]
-        _render_paper(res, f"bench {bench}: {model}, {num_samples} samples", output,
+        _render_paper(res, f"bench {bench}: {_p(model)}, {num_samples} samples", output,
                       f"; labels: pixel correlation at {lab['resolution']} px, memorized >= {lab['memorized_at']}, "
                       f"generalized < {lab['generalized_below']}")
 
@@ -642,6 +752,7 @@ _samples_bench("cifar10", model="edm-cifar10", model_help="An unconditional pres
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code."""
+    _CONSOLE["script"] = True
     try:
         app(args=argv, prog_name="memdetect", standalone_mode=True)
     except SystemExit as e:

@@ -19,6 +19,11 @@ silently change those settings.
 
 Other tables (``[calibration]``, ``[versions]``) are a record of how the file was made; they are not read back
 except ``[calibration.thresholds]``.
+
+Numbers are checked as strictly as the command-line flags: thresholds (also those in ``[calibration.thresholds]``)
+and ``sigma`` finite (``sigma`` positive), ``timestep`` a non-negative integer, ``seed`` an integer in [0, 2**64).
+A ``[calibration]`` or ``[calibration.thresholds]`` that is not a table is refused. Every problem is one line naming
+the file and the key.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 from .errors import UsageError
 from .io import display_path
 from .scores import SCORES
+from .text import printable
 
 try:
     import tomllib
@@ -42,6 +48,7 @@ TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "time
             "seed": int, "metric": str, "threshold": float}
 TABLES = ("calibration", "versions")
 CONFIG_VERSION = 1
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,20 @@ def load_config(path: str | os.PathLike) -> Config:
     p = Path(path)
     name = display_path(p)
     try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+        if p.is_dir():
+            raise UsageError(f"config {name} is a directory; give the memdetect.toml file")
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise UsageError(f"config {name} is larger than {MAX_CONFIG_BYTES // 1024} KB; a memdetect.toml is a few "
+                             f"hundred bytes")
+        doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config {name} does not exist (write one with `memdetect calibrate`)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read config {name}: {e}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"config {name} is not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:  # TOMLDecodeError, an integer too long to parse, deep nesting
+        raise UsageError(f"config {name} is not valid TOML: {printable(str(e) or type(e).__name__, 200)}") from None
     unknown = [k for k in doc if k not in TOP_KEYS and k not in TABLES]
     if unknown:
         raise UsageError(f"unknown key {unknown[0]!r} in {name}; known keys: {', '.join([*TOP_KEYS, *TABLES])}")
@@ -91,10 +105,15 @@ def load_config(path: str | os.PathLike) -> Config:
             continue
         v = doc[key]
         if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:
+                raise UsageError(f"{key} in {name} must be a finite number, got a {v.bit_length()}-bit integer") \
+                    from None
         if not isinstance(v, typ) or isinstance(v, bool):
             kind = {float: "a number", int: "an integer", str: "a string"}[typ]
-            raise UsageError(f"{key} in {name} must be {kind}, got {v!r}")
+            raise UsageError(f"{key} in {name} must be {kind}, got {_shown(v)}")
+        _check_range(key, v, name)
         values[key] = v
     for key in ("model", "threshold"):
         if key not in values:
@@ -104,18 +123,53 @@ def load_config(path: str | os.PathLike) -> Config:
                          f"{CONFIG_VERSION} (upgrade memdetect)")
     metric = values.get("metric", "std")
     if metric not in SCORES:
-        raise UsageError(f"unknown metric {metric!r} in {name}; choose one of {', '.join(SCORES)}")
+        raise UsageError(f"unknown metric {printable(repr(metric), 60)} in {name}; choose one of {', '.join(SCORES)}")
+    calibration = doc.get("calibration", {})
+    if not isinstance(calibration, dict):
+        raise UsageError(f"[calibration] in {name} must be a table, got {type(calibration).__name__}")
+    table = calibration.get("thresholds", {})
+    if not isinstance(table, dict):
+        raise UsageError(f"[calibration.thresholds] in {name} must be a table of metric = number, got "
+                         f"{type(table).__name__}")
     thresholds = {}
-    table = doc.get("calibration", {}).get("thresholds", {}) if isinstance(doc.get("calibration"), dict) else {}
     for m, v in table.items():
-        if m in SCORES and isinstance(v, (int, float)) and not isinstance(v, bool):
-            thresholds[m] = float(v)
+        if m not in SCORES:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise UsageError(f"calibration.thresholds.{m} in {name} must be a number, got {_shown(v)}")
+        _check_range("threshold", float(v), name, key_name=f"calibration.thresholds.{m}")
+        thresholds[m] = float(v)
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
     return Config(model=values["model"], threshold=values["threshold"], metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p)
+
+
+def _shown(v: Any) -> str:
+    """A config value in a message: its type for containers and tables, a short printable repr otherwise."""
+    if isinstance(v, (dict, list)):
+        return f"a {'table' if isinstance(v, dict) else 'list'}"
+    if isinstance(v, int) and v.bit_length() > 128:
+        return f"a {v.bit_length()}-bit integer"
+    return printable(repr(v), 60)
+
+
+def _check_range(key: str, v: Any, name: str, *, key_name: str | None = None) -> None:
+    """Thresholds and sigma finite (sigma positive), timestep >= 0, seed in [0, 2**64): as the flags are checked."""
+    where = f"{key_name or key} in {name}"
+    if key in ("threshold", "sigma") and not math.isfinite(v):
+        raise UsageError(f"{where} must be a finite number, got {v}")
+    if key == "sigma" and v <= 0:
+        raise UsageError(f"{where} must be positive, got {v}")
+    if key == "timestep" and v < 0:
+        raise UsageError(f"{where} must be a non-negative integer, got {v}")
+    if key == "seed" and not 0 <= v < 2**64:
+        raise UsageError(f"{where} must be an integer in [0, 2**64), got "
+                         f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
+    if key == "version" and v < 1:
+        raise UsageError(f"{where} must be a positive integer, got {v}")
 
 
 #: Settings a calibrated threshold depends on: a command-line flag may not change them behind the config's back.

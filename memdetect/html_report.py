@@ -2,7 +2,9 @@
 
 Why self-contained: the file is a CI artifact that people open from a download or an e-mail, so it carries its
 images as base64 PNGs and its style inline, and loads nothing from the network. Thumbnails show what the model
-saw (the report's preprocessing recipe: centre crop of the shorter side), not the full image.
+saw (the report's preprocessing recipe: centre crop of the shorter side), not the full image. Every name and value
+taken from a file or a setting is written as text: control characters escaped (``memdetect.text.printable``), then
+HTML-escaped, so a file name can neither add markup nor break a line.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 from ._version import __version__
 from .io import atomic_write, load_image
 from .report import counts
+from .text import printable
 
 THUMB = 128
 CSS = """
@@ -74,10 +77,15 @@ def thumbnail_png(path: str | os.PathLike, size: int = THUMB) -> bytes | None:
     return buf.getvalue()
 
 
+def _esc(value) -> str:
+    return html.escape(printable(str(value)), quote=True)
+
+
 def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.PathLike] | None = None,
-                top: int = 24, title: str = "memdetect report") -> str:
-    """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its thumbnail from."""
-    esc = html.escape
+                top: int = 24, title: str = "memdetect report", resumed: int | None = None) -> str:
+    """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its thumbnail from;
+    ``resumed``: how many rows were taken from a journal (said under the counts)."""
+    esc = _esc
     s = counts(df)
     metric, threshold = settings.get("metric", "score"), settings.get("threshold")
     scored = df[df["error"].isna()].sort_values("score", ascending=False)
@@ -88,6 +96,9 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
     parts.append("<table><tr>" + "".join(f"<th>{k}</th>" for k in ("images", "scored", "errored", "flagged", "rule"))
                  + "</tr><tr>" + "".join(f"<td class='num'>{s[k]}</td>" for k in ("images", "scored", "errored"))
                  + f"<td class='num{' bad' if s['flagged'] else ''}'>{s['flagged']}</td><td>{thr}</td></tr></table>")
+    if resumed is not None:
+        parts.append(f"<p>{resumed} of {s['images']} rows reused from a verified journal; the others were scored "
+                     f"in this run.</p>" if resumed else "<p>Every image was scored in this run.</p>")
 
     parts.append("<h2>Score distribution</h2>")
     if len(scored):
@@ -105,7 +116,7 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
         png = thumbnail_png(src)
         img = f"<img alt='' src='{_png_b64(png)}'>" if png else "<div>(no preview)</div>"
         cls = " class='flag'" if pd.notna(r["memorized"]) and bool(r["memorized"]) else ""
-        parts.append(f"<figure{cls}>{img}<figcaption><b>{r['score']:.4g}</b><br>{esc(str(r['path']))}"
+        parts.append(f"<figure{cls}>{img}<figcaption><b>{r['score']:.4g}</b><br>{esc(r['path'])}"
                      f"</figcaption></figure>")
     if not len(shown):
         parts.append("<p>None.</p>")
@@ -114,13 +125,13 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
     errors = df[df["error"].notna()]
     if len(errors):
         parts.append(f"<h2>Not scored ({len(errors)})</h2><table><tr><th>path</th><th>reason</th></tr>")
-        parts += [f"<tr><td>{esc(str(r['path']))}</td><td>{esc(str(r['error']))}</td></tr>"
+        parts += [f"<tr><td>{esc(r['path'])}</td><td>{esc(r['error'])}</td></tr>"
                   for _, r in errors.head(200).iterrows()]
         parts.append("</table>" + (f"<p>... and {len(errors) - 200} more (see the report).</p>"
                                    if len(errors) > 200 else ""))
 
     parts.append("<h2>Settings</h2><table>")
-    parts += [f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in settings.items()]
+    parts += [f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in settings.items()]
     parts.append(f"</table><p><small>memdetect {esc(__version__)}</small></p></body></html>\n")
     return "\n".join(parts)
 

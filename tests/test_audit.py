@@ -176,10 +176,14 @@ def test_permission_error_maps_to_a_row_even_as_root(tmp_path, monkeypatch):
     p = tmp_path / "secret.png"
     Image.new("RGB", (4, 4)).save(p)
 
-    def denied(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+    real_open = os.open
 
-    monkeypatch.setattr(Image, "open", denied)
+    def denied(path, *args, **kwargs):  # what opening a chmod 000 file does (the file is read once, with os.open)
+        if os.fspath(path) == os.fspath(p):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(ImageError, match="^permission denied$"):
         load_image(p, 8)
 
@@ -219,8 +223,8 @@ def test_github_annotations_are_escaped_and_relative_to_the_workspace(tmp_path):
     lines = ci.github_annotations(df, SETTINGS, workspace=str(tmp_path))
     assert lines[0] == ("::error file=imgs/a.png,title=memdetect%3A memorized image::"
                         "memorized: std 2 >= threshold 1.5")
-    assert lines[1] == ("::warning file=c\x01d%2Ce%3Af.png,title=memdetect%3A not scored::"
-                        "not a recognised image format")
+    assert lines[1] == ("::warning file=c\\x01d%2Ce%3Af.png,title=memdetect%3A not scored::"
+                        "not a recognised image format")  # a control character is written as an escape
     assert len(lines) == 2
     doc = ci.summary(df, exit_code=1, settings=SETTINGS)
     md = ci.step_summary_markdown(doc)
@@ -245,8 +249,12 @@ def test_audit_uses_memdetect_toml_from_the_working_directory(tiny_ddpm, images_
     assert "5 images: 5 scored, 0 errored, 0 flagged memorized (std >= 1e+09, config memdetect.toml)" in res.output
     assert "| 5 | 5 | 0 | 0 | 0 |" in Path("s.md").read_text()
     res = invoke("audit", images_dir, "--threshold", "-1", "--workers", 0, env={"GITHUB_ACTIONS": "true"})
+    assert res.exit_code == 1 and "(no journal read: every image scored)" in res.output  # resuming is opt-in
+    assert res.output.count("::error file=") == 5
+    res = invoke("audit", images_dir, "--threshold", "-1", "--workers", 0, "--resume", env={"GITHUB_ACTIONS": "true"})
     assert res.exit_code == 1 and "5 rows reused from its journal" in res.output
     assert res.output.count("::error file=") == 5
+    assert sorted(os.listdir(".memdetect")) == [".gitignore", "report.csv"]  # the journal is in the state dir
 
 
 def test_html_report(tiny_ddpm, images_dir, tmp_path):
