@@ -170,6 +170,7 @@ def test_commands_pass_their_options_to_the_library(tiny_ddpm, images_dir, tmp_p
     assert paths == [images_dir] and det.seed == 3 and det.threshold == 0.5
     assert kw["output"] == tmp_path / "r.json" and kw["resume"] is False and kw["html"] == tmp_path / "r.html"
     assert kw["num_workers"] == 1 and callable(kw["on_batch"])
+    assert kw["state_dir"] == Path(os.environ["MEMDETECT_STATE_DIR"])  # --state-dir's environment variable
     assert invoke("calibrate", images_dir, *base, "--fpr", 0.05, "--memorized", images_dir, "-o",
                   tmp_path / "c.toml").exit_code == 2
     det, paths, kw = calls["calibrate"]
@@ -181,3 +182,6 @@ def test_commands_pass_their_options_to_the_library(tiny_ddpm, images_dir, tmp_p
     det, paths, kw = calls["audit"]
     assert det.metric == "maxmin" and det.threshold == 1
     assert kw["junit"] == Path("j.xml") and kw["annotations"] == "none" and kw["output"] == Path(".memdetect/report.csv")
+    assert kw["resume"] is False  # an audit resumes only when asked to
+    assert invoke("audit", images_dir, *base, "--threshold", 1, "--resume", "--state-dir", tmp_path / "st").exit_code == 2
+    assert calls["audit"][2]["resume"] is True and calls["audit"][2]["state_dir"] == tmp_path / "st"

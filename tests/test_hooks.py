@@ -22,7 +22,8 @@ RUN_SH = REPO / "hooks" / "github-action" / "run.sh"
 def _env(**extra) -> dict:
     """The environment of a CI job: the installed `memdetect` script on PATH, one torch thread (see test_journal)."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "MEMDETECT_"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GITHUB_", "MEMDETECT_")) or k == "MEMDETECT_STATE_DIR"}  # the test's own state
     return {**env, "PATH": path, "OMP_NUM_THREADS": "1", **extra}
 
 
@@ -33,7 +34,7 @@ def _hook() -> dict:
 
 def test_pre_commit_hook_definition():
     hook = _hook()
-    assert shlex.split(hook["entry"]) == ["memdetect", "audit"]
+    assert shlex.split(hook["entry"]) == ["memdetect", "audit", "--resume"]  # its own state dir: safe to resume
     assert hook["language"] == "python" and hook["require_serial"] is True
     files = re.compile(hook["files"])
     for ext in IMAGE_EXTENSIONS:  # the hook sees exactly the suffixes a folder scan picks up
@@ -124,9 +125,10 @@ def test_action_run_sh_locally(tiny_ddpm, tmp_path):
     assert outputs == {"exit-code": "1", "report": "memdetect-report.csv", "junit": "memdetect-junit.xml",
                        "summary-json": "memdetect-summary.json", "images": "5", "scored": "4", "errored": "1",
                        "flagged": "4"}
-    for name in ("memdetect-report.csv", "memdetect-report.csv.journal.jsonl", "memdetect-junit.xml",
-                 "memdetect-summary.json", "report.html"):
+    for name in ("memdetect-report.csv", "memdetect-junit.xml", "memdetect-summary.json", "report.html"):
         assert (ws / name).is_file(), name
+    assert sorted(p.name for p in ws.iterdir()) == ["generated", "memdetect-junit.xml", "memdetect-report.csv",
+                                                    "memdetect-summary.json", "memdetect.toml", "report.html"]
     assert "::error file=generated/img_000.png,title=memdetect%3A memorized image::" in proc.stdout
     assert "::warning file=generated/corrupt.png," in proc.stdout
     assert "| 5 | 4 | 1 | 4 | 1 |" in (tmp_path / "summary.md").read_text()
