@@ -97,7 +97,7 @@ def _terminate_cleanly():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def handle_errors(fn):
@@ -117,11 +117,11 @@ def handle_errors(fn):
         except (typer.Exit, typer.Abort):
             raise
         except Terminated:
-            _interrupted("error", "terminated (SIGTERM); the scored batches are kept in the journal: rerun the "
-                                  "command to continue", EXIT_ERROR)
+            _interrupted("error", "terminated (SIGTERM); batches already scored are kept in the journal (with "
+                                  "--output): rerun the command to continue", EXIT_ERROR)
         except KeyboardInterrupt:
-            _interrupted("interrupted", "stopped by Ctrl-C (SIGINT); the scored batches are kept in the journal: "
-                                        "rerun the command to continue", EXIT_INTERRUPTED)
+            _interrupted("interrupted", "stopped by Ctrl-C (SIGINT); batches already scored are kept in the journal "
+                                        "(with --output): rerun the command to continue", EXIT_INTERRUPTED)
         except (MemdetectError, OSError) as e:
             _fail("error", str(e) or type(e).__name__, "")
         except Exception as e:

@@ -140,18 +140,16 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     pos += 1
         rejected = journal.rejected if journal is not None else 0
     frame = report.rows_to_frame(rows)
-    result = ScanResult(frame, tuple(files), settings, resumed=len(files) - len(todo), computed=len(todo),
-                        output=output, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
-                        weights=weights)
-    settings_dict = result.settings_dict
+    resumed = len(files) - len(todo)
+    settings_dict = {**asdict(settings), "weights": weights}
     if output is not None:
         report.write(frame, output, settings_dict)
     html_path = None
     if html is not None:
         html_path = write_html(frame, html, settings_dict, files={display_path(f): f for f in files},
-                               resumed=result.resumed)
-    return ScanResult(frame, tuple(files), settings, resumed=result.resumed, computed=result.computed,
-                      output=output, html=html_path, journal=jpath, resume=result.resume, rejected=rejected,
+                               resumed=resumed)
+    return ScanResult(frame, tuple(files), settings, resumed=resumed, computed=len(todo), output=output,
+                      html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
                       weights=weights)
 
 
