@@ -552,6 +552,15 @@ def test_hostile_flag_values_are_one_escaped_line(args, needle, tiny_ddpm, image
     assert needle in one_error_line(res.output)
 
 
+def test_a_hostile_model_name_in_a_config_is_one_escaped_line(images_dir, tmp_path):
+    cfg = tmp_path / "memdetect.toml"
+    cfg.write_text('model = "[x]\\u001b]0;title\\u0007\\nmemdetect: scan OK[/x]"\nthreshold = 1\n')
+    res = invoke("audit", images_dir, "--config", cfg)
+    assert res.exit_code == 2
+    _safe(res.output)
+    assert "model '[x]\\x1b]0;title\\x07\\nmemdetect: scan OK[/x]'" in one_error_line(res.output)
+
+
 def test_an_empty_folder_with_a_hostile_name_is_one_line(tmp_path):
     d = tmp_path / "a\nmemdetect: scan OK\x1b[2J"
     d.mkdir()
