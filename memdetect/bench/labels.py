@@ -1,32 +1,54 @@
 """Ground-truth labels for generated samples: nearest-neighbour similarity to the training set.
 
 The paper labels a generation *memorized* when its SSCD similarity to the closest training image is above 0.9 and
-*generalized* below 0.5, and drops the ambiguous middle. SSCD weights are not available offline, so for pixel-space
-models we use a fixed, documented pixel similarity instead:
+*generalized* below 0.5, and drops the ambiguous middle. Two labellers implement that form here:
 
-    sim(x, y) = < (x - mean(x)) / ||x - mean(x)||,  (y - mean(y)) / ||y - mean(y)|| >
+**pixel** (the default; no weights needed). The similarity of a sample x to a training image y is the Pearson
+correlation of their flattened RGB pixels,
 
-i.e. the Pearson correlation of the two flattened RGB pixel vectors (the cosine similarity after removing each
-image's mean). It is 1 for an exact copy, is insensitive to a global brightness shift or contrast scale, and is
-computed against every training image (exact search, no index).
+    corr(x, y) = < (x - mean(x)) / ||x - mean(x)||,  (y - mean(y)) / ||y - mean(y)|| >,
+
+which is 1 for an exact copy and insensitive to a global brightness offset or contrast scale. ``nearest_match``
+makes it survive the two simplest transformations of a copy: it is the maximum over a horizontal flip of the
+sample (``flip``) and over shifts of the sample by (dy, dx) in [-s, s]^2 pixels (``max_shift`` = s, default 2) of
+the correlation of the overlapping windows: the central (H - 2s) x (W - 2s) window of the training image against
+the window of the sample displaced by (dy, dx). Every shift compares windows of the same size; with s = 0 and no
+flip it is exactly the full-image correlation of ``nearest_neighbours``. Search is exact, over every training image.
+Thresholds (``LabelRule``): memorized >= 0.95, generalized < 0.80, the band between excluded.
+
+**sscd** (optional; the paper's labeller). A user who has SSCD's TorchScript weights (e.g. ``sscd_disc_mixup.torchscript.pt``
+from facebookresearch/sscd-copy-detection; memdetect does not download them) gets the cosine similarity of SSCD
+descriptors: ``SSCDLabeller(load_sscd(path)).nearest(samples, train)``, thresholds 0.9 / 0.5 (``SSCD_RULE``).
+``make_labeller("pixel" | "sscd", sscd_weights=...)`` returns either behind one interface.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
+import torch.nn.functional as F
 
 #: Default thresholds on the pixel correlation (see module docstring and benchmarks/RESULTS.md).
 MEMORIZED_AT = 0.95
 GENERALIZED_BELOW = 0.80
+#: Default invariance of ``nearest_match``: shifts of up to this many pixels each way, and a horizontal flip.
+MAX_SHIFT = 2
 
 
 def _centred_unit(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(x.shape[0], -1).float()
     flat = flat - flat.mean(dim=1, keepdim=True)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def paired_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pixel correlation of a[i] with b[i] (same shapes [N, C, H, W]); [N]."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+    return (_centred_unit(a) * _centred_unit(b)).sum(dim=1)
 
 
 @torch.no_grad()
@@ -36,6 +58,7 @@ def nearest_neighbours(
     """For each sample, the highest pixel correlation to any training image, and that image's index.
 
     samples: [N, C, H, W], train: [M, C, H, W], any real dtype (uint8 is fine). Returns (sim [N], index [N]).
+    No invariance: ``nearest_match`` is the flip- and shift-invariant version.
     """
     return nearest_neighbours_in(samples, (train[start : start + chunk] for start in range(0, train.shape[0], chunk)))
 
@@ -64,6 +87,66 @@ def nearest_neighbours_in(
 
 
 @dataclass(frozen=True)
+class Match:
+    """Per sample: best similarity, index of the nearest training image, and the transform that achieved it
+    (``flipped``: the sample was mirrored; ``dy``, ``dx``: sample[y + dy, x + dx] lines up with train[y, x])."""
+
+    similarity: torch.Tensor  # float [N]
+    index: torch.Tensor  # long [N]
+    flipped: torch.Tensor  # bool [N]
+    dy: torch.Tensor  # long [N]
+    dx: torch.Tensor  # long [N]
+
+
+def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
+    shifts = range(-max_shift, max_shift + 1)
+    return [(f, dy, dx) for f in ((False, True) if flip else (False,)) for dy in shifts for dx in shifts]
+
+
+@torch.no_grad()
+def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Tensor], *,
+                  max_shift: int = MAX_SHIFT, flip: bool = True, chunk: int = 2048) -> Match:
+    """Flip- and shift-invariant nearest training image by pixel correlation (see the module docstring).
+
+    samples: [N, C, H, W]; train: [M, C, H, W] or an iterable of such batches (indices count across batches).
+    ``max_shift=0, flip=False`` gives exactly ``nearest_neighbours``.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    n, _, h, w = samples.shape
+    s = max_shift
+    if not (2 * s < h and 2 * s < w):
+        raise ValueError(f"max_shift {s} leaves no overlap on {h}x{w} images")
+    variants = _variants(s, flip)
+    sample_windows = []
+    for f, dy, dx in variants:
+        x = samples.flip(-1) if f else samples
+        sample_windows.append(_centred_unit(x[:, :, s + dy: h - s + dy, s + dx: w - s + dx]))
+    batches = train
+    if isinstance(train, torch.Tensor):
+        batches = (train[start: start + chunk] for start in range(0, train.shape[0], chunk))
+    best = torch.full((n,), -2.0)
+    best_idx = torch.zeros(n, dtype=torch.long)
+    best_var = torch.zeros(n, dtype=torch.long)
+    start = 0
+    for batch in batches:
+        if batch.shape[1:] != samples.shape[1:]:
+            raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(batch.shape[1:])} differ")
+        t = _centred_unit(batch.to(samples.device)[:, :, s: h - s, s: w - s])
+        for v, sw in enumerate(sample_windows):
+            val, idx = (sw @ t.T).max(dim=1)
+            val, idx = val.cpu(), idx.cpu()
+            better = val > best
+            best = torch.where(better, val, best)
+            best_idx = torch.where(better, idx + start, best_idx)
+            best_var = torch.where(better, torch.full_like(best_var, v), best_var)
+        start += batch.shape[0]
+    table = torch.tensor([(int(f), dy, dx) for f, dy, dx in variants], dtype=torch.long)
+    chosen = table[best_var]
+    return Match(best, best_idx, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
+
+
+@dataclass(frozen=True)
 class LabelRule:
     memorized_at: float = MEMORIZED_AT
     generalized_below: float = GENERALIZED_BELOW
@@ -79,3 +162,104 @@ class LabelRule:
         if sim < self.generalized_below:
             return "generalized"
         return "excluded"
+
+
+#: The paper's SSCD thresholds (Zhang et al. 2025, following Somepalli et al.): memorized > 0.9, generalized < 0.5.
+SSCD_RULE = LabelRule(memorized_at=0.9, generalized_below=0.5)
+PIXEL_RULE = LabelRule()
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labellers: one interface for the pixel and the SSCD similarity.
+
+
+class Labeller(Protocol):
+    name: str
+    rule: LabelRule
+
+    def nearest(self, samples: torch.Tensor, train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(similarity [N], index of the nearest training image [N]) for uint8 samples [N,3,H,W], train [M,3,H,W]."""
+
+
+@dataclass(frozen=True)
+class PixelLabeller:
+    """The flip- and shift-invariant pixel correlation (``nearest_match``) with ``PIXEL_RULE``."""
+
+    max_shift: int = MAX_SHIFT
+    flip: bool = True
+    rule: LabelRule = PIXEL_RULE
+    name: str = "pixel"
+
+    def nearest(self, samples, train):
+        m = nearest_match(samples, train, max_shift=self.max_shift, flip=self.flip)
+        return m.similarity, m.index
+
+
+#: SSCD's preprocessing (facebookresearch/sscd-copy-detection README): resize, ImageNet mean and std.
+SSCD_MEAN = (0.485, 0.456, 0.406)
+SSCD_STD = (0.229, 0.224, 0.225)
+SSCD_SIZE = 288
+
+
+def load_sscd(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.jit.ScriptModule:
+    """SSCD's TorchScript weights from a local file (``torch.jit.load``; nothing is downloaded)."""
+    from ..errors import ModelNotFoundError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"SSCD weights {path} do not exist; download a TorchScript file from "
+                                 f"facebookresearch/sscd-copy-detection and pass its path")
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise ModelNotFoundError(f"{path} is not a TorchScript module: {str(e).splitlines()[0][:200]}") from None
+
+
+class SSCDLabeller:
+    """Cosine similarity of SSCD descriptors (L2-normalised) to the nearest training image, with ``SSCD_RULE``.
+
+    Images are uint8 [N, 3, H, W]; each is resized (bilinear, antialiased) to ``size`` x ``size``, scaled to [0, 1]
+    and normalised with ImageNet's mean and std before the model.
+    """
+
+    name = "sscd"
+
+    def __init__(self, model: torch.nn.Module, *, rule: LabelRule = SSCD_RULE, size: int = SSCD_SIZE,
+                 batch_size: int = 64, device: str | torch.device = "cpu"):
+        self.model, self.rule, self.size, self.batch_size = model, rule, int(size), int(batch_size)
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] -> L2-normalised descriptors [N, D] (float32, CPU)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+        mean = torch.tensor(SSCD_MEAN, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(SSCD_STD, device=self.device).view(1, 3, 1, 1)
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            x = images[start: start + self.batch_size].to(self.device).float() / 255
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            d = self.model((x - mean) / std)
+            out.append(F.normalize(d.float().reshape(len(x), -1), dim=1).cpu())
+        return torch.cat(out)
+
+    def nearest(self, samples, train):
+        s, t = self.embed(samples), self.embed(train)
+        val, idx = (s @ t.T).max(dim=1)
+        return val, idx
+
+
+def make_labeller(name: str = "pixel", *, sscd_weights: str | os.PathLike | None = None,
+                  device: str | torch.device = "cpu") -> Labeller:
+    """The labeller a ``--labeller`` flag names: ``pixel`` (default) or ``sscd`` (needs ``sscd_weights``)."""
+    from ..errors import UsageError
+
+    if name == "pixel":
+        if sscd_weights is not None:
+            raise UsageError("--sscd-weights applies to --labeller sscd only")
+        return PixelLabeller()
+    if name == "sscd":
+        if sscd_weights is None:
+            raise UsageError("--labeller sscd needs --sscd-weights FILE (SSCD's TorchScript weights)")
+        return SSCDLabeller(load_sscd(sscd_weights, device), device=device)
+    raise UsageError(f"unknown labeller {name!r}; choose pixel or sscd")
