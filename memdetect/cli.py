@@ -564,10 +564,13 @@ BenchOutput = Annotated[Optional[Path], typer.Option("--output", "-o", help="Res
 TrainDir = Annotated[Path, typer.Option("--train-dir", help="The model's training images (a folder, searched "
                                                             "recursively), for nearest-neighbour labels.")]
 NumSamples = Annotated[int, typer.Option("--num-samples", "-n", min=2, help="Samples to generate.")]
-MemorizedAt = Annotated[float, typer.Option("--memorized-at", help="Memorized at nearest-neighbour pixel "
-                                                                   "correlation >= this.")]
-GeneralizedBelow = Annotated[float, typer.Option("--generalized-below", help="Generalized below this (between: "
-                                                                            "excluded).")]
+MemorizedAt = Annotated[Optional[float], typer.Option("--memorized-at", help="Memorized at nearest-neighbour "
+                                                   "similarity >= this (default: the labeller's: pixel 0.95, sscd "
+                                                   "0.9).")]
+GeneralizedBelow = Annotated[Optional[float], typer.Option("--generalized-below", help="Generalized below this "
+                                                           "(between: excluded) (default: pixel 0.80, sscd 0.5).")]
+FlipdTimestep = Annotated[Optional[int], typer.Option("--flipd-timestep", min=0, help="Timestep of Ross et al.'s "
+                                                      "FLIPD (default: the detector's).")]
 LabelResolution = Annotated[Optional[int], typer.Option("--label-resolution", min=4, help="Resolution of the "
                                                         "nearest-neighbour comparison (default: min(model, 64)).")]
 Steps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default: the family's: DiT 50 "
@@ -630,17 +633,40 @@ def bench_demo(
                                                                           else ""), soft_wrap=True)
 
 
-def _render_paper(res: dict, title: str, output: Path, extra: str) -> None:
+def render_paper_results(results, differences, title: str, metric: str = "std") -> None:
+    """The paper benches' table: per unit and method, AUROC and TPR@1%FPR with their 95% intervals; then ours
+    (``metric``) minus each baseline, with a paired interval, "ahead" only where it excludes 0."""
+    t = Table(title=title, title_justify="left")
+    for c in ("method", "unit", "AUROC [95% CI]", "TPR@1%FPR [95% CI]", "s/sample", "mem", "gen"):
+        t.add_column(c, justify="left" if c in ("method", "unit") else "right")
+    for _, r in results.iterrows():
+        t.add_row(_p(r["method"]), _p(r["unit"]), f"{r['auroc']:.3f} [{r['auroc_lo']:.3f}, {r['auroc_hi']:.3f}]",
+                  f"{r['tpr_at_1pct_fpr']:.3f} [{r['tpr_lo']:.3f}, {r['tpr_hi']:.3f}]",
+                  f"{r['seconds_per_sample']:.4f}", str(r["n_memorized"]), str(r["n_generalized"]))
+    out.print(t)
+    d = differences[differences["ours"] == f"ours_{metric}"]
+    if len(d):
+        t = Table(title=f"ours_{metric} minus each baseline (paired bootstrap, 95%)", title_justify="left")
+        for c in ("baseline", "unit", "dAUROC [95% CI]", "dTPR@1%FPR [95% CI]", "ours ahead"):
+            t.add_column(c, justify="left" if c in ("baseline", "unit") else "right")
+        for _, r in d.iterrows():
+            t.add_row(_p(r["baseline"]), _p(r["unit"]), f"{r['d_auroc']:+.3f} [{r['d_auroc_lo']:+.3f}, "
+                      f"{r['d_auroc_hi']:+.3f}]", f"{r['d_tpr']:+.3f} [{r['d_tpr_lo']:+.3f}, {r['d_tpr_hi']:+.3f}]",
+                      "yes" if r["ahead"] else "no (interval includes 0 or is below)")
+        out.print(t)
+
+
+def _render_paper(res: dict, title: str, output: Path, extra: str, files: str) -> None:
     if "results" not in res:  # a non-main process under accelerate: the main one writes the tables
         return
-    render_results(res["results"], title)
+    render_paper_results(res["results"], res["differences"], title)
     st = res["settings"]
     out.print(f"generated {res['generated']}, reused {res['skipped']} from earlier runs; {_p(st['sampler'])}, "
               f"{st['steps']} steps; FLIPD {st['flipd_probes']} probe(s) at t={st['flipd_timestep']}{_p(extra)}",
               soft_wrap=True)
-    out.print("seconds/sample: scoring time per generated image on one device, generation excluded except for "
-              "wen_all_steps (see the timing column)")
-    out.print(f"wrote {_p(output)}/results.csv, scores.csv, roc.png, settings.json", soft_wrap=True)
+    out.print("seconds/sample: time per generated image on one device, generation excluded except for "
+              "wen_all_steps and carlini, whose criteria need it (see the timing column)")
+    out.print(f"wrote {_p(output)}/results.csv, differences.csv, {files}, roc.png, settings.json", soft_wrap=True)
 
 
 @bench_app.command("laion")
@@ -661,14 +687,24 @@ def bench_laion(
     generations: Annotated[int, typer.Option("--generations", "-k", min=2, help="Generations per prompt.")] = 4,
     steps: Annotated[int, typer.Option("--steps", min=1, help="DDIM steps.")] = 50,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
-    nemo_reference: Annotated[Optional[Path], typer.Option("--nemo-reference", help="Prompts for NeMo's activation "
-                              "statistics (default: the normal prompts, leave-one-out).")] = None,
+    nemo_stats: Annotated[Optional[Path], typer.Option("--nemo-stats", help="NeMo's neuron statistics file (NeMo's "
+                          "format, e.g. statistics_additional_laion_prompts_v1_4.pt; works offline) (default for "
+                          "sd14: NeMo's published file, downloaded once and checked; otherwise leave-one-out).")] = None,
+    nemo_reference: Annotated[Optional[Path], typer.Option("--nemo-reference", help="Prompts to fit NeMo's statistics "
+                              "on instead (leave-one-out for those also scored).")] = None,
     flipd_probes: FlipdProbes = 1,
+    flipd_timestep: FlipdTimestep = None,
+    carlini_generations: Annotated[Optional[int], typer.Option("--carlini-generations", min=2, help="Generations per "
+                                   "prompt for Carlini et al.'s criterion, the scored ones included; its time counts "
+                                   "them all (default: --generations; Carlini et al. used 500).")] = None,
+    carlini_neighbours: Annotated[Optional[int], typer.Option("--carlini-neighbours", min=1, help="Near-copies a "
+                                  "generation needs among them (default: min(10, generations - 1)).")] = None,
     output: BenchOutput = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: GenerationSeed = 0,
 ):
-    """Paper Table 1, LAION: memorized vs normal prompts on Stable Diffusion, ours against Wen, NeMo, Ross, Carlini."""
+    """Table-1-style LAION: memorized vs normal prompts on Stable Diffusion, per generated image (and per prompt),
+    ours against Wen, NeMo, Ross, Carlini, with 95% intervals."""
     from .bench.paper import run_laion
 
     output = output or Path("bench-laion")
@@ -678,10 +714,13 @@ def bench_laion(
         res = run_laion(output, model=model, model_path=str(model_path) if model_path else None, memorized=memorized,
                         normal=normal, memorized_filters=memorized_filter or (), limit=limit, generations=generations,
                         steps=steps, guidance=guidance, device=device, dtype=dtype, seed=seed,
-                        flipd_probes=flipd_probes, nemo_reference=nemo_reference, progress=progress)
-    extra = f"; NeMo statistics from {res['settings']['nemo_reference']}"
-    _render_paper(res, f"bench laion: {_p(model)}, {generations} generations per prompt (prompt score = mean)", output,
-                  extra)
+                        flipd_probes=flipd_probes, flipd_timestep=flipd_timestep, nemo_reference=nemo_reference,
+                        nemo_stats=nemo_stats, carlini_generations=carlini_generations,
+                        carlini_neighbours=carlini_neighbours, progress=progress)
+    extra = f"; NeMo: {res['settings']['nemo_reference']}"
+    _render_paper(res, f"bench laion: {_p(model)}, {generations} generations per prompt (unit image: each "
+                       f"generation scored alone; unit prompt: mean over its {generations})", output, extra,
+                  "scores.csv (per image), prompts.csv")
 
 
 def _parse_classes(text: Optional[str]) -> Optional[list[int]]:
@@ -712,42 +751,59 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
                                                           "DiTPipeline's).")] = None,
         steps: Steps = None,
         batch_size: GenerationBatch = None,
-        memorized_at: MemorizedAt = 0.95,
-        generalized_below: GeneralizedBelow = 0.80,
+        memorized_at: MemorizedAt = None,
+        generalized_below: GeneralizedBelow = None,
+        labeller: Annotated[str, typer.Option("--labeller", help="pixel (flip- and shift-invariant pixel "
+                                              "correlation) or sscd (the paper's; needs --sscd-weights).")] = "pixel",
+        sscd_weights: Annotated[Optional[Path], typer.Option("--sscd-weights", help="SSCD's TorchScript weights "
+                                                             "(facebookresearch/sscd-copy-detection).")] = None,
         label_resolution: LabelResolution = None,
+        min_memorized: Annotated[int, typer.Option("--min-memorized", min=1, help="Stop with exit 2 (keeping the "
+                                                   "generations) when fewer memorized samples are found.")] = 10,
         flipd_probes: FlipdProbes = 1,
+        flipd_timestep: FlipdTimestep = None,
+        carlini_neighbours: Annotated[int, typer.Option("--carlini-neighbours", min=1, help="Near-copies a sample "
+                                      "needs in the pool of generations (Carlini et al.'s criterion).")] = 1,
         output: BenchOutput = None,
         device: Device = "auto",
         dtype: Dtype = "auto",
         seed: GenerationSeed = 0,
     ):
+        from .bench.labels import make_labeller
         from .bench.paper import label_rule, run_samples
 
-        rule = label_rule(memorized_at, generalized_below)
+        lab_fn = make_labeller(labeller, sscd_weights=sscd_weights)
+        rule = label_rule(memorized_at, generalized_below, lab_fn.rule)
         output = output or Path(f"bench-{bench}")
         speed_settings(device)
         bar, progress = progress_bar("generating and scoring samples")
         with bar:
             res = run_samples(bench, output, model=model, model_path=str(model_path) if model_path else None,
                               train_dir=train_dir, num_samples=num_samples, classes=_parse_classes(classes),
-                              guidance=guidance, steps=steps, batch_size=batch_size, rule=rule,
-                              label_resolution=label_resolution, flipd_probes=flipd_probes, device=device,
-                              dtype=dtype, seed=seed, progress=progress)
+                              guidance=guidance, steps=steps, batch_size=batch_size, rule=rule, labeller=lab_fn,
+                              label_resolution=label_resolution, flipd_probes=flipd_probes,
+                              flipd_timestep=flipd_timestep, carlini_neighbours=carlini_neighbours,
+                              min_memorized=min_memorized, device=device, dtype=dtype, seed=seed, progress=progress,
+                              warn=lambda text: err.print(Text(f"warning: {printable(text)}", style="yellow"),
+                                                          soft_wrap=True))
         lab = res["settings"]["labels"]
-        _render_paper(res, f"bench {bench}: {_p(model)}, {num_samples} samples", output,
-                      f"; labels: pixel correlation at {lab['resolution']} px, memorized >= {lab['memorized_at']}, "
-                      f"generalized < {lab['generalized_below']}")
+        _render_paper(res, f"bench {bench}: {_p(model)}, {num_samples} samples, per image", output,
+                      f"; labels: {lab['labeller']} similarity at {lab['resolution']} px, memorized >= "
+                      f"{lab['memorized_at']}, generalized < {lab['generalized_below']}", "scores.csv")
 
     command.__doc__ = doc
     bench_app.command(bench)(command)
 
 
 _samples_bench("imagenet", model="dit", model_help="A class-conditional (DiT) preset, family or folder.",
-               doc="Paper Table 1, ImageNet: class-conditional samples labelled by their nearest training image; ours "
-                   "against the baselines.")
+               doc="Table-1-style ImageNet: class-conditional samples labelled by their nearest training image; ours "
+                   "against the baselines. The public DiT-XL/2 was trained on full data and rarely memorizes: pass "
+                   "--model-path for a model trained the paper's way.")
 _samples_bench("cifar10", model="edm-cifar10", model_help="An unconditional preset (edm-cifar10, ddpm-cifar10), or a "
                                                           "family with --model-path.",
-               doc="Paper Table 1, CIFAR-10: unconditional samples labelled by their nearest training image.")
+               doc="Table-1-style CIFAR-10: unconditional samples labelled by their nearest training image. The "
+                   "public checkpoints were trained on full data and rarely memorize: pass --model-path for a model "
+                   "trained the paper's way.")
 
 
 def main(argv: list[str] | None = None) -> int:

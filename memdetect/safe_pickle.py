@@ -891,51 +891,112 @@ def _storage_from_legacy(blob: bytes, name: str, budget: _Budget) -> _Storage:
     return _resolve(root, name)
 
 
-def _storage_from_zip(blob: bytes, name: str, budget: _Budget) -> _Storage:
-    """The zip ``torch.save`` layout: ``<dir>/data.pkl`` referencing ``<dir>/data/<key>``.
+def _zip_archive(blob: bytes, budget: _Budget):
+    """Open a ``torch.save`` zip archive held in ``blob``: ``(zipfile, data.pkl member, fill)``, where ``fill(ref)``
+    reads a storage reference's data from ``<dir>/data/<key>``.
 
     Every member must be stored (torch writes no compressed member; a compressed one could expand a few bytes into
     gigabytes) and lie inside the blob; this is checked on the central directory before any member is read.
     """
+    zf = zipfile.ZipFile(io.BytesIO(blob))
+    infos = zf.infolist()
+    if len(infos) > budget.limits.zip_members:
+        raise _OverLimit(f"a zipped storage blob of more than {budget.limits.zip_members} members")
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise _Refused(f"a compressed member {printable(info.filename, 60)} in a zipped tensor storage "
+                           f"(torch never compresses them, and a small compressed member can expand into "
+                           f"gigabytes)")
+        if info.compress_size != info.file_size:
+            raise _Bad(f"a zipped storage member {printable(info.filename, 60)} whose sizes disagree")
+    if sum(info.file_size for info in infos) > len(blob):
+        raise _Bad("a zipped storage blob whose members are larger than the blob")
+    names = [info.filename for info in infos]
+    pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pkls) != 1:
+        raise _Bad("a zipped storage blob without one data.pkl")
+    prefix = pkls[0][:-len("data.pkl")]
+    if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() != b"little":
+        raise _Bad("a big-endian storage blob")
+
+    def fill(ref: _StorageRef):
+        member = f"{prefix}data/{ref.key}"
+        size = ref.numel * _element_size(ref.dtype)
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise _Bad(f"a zipped storage blob without {printable(member, 80)}") from None
+        if info.file_size != size:
+            raise _Bad(f"a zipped storage {printable(member, 80)} of {info.file_size} bytes, expected {size}")
+        ref.data = torch.frombuffer(bytearray(zf.read(member)), dtype=ref.dtype) if size else \
+            torch.empty(0, dtype=ref.dtype)
+
+    return zf, pkls[0], fill
+
+
+def _storage_from_zip(blob: bytes, name: str, budget: _Budget) -> _Storage:
+    """The zip ``torch.save`` layout: ``<dir>/data.pkl`` referencing ``<dir>/data/<key>`` (``_zip_archive``)."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(blob))
-        infos = zf.infolist()
-        if len(infos) > budget.limits.zip_members:
-            raise _OverLimit(f"a zipped storage blob of more than {budget.limits.zip_members} members")
-        for info in infos:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise _Refused(f"a compressed member {printable(info.filename, 60)} in a zipped tensor storage "
-                               f"(torch never compresses them, and a small compressed member can expand into "
-                               f"gigabytes)")
-            if info.compress_size != info.file_size:
-                raise _Bad(f"a zipped storage member {printable(info.filename, 60)} whose sizes disagree")
-        if sum(info.file_size for info in infos) > len(blob):
-            raise _Bad("a zipped storage blob whose members are larger than the blob")
-        names = [info.filename for info in infos]
-        pkls = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
-        if len(pkls) != 1:
-            raise _Bad("a zipped storage blob without one data.pkl")
-        prefix = pkls[0][:-len("data.pkl")]
-        if prefix + "byteorder" in names and zf.read(prefix + "byteorder").strip() != b"little":
-            raise _Bad("a big-endian storage blob")
-
-        def fill(ref: _StorageRef):
-            member = f"{prefix}data/{ref.key}"
-            size = ref.numel * _element_size(ref.dtype)
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise _Bad(f"a zipped storage blob without {printable(member, 80)}") from None
-            if info.file_size != size:
-                raise _Bad(f"a zipped storage {printable(member, 80)} of {info.file_size} bytes, expected {size}")
-            ref.data = torch.frombuffer(bytearray(zf.read(member)), dtype=ref.dtype) if size else \
-                torch.empty(0, dtype=ref.dtype)
-
-        data = zf.read(pkls[0])
+        zf, pkl, fill = _zip_archive(blob, budget)
+        data = zf.read(pkl)
         root = _StorageUnpickler(_Reader(io.BytesIO(data), len(data)), name, budget, {}, fill).load()
     except zipfile.BadZipFile as e:
         raise _Bad(f"a damaged zipped storage blob ({printable(str(e), 80)})") from None
     return _resolve(root, name)
+
+
+class _TensorArchiveUnpickler(_Unpickler):
+    """``data.pkl`` of a top-level ``torch.save`` archive: the outer allow-list (tensors, plain containers) plus the
+    ``torch.<Type>Storage`` names, and storage references read from the archive (``load_tensors``)."""
+
+    def __init__(self, reader: _Reader, name: str, budget: _Budget, fill):
+        super().__init__(reader, name, budget)
+        self._storages = _StorageUnpickler(reader, name, budget, {}, fill)  # its reference checks, its refs table
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name, _STORAGE_DTYPES[name])
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        return _resolve(self._storages.persistent_load(pid), self.name)
+
+
+def load_tensors(source: str | os.PathLike, *, limits: Limits = LIMITS) -> Any:
+    """Read a ``torch.save`` zip archive of tensors in plain containers (lists, tuples, dicts) as data: what
+    ``torch.load(weights_only=True)`` reads, through the same allow-list and budgets as ``load`` (no code runs, no
+    other global is resolved). Raises ModelNotFoundError for a missing or unreadable file and UnsafeCheckpointError
+    for anything refused, each with one sentence."""
+    path = Path(source)
+    shown = printable(path.name)
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelNotFoundError(f"{printable(str(path), 200)} does not exist") from None
+    except IsADirectoryError:
+        raise ModelNotFoundError(f"{printable(str(path), 200)} is a folder, not a torch.save file") from None
+    if blob[:4] != b"PK\x03\x04":
+        raise ModelNotFoundError(f"{shown} is not a torch.save zip archive")
+    budget = _Budget(limits, len(blob))
+    try:
+        zf, pkl, fill = _zip_archive(blob, budget)
+        data = zf.read(pkl)
+        return _TensorArchiveUnpickler(_Reader(io.BytesIO(data), len(data)), shown, budget, fill).load()
+    except MemdetectError:
+        raise
+    except zipfile.BadZipFile as e:
+        raise ModelNotFoundError(f"cannot read {shown}: a damaged zip archive ({printable(str(e), 80)})") from None
+    except _Bad as e:
+        raise ModelNotFoundError(f"cannot read {shown}: it holds {e}") from None
+    except _Refused as e:
+        raise UnsafeCheckpointError(f"{shown} holds {e}, which memdetect refuses to load") from None
+    except _OverLimit as e:
+        raise UnsafeCheckpointError(f"{shown} exceeds a loading limit ({e}), so memdetect refuses to load it") \
+            from None
+    except Exception as e:  # anything else a damaged file provokes in the pickle machinery
+        detail = str(e).splitlines()[0] if str(e) else "no detail"
+        raise ModelNotFoundError(f"cannot read {shown} as a torch.save file ({type(e).__name__}: "
+                                 f"{printable(detail, 160)})") from None
 
 
 def _stream_size(source) -> tuple[Any, int]:

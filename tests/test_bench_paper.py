@@ -18,8 +18,7 @@ from typer.testing import CliRunner
 from memdetect import Detector
 from memdetect.bench import generate as gen
 from memdetect.bench import prompts
-from memdetect.bench.demo import RESULT_COLUMNS
-from memdetect.bench.paper import LAION_METHODS, OURS
+from memdetect.bench.paper import DIFFERENCE_COLUMNS, LAION_METHODS, OURS, RESULT_COLUMNS
 from memdetect.cli import app
 from memdetect.errors import InputError, UsageError
 from memdetect.models import edm
@@ -28,7 +27,7 @@ from memdetect.models.base import Adapter
 from .conftest import SHARED, needs_shared, write_images
 
 runner = CliRunner()
-PAPER_COLUMNS = [*RESULT_COLUMNS, "timing"]
+PAPER_COLUMNS = RESULT_COLUMNS
 MEMORIZED = ["The No Limits Business Woman Podcast", "Mothers influence on her young hippo",
              "Talks on the Precepts and Buddhist Ethics", "Full body U-Zip main opening"]
 NORMAL = ["A small kitchen with some quirky art decorations.", "a red car parked on a quiet road",
@@ -271,27 +270,68 @@ def _lists(tmp_path):
     return tmp_path / "m.txt", tmp_path / "n.csv"
 
 
+def _check_intervals(results: pd.DataFrame) -> None:
+    assert (results["auroc_lo"] <= results["auroc"] + 1e-12).all() and (results["auroc"] <= results["auroc_hi"] + 1e-12).all()
+    assert (results["tpr_lo"] <= results["tpr_at_1pct_fpr"] + 1e-12).all()
+    assert (results["tpr_at_1pct_fpr"] <= results["tpr_hi"] + 1e-12).all()
+    assert results[["auroc_lo", "auroc_hi", "tpr_lo", "tpr_hi"]].apply(lambda c: c.between(0, 1)).all().all()
+
+
+def nemo_statistics_file(path, widths, seed=0):
+    """A statistics file in NeMo's published format: torch.save((means, stds)), one float32 tensor per layer."""
+    g = torch.Generator().manual_seed(seed)
+    means = [torch.rand(w, generator=g) for w in widths]
+    stds = [torch.rand(w, generator=g) * 0.5 + 0.05 for w in widths]
+    torch.save((means, stds), path)
+    return torch.cat(means), torch.cat(stds)
+
+
 def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
-    from memdetect.bench import baselines, paper
+    from memdetect.bench import baselines, nemo_stats, paper
 
     m, n = _lists(tmp_path)
     out = tmp_path / "out"
     base = ["bench", "laion", "--model", "sd14", "--model-path", tiny_sd, "--memorized", m, "--normal", n,
             "--generations", "2", "--steps", "3", "--device", "cpu", "--output", out]
+    # the tiny model's value layers are not SD 1.4's: no download is tried, NeMo falls back to leave-one-out
+    monkeypatch.setattr(nemo_stats, "fetch_published", lambda **k: pytest.fail("published statistics fetched"))
     res = invoke(*base, "--limit", "2")  # 2 normal prompts: too few for leave-one-out NeMo statistics
     assert res.exit_code == 2 and "at least 3 reference prompts" in res.output
     res = invoke(*base, "--limit", "3")
     assert res.exit_code == 0, res.output
+    assert "ours_std minus each baseline" in res.output and "leave-one-out" in res.output
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == PAPER_COLUMNS
-    assert list(results["method"]) == LAION_METHODS
-    assert set(LAION_METHODS) == {*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "carlini"}
-    assert (results["n_memorized"] == 3).all() and (results["n_generalized"] == 3).all()
+    assert list(results["method"]) == LAION_METHODS * 2
+    assert list(results["unit"]) == ["image"] * len(LAION_METHODS) + ["prompt"] * len(LAION_METHODS)
+    assert set(LAION_METHODS) == {*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "ross_flipd_cond",
+                                  "carlini"}
+    img = results[results["unit"] == "image"]
+    assert (img["n_memorized"] == 6).all() and (img["n_generalized"] == 6).all()  # 3 prompts x 2 images each
+    prm = results[results["unit"] == "prompt"]
+    assert (prm["n_memorized"] == 3).all() and (prm["n_generalized"] == 3).all()
     assert results["auroc"].between(0, 1).all() and (results["seconds_per_sample"] > 0).all()
-    assert results.set_index("method").loc["wen_all_steps", "timing"].startswith("the generation itself")
-    scores = pd.read_csv(out / "scores.csv")
-    assert list(scores["prompt"]) == MEMORIZED[:3] + NORMAL[:3] and list(scores["label"]) == [1, 1, 1, 0, 0, 0]
-    assert np.isfinite(scores[LAION_METHODS].to_numpy()).all()  # every method, a finite score per prompt
+    _check_intervals(results)
+    by = results[results["unit"] == "image"].set_index("method")
+    assert by.loc["wen_all_steps", "timing"].startswith("the generation itself")
+    assert by.loc["carlini", "timing"].startswith("the generation of all 2 generations")
+    assert "leave-one-out" in by.loc["nemo", "note"] and "prompt-free" in by.loc["ross_flipd", "note"]
+    diffs = pd.read_csv(out / "differences.csv")
+    assert list(diffs.columns) == DIFFERENCE_COLUMNS
+    assert len(diffs) == len(OURS) * (len(LAION_METHODS) - len(OURS)) * 2
+    assert (diffs["ahead"] == (diffs["d_auroc_lo"] > 0)).all()
+    images = pd.read_csv(out / "scores.csv")
+    assert len(images) == 12 and all((out / p).is_file() for p in images["image"])
+    assert list(images["label"]) == [1] * 6 + [0] * 6
+    assert np.isfinite(images[LAION_METHODS].to_numpy()).all()  # every method, a finite score per image
+    prompts_df = pd.read_csv(out / "prompts.csv")
+    assert list(prompts_df["prompt"]) == MEMORIZED[:3] + NORMAL[:3] and list(prompts_df["label"]) == [1, 1, 1, 0, 0, 0]
+    # the headline is per image: recomputed from scores.csv, not from the prompt means
+    from memdetect.bench.metrics import roc_metrics
+    for meth in ("ours_std", "ross_flipd", "carlini"):
+        assert by.loc[meth, "auroc"] == pytest.approx(roc_metrics(images["label"], images[meth])["auroc"])
+        assert prm.set_index("method").loc[meth, "auroc"] == pytest.approx(
+            roc_metrics(prompts_df["label"], prompts_df[meth])["auroc"])
     # NeMo: statistics of the normal prompts; a normal prompt is scored against the other two only
     a = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter
     values = a.cross_attention_values().values()
@@ -303,11 +343,17 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
 
     expected = [max_z(p, NORMAL[:3]) for p in MEMORIZED[:3]] + [
         max_z(p, [q for q in NORMAL[:3] if q != p]) for p in NORMAL[:3]]
-    np.testing.assert_allclose(scores["nemo"], expected, rtol=1e-3)
-    images = pd.read_csv(out / "images.csv")
-    assert len(images) == 12 and all((out / p).is_file() for p in images["image"])
+    np.testing.assert_allclose(prompts_df["nemo"], expected, rtol=1e-3)
+    np.testing.assert_allclose(images["nemo"], np.repeat(expected, 2), rtol=1e-3)  # each image carries its prompt's
     # prompt score = mean of its generations' scores
-    np.testing.assert_allclose(images.groupby("key", sort=False)["ross_flipd"].mean(), scores["ross_flipd"])
+    np.testing.assert_allclose(images.groupby("key", sort=False)["ross_flipd"].mean(), prompts_df["ross_flipd"])
+    # Ross prompt-free = FLIPD with the empty prompt; the conditional variant differs
+    from memdetect.io import image_seed
+    first = torch.from_numpy(np.stack([paper._read_png(out / p) for p in images["image"][:2]]))
+    seeds = [image_seed(x, 0) for x in first.numpy()]
+    free = baselines.flipd(a, first, 50, seeds).numpy()
+    np.testing.assert_allclose(images["ross_flipd"][:2], free, rtol=1e-4)
+    assert not np.allclose(images["ross_flipd_cond"], images["ross_flipd"])
     # ours is the scan path: the image alone, no prompt
     scanned = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").scan([out / "images"])
     by_name = dict(zip(scanned["path"].map(lambda p: p.rsplit("/", 1)[-1]), scanned["std"]))
@@ -323,17 +369,153 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "generated 0, reused 6" in res.output
     assert {p: p.stat().st_mtime_ns for p in (out / "images").iterdir()} == mtimes
-    pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), scores, rtol=1e-4)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "scores.csv"), images, rtol=1e-4)
     # a larger --limit generates only the new prompts
     calls = []
     monkeypatch.setattr(paper, "generate", lambda *a, **k: calls.append(1) or gen.generate(*a, **k))
     res = invoke(*base, "--limit", "4")
     assert res.exit_code == 0, res.output
     assert len(calls) == 2 and "generated 2, reused 6" in res.output
-    assert len(pd.read_csv(out / "scores.csv")) == 8
+    assert len(pd.read_csv(out / "prompts.csv")) == 8
     # other settings in the same folder are refused, not mixed
     res = invoke(*base[:-4], "--steps", "4", "--device", "cpu", "--output", out)
     assert res.exit_code == 2 and "steps=3" in res.output
+
+
+def test_bench_laion_nemo_statistics_file_and_carlini_generations(tiny_sd, tmp_path, monkeypatch):
+    """--nemo-stats reads a file in NeMo's published format (through the safe loader) and scores every prompt
+    against it; Carlini's extra generations are made, kept apart and paid for."""
+    from memdetect.bench import baselines, nemo_stats, paper
+
+    m, n = _lists(tmp_path)
+    a = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter
+    values = a.cross_attention_values()
+    widths = nemo_stats.layer_widths(values)
+    mean, std = nemo_statistics_file(tmp_path / "stats.pt", widths)
+    nemo_statistics_file(tmp_path / "wrong.pt", [*widths[:-1], widths[-1] + 1])
+    out = tmp_path / "out"
+    base = ["bench", "laion", "--model", "sd14", "--model-path", tiny_sd, "--memorized", m, "--normal", n,
+            "--limit", "2", "--generations", "2", "--steps", "2", "--device", "cpu", "--output", out]
+    res = invoke(*base, "--nemo-stats", tmp_path / "wrong.pt")
+    assert res.exit_code == 2 and "widths" in res.output and str(list(widths)) in res.output, res.output
+    timed = {}
+    clock = paper.Clock.__call__
+
+    def record(self, fn):
+        out_, sec = clock(self, fn)
+        if getattr(fn, "__name__", "") == "extra":
+            timed["extra"] = sec
+        return out_, sec
+
+    monkeypatch.setattr(paper.Clock, "__call__", record)
+    res = invoke(*base, "--nemo-stats", tmp_path / "stats.pt", "--carlini-generations", "5", "--carlini-neighbours",
+                 "3")
+    assert res.exit_code == 0, res.output
+    assert "statistics file stats.pt" in res.output
+    scores = pd.read_csv(out / "prompts.csv")
+    expected = [float(((baselines.nemo_activations(values.values(), a.encode_condition([p]))[0] - mean).abs()
+                       / std).max()) for p in MEMORIZED[:2] + NORMAL[:2]]
+    np.testing.assert_allclose(scores["nemo"], expected, rtol=1e-4)  # no leave-one-out: one fixed reference
+    assert len(list((out / "images" / "carlini").glob("*.png"))) == 4 * 3  # 5 - 2 extra generations per prompt
+    assert len(list((out / "images").glob("*.png"))) == 8  # the scored ones
+    results = pd.read_csv(out / "results.csv").set_index(["unit", "method"])
+    assert "3-th nearest of 5 generations" in results.loc[("image", "carlini"), "note"]
+    assert timed["extra"] > 0
+    recs = [json.loads(x) for x in (out / "records" / "records-0.jsonl").read_text().splitlines()]
+    for r in recs:  # carlini's time = all its generations + its distances
+        assert r["seconds"]["carlini"] > r["carlini_generation_seconds"] > r["generation_seconds"]
+    assert "nemo_reference" in json.loads((out / "settings.json").read_text())
+    res = invoke(*base, "--nemo-stats", tmp_path / "stats.pt", "--nemo-reference", n)
+    assert res.exit_code == 2 and "alternatives" in res.output
+
+
+def test_published_nemo_statistics_download_is_checked(tmp_path, monkeypatch):
+    """The published file: downloaded once from the pinned URL, SHA-256 and size checked, cached, read offline."""
+    import hashlib
+
+    from memdetect import hub
+    from memdetect.bench import nemo_stats
+
+    monkeypatch.setenv("MEMDETECT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "published.pt"
+    nemo_statistics_file(src, nemo_stats.SD1_WIDTHS)
+    data = src.read_bytes()
+    pinned = nemo_stats.PublishedStatistics(nemo_stats.PUBLISHED.url, hashlib.sha256(data).hexdigest(), len(data),
+                                            "test statistics")
+    monkeypatch.setattr(nemo_stats, "PUBLISHED", pinned)
+    served = []
+
+    def fake_download(url, dest, timeout=60.0):
+        served.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    monkeypatch.setattr(hub, "download", fake_download)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="offline mode is set .* --nemo-stats FILE"):
+        nemo_stats.fetch_published()
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    path = nemo_stats.fetch_published()
+    assert served == [pinned.url] and path.read_bytes() == data
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert nemo_stats.fetch_published() == path and len(served) == 1  # cached: read offline
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    path.write_bytes(data[:-1] + b"x")  # a damaged cache is fetched again
+    assert nemo_stats.fetch_published().read_bytes() == data and len(served) == 2
+    path.unlink()
+    monkeypatch.setattr(nemo_stats, "PUBLISHED", nemo_stats.PublishedStatistics(pinned.url, "0" * 64, len(data), "x"))
+    with pytest.raises(InputError, match="not the pinned file"):
+        nemo_stats.fetch_published()
+    assert not path.exists()
+    assert nemo_stats.PUBLISHED.url.startswith("https://raw.githubusercontent.com/ml-research/")
+    # read through the safe loader, in layer order, checked against the model's widths
+    layers = {f"l{i}": nn.Linear(4, w) for i, w in enumerate(nemo_stats.SD1_WIDTHS)}
+    moments = nemo_stats.read_statistics(src, layers)
+    assert moments.mean.shape == (sum(nemo_stats.SD1_WIDTHS),)
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo unsafe",))
+
+    torch.save((Evil(), []), tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="refuses"):
+        nemo_stats.read_statistics(tmp_path / "evil.pt", layers)
+
+
+def test_published_nemo_statistics_are_used_for_sd14_shaped_models(monkeypatch, tmp_path):
+    """The default for the sd14 preset with SD 1.4's value-layer widths: the published file; any other preset, or
+    other widths, or no file to be had: leave-one-out, and the reference says which."""
+    from memdetect.bench import nemo_stats, paper
+
+    src = tmp_path / "published.pt"
+    nemo_statistics_file(src, nemo_stats.SD1_WIDTHS)
+
+    class FakeAdapter:
+        def __init__(self, widths):
+            self.layers = {f"l{i}": nn.Linear(2, w) for i, w in enumerate(widths)}
+
+        def cross_attention_values(self):
+            return self.layers
+
+    monkeypatch.setattr(nemo_stats, "fetch_published", lambda **k: src)
+    normal = ["a", "b", "c"]
+    ref = paper.nemo_reference_for(FakeAdapter(nemo_stats.SD1_WIDTHS), preset="sd14", nemo_stats=None,
+                                   reference_file=None, normal=normal)
+    assert ref.moments is not None and ref.description.startswith("NeMo's published statistics")
+    for preset, widths in (("sd15", nemo_stats.SD1_WIDTHS), ("sd14", (8, 8, 16))):
+        ref = paper.nemo_reference_for(FakeAdapter(widths), preset=preset, nemo_stats=None, reference_file=None,
+                                       normal=normal)
+        assert ref.moments is None and ref.prompts == tuple(normal) and "leave-one-out" in ref.description
+
+    def unavailable(**k):
+        raise InputError("not cached and offline")
+
+    monkeypatch.setattr(nemo_stats, "fetch_published", unavailable)
+    ref = paper.nemo_reference_for(FakeAdapter(nemo_stats.SD1_WIDTHS), preset="sd14", nemo_stats=None,
+                                   reference_file=None, normal=normal)
+    assert ref.moments is None and "leave-one-out" in ref.description
 
 
 def test_bench_laion_rejects_a_class_model(tiny_dit, tmp_path):

@@ -30,8 +30,10 @@ Every function returns one score per image oriented like ours: **higher = more l
   reads in SD 1.x) applied to the prompt's text embedding; a neuron's activation is its absolute value averaged over the 77 tokens. NeMo flags
   neurons whose activation is an outlier, |a - mean| / std > theta, against statistics of non-memorized prompts.
   The score here is the largest such z-score over all neurons of all value layers (a threshold-free version of
-  NeMo's out-of-distribution neuron test, for ROC curves); the statistics come from reference prompts the caller
-  chooses (``bench laion``: the normal prompts, each of them scored against the others: leave-one-out).
+  NeMo's out-of-distribution neuron test, for ROC curves). The statistics are NeMo's published ones for SD 1.4
+  (``NemoMoments``, read by ``memdetect.bench.nemo_stats``: 50k held-out LAION prompts) or, as a fallback, fitted
+  on reference prompts the caller chooses (``NemoStatistics``; ``bench laion``: the normal prompts, each of them
+  scored against the others: leave-one-out).
 """
 
 from __future__ import annotations
@@ -207,10 +209,33 @@ class NemoStatistics:
         return var.clamp_min(0).sqrt().float()
 
     def zscores(self, activations: torch.Tensor) -> torch.Tensor:
-        """|a - mean| / std per neuron, [B, neurons] (std floored at 1e-8: a constant neuron is never an outlier
-        unless it moves)."""
-        return (activations.float() - self.mean).abs() / self.std.clamp_min(1e-8)
+        return nemo_zscores(activations, self.mean, self.std)
 
     def score(self, activations: torch.Tensor) -> torch.Tensor:
         """The largest z-score over all neurons of all value layers: high = memorized."""
         return self.zscores(activations).amax(dim=1)
+
+
+@dataclass(frozen=True)
+class NemoMoments:
+    """Fixed per-neuron mean and standard deviation (float32 [neurons]), e.g. NeMo's published statistics."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.mean.shape != self.std.shape or self.mean.ndim != 1:
+            raise ValueError(f"mean {tuple(self.mean.shape)} and std {tuple(self.std.shape)} must be 1-D and equal")
+
+    def zscores(self, activations: torch.Tensor) -> torch.Tensor:
+        return nemo_zscores(activations, self.mean, self.std)
+
+    def score(self, activations: torch.Tensor) -> torch.Tensor:
+        """The largest z-score over all neurons of all value layers: high = memorized."""
+        return self.zscores(activations).amax(dim=1)
+
+
+def nemo_zscores(activations: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """|a - mean| / std per neuron, [B, neurons] (std floored at 1e-8: a constant neuron is never an outlier unless
+    it moves)."""
+    return (activations.float() - mean.float()).abs() / std.float().clamp_min(1e-8)

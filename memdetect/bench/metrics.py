@@ -10,6 +10,11 @@ Intervals: a stratified percentile bootstrap (memorized and generalized samples 
 replicate has both classes and the class balance of the benchmark), 95% by default, ``n_boot`` replicates from a
 seeded generator. A paired bootstrap resamples the same indices for two methods scored on the same samples and gives
 an interval for the difference; a method is "ahead" of another only when that interval excludes 0.
+
+Clustered samples (``groups``: e.g. the K generations of one prompt, which share its label and are not independent)
+are resampled as whole groups, within each class: a replicate draws as many memorized (generalized) groups as there
+are, with replacement, and keeps all their samples. Every group must hold one label and, so that every replicate has
+the same size, the same number of samples.
 """
 
 from __future__ import annotations
@@ -68,12 +73,32 @@ def _fast_tpr(pos: np.ndarray, neg: np.ndarray, max_fpr: float) -> np.ndarray:
     return (pos > cut[:, None]).mean(axis=1)
 
 
-def _resample(labels: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified bootstrap indices: [n_boot, P] into the memorized and [n_boot, N] into the generalized samples."""
+def _resample(labels: np.ndarray, n_boot: int, seed: int, groups=None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified bootstrap indices: [n_boot, P] into the memorized and [n_boot, N] into the generalized samples
+    (whole groups when ``groups`` is given: see the module docstring)."""
     rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    return (pos[rng.integers(0, pos.size, (n_boot, pos.size))],
-            neg[rng.integers(0, neg.size, (n_boot, neg.size))])
+    if groups is None:
+        pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+        return (pos[rng.integers(0, pos.size, (n_boot, pos.size))],
+                neg[rng.integers(0, neg.size, (n_boot, neg.size))])
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise ValueError(f"groups {groups.shape} and labels {labels.shape} must be the same length")
+    _, inverse = np.unique(groups, return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    sizes = np.bincount(inverse)
+    if np.unique(sizes).size != 1:
+        raise ValueError(f"every group must hold the same number of samples, got sizes {sorted(set(sizes.tolist()))}")
+    members = order.reshape(len(sizes), sizes[0])  # [groups, size]: the samples of each group
+    group_label = labels[members]
+    if not (group_label == group_label[:, :1]).all():
+        raise ValueError("every group must hold samples of one label")
+    out = []
+    for cls in (1, 0):
+        g = np.flatnonzero(group_label[:, 0] == cls)
+        pick = g[rng.integers(0, g.size, (n_boot, g.size))]  # [n_boot, groups of the class]
+        out.append(members[pick].reshape(n_boot, -1))
+    return out[0], out[1]
 
 
 def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
@@ -94,11 +119,12 @@ class Interval:
 
 
 def bootstrap_metrics(labels, scores, *, max_fpr: float = 0.01, n_boot: int = N_BOOT, level: float = LEVEL,
-                      seed: int = 0) -> dict[str, Interval]:
-    """AUROC and TPR@``max_fpr`` with stratified percentile-bootstrap intervals: ``{"auroc", "tpr"}``."""
+                      seed: int = 0, groups=None) -> dict[str, Interval]:
+    """AUROC and TPR@``max_fpr`` with stratified percentile-bootstrap intervals: ``{"auroc", "tpr"}``
+    (``groups``: resample whole groups, see the module docstring)."""
     labels, scores = _checked(labels, scores)
     point = roc_metrics(labels, scores, max_fpr)
-    ip, ineg = _resample(labels, n_boot, seed)
+    ip, ineg = _resample(labels, n_boot, seed, groups)
     auc = _fast_auroc(scores[ip], scores[ineg])
     tpr = _fast_tpr(scores[ip], scores[ineg], max_fpr)
     return {"auroc": Interval(point["auroc"], *_interval(auc, level)),
@@ -106,12 +132,13 @@ def bootstrap_metrics(labels, scores, *, max_fpr: float = 0.01, n_boot: int = N_
 
 
 def paired_difference(labels, scores_a, scores_b, *, max_fpr: float = 0.01, n_boot: int = N_BOOT,
-                      level: float = LEVEL, seed: int = 0) -> dict[str, Interval]:
-    """A minus B for AUROC and TPR@``max_fpr``, both methods resampled on the same indices (paired bootstrap)."""
+                      level: float = LEVEL, seed: int = 0, groups=None) -> dict[str, Interval]:
+    """A minus B for AUROC and TPR@``max_fpr``, both methods resampled on the same indices (paired bootstrap;
+    ``groups``: whole groups, see the module docstring)."""
     labels, a = _checked(labels, scores_a)
     _, b = _checked(labels, scores_b)
     pa, pb = roc_metrics(labels, a, max_fpr), roc_metrics(labels, b, max_fpr)
-    ip, ineg = _resample(labels, n_boot, seed)
+    ip, ineg = _resample(labels, n_boot, seed, groups)
     d_auc = _fast_auroc(a[ip], a[ineg]) - _fast_auroc(b[ip], b[ineg])
     d_tpr = _fast_tpr(a[ip], a[ineg], max_fpr) - _fast_tpr(b[ip], b[ineg], max_fpr)
     return {"auroc": Interval(pa["auroc"] - pb["auroc"], *_interval(d_auc, level)),

@@ -1,43 +1,56 @@
-"""The paper's benchmarks (Table 1 of Zhang et al. 2025) on one harness: ``memdetect bench laion | imagenet | cifar10``.
+"""The paper's benchmarks, Table-1-style (Zhang et al. 2025): ``memdetect bench laion | imagenet | cifar10``.
 
 Each benchmark generates images with the model under test, labels them, scores them with the representation
 detector and with every baseline that applies, and writes, into its output folder:
 
-* ``results.csv``: ``method, auroc, tpr_at_1pct_fpr, seconds_per_sample, n_memorized, n_generalized, timing``;
-* ``scores.csv``: one row per labelled unit (a prompt for laion, a generated image otherwise) with every score;
-  laion also writes ``images.csv``, one row per generated image with the image-level scores;
-* ``roc.png``; ``settings.json`` (everything that determines the numbers); ``images/`` (the generations, PNG);
+* ``results.csv``: one row per method and unit: ``method, unit, auroc, auroc_lo, auroc_hi, tpr_at_1pct_fpr,
+  tpr_lo, tpr_hi, seconds_per_sample, n_memorized, n_generalized, timing, note``. ``unit`` is ``image`` (the
+  headline, Table 1's unit: every generated image scored on its own) or, for laion, ``prompt`` (the mean over a
+  prompt's K generations, as Wen et al. and NeMo score prompts). ``*_lo`` / ``*_hi``: 95% bootstrap interval
+  (``memdetect.bench.metrics``; laion resamples whole prompts, since a prompt's K images are not independent);
+* ``differences.csv``: ours minus each baseline, per unit, AUROC and TPR@1%FPR with paired-bootstrap 95% intervals
+  over the same samples; ``ahead`` is true only where the AUROC interval lies above 0;
+* ``scores.csv``: one row per generated image with every score (laion: also ``prompts.csv``, one row per prompt);
+* ``roc.png`` (image level); ``settings.json`` (everything that determines the numbers); ``images/`` (PNG);
 * ``records/records-<rank>.jsonl``: a journal (``memdetect.journal``), one line per finished prompt or sample. A
   rerun into the same folder skips what is recorded there (same settings required), so an interrupted run resumes
-  where it stopped.
+  where it stopped, and a run stopped for too few memorized samples keeps its generations for the next one.
 
-**laion** (Stable Diffusion): label 1 = a prompt of the memorized list, 0 = of the normal list (prompt-level
-labels, as in Wen et al. and NeMo). For each prompt, K generations (seeded, DDIM 50 steps, guidance 7.5). A method
-that scores images scores each generation; the prompt's score is the **mean** over its K generations.
+**laion** (Stable Diffusion): label 1 = a prompt of the memorized list, 0 = of the normal list; each generated image
+inherits its prompt's label. For each prompt, K generations (seeded, DDIM 50 steps, guidance 7.5).
 
-**imagenet** (DiT) / **cifar10** (pixel DDPM, EDM): generated samples are labelled by their nearest training image
-(``memdetect.bench.labels``: pixel correlation, memorized >= 0.95, generalized < 0.80, the band between
-excluded; the paper uses SSCD > 0.9 / < 0.5), then scored per image.
+**imagenet** (DiT) / **cifar10** (pixel DDPM, EDM): each generated sample is labelled by its nearest training image
+through the shared labelling module (``memdetect.bench.labels``, ``make_labeller``): the flip- and shift-invariant
+pixel correlation (memorized >= 0.95, generalized < 0.80, the band between excluded) or, with SSCD's weights, the
+paper's SSCD similarity (> 0.9 / < 0.5). The public DiT-XL/2, DDPM and EDM checkpoints were trained on full data and
+rarely memorize (the paper's rows come from models trained on a small subset with duplicates): the benchmark warns
+before generating, and stops with exit 2 and a sentence when it finds fewer than ``min_memorized`` memorized samples.
 
 Methods (``memdetect.bench.baselines``; the same functions serve ``bench demo``):
 
 * ``ours_<metric>``: the detector on the generated image alone (no prompt): the path ``memdetect scan`` takes.
 * ``wen_first_step`` / ``wen_all_steps``: Wen et al.'s text-conditional noise-difference norm (class-conditional
   for DiT: class vs null class); not for unconditional models.
-* ``nemo``: NeMo's value-neuron outlier score (SD only); its per-neuron statistics are computed **on the benchmark's
-  normal prompts** (or ``nemo_reference``), not on NeMo's 50k held-out LAION prompts, which are not published.
-  Those normal prompts are also scored: each against the statistics of the others (leave-one-out), since against
-  statistics that include it a prompt looks typical by construction.
+* ``nemo``: NeMo's value-neuron outlier score (SD only), a function of the prompt (each image carries its prompt's
+  score). Its per-neuron statistics are, in this order: ``nemo_stats`` (a file in NeMo's format); NeMo's published
+  statistics over 50k LAION prompts for SD 1.4 (``memdetect.bench.nemo_stats``: downloaded once, SHA-256-checked,
+  read as data), used by default for the ``sd14`` preset; else the prompts of ``nemo_reference`` or the normal
+  prompts, each of those scored against the statistics of the others (leave-one-out). ``note`` names the one used.
 * ``ross_flipd``: Ross et al.'s local-intrinsic-dimension criterion, FLIPD with Hutchinson's estimator
-  (``flipd_probes`` Rademacher probes), conditional on the prompt / class, at the detector's timestep.
-* ``carlini``: Carlini et al.'s tiled-L2 density among generations: within a prompt's K generations (K - 1
-  neighbours: all of them must be near-copies), or over the whole pool of samples (``carlini_neighbours``, 1).
+  (``flipd_probes`` Rademacher probes) at ``flipd_timestep`` (default: the detector's), **prompt-free** (empty
+  prompt / null class), as Table 1 has it; ``ross_flipd_cond``: the same conditioned on the prompt or class.
+* ``carlini``: Carlini et al.'s tiled-L2 criterion among generations: a generation's score is minus the tiled-L2
+  distance to its ``carlini_neighbours``-th nearest other generation of the same prompt (laion: among
+  ``carlini_generations`` >= K generations, the K scored ones first) or of the whole pool of samples. Carlini et al.
+  generated 500 images per prompt and called a prompt memorized when >= 10 of them formed a clique; the default here
+  (K = 4 generations, a star of 3 neighbours) is much weaker and cheaper, and says so in ``note``.
 
 **Timing.** Every method is timed on the same device with the same batches (laion: the K generations of one prompt;
 otherwise ``batch_size`` samples), after one untimed warm-up per process, with CUDA synchronised around each timed
-call; ``seconds_per_sample`` is the method's total time divided by the number of generated images it covers.
-Generation is excluded, except for ``wen_all_steps``, which cannot be had without it: its time is the generation's
-(the norms are recorded while sampling). The ``timing`` column of ``results.csv`` says this per method.
+call; ``seconds_per_sample`` is the method's total time divided by the number of scored images it covers. Generation
+is excluded, except for ``wen_all_steps`` (its norms are recorded while sampling: its time is the generation's) and
+``carlini`` (its criterion needs the generations: its time is theirs, all ``carlini_generations`` of a prompt or the
+whole pool, plus the distances). The ``timing`` column of ``results.csv`` says this per method.
 
 **Several GPUs.** Under ``accelerate launch`` (or torchrun: ``WORLD_SIZE`` > 1), one process per GPU, each process
 takes every ``world``-th unfinished prompt or batch on its own device and appends to its own records file; the main
@@ -53,7 +66,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -67,22 +80,30 @@ from ..journal import Journal, read_journals
 from ..models.base import CONDITIONING
 from ..scores import SCORES, compute_all
 from . import baselines
-from .demo import plot_roc, results_table
+from . import nemo_stats as nemo_stats_module
+from .demo import plot_roc
 from .generate import generate, generation_seed, save_png
-from .labels import LabelRule, nearest_neighbours_in
+from .labels import Labeller, LabelRule, make_labeller
+from .metrics import ahead, bootstrap_metrics, paired_difference
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
 log = logging.getLogger(__name__)
 
 OURS = [f"ours_{m}" for m in SCORES]
-LAION_METHODS = [*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "carlini"]
+LAION_METHODS = [*OURS, "wen_first_step", "wen_all_steps", "nemo", "ross_flipd", "ross_flipd_cond", "carlini"]
+RESULT_COLUMNS = ["method", "unit", "auroc", "auroc_lo", "auroc_hi", "tpr_at_1pct_fpr", "tpr_lo", "tpr_hi",
+                  "seconds_per_sample", "n_memorized", "n_generalized", "timing", "note"]
+DIFFERENCE_COLUMNS = ["ours", "baseline", "unit", "d_auroc", "d_auroc_lo", "d_auroc_hi", "d_tpr", "d_tpr_lo",
+                      "d_tpr_hi", "ahead"]
+#: the fewest memorized samples ``bench imagenet | cifar10`` accepts by default before tabulating
+MIN_MEMORIZED = 10
 #: what each benchmark's model must be conditioned on (``Adapter.conditioning``)
 BENCH_CONDITIONING = {"laion": "text", "imagenet": "class", "cifar10": None}
 #: classifier-free guidance of class-conditional samples (DiTPipeline's default)
 CLASS_GUIDANCE = 4.0
 #: settings that must match for a rerun to reuse recorded prompts or samples
 RESUME_KEYS = ("bench", "family", "source", "layer", "timestep", "steps", "guidance", "generations", "seed",
-               "flipd_probes", "dtype", "classes")
+               "flipd_probes", "flipd_timestep", "carlini_generations", "dtype", "classes")
 
 Progress = Callable[[int, int], None]  # (finished in this run, to do in this run)
 
@@ -185,6 +206,7 @@ class Context:
     guidance: float
     flipd_probes: int
     seed: int
+    flipd_timestep: int
     warm: bool = False  # set once this process has run the untimed warm-up
 
     @property
@@ -220,7 +242,8 @@ def ours(det: Detector, images: torch.Tensor) -> dict[str, np.ndarray]:
 
 
 def _ross(ctx: Context, images: torch.Tensor, cond: Any) -> np.ndarray:
-    return baselines.flipd(ctx.adapter, images, ctx.det.timestep, _image_seeds(images, ctx.det.seed),
+    """FLIPD at ``flipd_timestep``; ``cond`` None = prompt-free (empty prompt / null class)."""
+    return baselines.flipd(ctx.adapter, images, ctx.flipd_timestep, _image_seeds(images, ctx.det.seed),
                            probes=ctx.flipd_probes, cond=cond).numpy()
 
 
@@ -239,50 +262,115 @@ class PromptItem:
         return int(self.source == "memorized")
 
 
-def _laion_prompt(ctx: Context, item: PromptItem, k: int) -> dict:
-    """Generate the K images of one prompt, save them, score them with the image- and generation-level methods."""
+def _laion_prompt(ctx: Context, item: PromptItem, k: int, carlini_generations: int, carlini_neighbours: int) -> dict:
+    """Generate the K images of one prompt (and the extra ones Carlini's criterion asks for), save them, score the
+    K with the image- and generation-level methods."""
     a = ctx.adapter
-    seeds = [generation_seed(ctx.seed, item.key, j) for j in range(k)]
+    seeds = [generation_seed(ctx.seed, item.key, j) for j in range(max(k, carlini_generations))]
 
-    def embed():  # prompt-using methods pay for their text encoding
+    def embed(n: int = k):  # prompt-using methods pay for their text encoding
         cond = a.encode_condition([item.prompt])
-        return cond.expand(k, *cond.shape[1:])
+        return cond.expand(n, *cond.shape[1:])
 
     cond = embed()
-    gen, gen_sec = ctx.clock(lambda: generate(a, seeds, cond=cond, steps=ctx.steps, guidance=ctx.guidance))
+    gen, gen_sec = ctx.clock(lambda: generate(a, seeds[:k], cond=cond, steps=ctx.steps, guidance=ctx.guidance))
     paths = [ctx.output / "images" / f"{item.key}_{j}.png" for j in range(k)]
     save_png(gen.images, paths)
     images = gen.images
+
+    def extra():  # Carlini's other generations of this prompt, in batches of K
+        out = []
+        for start in range(k, carlini_generations, k):
+            chunk = seeds[start:min(start + k, carlini_generations)]
+            out.append(generate(a, chunk, cond=embed(len(chunk)), steps=ctx.steps, guidance=ctx.guidance).images)
+        return torch.cat(out) if out else images[:0]
+
+    more, extra_sec = ctx.clock(extra)
+    if len(more):
+        save_png(more, [ctx.output / "images" / "carlini" / f"{item.key}_{j}.png"
+                        for j in range(k, carlini_generations)])
+    pool = torch.cat([images, more])
     methods = {
         "ours": lambda: ours(ctx.det, images),
         "wen_first_step": lambda: baselines.wen_first_step(a, gen.sample.x_T, gen.sample.first_t, embed()).numpy(),
-        "ross_flipd": lambda: _ross(ctx, images, embed()),
-        "carlini": lambda: baselines.carlini_density(images, neighbours=k - 1).numpy(),
+        "ross_flipd": lambda: _ross(ctx, images, None),
+        "ross_flipd_cond": lambda: _ross(ctx, images, embed()),
+        "carlini": lambda: baselines.carlini_density(images, pool, neighbours=carlini_neighbours).numpy(),
     }
     scores, seconds = score_images(ctx, methods)
     scores["wen_all_steps"] = baselines.wen_all_steps(gen.sample.noise_difference).numpy()
     seconds["wen_all_steps"] = gen_sec
+    seconds["carlini"] += gen_sec + extra_sec  # the criterion needs every one of its generations
     return {"key": item.key, "source": item.source, "row": item.row, "prompt": item.prompt, "label": item.label,
-            "seeds": seeds, "images": [str(p.relative_to(ctx.output)) for p in paths], "n_images": k,
+            "seeds": seeds[:k], "images": [str(p.relative_to(ctx.output)) for p in paths], "n_images": k,
             "image_scores": {m: [float(x) for x in v] for m, v in scores.items()},
-            "seconds": seconds, "generation_seconds": gen_sec}
+            "seconds": seconds, "generation_seconds": gen_sec, "carlini_generation_seconds": gen_sec + extra_sec}
 
 
-def _nemo_scores(ctx: Context, prompts: Sequence[str], reference: Sequence[str]) -> tuple:
-    """NeMo's statistics on ``reference`` (untimed, like a calibration), then each prompt's score, timed one
-    prompt at a time (text encoder + value layers + z-scores). A prompt that is also a reference prompt is scored
-    against the statistics of the other reference prompts (leave-one-out): the default reference is the normal
-    prompts themselves. Returns (scores [N], seconds [N])."""
+@dataclass(frozen=True)
+class NemoReference:
+    """Where NeMo's statistics come from: fixed moments (a file) or reference prompts (fitted, leave-one-out)."""
+
+    description: str
+    moments: baselines.NemoMoments | None = None
+    prompts: tuple[str, ...] = ()
+
+
+def nemo_reference_for(adapter, *, preset: str, nemo_stats: str | Path | None, reference_file: str | Path | None,
+                       normal: Sequence[str]) -> NemoReference:
+    """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for ``sd14``,
+    ``nemo_reference`` or the normal prompts)."""
+    values = adapter.cross_attention_values()
+    if nemo_stats is not None:
+        moments = nemo_stats_module.read_statistics(nemo_stats, values)
+        return NemoReference(f"statistics file {Path(nemo_stats).name} (NeMo's format)", moments)
+    if reference_file is None and preset == "sd14":
+        widths = nemo_stats_module.layer_widths(values)
+        if widths != nemo_stats_module.SD1_WIDTHS:
+            log.warning("NeMo's published statistics are for SD 1.4's value layers %s; this model's are %s: NeMo "
+                        "falls back to leave-one-out statistics", list(nemo_stats_module.SD1_WIDTHS), list(widths))
+        else:
+            try:
+                path = nemo_stats_module.fetch_published()
+            except InputError as e:
+                log.warning("%s; NeMo falls back to leave-one-out statistics over the normal prompts", e)
+            else:
+                return NemoReference(f"NeMo's published statistics (50k LAION prompts, sha256 "
+                                     f"{nemo_stats_module.PUBLISHED.sha256[:12]})",
+                                     nemo_stats_module.read_statistics(path, values))
+    if reference_file is not None:
+        ref_df, origin = load_list(reference_file, DEFAULT_NORMAL, option="--nemo-reference")
+        prompts = tuple(ref_df["prompt"])
+        what = f"{len(prompts)} reference prompts of {origin}"
+    else:
+        prompts, what = tuple(normal), f"the {len(normal)} normal prompts"
+    if len(prompts) < 3:
+        raise UsageError(f"NeMo's statistics need at least 3 reference prompts (a normal prompt is scored against "
+                         f"the others), got {len(prompts)}: raise --limit, or pass --nemo-reference FILE or "
+                         f"--nemo-stats FILE")
+    return NemoReference(f"leave-one-out statistics over {what} (a reference prompt is scored against the others)",
+                         prompts=prompts)
+
+
+def _nemo_scores(ctx: Context, prompts: Sequence[str], reference: NemoReference) -> tuple:
+    """Each prompt's NeMo score, timed one prompt at a time (text encoder + value layers + z-scores). Statistics
+    fitted on reference prompts are computed first (untimed, like a calibration); a prompt that is also a
+    reference prompt is scored against the statistics of the others (leave-one-out). Returns (scores [N],
+    seconds [N])."""
     a = ctx.adapter
     values = list(a.cross_attention_values().values())
-    reference = list(reference)
-    ref = torch.cat([baselines.nemo_activations(values, a.encode_condition(b)) for b in _batches(reference, 32)])
-    stats = baselines.NemoStatistics.fit(ref)
-    row_of = {p: i for i, p in enumerate(reference)}
+    if reference.moments is not None:
+        def one(p: str) -> float:
+            return float(reference.moments.score(baselines.nemo_activations(values, a.encode_condition([p])))[0])
+    else:
+        ref_prompts = list(reference.prompts)
+        ref = torch.cat([baselines.nemo_activations(values, a.encode_condition(b)) for b in _batches(ref_prompts, 32)])
+        stats = baselines.NemoStatistics.fit(ref)
+        row_of = {p: i for i, p in enumerate(ref_prompts)}
 
-    def one(p: str) -> float:
-        st = stats.without(ref[row_of[p]]) if p in row_of else stats
-        return float(st.score(baselines.nemo_activations(values, a.encode_condition([p])))[0])
+        def one(p: str) -> float:
+            st = stats.without(ref[row_of[p]]) if p in row_of else stats
+            return float(st.score(baselines.nemo_activations(values, a.encode_condition([p])))[0])
 
     if prompts:
         one(prompts[0])  # warm-up
@@ -294,52 +382,69 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
               memorized: str | Path | None = None, normal: str | Path | None = None,
               memorized_filters: Sequence[str] = (), limit: int | None = None, generations: int = 4,
               steps: int = 50, guidance: float = 7.5, device: str = "auto", dtype: str = "auto", seed: int = 0,
-              flipd_probes: int = 1, nemo_reference: str | Path | None = None,
-              progress: Progress | None = None) -> dict:
-    """The LAION memorization benchmark (module docstring). Returns a dict with ``results``, ``scores``, ``images``
-    (frames), ``settings`` and ``generated`` (prompts generated by this run); only the main process gets tables."""
+              flipd_probes: int = 1, flipd_timestep: int | None = None, nemo_reference: str | Path | None = None,
+              nemo_stats: str | Path | None = None, carlini_generations: int | None = None,
+              carlini_neighbours: int | None = None, n_boot: int = 1000, progress: Progress | None = None) -> dict:
+    """The LAION memorization benchmark (module docstring). Returns a dict with ``results``, ``differences``,
+    ``scores`` (per image), ``prompts`` (per prompt), ``settings`` and ``generated`` (prompts generated by this
+    run); only the main process gets tables.
+
+    ``carlini_generations`` (default K = ``generations``): generations per prompt for Carlini's criterion, the K
+    scored ones included; ``carlini_neighbours`` (default min(10, that - 1)): how many near-copies a generation
+    needs (Carlini et al.: a clique of >= 10 among 500)."""
     output = Path(output)
     if generations < 2:
         raise UsageError(f"--generations must be at least 2 (Carlini et al.'s criterion compares a prompt's "
                          f"generations), got {generations}")
     if flipd_probes < 1:
         raise UsageError(f"--flipd-probes must be at least 1, got {flipd_probes}")
+    carlini_generations = generations if carlini_generations is None else int(carlini_generations)
+    if carlini_generations < generations:
+        raise UsageError(f"--carlini-generations ({carlini_generations}) must be at least --generations "
+                         f"({generations}): the scored generations are among Carlini's")
+    carlini_neighbours = min(10, carlini_generations - 1) if carlini_neighbours is None else int(carlini_neighbours)
+    if not 1 <= carlini_neighbours < carlini_generations:
+        raise UsageError(f"--carlini-neighbours must be in [1, {carlini_generations - 1}] (one less than Carlini's "
+                         f"generations), got {carlini_neighbours}")
+    if nemo_stats is not None and nemo_reference is not None:
+        raise UsageError("--nemo-stats and --nemo-reference are alternatives; pass one")
+    if nemo_stats is not None and not Path(nemo_stats).is_file():
+        raise UsageError(f"--nemo-stats {nemo_stats} is not a file")
     mem_default = DEFAULT_MEMORIZED_LABELLED if memorized_filters else DEFAULT_MEMORIZED
     mem_df, mem_origin = load_list(memorized, mem_default, filters=memorized_filters, limit=limit,
                                    option="--memorized")
     norm_df, norm_origin = load_list(normal, DEFAULT_NORMAL, limit=limit, option="--normal")
-    ref_origin = "the normal prompts (each scored against the others: leave-one-out)"
-    reference = list(norm_df["prompt"])
-    if nemo_reference is not None:
-        ref_df, ref_origin = load_list(nemo_reference, DEFAULT_NORMAL, option="--nemo-reference")
-        reference = list(ref_df["prompt"])
-    if len(reference) < 3:
-        raise UsageError(f"NeMo's statistics need at least 3 reference prompts (a normal prompt is scored against "
-                         f"the others), got {len(reference)}: raise --limit or pass --nemo-reference FILE")
 
     # what can be compared before the (slow) model load is, so that a mismatch fails at once
     check_settings(output, {"bench": "laion", "steps": steps or None, "guidance": guidance, "seed": seed,
-                            "generations": generations, "flipd_probes": flipd_probes}, write=False)
+                            "generations": generations, "flipd_probes": flipd_probes,
+                            "carlini_generations": carlini_generations}, write=False)
     procs = processes()
     det = _load(model, model_path, "laion", procs, device, dtype)
     a = det.adapter
+    flipd_timestep = _flipd_timestep(det, flipd_timestep)
+    reference = nemo_reference_for(a, preset=det.name, nemo_stats=nemo_stats, reference_file=nemo_reference,
+                                   normal=list(norm_df["prompt"]))
     steps = steps or a.sampling_steps
     items = ([PromptItem(f"mem-{r:05d}", "memorized", int(r), p) for r, p in zip(mem_df["row"], mem_df["prompt"])]
              + [PromptItem(f"normal-{r:05d}", "normal", int(r), p) for r, p in zip(norm_df["row"], norm_df["prompt"])])
-    settings = {**_common_settings("laion", det, steps, guidance, seed, flipd_probes, procs),
+    settings = {**_common_settings("laion", det, steps, guidance, seed, flipd_probes, flipd_timestep, procs),
                 "generations": generations, "memorized": mem_origin, "memorized_filters": list(memorized_filters),
-                "normal": norm_origin, "limit": limit, "nemo_reference": ref_origin,
-                "aggregation": "prompt score = mean over its generations",
-                "carlini": {"grid": 4, "neighbours": generations - 1}}
+                "normal": norm_origin, "limit": limit, "nemo_reference": reference.description,
+                "unit": "image (each generated image inherits its prompt's label); prompt rows: mean over the K",
+                "carlini_generations": carlini_generations,
+                "carlini": {"grid": 4, "neighbours": carlini_neighbours, "generations": carlini_generations},
+                "intervals": {"bootstrap": "percentile, stratified, whole prompts", "replicates": n_boot,
+                              "level": 0.95}}
     check_settings(output, settings, procs.main)
-    ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed)
+    ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed, flipd_timestep)
     done = read_journals(_journals(output))
     todo = [it for it in items if done.get(it.key, {}).get("prompt") != it.prompt]
     procs.wait()  # every process has read the same records before any adds to them: the shares do not overlap
     mine = todo[procs.rank::procs.world]
     with Journal(output / "records" / f"records-{procs.rank}.jsonl") as journal:
         for n, item in enumerate(mine, 1):
-            journal.append([_laion_prompt(ctx, item, generations)])
+            journal.append([_laion_prompt(ctx, item, generations, carlini_generations, carlini_neighbours)])
             if progress:
                 progress(n, len(mine))
     procs.wait()
@@ -355,22 +460,30 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
                "label": rec["label"], "n_images": rec["n_images"]}
         for j in range(rec["n_images"]):
             image_rows.append({**row, "image": rec["images"][j], "seed": rec["seeds"][j],
-                               **{m: v[j] for m, v in rec["image_scores"].items()}})
+                               **{m: v[j] for m, v in rec["image_scores"].items()}, "nemo": float(nemo_score)})
         prompt_rows.append({**row, **{m: float(np.mean(v)) for m, v in rec["image_scores"].items()},
                             "nemo": float(nemo_score)})
-    per_prompt = pd.DataFrame(prompt_rows)
+    cols = ["key", "source", "row", "prompt", "label", "n_images"]
+    per_image = pd.DataFrame(image_rows)[[*cols, "image", "seed", *LAION_METHODS]]
+    per_prompt = pd.DataFrame(prompt_rows)[[*cols, *LAION_METHODS]]
     n_images = sum(r["n_images"] for r in recs)
     seconds = {m: sum(r["seconds"][m] for r in recs) / n_images for m in LAION_METHODS if m != "nemo"}
     seconds["nemo"] = float(nemo_sec.sum()) / n_images
     seconds = {m: seconds[m] for m in LAION_METHODS}
     timing = _timing(ctx, a.device, f"batch = the {generations} generations of one prompt", generations)
-    labels = per_prompt["label"].to_numpy()
-    result.update(_write_tables(output, per_prompt[["key", "source", "row", "prompt", "label", "n_images",
-                                                    *LAION_METHODS]], seconds, labels, timing,
-                                f"bench laion: {det.name}, {len(items)} prompts x {generations} generations"))
-    images_df = pd.DataFrame(image_rows)
-    images_df.to_csv(output / "images.csv", index=False)
-    result["images"] = images_df
+    timing["carlini"] = (f"the generation of all {carlini_generations} generations of the prompt ({ctx.steps} steps, "
+                         f"guidance {ctx.guidance:g}) + tiled L2 (4x4 tiles) among them, per scored image")
+    notes = _notes(ctx, conditional=True)
+    notes["nemo"] = f"reference: {reference.description}; a prompt-level score, each image carries its prompt's"
+    notes["carlini"] = (f"{carlini_neighbours}-th nearest of {carlini_generations} generations per prompt (Carlini et "
+                        f"al.: a clique of >= 10 among 500 generations)")
+    per_image.to_csv(output / "scores.csv", index=False)
+    per_prompt.to_csv(output / "prompts.csv", index=False)
+    units = [("image", per_image, per_image["key"].to_numpy()), ("prompt", per_prompt, None)]
+    result.update(_write_tables(output, units, seconds, timing, notes, n_boot,
+                                f"bench laion: {det.name}, {len(items)} prompts x {generations} generations, "
+                                f"per image"))
+    result["scores"], result["prompts"] = per_image, per_prompt
     return result
 
 
@@ -388,7 +501,9 @@ def _sample_batch(ctx: Context, keys: Sequence[str], seeds: Sequence[int], class
     if cond is not None:
         methods["wen_first_step"] = lambda: baselines.wen_first_step(a, gen.sample.x_T, gen.sample.first_t,
                                                                      cond).numpy()
-    methods["ross_flipd"] = lambda: _ross(ctx, images, cond)
+    methods["ross_flipd"] = lambda: _ross(ctx, images, None)  # prompt-free: the null class
+    if cond is not None:
+        methods["ross_flipd_cond"] = lambda: _ross(ctx, images, cond)
     scores, seconds = score_images(ctx, methods)
     if gen.sample.noise_difference is not None:
         scores["wen_all_steps"] = baselines.wen_all_steps(gen.sample.noise_difference).numpy()
@@ -433,40 +548,82 @@ def train_batches(files: Sequence[Path], resolution: int, batch_size: int = 512,
             yield torch.from_numpy(np.stack(ok))
 
 
-def label_rule(memorized_at: float, generalized_below: float) -> LabelRule:
-    """The labelling rule of ``--memorized-at`` / ``--generalized-below``, checked (a one-line UsageError)."""
+def label_rule(memorized_at: float | None, generalized_below: float | None,
+               default: LabelRule = LabelRule()) -> LabelRule:
+    """The labelling rule of ``--memorized-at`` / ``--generalized-below`` (None: the labeller's ``default``),
+    checked (a one-line UsageError)."""
+    memorized_at = default.memorized_at if memorized_at is None else memorized_at
+    generalized_below = default.generalized_below if generalized_below is None else generalized_below
     if not generalized_below <= memorized_at:
         raise UsageError(f"--generalized-below ({generalized_below}) must not exceed --memorized-at ({memorized_at})")
     return LabelRule(memorized_at=memorized_at, generalized_below=generalized_below)
 
 
-def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int,
-                  rule: LabelRule) -> pd.DataFrame:
-    """Nearest training image of each generated image (pixel correlation at ``resolution``) and its label."""
+def nearest_in(labeller: Labeller, samples: torch.Tensor,
+               batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The labeller's nearest training image over training images that arrive in batches: (similarity [N],
+    index [N], counting across the batches in order)."""
+    best = torch.full((samples.shape[0],), -2.0)
+    best_idx = torch.zeros(samples.shape[0], dtype=torch.long)
+    start = 0
+    for batch in batches:
+        sim, idx = labeller.nearest(samples, batch)
+        better = sim.float().cpu() > best
+        best = torch.where(better, sim.float().cpu(), best)
+        best_idx = torch.where(better, idx.cpu() + start, best_idx)
+        start += batch.shape[0]
+    return best, best_idx
+
+
+def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int, rule: LabelRule,
+                  labeller: Labeller | None = None) -> pd.DataFrame:
+    """Nearest training image of each generated image (``labeller``, default the flip- and shift-invariant pixel
+    correlation, at ``resolution``) and its label under ``rule``."""
+    labeller = labeller or make_labeller("pixel")
     files = discover([train_dir])
     if not files:
         raise InputError(f"no training images under {train_dir}")
     samples = torch.from_numpy(np.stack([load_image(p, resolution) for p in paths]))
     skipped: list[int] = []
-    sim, idx = nearest_neighbours_in(samples, train_batches(files, resolution, skipped=skipped))
+    sim, idx = nearest_in(labeller, samples, train_batches(files, resolution, skipped=skipped))
     if len(skipped) == len(files):
         raise InputError(f"none of the {len(files)} files under {train_dir} could be read as an image")
     if skipped:
         log.warning("%d unreadable files under %s were skipped", len(skipped), train_dir)
     unread = set(skipped)
-    readable = [f for i, f in enumerate(files) if i not in unread]  # nearest_neighbours_in counts these only
+    readable = [f for i, f in enumerate(files) if i not in unread]  # the batches count these only
     return pd.DataFrame({"similarity": sim.numpy(), "nearest_train": [str(readable[int(i)]) for i in idx],
                          "label": [rule.label(float(s)) for s in sim]})
 
 
+def public_checkpoint_warning(bench: str, det: Detector, model: str, model_path: str | None) -> str | None:
+    """The warning ``bench imagenet | cifar10`` gives before generating with a preset's public checkpoint (None
+    with ``--model-path`` or a local model)."""
+    from ..models.presets import PRESETS
+
+    preset = PRESETS.get(model)
+    if model_path or preset is None or Path(preset.source).exists():
+        return None
+    return (f"{preset.source} is a public checkpoint trained on the full {bench} training set: such models rarely "
+            f"memorize, so few or no generations may be labelled memorized (the paper's rows come from models "
+            f"trained on a small subset with duplicates). For a model trained the paper's way, pass --model-path; "
+            f"benchmarks/train_ground_truth.py {'dit' if bench == 'imagenet' else 'edm'} trains one on CIFAR-10 "
+            f"with graded duplicates (raise its --time-budget for a larger one)")
+
+
 def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | Path, model_path: str | None = None,
                 num_samples: int = 1000, batch_size: int | None = None, steps: int | None = None,
-                guidance: float | None = None, classes: Sequence[int] | None = None, rule: LabelRule = LabelRule(),
-                label_resolution: int | None = None, device: str = "auto", dtype: str = "auto", seed: int = 0,
-                flipd_probes: int = 1, carlini_neighbours: int = 1, progress: Progress | None = None) -> dict:
+                guidance: float | None = None, classes: Sequence[int] | None = None, rule: LabelRule | None = None,
+                labeller: Labeller | None = None, label_resolution: int | None = None, device: str = "auto",
+                dtype: str = "auto", seed: int = 0, flipd_probes: int = 1, flipd_timestep: int | None = None,
+                carlini_neighbours: int = 1, min_memorized: int = MIN_MEMORIZED, n_boot: int = 1000,
+                progress: Progress | None = None, warn: Callable[[str], None] | None = None) -> dict:
     """``bench imagenet`` (class-conditional: DiT) / ``bench cifar10`` (unconditional: pixel DDPM, EDM): generate,
     label by nearest training image, score, tabulate (module docstring). ``classes`` and ``guidance`` (default
-    ``CLASS_GUIDANCE``) apply to class-conditional models only."""
+    ``CLASS_GUIDANCE``) apply to class-conditional models only. ``labeller``: ``labels.make_labeller``'s (default
+    pixel); ``rule``: default the labeller's. ``warn``: where the public-checkpoint warning goes before generating
+    (default: the log). Fewer than ``min_memorized`` memorized samples: an InputError saying what to do (the
+    generations stay in ``output`` for a rerun)."""
     output = Path(output)
     if bench not in ("imagenet", "cifar10"):
         raise UsageError(f"unknown benchmark {bench!r}; choose imagenet or cifar10")
@@ -476,12 +633,17 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
         raise UsageError(f"carlini neighbours must be in [1, {num_samples - 1}], got {carlini_neighbours}")
     if flipd_probes < 1:
         raise UsageError(f"--flipd-probes must be at least 1, got {flipd_probes}")
+    if min_memorized < 1:
+        raise UsageError(f"--min-memorized must be at least 1, got {min_memorized}")
     if not Path(train_dir).is_dir():
         raise FileNotFoundError(f"--train-dir {train_dir} is not a folder")
+    labeller = labeller or make_labeller("pixel")
+    rule = rule or labeller.rule
     check_settings(output, {"bench": bench, "steps": steps, "seed": seed, "flipd_probes": flipd_probes}, write=False)
     procs = processes()
     det = _load(model, model_path, bench, procs, device, dtype)
     a = det.adapter
+    flipd_timestep = _flipd_timestep(det, flipd_timestep)
     steps = steps or a.sampling_steps
     conditional = a.conditioning == "class"
     if conditional:
@@ -503,14 +665,22 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     keys = [f"sample-{i:06d}" for i in range(num_samples)]
     seeds = {k: generation_seed(seed, k) for k in keys}
     cls_of = {k: classes[i % len(classes)] for i, k in enumerate(keys)} if conditional else {}
-    settings = {**_common_settings(bench, det, steps, guidance, seed, flipd_probes, procs),
+    similarity = {"pixel": "flip- and shift-invariant pixel correlation to the nearest training image",
+                  "sscd": "cosine similarity of SSCD descriptors to the nearest training image"}.get(labeller.name,
+                                                                                                   labeller.name)
+    settings = {**_common_settings(bench, det, steps, guidance, seed, flipd_probes, flipd_timestep, procs),
                 "num_samples": num_samples, "classes": classes if conditional else None, "batch_size": bs,
-                "labels": {"similarity": "pixel correlation to the nearest training image", "resolution": res,
+                "labels": {"labeller": labeller.name, "similarity": similarity, "resolution": res,
                            "memorized_at": rule.memorized_at, "generalized_below": rule.generalized_below,
                            "train_dir": str(train_dir)},
-                "carlini": {"grid": 4, "neighbours": carlini_neighbours, "pool": "all generated samples"}}
+                "unit": "image", "min_memorized": min_memorized,
+                "carlini": {"grid": 4, "neighbours": carlini_neighbours, "pool": "all generated samples"},
+                "intervals": {"bootstrap": "percentile, stratified", "replicates": n_boot, "level": 0.95}}
     check_settings(output, settings, procs.main)
-    ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed)
+    warning = public_checkpoint_warning(bench, det, model, model_path)
+    if warning and procs.main:
+        (warn or log.warning)(warning)
+    ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed, flipd_timestep)
     done = read_journals(_journals(output))
     todo = [k for k in keys if k not in done]
     procs.wait()  # as in run_laion: the same list of unfinished samples in every process
@@ -532,31 +702,39 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     recs = _recorded(output, keys, "samples")
     paths = [output / r["image"] for r in recs]
     images = torch.from_numpy(np.stack([_read_png(p) for p in paths]))
-    methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd", "carlini"]
+    methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd",
+               *(["ross_flipd_cond"] if conditional else []), "carlini"]
     carlini, carlini_sec = ctx.clock(lambda: baselines.carlini_density(images, neighbours=carlini_neighbours).numpy())
-    labels = label_samples(paths, train_dir, res, rule)
+    labels = label_samples(paths, train_dir, res, rule, labeller)
     per_sample = pd.DataFrame([{"key": r["key"], "seed": r["seed"], "class": r["class"], "image": r["image"],
                                 **r["scores"]} for r in recs])
     per_sample["carlini"] = carlini
     per_sample = pd.concat([per_sample, labels], axis=1)
     seconds = {m: sum(r["seconds"][m] for r in recs) / len(recs) for m in methods if m != "carlini"}
-    seconds["carlini"] = carlini_sec / len(recs)
+    generation_sec = sum(r["generation_seconds"] for r in recs) / len(recs)
+    seconds["carlini"] = carlini_sec / len(recs) + generation_sec  # the pool is its generations
     seconds = {m: seconds[m] for m in methods}
     per_sample.to_csv(output / "scores.csv", index=False)
     lab = per_sample[per_sample["label"].isin(["memorized", "generalized"])]
     n_mem, n_gen = int((lab["label"] == "memorized").sum()), int((lab["label"] == "generalized").sum())
-    if n_mem == 0 or n_gen == 0:
-        raise InputError(f"the {num_samples} samples hold {n_mem} memorized and {n_gen} generalized ones (nearest "
-                         f"training image, memorized >= {rule.memorized_at}, generalized < {rule.generalized_below}); "
-                         f"the ROC needs both: generate more samples or change the thresholds (scores.csv is written)")
+    if n_mem < min_memorized or n_gen == 0:
+        why = (f"found {n_mem} memorized and {n_gen} generalized of {num_samples} samples ({labeller.name} "
+               f"similarity to the nearest training image, memorized >= {rule.memorized_at}, generalized < "
+               f"{rule.generalized_below}); the table needs at least {min_memorized} memorized and 1 generalized")
+        hint = ("pass --model-path with a model trained the paper's way (benchmarks/train_ground_truth.py), "
+                "or raise --num-samples" if warning else "raise --num-samples or check the thresholds")
+        raise InputError(f"{why}: {hint}; the {len(recs)} generations stay in {output / 'images'} (scores.csv "
+                         f"is written) and a rerun into the same --output reuses them")
     timing = _timing(ctx, a.device, f"batch = {bs} samples", 1)
-    timing["carlini"] = (f"scoring only, {a.device}: tiled L2 over the pool of {len(recs)} generations, "
-                         f"{carlini_neighbours} neighbour(s); per generated image")
-    result.update(_write_tables(output, lab[["key", "seed", "class", "image", "similarity", "nearest_train", "label",
-                                             *methods]].reset_index(drop=True),
-                                seconds, (lab["label"] == "memorized").astype(int).to_numpy(), timing,
-                                f"bench {bench}: {det.name}, {len(lab)} labelled of {num_samples} samples",
-                                scores_name=None))
+    timing["carlini"] = (f"the generation of the pool ({ctx.steps} steps, {a.sampler}) + tiled L2 over the pool of "
+                         f"{len(recs)} generations, {carlini_neighbours} neighbour(s); per generated image")
+    notes = _notes(ctx, conditional=conditional)
+    notes["carlini"] = (f"{carlini_neighbours}-th nearest of the {len(recs)} generated samples (Carlini et al.: a "
+                        f"clique of >= 10 among 500 generations)")
+    lab = lab[["key", "seed", "class", "image", "similarity", "nearest_train", "label", *methods]].reset_index(drop=True)
+    lab = lab.assign(label=(lab["label"] == "memorized").astype(int))
+    result.update(_write_tables(output, [("image", lab, None)], seconds, timing, notes, n_boot,
+                                f"bench {bench}: {det.name}, {len(lab)} labelled of {num_samples} samples"))
     result["scores"] = per_sample
     return result
 
@@ -586,14 +764,24 @@ def _load(model: str, model_path: str | None, bench: str, procs: Processes, devi
     return det
 
 
+def _flipd_timestep(det: Detector, flipd_timestep: int | None) -> int:
+    t = det.timestep if flipd_timestep is None else int(flipd_timestep)
+    n = det.adapter.num_train_timesteps
+    if not 0 <= t < n:
+        raise UsageError(f"--flipd-timestep must be in [0, {n}), got {t}")
+    return t
+
+
 def _common_settings(bench: str, det: Detector, steps: int, guidance: float, seed: int, flipd_probes: int,
-                     procs: Processes) -> dict:
+                     flipd_timestep: int, procs: Processes) -> dict:
     st = asdict(det.settings)
     return {"bench": bench, "family": st["family"], "source": st["source"], "model": st["model"],
             "layer": st["layer"], "timestep": st["timestep"], "dtype": st["dtype"], "device": st["device"],
-            "winograd": st["winograd"], "steps": steps, "sampler": det.adapter.sampler, "guidance": guidance, "seed": seed, "flipd_probes": flipd_probes,
-            "flipd_timestep": st["timestep"], "processes": procs.world, "memdetect": __version__,
-            "torch": torch.__version__}
+            "winograd": st["winograd"], "steps": steps, "sampler": det.adapter.sampler, "guidance": guidance,
+            "seed": seed, "flipd_probes": flipd_probes, "flipd_timestep": flipd_timestep,
+            "flipd_condition": {"ross_flipd": "none (empty prompt / null class)",
+                                "ross_flipd_cond": "the prompt / class"},
+            "processes": procs.world, "memdetect": __version__, "torch": torch.__version__}
 
 
 def _timing(ctx: Context, device: torch.device, batch: str, per: int) -> dict[str, str]:
@@ -603,19 +791,74 @@ def _timing(ctx: Context, device: torch.device, batch: str, per: int) -> dict[st
     t["wen_all_steps"] = (f"the generation itself ({ctx.steps} steps with guidance {ctx.guidance:g}): the norms are "
                           f"recorded while sampling")
     t["nemo"] = (f"scoring only, {device}, one prompt at a time (text encoder + value layers), divided by its {per} "
-                 f"images; statistics fitted once on the reference prompts (leave-one-out for those), not timed")
-    t["ross_flipd"] = f"{base}; FLIPD with {ctx.flipd_probes} Hutchinson probe(s) at t={ctx.det.timestep}"
-    t["carlini"] = f"{base}; tiled L2 (4x4 tiles) among the prompt's {per} generations"
+                 f"images; statistics read or fitted once, not timed")
+    t["ross_flipd"] = (f"{base}; FLIPD with {ctx.flipd_probes} Hutchinson probe(s) at t={ctx.flipd_timestep}, "
+                       f"null condition")
+    t["ross_flipd_cond"] = (f"{base}; condition encoding + FLIPD with {ctx.flipd_probes} Hutchinson probe(s) at "
+                            f"t={ctx.flipd_timestep}")
     return t
 
 
-def _write_tables(output: Path, per_sample: pd.DataFrame, seconds: dict, labels: np.ndarray, timing: dict,
-                  title: str, scores_name: str | None = "scores.csv") -> dict:
-    if scores_name:
-        per_sample.to_csv(output / scores_name, index=False)
-    results = results_table(per_sample, seconds, labels, timing)
-    tmp = output / "results.csv.part"
-    results.to_csv(tmp, index=False)
-    tmp.replace(output / "results.csv")
-    plot_roc(per_sample, list(seconds), labels, output / "roc.png", title)
-    return {"results": results, "scores": per_sample}
+def _notes(ctx: Context, conditional: bool) -> dict[str, str]:
+    n = {m: "the generated image alone (no prompt), as memdetect scan" for m in OURS}
+    n["ross_flipd"] = f"prompt-free (empty prompt / null class), t={ctx.flipd_timestep}"
+    n["ross_flipd_cond"] = f"conditioned on the prompt / class, t={ctx.flipd_timestep}"
+    return n
+
+
+def results_rows(frame: pd.DataFrame, methods: Sequence[str], seconds: dict, unit: str, timing: dict, notes: dict,
+                 groups=None, n_boot: int = 1000) -> list[dict]:
+    """One ``RESULT_COLUMNS`` row per method over ``frame`` (a ``label`` column: 1 memorized, 0 generalized, and a
+    score column per method), with bootstrap intervals (``groups``: resample whole groups). A method with a NaN or
+    infinite score gets NaN metrics and a warning instead of stopping the table."""
+    labels = frame["label"].to_numpy(dtype=int)
+    rows = []
+    for m in methods:
+        scores = frame[m].to_numpy(dtype=np.float64)
+        if np.isfinite(scores).all():
+            b = bootstrap_metrics(labels, scores, n_boot=n_boot, groups=groups)
+            vals = {"auroc": b["auroc"].value, "auroc_lo": b["auroc"].lo, "auroc_hi": b["auroc"].hi,
+                    "tpr_at_1pct_fpr": b["tpr"].value, "tpr_lo": b["tpr"].lo, "tpr_hi": b["tpr"].hi}
+        else:
+            log.warning("%s: %d of %d scores are NaN or infinite; its AUROC is left empty", m,
+                        int((~np.isfinite(scores)).sum()), len(scores))
+            vals = dict.fromkeys(("auroc", "auroc_lo", "auroc_hi", "tpr_at_1pct_fpr", "tpr_lo", "tpr_hi"), np.nan)
+        rows.append({"method": m, "unit": unit, **vals, "seconds_per_sample": seconds[m],
+                     "n_memorized": int(labels.sum()), "n_generalized": int((1 - labels).sum()),
+                     "timing": timing.get(m, ""), "note": notes.get(m, "")})
+    return rows
+
+
+def difference_rows(frame: pd.DataFrame, methods: Sequence[str], unit: str, groups=None,
+                    n_boot: int = 1000) -> list[dict]:
+    """Ours (each metric) minus each baseline over the same samples, paired bootstrap (``DIFFERENCE_COLUMNS``)."""
+    labels = frame["label"].to_numpy(dtype=int)
+    finite = {m: np.isfinite(frame[m].to_numpy(dtype=np.float64)).all() for m in methods}
+    rows = []
+    for o in [m for m in methods if m in OURS and finite[m]]:
+        for b in [m for m in methods if m not in OURS and finite[m]]:
+            d = paired_difference(labels, frame[o].to_numpy(dtype=np.float64), frame[b].to_numpy(dtype=np.float64),
+                                  n_boot=n_boot, groups=groups)
+            rows.append({"ours": o, "baseline": b, "unit": unit, "d_auroc": d["auroc"].value,
+                         "d_auroc_lo": d["auroc"].lo, "d_auroc_hi": d["auroc"].hi, "d_tpr": d["tpr"].value,
+                         "d_tpr_lo": d["tpr"].lo, "d_tpr_hi": d["tpr"].hi, "ahead": ahead(d["auroc"])})
+    return rows
+
+
+def _write_tables(output: Path, units: Sequence[tuple[str, pd.DataFrame, Any]], seconds: dict, timing: dict,
+                  notes: dict, n_boot: int, title: str) -> dict:
+    """results.csv, differences.csv and roc.png (of the first unit) from ``units``: (unit, frame, groups)."""
+    methods = list(seconds)
+    results, differences = [], []
+    for unit, frame, groups in units:
+        results += results_rows(frame, methods, seconds, unit, timing, notes, groups, n_boot)
+        differences += difference_rows(frame, methods, unit, groups, n_boot)
+    results = pd.DataFrame(results, columns=RESULT_COLUMNS)
+    differences = pd.DataFrame(differences, columns=DIFFERENCE_COLUMNS)
+    for name, table in (("results.csv", results), ("differences.csv", differences)):
+        tmp = output / f"{name}.part"
+        table.to_csv(tmp, index=False)
+        tmp.replace(output / name)
+    frame = units[0][1]
+    plot_roc(frame, methods, frame["label"].to_numpy(dtype=int), output / "roc.png", title)
+    return {"results": results, "differences": differences}
