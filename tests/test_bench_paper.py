@@ -7,6 +7,8 @@ import json
 import math
 import shutil
 import urllib.request
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -534,7 +536,9 @@ def _two_runs(args: list, out, train, copies: list[str], monkeypatch) -> pd.Data
     from memdetect.bench import paper
 
     res = invoke(*args)
-    assert res.exit_code == 2 and "0 memorized" in res.output, res.output
+    assert res.exit_code == 2 and "found 0 memorized" in res.output, res.output
+    assert "generations stay in" in res.output and "a rerun into the same --output reuses them" in res.output
+    assert len(list((out / "images").glob("*.png"))) == 6  # kept for the rerun
     for key in copies:
         shutil.copy(out / "images" / f"{key}.png", train / f"copy-{key}.png")
     monkeypatch.setattr(paper, "generate", lambda *a, **k: pytest.fail("a finished sample was regenerated"))
@@ -559,12 +563,14 @@ def test_bench_samples_end_to_end(bench, tiny_dit, tiny_ddpm, tmp_path, monkeypa
     (train / "aaa-broken.png").write_bytes(b"not an image")  # skipped, first in order: indices must still map
     out = tmp_path / "out"
     args = ["bench", bench.split("-")[0], "--model", model, "--model-path", path, "--train-dir", train,
-            "--num-samples", "6", "--batch-size", "3", "--steps", "3", "--device", "cpu", "--output", out]
+            "--num-samples", "6", "--batch-size", "3", "--steps", "3", "--device", "cpu", "--output", out,
+            "--min-memorized", "2"]
     if bench == "imagenet":
         args += ["--classes", "0-2,7"]
     scores = _two_runs(args, out, train, ["sample-000001", "sample-000004"], monkeypatch)
     conditional = bench == "imagenet"
-    methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd", "carlini"]
+    methods = [*OURS, *(["wen_first_step", "wen_all_steps"] if conditional else []), "ross_flipd",
+               *(["ross_flipd_cond"] if conditional else []), "carlini"]
     assert len(scores) == 6 and np.isfinite(scores[methods].to_numpy()).all()
     assert list(scores.loc[scores["label"] == "memorized", "key"]) == ["sample-000001", "sample-000004"]
     np.testing.assert_allclose(scores.loc[[1, 4], "similarity"], 1.0, atol=1e-5)
@@ -574,8 +580,46 @@ def test_bench_samples_end_to_end(bench, tiny_dit, tiny_ddpm, tmp_path, monkeypa
         assert list(scores["class"]) == [0, 1, 2, 7, 0, 1]  # --classes cycled
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == PAPER_COLUMNS and list(results["method"]) == methods
+    assert (results["unit"] == "image").all()
     assert (results["n_memorized"] == 2).all()
     assert (results["n_generalized"] == int((scores["label"] == "generalized").sum())).all()
+    _check_intervals(results)
+    carlini = results.set_index("method").loc["carlini"]
+    assert carlini["timing"].startswith("the generation of the pool")
+    recs = [json.loads(x) for p in (out / "records").glob("*.jsonl") for x in p.read_text().splitlines()]
+    generation = sum(r["generation_seconds"] for r in recs) / len(recs)
+    assert carlini["seconds_per_sample"] > generation  # its pool's generation is paid for
+    assert len(pd.read_csv(out / "differences.csv")) == len(OURS) * (len(methods) - len(OURS))
+
+
+def test_bench_imagenet_public_checkpoint_warns_and_stops_on_too_few_memorized(tiny_dit, tmp_path, monkeypatch):
+    """The dit preset's public checkpoint (a tiny stand-in here): a warning before generating, then exit 2 with a
+    sentence when fewer than --min-memorized samples are memorized; the generations stay for a rerun."""
+    from memdetect.bench import paper
+    from memdetect.models import PRESETS
+
+    monkeypatch.setitem(PRESETS, "dit", replace(PRESETS["dit"], source=str(tiny_dit)))
+    monkeypatch.setattr(Path, "exists", lambda self: False if str(self) == str(tiny_dit) else _exists(self))
+    train = tmp_path / "train"
+    write_images(train, 3, size=(16, 16))
+    out = tmp_path / "out"
+    generated = []
+    monkeypatch.setattr(paper, "generate", lambda *a, **k: generated.append(1) or gen.generate(*a, **k))
+    args = ["bench", "imagenet", "--model", "dit", "--train-dir", train, "--num-samples", "4", "--batch-size", "4",
+            "--steps", "2", "--classes", "0-1", "--device", "cpu", "--output", out, "--min-memorized", "2"]
+    res = invoke(*args)
+    assert res.exit_code == 2, res.output
+    assert "trained on the full imagenet training set" in res.output and "rarely memorize" in res.output
+    assert res.output.index("rarely memorize") < res.output.index("found 0 memorized")  # warned before
+    assert "--model-path" in res.output and "train_ground_truth.py dit" in res.output
+    assert len(generated) == 1 and len(list((out / "images").glob("*.png"))) == 4
+    shutil.copy(out / "images" / "sample-000002.png", train / "copy.png")  # one memorized: still too few
+    res = invoke(*args)
+    assert res.exit_code == 2 and "found 1 memorized" in res.output and "at least 2 memorized" in res.output
+    assert len(generated) == 1  # nothing regenerated
+
+
+_exists = Path.exists
 
 
 def test_bench_cifar10_rejects_a_latent_model_and_classes(tiny_dit, tmp_path):
