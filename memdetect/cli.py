@@ -510,16 +510,21 @@ def render_audit(doc: dict, *, top: int) -> None:
 @app.command()
 @handle_errors
 def models():
-    """List the model presets: family, weights, default layer and timestep."""
+    """List the model presets: family, weights, default layer and timestep, and the timestep's noise level sigma
+    under the preset's schedule."""
     from .models import ADAPTERS, PRESETS
+    from .models.presets import schedule_sigma
 
     t = Table(title="presets (use with --model; --model-path overrides the weights)", title_justify="left")
-    for c in ("preset", "family", "weights", "layer", "t", "note"):
+    for c in ("preset", "family", "weights", "layer", "t", "sigma (schedule)", "note"):
         t.add_column(c, overflow="fold")
     for p in PRESETS.values():
         cls = ADAPTERS.get(p.family)
         layer = p.layer or (cls.layer_hint(p.options) if cls else "(family not installed)")
-        t.add_row(*map(_p, (p.name, p.family, p.source, layer, p.timestep, p.note)))
+        schedule = p.noise_schedule()
+        sigma = (f"{schedule_sigma(schedule, p.timestep):.3f} ({schedule.get('beta_schedule', '?')})" if schedule
+                 else "-")
+        t.add_row(*map(_p, (p.name, p.family, p.source, layer, p.timestep, sigma, p.note)))
     out.print(t)
     out.print(f"families (with --model-path DIR): {', '.join(map(_p, sorted(ADAPTERS)))}")
 

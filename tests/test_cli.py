@@ -101,9 +101,20 @@ def test_no_images_exit_2(tiny_ddpm, tmp_path):
     assert res.exit_code == 2 and "no image files" in res.output
 
 
-def test_models_and_layers(tiny_sd):
-    res = invoke("models")
+def test_models_and_layers(tiny_sd, tiny_ddpm):
+    res = runner.invoke(app, ["models"], env={"COLUMNS": "250"})
     assert res.exit_code == 0 and "sd14" in res.output and "demo" in res.output
+    # sigma at the default timestep, per schedule: computed, and what the loaded weights' scheduler gives
+    from memdetect import Detector
+    from memdetect.models.presets import LINEAR, SCALED_LINEAR, schedule_sigma
+
+    sd = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter  # scaled-linear
+    ddpm = Detector.from_pretrained("ddpm", str(tiny_ddpm), device="cpu", dtype="float32").adapter  # linear
+    assert schedule_sigma(SCALED_LINEAR, 50) == pytest.approx(sd.sigma(50), rel=1e-6)
+    assert schedule_sigma(LINEAR, 50) == pytest.approx(ddpm.sigma(50), rel=1e-6)
+    assert round(sd.sigma(50), 3) == 0.226 and round(ddpm.sigma(50), 3) == 0.176
+    rows = {line.split()[1]: line for line in res.output.splitlines() if line.startswith("│ ")}
+    assert "0.226 (scaled_linear)" in rows["sd14"] and "0.176 (linear)" in rows["dit"]
     res = runner.invoke(app, ["layers", "--model", "sd", "--model-path", str(tiny_sd), "--filter",
                               "up_blocks.0.resnets.2"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output

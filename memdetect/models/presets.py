@@ -5,8 +5,16 @@ A preset is one row; a new family adds its rows here or calls ``register_preset`
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
+
+#: The DDPM noise schedules of the presets' weights (from their scheduler configs): a timestep's noise level differs
+#: between them (``schedule_sigma``), which ``memdetect models`` shows.
+SCALED_LINEAR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+LINEAR = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000}
 
 
 def packaged(name: str) -> str:
@@ -23,27 +31,47 @@ class Preset:
     timestep: int = 50
     options: dict = field(default_factory=dict)  # extra adapter options (e.g. DiT reading)
     note: str = ""
+    schedule: dict | None = None  # DDPM schedule (DDPMScheduler keywords); None: the local scheduler config
+
+    def noise_schedule(self) -> dict | None:
+        """``schedule``, or the ``scheduler/scheduler_config.json`` of a local source (None when neither)."""
+        if self.schedule is not None:
+            return self.schedule
+        config = Path(self.source) / "scheduler" / "scheduler_config.json"
+        if not config.is_file():
+            return None
+        cfg = json.loads(config.read_text())
+        return {k: cfg[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps") if k in cfg}
+
+
+def schedule_sigma(schedule: dict, t: int) -> float:
+    """Noise-to-signal ratio sqrt((1 - abar_t) / abar_t) of timestep ``t`` under a DDPM ``schedule`` (the
+    ``DDPMScheduler`` keywords of ``SCALED_LINEAR`` / ``LINEAR``): what ``Adapter.sigma`` gives for loaded weights."""
+    from diffusers import DDPMScheduler
+
+    abar = float(DDPMScheduler(**schedule).alphas_cumprod[int(t)])
+    return math.sqrt((1 - abar) / abar)
 
 
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("sd14", "sd", "CompVis/stable-diffusion-v1-4", "up_blocks.0.resnets.2.conv2:in",
-               note="paper setting: LAION memorization; = up_blocks.0.resnets.2.nonlinearity@2"),
+               note="paper setting: LAION memorization; = up_blocks.0.resnets.2.nonlinearity@2", schedule=SCALED_LINEAR),
         Preset("sd15", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "up_blocks.0.resnets.2.conv2:in",
-               note="same architecture as sd14; layer not validated by the paper"),
+               note="same architecture as sd14; layer not validated by the paper", schedule=SCALED_LINEAR),
         Preset("sd2-base", "sd", "stabilityai/stable-diffusion-2-base", "up_blocks.0.resnets.2.conv2:in",
-               note="512 px SD 2.x; layer not validated by the paper"),
+               note="512 px SD 2.x; layer not validated by the paper", schedule=SCALED_LINEAR),
         Preset("dit", "dit", "facebook/DiT-XL-2-256", None, options={"reading": "mlp"},
-               note="MLP activation of the middle block (transformer_blocks.13.ff.net.0 for XL/2)"),
+               note="MLP activation of the middle block (transformer_blocks.13.ff.net.0 for XL/2)", schedule=LINEAR),
         Preset("dit-adaln", "dit", "facebook/DiT-XL-2-256", None, options={"reading": "adaln"},
-               note="adaLN SiLU of the middle block: sees no image tokens (the literal 'SiLU' reading)"),
+               note="adaLN SiLU of the middle block: sees no image tokens (the literal 'SiLU' reading)", schedule=LINEAR),
         Preset("ddpm-cifar10", "ddpm", "google/ddpm-cifar10-32", None,
-               note="pixel DDPM, 32x32; lowest-resolution up block"),
+               note="pixel DDPM, 32x32; lowest-resolution up block", schedule=LINEAR),
         Preset("edm-cifar10", "edm", "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
                "model.enc.8x8_block3.norm0",
-               note="EDM DDPM++ CIFAR-10 (NVlabs .pkl, read as data; sha256-checked download); t=50 -> sigma 0.176; "
-                    "decoder: model.dec.8x8_block3.norm0"),
+               note="EDM DDPM++ CIFAR-10 (NVlabs .pkl, read as data; sha256-checked download); --timestep maps to "
+                    "sigma through the DDPM linear schedule; decoder: model.dec.8x8_block3.norm0", schedule=LINEAR),
         Preset("demo", "ddpm", packaged("demo"), None,
                note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
     ]
