@@ -739,3 +739,36 @@ def test_legitimate_real_size_configuration_passes_the_checks():
                                               "epsilon_t": 1e-5}, device="meta")
         assert sum(p.numel() for p in net.parameters()) > 50_000_000
     assert math.isinf(edm.build_network("EDMPrecond", TINY, device="meta").sigma_max)
+
+
+def test_load_tensors_reads_torch_save_archives_as_data(tmp_path):
+    """``safe_pickle.load_tensors``: a torch.save zip of tensors in plain containers reads back equal; any other
+    global is refused before it is called; a compressed member or a non-archive is refused too."""
+    import os
+    import zipfile
+
+    g = torch.Generator().manual_seed(0)
+    obj = ([torch.rand(5, generator=g), torch.rand(3, 2, generator=g)[:, 1]], {"n": torch.arange(4)}, (1.5, "x"))
+    torch.save(obj, tmp_path / "ok.pt")
+    back = safe_pickle.load_tensors(tmp_path / "ok.pt")
+    assert torch.equal(back[0][0], obj[0][0]) and torch.equal(back[0][1], obj[0][1])
+    assert torch.equal(back[1]["n"], obj[1]["n"]) and back[2] == (1.5, "x")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo unsafe",))
+
+    torch.save([Evil()], tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        safe_pickle.load_tensors(tmp_path / "evil.pt")
+    with zipfile.ZipFile(tmp_path / "ok.pt") as src, zipfile.ZipFile(tmp_path / "deflated.pt", "w",
+                                                                      zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(UnsafeCheckpointError, match="compressed member"):
+        safe_pickle.load_tensors(tmp_path / "deflated.pt")
+    (tmp_path / "plain.pt").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(ModelNotFoundError, match="not a torch.save zip archive"):
+        safe_pickle.load_tensors(tmp_path / "plain.pt")
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        safe_pickle.load_tensors(tmp_path / "missing.pt")

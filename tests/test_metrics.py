@@ -66,3 +66,26 @@ def test_checks():
         M.bootstrap_metrics([1, 1], [0.1, 0.2])
     with pytest.raises(ValueError, match="NaN"):
         M.bootstrap_metrics([1, 0], [np.nan, 0.2])
+
+
+def test_grouped_bootstrap_resamples_whole_groups():
+    labels, scores = _data(5)
+    # one sample per group: the same draws, the same intervals as the ungrouped bootstrap
+    assert M.bootstrap_metrics(labels, scores, n_boot=200, seed=1, groups=np.arange(len(labels))) == \
+        M.bootstrap_metrics(labels, scores, n_boot=200, seed=1)
+    # each sample repeated 4 times (4 identical generations per prompt): the per-sample bootstrap believes it has 4x
+    # the data and narrows; resampling whole groups gives back the interval of the distinct samples
+    k = 4
+    rep_labels, rep_scores = np.repeat(labels, k), np.repeat(scores, k)
+    groups = np.repeat(np.arange(len(labels)), k)
+    naive = M.bootstrap_metrics(rep_labels, rep_scores, n_boot=400, seed=2)["auroc"]
+    grouped = M.bootstrap_metrics(rep_labels, rep_scores, n_boot=400, seed=2, groups=groups)["auroc"]
+    single = M.bootstrap_metrics(labels, scores, n_boot=400, seed=2)["auroc"]
+    assert (naive.hi - naive.lo) < 0.7 * (grouped.hi - grouped.lo)
+    assert grouped.hi - grouped.lo == pytest.approx(single.hi - single.lo, rel=0.25)
+    d = M.paired_difference(rep_labels, rep_scores, rep_scores, n_boot=50, groups=groups)
+    assert d["auroc"].value == d["auroc"].lo == d["auroc"].hi == 0
+    with pytest.raises(ValueError, match="same number of samples"):
+        M.bootstrap_metrics(labels, scores, groups=np.r_[0, 0, np.arange(1, len(labels) - 1)])
+    with pytest.raises(ValueError, match="one label"):
+        M.bootstrap_metrics([1, 0, 1, 0], [0.3, 0.1, 0.4, 0.2], groups=[0, 0, 1, 1])

@@ -103,7 +103,7 @@ BENCH_CONDITIONING = {"laion": "text", "imagenet": "class", "cifar10": None}
 CLASS_GUIDANCE = 4.0
 #: settings that must match for a rerun to reuse recorded prompts or samples
 RESUME_KEYS = ("bench", "family", "source", "layer", "timestep", "steps", "guidance", "generations", "seed",
-               "flipd_probes", "flipd_timestep", "carlini_generations", "dtype", "classes")
+               "flipd_probes", "flipd_timestep", "carlini_generations", "carlini_neighbours", "dtype", "classes")
 
 Progress = Callable[[int, int], None]  # (finished in this run, to do in this run)
 
@@ -432,7 +432,7 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
                 "generations": generations, "memorized": mem_origin, "memorized_filters": list(memorized_filters),
                 "normal": norm_origin, "limit": limit, "nemo_reference": reference.description,
                 "unit": "image (each generated image inherits its prompt's label); prompt rows: mean over the K",
-                "carlini_generations": carlini_generations,
+                "carlini_generations": carlini_generations, "carlini_neighbours": carlini_neighbours,
                 "carlini": {"grid": 4, "neighbours": carlini_neighbours, "generations": carlini_generations},
                 "intervals": {"bootstrap": "percentile, stratified, whole prompts", "replicates": n_boot,
                               "level": 0.95}}
