@@ -74,7 +74,7 @@ def test_a_new_family_scans_lists_and_benchmarks_with_no_other_change(toy, toy_f
     write_images(train, 3, size=(16, 16))
     out = tmp_path / "bench"
     args = ["bench", "cifar10", "--model", "toy-demo", "--train-dir", train, "--num-samples", "4", "--batch-size", "2",
-            "--steps", "3", "--device", "cpu", "--output", out]
+            "--steps", "3", "--device", "cpu", "--output", out, "--min-memorized", "1"]
     res = invoke(*args)
     assert res.exit_code == 2 and "0 memorized" in res.output, res.output  # random training images: none memorized
     shutil.copy(out / "images" / "sample-000002.png", train / "copy.png")
