@@ -411,9 +411,18 @@ def test_bench_laion_nemo_statistics_file_and_carlini_generations(tiny_sd, tmp_p
 
     monkeypatch.setattr(paper.Clock, "__call__", record)
     res = invoke(*base, "--nemo-stats", tmp_path / "stats.pt", "--carlini-generations", "5", "--carlini-neighbours",
-                 "3")
+                 "3", "--flipd-timestep", "100")
     assert res.exit_code == 0, res.output
-    assert "statistics file stats.pt" in res.output
+    assert "statistics file stats.pt" in res.output and "FLIPD 1 probe(s) at t=100" in res.output
+    # --flipd-timestep: Ross at t=100, prompt-free; the detector stays at its own t=50
+    from memdetect.io import image_seed
+    images = pd.read_csv(out / "scores.csv")
+    first = torch.from_numpy(np.stack([paper._read_png(out / p) for p in images["image"][:2]]))
+    seeds = [image_seed(x, 0) for x in first.numpy()]
+    np.testing.assert_allclose(images["ross_flipd"][:2], baselines.flipd(a, first, 100, seeds).numpy(), rtol=1e-4)
+    assert not np.allclose(images["ross_flipd"][:2], baselines.flipd(a, first, 50, seeds).numpy(), rtol=1e-4)
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["flipd_timestep"] == 100 and settings["timestep"] == 50
     scores = pd.read_csv(out / "prompts.csv")
     expected = [float(((baselines.nemo_activations(values.values(), a.encode_condition([p]))[0] - mean).abs()
                        / std).max()) for p in MEMORIZED[:2] + NORMAL[:2]]

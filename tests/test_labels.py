@@ -170,3 +170,25 @@ def test_load_sscd_errors(tmp_path):
     bad.write_bytes(b"not a zip archive")
     with pytest.raises(ModelNotFoundError, match="not a TorchScript module"):
         load_sscd(bad)
+
+
+def test_the_paper_benches_label_batch_by_batch_as_in_one_piece(tmp_path):
+    """``bench imagenet | cifar10`` stream the training folder in batches: every labeller finds the same nearest
+    image and similarity as over the whole set at once."""
+    from memdetect.bench.paper import nearest_in
+
+    path = tmp_path / "sscd_test.torchscript.pt"
+    torch.jit.script(TinyDescriptor()).save(str(path))
+    samples = torch.cat([TRAIN[[9, 30]].flip(-1), textures(3, seed=5)])
+    batches = [TRAIN[i:i + 7] for i in range(0, len(TRAIN), 7)]
+
+    class Plain:  # neither pixel nor embed: asked batch by batch
+        name, rule = "plain", LabelRule()
+
+        def nearest(self, s, t):
+            return PixelLabeller(max_shift=0, flip=False).nearest(s, t)
+
+    for lab in (PixelLabeller(), make_labeller("sscd", sscd_weights=path), Plain()):
+        whole = lab.nearest(samples, TRAIN)
+        streamed = nearest_in(lab, samples, iter(batches))
+        assert torch.equal(whole[1], streamed[1]) and torch.allclose(whole[0], streamed[0], atol=1e-5), lab.name

@@ -83,7 +83,7 @@ from . import baselines
 from . import nemo_stats as nemo_stats_module
 from .demo import plot_roc
 from .generate import generate, generation_seed, save_png
-from .labels import Labeller, LabelRule, make_labeller
+from .labels import Labeller, LabelRule, PixelLabeller, make_labeller, nearest_match
 from .metrics import ahead, bootstrap_metrics, paired_difference
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
@@ -562,15 +562,26 @@ def label_rule(memorized_at: float | None, generalized_below: float | None,
 def nearest_in(labeller: Labeller, samples: torch.Tensor,
                batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The labeller's nearest training image over training images that arrive in batches: (similarity [N],
-    index [N], counting across the batches in order)."""
+    index [N], counting across the batches in order). The pixel labeller takes the batches itself (its sample
+    windows are cut once); a labeller with ``embed`` (SSCD) embeds the samples once and each batch once; any other
+    labeller is asked batch by batch."""
+    if isinstance(labeller, PixelLabeller):
+        m = nearest_match(samples, batches, max_shift=labeller.max_shift, flip=labeller.flip)
+        return m.similarity, m.index
+    embed = getattr(labeller, "embed", None)
+    s = embed(samples) if embed is not None else None
     best = torch.full((samples.shape[0],), -2.0)
     best_idx = torch.zeros(samples.shape[0], dtype=torch.long)
     start = 0
     for batch in batches:
-        sim, idx = labeller.nearest(samples, batch)
-        better = sim.float().cpu() > best
-        best = torch.where(better, sim.float().cpu(), best)
-        best_idx = torch.where(better, idx.cpu() + start, best_idx)
+        if s is not None:
+            sim, idx = (s @ embed(batch).T).max(dim=1)
+        else:
+            sim, idx = labeller.nearest(samples, batch)
+        sim, idx = sim.float().cpu(), idx.cpu()
+        better = sim > best
+        best = torch.where(better, sim, best)
+        best_idx = torch.where(better, idx + start, best_idx)
         start += batch.shape[0]
     return best, best_idx
 
