@@ -473,7 +473,7 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
     timing = _timing(ctx, a.device, f"batch = the {generations} generations of one prompt", generations)
     timing["carlini"] = (f"the generation of all {carlini_generations} generations of the prompt ({ctx.steps} steps, "
                          f"guidance {ctx.guidance:g}) + tiled L2 (4x4 tiles) among them, per scored image")
-    notes = _notes(ctx, conditional=True)
+    notes = _notes(ctx)
     notes["nemo"] = f"reference: {reference.description}; a prompt-level score, each image carries its prompt's"
     notes["carlini"] = (f"{carlini_neighbours}-th nearest of {carlini_generations} generations per prompt (Carlini et "
                         f"al.: a clique of >= 10 among 500 generations)")
@@ -739,7 +739,7 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     timing = _timing(ctx, a.device, f"batch = {bs} samples", 1)
     timing["carlini"] = (f"the generation of the pool ({ctx.steps} steps, {a.sampler}) + tiled L2 over the pool of "
                          f"{len(recs)} generations, {carlini_neighbours} neighbour(s); per generated image")
-    notes = _notes(ctx, conditional=conditional)
+    notes = _notes(ctx)
     notes["carlini"] = (f"{carlini_neighbours}-th nearest of the {len(recs)} generated samples (Carlini et al.: a "
                         f"clique of >= 10 among 500 generations)")
     lab = lab[["key", "seed", "class", "image", "similarity", "nearest_train", "label", *methods]].reset_index(drop=True)
@@ -810,7 +810,7 @@ def _timing(ctx: Context, device: torch.device, batch: str, per: int) -> dict[st
     return t
 
 
-def _notes(ctx: Context, conditional: bool) -> dict[str, str]:
+def _notes(ctx: Context) -> dict[str, str]:
     n = {m: "the generated image alone (no prompt), as memdetect scan" for m in OURS}
     n["ross_flipd"] = f"prompt-free (empty prompt / null class), t={ctx.flipd_timestep}"
     n["ross_flipd_cond"] = f"conditioned on the prompt / class, t={ctx.flipd_timestep}"
