@@ -607,6 +607,11 @@ def test_bench_imagenet_public_checkpoint_warns_and_stops_on_too_few_memorized(t
     from memdetect.bench import paper
     from memdetect.models import PRESETS
 
+    # the real presets, nothing loaded: public checkpoints warn, --model-path and local models do not
+    assert "facebook/DiT-XL-2-256 is a public checkpoint" in paper.public_checkpoint_warning("imagenet", "dit", None)
+    assert "train_ground_truth.py edm" in paper.public_checkpoint_warning("cifar10", "edm-cifar10", None)
+    assert paper.public_checkpoint_warning("imagenet", "dit", str(tiny_dit)) is None
+    assert paper.public_checkpoint_warning("cifar10", "demo", None) is None  # shipped inside the package
     monkeypatch.setitem(PRESETS, "dit", replace(PRESETS["dit"], source=str(tiny_dit)))
     monkeypatch.setattr(Path, "exists", lambda self: False if str(self) == str(tiny_dit) else _exists(self))
     train = tmp_path / "train"

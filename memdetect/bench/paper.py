@@ -607,9 +607,9 @@ def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int,
                          "label": [rule.label(float(s)) for s in sim]})
 
 
-def public_checkpoint_warning(bench: str, det: Detector, model: str, model_path: str | None) -> str | None:
-    """The warning ``bench imagenet | cifar10`` gives before generating with a preset's public checkpoint (None
-    with ``--model-path`` or a local model)."""
+def public_checkpoint_warning(bench: str, model: str, model_path: str | None) -> str | None:
+    """The warning ``bench imagenet | cifar10`` gives before loading and generating with a preset's public
+    checkpoint (None with ``--model-path`` or a local model)."""
     from ..models.presets import PRESETS
 
     preset = PRESETS.get(model)
@@ -652,6 +652,9 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     rule = rule or labeller.rule
     check_settings(output, {"bench": bench, "steps": steps, "seed": seed, "flipd_probes": flipd_probes}, write=False)
     procs = processes()
+    warning = public_checkpoint_warning(bench, model, model_path)
+    if warning and procs.main:
+        (warn or log.warning)(warning)
     det = _load(model, model_path, bench, procs, device, dtype)
     a = det.adapter
     flipd_timestep = _flipd_timestep(det, flipd_timestep)
@@ -688,9 +691,6 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
                 "carlini": {"grid": 4, "neighbours": carlini_neighbours, "pool": "all generated samples"},
                 "intervals": {"bootstrap": "percentile, stratified", "replicates": n_boot, "level": 0.95}}
     check_settings(output, settings, procs.main)
-    warning = public_checkpoint_warning(bench, det, model, model_path)
-    if warning and procs.main:
-        (warn or log.warning)(warning)
     ctx = Context(det, output, Clock(a.device), steps, guidance, flipd_probes, seed, flipd_timestep)
     done = read_journals(_journals(output))
     todo = [k for k in keys if k not in done]
