@@ -574,6 +574,7 @@ MemorizedAt = Annotated[Optional[float], typer.Option("--memorized-at", help="Me
                                                    "0.9).")]
 GeneralizedBelow = Annotated[Optional[float], typer.Option("--generalized-below", help="Generalized below this "
                                                            "(between: excluded) (default: pixel 0.80, sscd 0.5).")]
+Bootstrap = Annotated[int, typer.Option("--bootstrap", min=20, help="Bootstrap replicates of the 95% intervals.")]
 FlipdTimestep = Annotated[Optional[int], typer.Option("--flipd-timestep", min=0, help="Timestep of Ross et al.'s "
                                                       "FLIPD (default: the detector's).")]
 LabelResolution = Annotated[Optional[int], typer.Option("--label-resolution", min=4, help="Resolution of the "
@@ -704,6 +705,7 @@ def bench_laion(
                                    "them all (default: --generations; Carlini et al. used 500).")] = None,
     carlini_neighbours: Annotated[Optional[int], typer.Option("--carlini-neighbours", min=1, help="Near-copies a "
                                   "generation needs among them (default: min(10, generations - 1)).")] = None,
+    bootstrap: Bootstrap = 1000,
     output: BenchOutput = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: GenerationSeed = 0,
@@ -721,7 +723,7 @@ def bench_laion(
                         steps=steps, guidance=guidance, device=device, dtype=dtype, seed=seed,
                         flipd_probes=flipd_probes, flipd_timestep=flipd_timestep, nemo_reference=nemo_reference,
                         nemo_stats=nemo_stats, carlini_generations=carlini_generations,
-                        carlini_neighbours=carlini_neighbours, progress=progress)
+                        carlini_neighbours=carlini_neighbours, n_boot=bootstrap, progress=progress)
     extra = f"; NeMo: {res['settings']['nemo_reference']}"
     _render_paper(res, f"bench laion: {_p(model)}, {generations} generations per prompt (unit image: each "
                        f"generation scored alone; unit prompt: mean over its {generations})", output, extra,
@@ -769,6 +771,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         flipd_timestep: FlipdTimestep = None,
         carlini_neighbours: Annotated[int, typer.Option("--carlini-neighbours", min=1, help="Near-copies a sample "
                                       "needs in the pool of generations (Carlini et al.'s criterion).")] = 1,
+        bootstrap: Bootstrap = 1000,
         output: BenchOutput = None,
         device: Device = "auto",
         dtype: Dtype = "auto",
@@ -788,7 +791,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
                               guidance=guidance, steps=steps, batch_size=batch_size, rule=rule, labeller=lab_fn,
                               label_resolution=label_resolution, flipd_probes=flipd_probes,
                               flipd_timestep=flipd_timestep, carlini_neighbours=carlini_neighbours,
-                              min_memorized=min_memorized, device=device, dtype=dtype, seed=seed, progress=progress,
+                              min_memorized=min_memorized, n_boot=bootstrap, device=device, dtype=dtype, seed=seed, progress=progress,
                               warn=lambda text: err.print(Text(f"warning: {printable(text)}", style="yellow"),
                                                           soft_wrap=True))
         lab = res["settings"]["labels"]

@@ -294,7 +294,7 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     m, n = _lists(tmp_path)
     out = tmp_path / "out"
     base = ["bench", "laion", "--model", "sd14", "--model-path", tiny_sd, "--memorized", m, "--normal", n,
-            "--generations", "2", "--steps", "3", "--device", "cpu", "--output", out]
+            "--generations", "2", "--steps", "3", "--device", "cpu", "--output", out, "--bootstrap", "100"]
     # the tiny model's value layers are not SD 1.4's: no download is tried, NeMo falls back to leave-one-out
     monkeypatch.setattr(nemo_stats, "fetch_published", lambda **k: pytest.fail("published statistics fetched"))
     res = invoke(*base, "--limit", "2")  # 2 normal prompts: too few for leave-one-out NeMo statistics
@@ -380,7 +380,7 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     assert len(calls) == 2 and "generated 2, reused 6" in res.output
     assert len(pd.read_csv(out / "prompts.csv")) == 8
     # other settings in the same folder are refused, not mixed
-    res = invoke(*base[:-4], "--steps", "4", "--device", "cpu", "--output", out)
+    res = invoke(*base[:-6], "--steps", "4", "--device", "cpu", "--output", out)
     assert res.exit_code == 2 and "steps=3" in res.output
 
 
@@ -397,7 +397,7 @@ def test_bench_laion_nemo_statistics_file_and_carlini_generations(tiny_sd, tmp_p
     nemo_statistics_file(tmp_path / "wrong.pt", [*widths[:-1], widths[-1] + 1])
     out = tmp_path / "out"
     base = ["bench", "laion", "--model", "sd14", "--model-path", tiny_sd, "--memorized", m, "--normal", n,
-            "--limit", "2", "--generations", "2", "--steps", "2", "--device", "cpu", "--output", out]
+            "--limit", "2", "--generations", "2", "--steps", "2", "--device", "cpu", "--output", out, "--bootstrap", "100"]
     res = invoke(*base, "--nemo-stats", tmp_path / "wrong.pt")
     assert res.exit_code == 2 and "widths" in res.output and str(list(widths)) in res.output, res.output
     timed = {}

@@ -398,6 +398,8 @@ def run_laion(output: str | Path, *, model: str = "sd14", model_path: str | None
                          f"generations), got {generations}")
     if flipd_probes < 1:
         raise UsageError(f"--flipd-probes must be at least 1, got {flipd_probes}")
+    if n_boot < 20:
+        raise UsageError(f"--bootstrap must be at least 20 replicates, got {n_boot}")
     carlini_generations = generations if carlini_generations is None else int(carlini_generations)
     if carlini_generations < generations:
         raise UsageError(f"--carlini-generations ({carlini_generations}) must be at least --generations "
@@ -644,6 +646,8 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
         raise UsageError(f"carlini neighbours must be in [1, {num_samples - 1}], got {carlini_neighbours}")
     if flipd_probes < 1:
         raise UsageError(f"--flipd-probes must be at least 1, got {flipd_probes}")
+    if n_boot < 20:
+        raise UsageError(f"--bootstrap must be at least 20 replicates, got {n_boot}")
     if min_memorized < 1:
         raise UsageError(f"--min-memorized must be at least 1, got {min_memorized}")
     if not Path(train_dir).is_dir():
