@@ -18,6 +18,14 @@ With a labelled set (``--memorized``) the same threshold is kept (the memorized 
 point is reported: sklearn's ``roc_curve`` gives the (FPR, TPR) of every distinct score; the chosen point is the one
 whose score threshold is the smallest ``>=`` ours (which flags exactly the same images), plus the AUROC.
 
+How sure: the FPR a threshold achieves is given with its exact (Clopper-Pearson) 95 % interval on the count of
+flagged reference images (``memdetect.pvalues.clopper_pearson``), the TPR likewise on the memorized images, and a
+reference set smaller than ``ceil(3 / fpr)`` images (300 for 1 %) is called too small (``Calibration.too_small``).
+The config keeps each metric's reference distribution (``memdetect.pvalues.Reference``: every score, or 2,000 order
+statistics of a larger set), from which scans compute conformal p-values and thresholds for ``--fpr``, and the
+reference images' per-channel mean and standard deviation of the pooled activations (evidence: how far an image's
+top channels are from the novel images').
+
 ``calibrate_paths`` does the whole job for image files: scan the reference (and memorized) images, choose the
 thresholds, write ``memdetect.toml`` (``memdetect.config``) atomically.
 """
@@ -40,6 +48,7 @@ from .config import CONFIG_VERSION, to_toml
 from .detector import Detector
 from .errors import InputError, UsageError
 from .io import atomic_write, check_destination, display_path, expand_globs
+from .pvalues import Reference, clopper_pearson, min_reference
 from .scan import scan
 from .scores import SCORES
 
@@ -89,8 +98,9 @@ def roc_point(novel, memorized, threshold: float) -> dict:
 
 
 def calibrate(novel: pd.DataFrame, fpr: float, memorized: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per metric: threshold, target and achieved FPR on the reference set; with ``memorized``, TPR at the
-    threshold, the ROC point's FPR and AUROC. ``novel`` / ``memorized``: frames with a column per metric (scored
+    """One row per metric: threshold, target and achieved FPR on the reference set with its 95 % Clopper-Pearson
+    interval (``fpr_low``, ``fpr_high``); with ``memorized``, TPR at the threshold (``tpr_low``, ``tpr_high``), the
+    ROC point's FPR and AUROC. ``novel`` / ``memorized``: frames with a column per metric (scored
     rows only)."""
     if memorized is not None and len(memorized) == 0:
         raise InputError("no memorized images could be scored")
@@ -98,10 +108,16 @@ def calibrate(novel: pd.DataFrame, fpr: float, memorized: pd.DataFrame | None = 
     for m in SCORES:
         ref = novel[m].to_numpy(np.float64)
         t = fpr_threshold(ref, fpr)
+        k = int((ref >= t).sum())
+        lo, hi = clopper_pearson(k, ref.size)
         row = {"metric": m, "threshold": t, "fpr_target": fpr, "fpr_reference": float((ref >= t).mean()),
-               "flagged_reference": int((ref >= t).sum()), "n_reference": int(ref.size)}
+               "flagged_reference": k, "n_reference": int(ref.size), "fpr_low": lo, "fpr_high": hi}
         if memorized is not None:
-            row.update(roc_point(ref, memorized[m].to_numpy(np.float64), t))
+            pos = memorized[m].to_numpy(np.float64)
+            row.update(roc_point(ref, pos, t))
+            found = int((pos >= t).sum())
+            row["tpr_low"], row["tpr_high"] = clopper_pearson(found, pos.size)
+            row["flagged_memorized"] = found
             row["n_memorized"] = int(len(memorized))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -109,8 +125,11 @@ def calibrate(novel: pd.DataFrame, fpr: float, memorized: pd.DataFrame | None = 
 
 def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: float, reference: list[str],
                     memorized: list[str] | None, n_errored: int, model: str, model_path: str | None,
-                    sigma: float | None = None) -> dict:
-    """The TOML document ``memdetect calibrate`` writes (see ``memdetect.config`` for what is read back)."""
+                    sigma: float | None = None, distributions: dict[str, Reference] | None = None,
+                    channels: dict | None = None) -> dict:
+    """The TOML document ``memdetect calibrate`` writes (see ``memdetect.config`` for what is read back).
+    ``distributions``: each metric's reference scores (``[calibration.reference]``); ``channels``: the reference
+    images' per-channel ``mean`` and ``std`` of the pooled activations (``[calibration.channels]``)."""
     import diffusers
     import torch
 
@@ -121,12 +140,19 @@ def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: fl
            "preprocess": settings["preprocess"], "dtype": settings["dtype"], "device": settings["device"],
            "winograd": settings["winograd"], "allocator": settings["allocator"],
            "thresholds": {m: float(by.loc[m, "threshold"]) for m in SCORES},
-           "fpr_reference": {m: float(by.loc[m, "fpr_reference"]) for m in SCORES}}
+           "fpr_reference": {m: float(by.loc[m, "fpr_reference"]) for m in SCORES},
+           "fpr_interval": {m: [float(by.loc[m, "fpr_low"]), float(by.loc[m, "fpr_high"])] for m in SCORES}}
     if memorized is not None:
         cal["memorized"] = memorized
         cal["n_memorized"] = int(by.loc[metric, "n_memorized"])
         cal["tpr"] = {m: float(by.loc[m, "tpr"]) for m in SCORES}
+        cal["tpr_interval"] = {m: [float(by.loc[m, "tpr_low"]), float(by.loc[m, "tpr_high"])] for m in SCORES}
         cal["auroc"] = {m: float(by.loc[m, "auroc"]) for m in SCORES}
+    if distributions:
+        n = next(iter(distributions.values())).n
+        cal["reference_scores"] = {"n": n, **{m: list(d.scores) for m, d in distributions.items()}}
+    if channels:
+        cal["channels"] = {k: [float(v) for v in channels[k]] for k in ("mean", "std")}
     return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": settings["layer"],
             "timestep": settings["timestep"], "sigma": sigma,
             "seed": settings["seed"], "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
@@ -155,6 +181,16 @@ class Calibration:
     n_memorized: int | None
 
     @property
+    def min_reference(self) -> int:
+        """The fewest reference images that can show the target FPR (``memdetect.pvalues.min_reference``)."""
+        return min_reference(self.fpr)
+
+    @property
+    def too_small(self) -> bool:
+        """Whether the reference set is too small for the target FPR (fewer than ``min_reference`` images)."""
+        return self.fpr > 0 and self.n_reference < self.min_reference
+
+    @property
     def strict(self) -> bool:
         """Whether ``fpr x n_reference < 1``: no reference image may be flagged, the threshold sits just above the
         largest reference score."""
@@ -174,7 +210,8 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
     check_output(output, force)
     output = Path(output)
     reference, memorized = expand_globs(reference), expand_globs(memorized)
-    ref = scan(detector, reference, on_batch=on_batch, num_workers=num_workers).frame
+    acc = _ChannelStats()
+    ref = scan(detector, reference, on_batch=on_batch, num_workers=num_workers, on_features=acc.add).frame
     novel = ref[ref["error"].isna()]
     if not len(novel):
         raise InputError("none of the reference images could be scored")
@@ -188,12 +225,36 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                           reference=_shorten([display_path(p) for p in reference]),
                           memorized=_shorten([display_path(p) for p in memorized]) if memorized else None,
                           n_errored=n_errored, model=model or detector.name,
-                          model_path=str(Path(model_path).resolve()) if model_path else None, sigma=sigma)
+                          model_path=str(Path(model_path).resolve()) if model_path else None, sigma=sigma,
+                          distributions={m: Reference.from_scores(novel[m].to_numpy(np.float64)) for m in SCORES},
+                          channels=acc.result())
     header = (f"memdetect calibration ({len(novel)} novel reference images, target FPR {fpr:g}).\n"
               f"Use: memdetect audit PATH... --config {output.name}   (or: memdetect scan PATH... --config ...)")
     atomic_write(output, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))
     return Calibration(table, doc, output, detector.metric, fpr, len(novel), n_errored,
                        None if mem is None else len(mem))
+
+
+class _ChannelStats:
+    """Per-channel mean and standard deviation (float64 sums) of pooled activations seen batch by batch."""
+
+    def __init__(self):
+        self.n, self.sum, self.sumsq = 0, None, None
+
+    def add(self, feats) -> None:
+        x = feats.double().numpy() if hasattr(feats, "numpy") else np.asarray(feats, np.float64)
+        if self.sum is None:
+            self.sum, self.sumsq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        self.n += x.shape[0]
+        self.sum += x.sum(axis=0)
+        self.sumsq += (x * x).sum(axis=0)
+
+    def result(self) -> dict | None:
+        if not self.n:
+            return None
+        mean = self.sum / self.n
+        var = np.maximum(self.sumsq / self.n - mean * mean, 0.0) * (self.n / max(self.n - 1, 1))
+        return {"mean": mean, "std": np.sqrt(var)}
 
 
 __all__ = ["RULE", "Calibration", "allowed_flags", "calibrate", "calibrate_paths", "check_fpr", "check_output",

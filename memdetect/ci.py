@@ -68,7 +68,18 @@ def _errored(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _reason(row, metric: str, threshold: float | None) -> str:
-    return f"memorized: {metric} {row['score']:.6g} >= threshold {threshold:.6g}"
+    p = row.get("p_value") if hasattr(row, "get") else None
+    shown = f" (p = {p:.3g})" if p is not None and pd.notna(p) else ""
+    return f"memorized: {metric} {row['score']:.6g} >= threshold {threshold:.6g}{shown}"
+
+
+def _flagged_entry(r) -> dict:
+    """A flagged image in the summary: path, score and, with a calibrated reference, p-value and percentile."""
+    entry = {"path": r["path"], "score": float(r["score"])}
+    for k in ("p_value", "percentile"):
+        if k in r and pd.notna(r[k]):
+            entry[k] = float(r[k])
+    return entry
 
 
 def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | None = None,
@@ -88,7 +99,7 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
         "threshold": settings.get("threshold"),
         "config": config,
         "report": report,
-        "flagged_images": [{"path": r["path"], "score": float(r["score"])} for _, r in flagged.iterrows()],
+        "flagged_images": [_flagged_entry(r) for _, r in flagged.iterrows()],
         "errors": [{"path": r["path"], "error": str(r["error"])} for _, r in errored.iterrows()],
         "settings": settings,
     }
@@ -277,8 +288,14 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           resume: bool = False, html: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
           junit: str | os.PathLike | None = None, summary_json: str | os.PathLike | None = None,
           annotations: str = "auto", stream: TextIO | None = None, on_batch: Callable[[int], None] | None = None,
-          num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None) -> Audit:
+          num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None,
+          reference=None, channels: dict | None = None, evidence_top: int = 20,
+          evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
+
+    ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
+    the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
+    evidence in the HTML page and JSON (``memdetect.scan.scan``).
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing. Nothing is read
@@ -286,10 +303,13 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     check_threshold(detector.threshold)
     check_annotations(annotations)
     check_report_folder(output)
-    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json})
+    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
+                        "evidence JSON": evidence_json})
     ignore_report_folder(output)
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
-                  num_workers=num_workers, state_dir=state_dir, journal_in_state=True)
+                  num_workers=num_workers, state_dir=state_dir, journal_in_state=True, reference=reference,
+                  channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
+                  reference_dir=reference_dir)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream)
     return Audit(result, doc)

@@ -223,7 +223,18 @@ StateDirOption = Annotated[Optional[Path], typer.Option("--state-dir", envvar="M
                            help="memdetect's private state: the journal secret, audit journals, weight hashes "
                                 "(default: $XDG_CACHE_HOME/memdetect/state or ~/.cache/memdetect/state).")]
 Html = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (histogram, "
-                                                             "top images, settings).")]
+                                                             "evidence for the top flagged images, a sortable table "
+                                                             "of every image, settings).")]
+Fpr = Annotated[Optional[float], typer.Option("--fpr", help="Instead of a threshold: flag at most this fraction of "
+                                              "the config's reference images (needs --config).")]
+EvidenceTop = Annotated[int, typer.Option("--evidence-top", min=0, help="Flagged images (highest score first) that "
+                                          "get evidence in the HTML report and --evidence-json: top channels, "
+                                          "activation map, place among the reference scores.")]
+EvidenceJson = Annotated[Optional[Path], typer.Option("--evidence-json", help="Write the evidence of the top "
+                                                      "flagged images as JSON.")]
+ReferenceDir = Annotated[Optional[Path], typer.Option("--reference-dir", help="Copy search: a folder of images (e.g. "
+                         "a sample of the training set); each image with evidence gets its nearest ones by the "
+                         "model's features and by pixels.")]
 
 
 def _given(ctx: typer.Context) -> set[str]:
@@ -299,6 +310,10 @@ def scan(
     resume: Resume = True,
     state_dir: StateDirOption = None,
     html: Html = None,
+    fpr: Fpr = None,
+    evidence_top: EvidenceTop = 20,
+    evidence_json: EvidenceJson = None,
+    reference_dir: ReferenceDir = None,
     quiet: Quiet = False,
 ):
     """Score every image for memorization and write a report."""
@@ -306,17 +321,19 @@ def scan(
     from .scan import scan as run_scan
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
     if output is not None:
         check_report_path(output)
-    check_destinations({"report": output, "HTML report": html})  # before the model load, too
+    check_destinations({"report": output, "HTML report": html, "evidence JSON": evidence_json})  # before the load
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
-                          num_workers=workers, state_dir=state_dir)
+                          num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
+                          channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
+                          reference_dir=reference_dir)
     if not quiet:
         render_scan(result, det, top=top)
     raise typer.Exit(EXIT_FLAGGED if result.flagged else EXIT_OK)
@@ -331,10 +348,15 @@ def render_scan(result, det, *, top: int) -> None:
         t.add_column("path", overflow="fold")
         for c in ("score", *SCORES):
             t.add_column(c, justify="right")
+        has_p = "p_value" in df.columns
+        if has_p:
+            t.add_column("p-value", justify="right")
         if det.threshold is not None:
             t.add_column("memorized")
         for _, r in scored.head(top).iterrows():
             cells = [_p(r["path"]), *(f"{r[c]:.4g}" for c in ("score", *SCORES))]
+            if has_p:
+                cells.append(f"{r['p_value']:.3g}")
             if det.threshold is not None:
                 cells.append(Text("yes", style="bold red") if r["memorized"] else "no")
             t.add_row(*cells)
@@ -398,16 +420,33 @@ def render_calibration(cal, det) -> None:
     t = Table(title=f"thresholds at FPR <= {cal.fpr:g} on {cal.n_reference} reference images ({_p(det.name)}, "
                     f"{_p(det.layer)}, t={det.timestep})", title_justify="left")
     cols = ["metric", "threshold", "reference flagged"] + (["TPR", "AUROC"] if labelled else [])
+    cols.insert(3, "FPR 95% CI")
+    if labelled:
+        cols.insert(5, "TPR 95% CI")
     for c in cols:
         t.add_column(c, justify="left" if c == "metric" else "right")
     for _, r in cal.table.iterrows():
         name = Text.assemble((r["metric"], "bold"), " (config)") if r["metric"] == cal.metric else r["metric"]
         cells = [name, f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']} "
-                                               f"({r['fpr_reference']:.3g})"]
+                                               f"({r['fpr_reference']:.3g})",
+                 f"[{r['fpr_low']:.3g}, {r['fpr_high']:.3g}]"]
         if labelled:
-            cells += [f"{r['tpr']:.3f}", f"{r['auroc']:.3f}" + (" (inverted)" if r["auroc"] < 0.5 else "")]
+            cells += [f"{r['tpr']:.3f}", f"[{r['tpr_low']:.3g}, {r['tpr_high']:.3g}]",
+                      f"{r['auroc']:.3f}" + (" (inverted)" if r["auroc"] < 0.5 else "")]
         t.add_row(*cells)
     out.print(t)
+    row = cal.table.set_index("metric").loc[cal.metric]
+    out.print(f"threshold {cal.metric} >= {row['threshold']:.6g}: flags {int(row['flagged_reference'])} of "
+              f"{int(row['n_reference'])} reference images, FPR {row['fpr_reference']:.3g} (95% Clopper-Pearson interval "
+              f"{row['fpr_low']:.3g} to {row['fpr_high']:.3g})", highlight=False)
+    if labelled:
+        out.print(f"TPR at that threshold: {int(row['flagged_memorized'])} of {cal.n_memorized} memorized images, "
+                  f"{row['tpr']:.3g} (95% interval {row['tpr_low']:.3g} to {row['tpr_high']:.3g})", highlight=False)
+    if cal.too_small:
+        err.print(Text(f"warning: {cal.n_reference} reference images are too few for FPR {cal.fpr:g}: even with none "
+                       f"flagged, the FPR's 95% upper bound stays above {cal.fpr:g} below {cal.min_reference} images "
+                       f"(rule of three: 3/n). Add reference images for a threshold you can trust at this FPR.",
+                       style="yellow"), soft_wrap=True)
     if cal.strict:
         out.print(f"note: {cal.fpr:g} x {cal.n_reference} reference images < 1, so no reference image may be flagged: "
                   f"each threshold sits just above the largest reference score. More reference images give a "
@@ -454,6 +493,10 @@ def audit(
                                          "scored.")] = False,
     state_dir: StateDirOption = None,
     top: Annotated[int, typer.Option("--top", help="Flagged images listed in the summary (0: none).")] = 50,
+    fpr: Fpr = None,
+    evidence_top: EvidenceTop = 20,
+    evidence_json: EvidenceJson = None,
+    reference_dir: ReferenceDir = None,
     quiet: Quiet = False,
 ):
     """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2."""
@@ -464,11 +507,12 @@ def audit(
     if config is None and Path("memdetect.toml").is_file():
         config = Path("memdetect.toml")
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
     ci.check_threshold(s["threshold"])
     check_report_path(output)
     ci.check_report_folder(output)
-    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json})
+    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
+                        "evidence JSON": evidence_json})
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers)
@@ -476,7 +520,8 @@ def audit(
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
-                        state_dir=state_dir)
+                        state_dir=state_dir, reference=s.get("reference"), channels=s.get("channels"),
+                        evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
     if not quiet:
         render_audit(done.summary, top=top)
     raise typer.Exit(done.exit_code)
@@ -489,7 +534,8 @@ def render_audit(doc: dict, *, top: int) -> None:
     say(f"memdetect audit: {doc['images']} images: {doc['scored']} scored, {doc['errored']} errored, "
         f"{doc['flagged']} flagged memorized ({doc['metric']} >= {doc['threshold']:.6g}{cfg})")
     for f in doc["flagged_images"][:top]:
-        say(f"  flagged: {_p(f['path'])}  ({doc['metric']} {f['score']:.4g})")
+        p = f"; p = {f['p_value']:.3g}" if "p_value" in f else ""
+        say(f"  flagged: {_p(f['path'])}  ({doc['metric']} {f['score']:.4g}{p})")
     if len(doc["flagged_images"]) > top:
         say(f"  ... and {len(doc['flagged_images']) - top} more flagged (see the report)")
     for e in doc["errors"][:5]:

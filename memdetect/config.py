@@ -17,8 +17,16 @@ silently change those settings.
     std = 0.6123
     ...
 
+    [calibration.reference_scores]                   # each metric's reference scores, largest first
+    n = 100                                          # (every score, or 2,000 order statistics of a larger set)
+    std = [0.61, 0.58, ...]
+    [calibration.channels]                           # reference images' pooled activations, per channel
+    mean = [...]
+    std = [...]
+
 Other tables (``[calibration]``, ``[versions]``) are a record of how the file was made; they are not read back
-except ``[calibration.thresholds]``.
+except ``[calibration.thresholds]``, ``[calibration.reference_scores]`` (conformal p-values and ``--fpr``
+thresholds, ``memdetect.pvalues``) and ``[calibration.channels]`` (evidence).
 
 Numbers are checked as strictly as the command-line flags: thresholds (also those in ``[calibration.thresholds]``)
 and ``sigma`` finite (``sigma`` positive), ``timestep`` a non-negative integer, ``seed`` an integer in [0, 2**64).
@@ -36,6 +44,7 @@ from typing import Any
 
 from .errors import UsageError
 from .io import display_path
+from .pvalues import Reference
 from .scores import SCORES
 from .text import printable
 
@@ -65,6 +74,12 @@ class Config:
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    references: dict[str, Reference] = field(default_factory=dict)
+    channels: dict[str, tuple[float, ...]] | None = None
+
+    def reference_for(self, metric: str) -> Reference | None:
+        """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""
+        return self.references.get(metric)
 
     def threshold_for(self, metric: str) -> float:
         """The threshold of ``metric``: the top-level one for the config's metric, else ``[calibration.thresholds]``."""
@@ -139,12 +154,61 @@ def load_config(path: str | os.PathLike) -> Config:
             raise UsageError(f"calibration.thresholds.{m} in {name} must be a number, got {_shown(v)}")
         _check_range("threshold", float(v), name, key_name=f"calibration.thresholds.{m}")
         thresholds[m] = float(v)
+    references = _references(calibration.get("reference_scores"), name)
+    channels = _channels(calibration.get("channels"), name)
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
     return Config(model=values["model"], threshold=values["threshold"], metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
-                  seed=values.get("seed", 0), thresholds=thresholds, path=p)
+                  seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
+                  channels=channels)
+
+
+def _numbers(v: Any, where: str) -> tuple[float, ...]:
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
+        raise UsageError(f"{where} must be a list of numbers, got {_shown(v) if not isinstance(v, list) else 'a list with other values'}")
+    try:
+        out = tuple(float(x) for x in v)
+    except OverflowError:
+        raise UsageError(f"{where} must hold finite numbers") from None
+    if not all(math.isfinite(x) for x in out):
+        raise UsageError(f"{where} must hold finite numbers")
+    return out
+
+
+def _references(table: Any, name: str) -> dict[str, Reference]:
+    """``[calibration.reference_scores]``: ``n`` and one descending list of scores per metric."""
+    if table is None:
+        return {}
+    where = f"[calibration.reference_scores] in {name}"
+    if not isinstance(table, dict):
+        raise UsageError(f"{where} must be a table, got {_shown(table)}")
+    n = table.get("n")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 2**53:
+        raise UsageError(f"calibration.reference_scores.n in {name} must be a positive integer, got {_shown(n)}")
+    out = {}
+    for m, v in table.items():
+        if m == "n" or m not in SCORES:
+            continue
+        key = f"calibration.reference_scores.{m} in {name}"
+        try:
+            out[m] = Reference(n, _numbers(v, key))
+        except ValueError as e:
+            raise UsageError(f"{key}: {e}") from None
+    return out
+
+
+def _channels(table: Any, name: str) -> dict[str, tuple[float, ...]] | None:
+    """``[calibration.channels]``: ``mean`` and ``std`` lists of the same length."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UsageError(f"[calibration.channels] in {name} must be a table, got {_shown(table)}")
+    out = {k: _numbers(table.get(k), f"calibration.channels.{k} in {name}") for k in ("mean", "std")}
+    if len(out["mean"]) != len(out["std"]) or any(x < 0 for x in out["std"]):
+        raise UsageError(f"calibration.channels in {name} must hold a mean and a non-negative std per channel")
+    return out
 
 
 def _shown(v: Any) -> str:
@@ -195,11 +259,23 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path. An explicit flag that
     contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything. Allowed
     on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
-    calibrated threshold from ``[calibration.thresholds]``) and ``--threshold`` (an explicit override).
+    calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and ``--fpr``
+    (the threshold that flags at most that fraction of the config's reference images, from
+    ``[calibration.reference_scores]``; not together with ``--threshold``).
     """
     out = dict(flags)
+    fpr = flags.get("fpr")
+    if fpr is not None:
+        if not 0.0 <= fpr < 1.0:
+            raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
+        if flags.get("threshold") is not None:
+            raise UsageError("give --threshold or --fpr, not both")
+        if config is None:
+            raise UsageError("--fpr needs a calibrated reference: --config memdetect.toml (write one with "
+                             "`memdetect calibrate`)")
     if config is None:
         return out
+    out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
     name = display_path(config.path) if config.path else "the config"
     for key in PINNED:
         value = getattr(config, key)
@@ -213,7 +289,14 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
         out["model_path"] = config.model_path
     if "metric" not in given:
         out["metric"] = config.metric
-    if "threshold" not in given or flags.get("threshold") is None:
+    out["reference"] = config.reference_for(out["metric"])  # p-values: the metric's reference scores
+    if fpr is not None:
+        ref = config.reference_for(out["metric"])
+        if ref is None:
+            raise UsageError(f"{name} keeps no reference scores for {out['metric']} (written by an older memdetect); "
+                             f"recalibrate to use --fpr")
+        out["threshold"] = ref.threshold(fpr)
+    elif "threshold" not in given or flags.get("threshold") is None:
         out["threshold"] = config.threshold_for(out["metric"])
     return out
 

@@ -255,6 +255,22 @@ class Detector:
         return {k: v.numpy() for k, v in compute_all(self.features(images, seeds)).items()}
 
     @torch.inference_mode()
+    def activation_maps(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """uint8 ``[B, 3, R, R]`` -> the layer's activations laid out on their spatial grid, ``[B, C, h, w]``
+        (float32, CPU; ``Adapter.activation_grid``: a UNet's feature map, a DiT's token grid): where each channel
+        fires. Max-pooling this over ``(h, w)`` gives ``features``. Same noise as ``features`` (same seeds)."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
+        if seeds is None:
+            arr = images.numpy()
+            seeds = [image_seed(arr[i], self.seed) for i in range(len(arr))]
+        a = self.adapter
+        x_t = a.noise(a.encode(images), self.timestep, list(seeds))
+        with Trace(a.denoiser, [self.layer], stop=self.early_exit) as tr:
+            a.forward(x_t, self.timestep)
+        return a.activation_grid(tr[self.layer]).float().cpu()
+
+    @torch.inference_mode()
     def layers(self, *, include_inputs: bool = False) -> list[LayerInfo]:
         """Every hookable layer in forward order, with its shape on a probe input (batch 1: seeded noise in model
         space, noised to the detector's timestep) and how often it fires per forward pass."""
@@ -266,12 +282,14 @@ class Detector:
     # -- files ---------------------------------------------------------------------------------------------------
     def iter_files(self, files: Sequence[os.PathLike], *, fingerprint: str | None = None,
                    num_workers: int | None = None, on_batch: Callable[[int], None] | None = None,
-                   ) -> Iterator[list[dict]]:
+                   on_features: Callable[[torch.Tensor], None] | None = None) -> Iterator[list[dict]]:
         """Yield the report rows of ``files`` batch by batch, in order (one row per file: scores, or an ``error``).
 
         Each file is read once; its row's ``key`` hashes the bytes that were decoded and scored
-        (``fingerprint``: the key's settings part, default ``self.fingerprint``). Closing the generator (or an
-        exception, such as an interrupt, raised through it) stops the decoding workers at once.
+        (``fingerprint``: the key's settings part, default ``self.fingerprint``). ``on_features``: called with each
+        batch's pooled activations ``[B, C]`` (the scored files only; calibration keeps their channel statistics).
+        Closing the generator (or an exception, such as an interrupt, raised through it) stops the decoding workers
+        at once.
         """
         loader = _loader(files, self.adapter.resolution, self.batch_size, num_workers)
         fp = fingerprint or self.fingerprint
@@ -282,7 +300,10 @@ class Detector:
                 scores: dict[str, np.ndarray] = {}
                 if good:
                     pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
-                    scores = self.score_tensor(pixels, [image_seed(it["pixels"], self.seed) for it in good])
+                    feats = self.features(pixels, [image_seed(it["pixels"], self.seed) for it in good])
+                    if on_features is not None:
+                        on_features(feats)
+                    scores = {k: v.numpy() for k, v in compute_all(feats).items()}
                 rows, j = [], 0
                 for it in items:
                     key = row_key(it["digest"], fp)

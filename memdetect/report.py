@@ -5,6 +5,7 @@ column and ``memorized`` is ``score >= threshold`` (empty without a threshold), 
 the row is made, so a row rebuilt from a journal with another metric or threshold is flagged by the new rule.
 ``key`` identifies the image's bytes and scoring settings (``memdetect.journal``). The written report adds the
 settings that produced the scores as constant columns (``SETTINGS_COLUMNS``); a JSON report carries all of them.
+A scan with a calibrated reference adds ``p_value`` and ``percentile`` after ``score`` (``add_p_values``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import pandas as pd
 
 from .io import write_report
@@ -48,6 +50,17 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def add_p_values(df: pd.DataFrame, reference) -> pd.DataFrame:
+    """``p_value`` and ``percentile`` of each row's ``score`` against ``reference`` (``memdetect.pvalues.Reference``;
+    empty for error rows), inserted after ``score``."""
+    out = df.drop(columns=[c for c in ("p_value", "percentile") if c in df.columns])
+    s = out["score"].to_numpy("float64", na_value=np.nan)
+    at = list(out.columns).index("score") + 1
+    out.insert(at, "p_value", reference.p_values(s))
+    out.insert(at + 1, "percentile", reference.percentiles(s))
+    return out
+
+
 def counts(df: pd.DataFrame) -> dict:
     """``images``, ``scored``, ``errored``, ``flagged`` of a report frame."""
     errored = int(df["error"].notna().sum())
@@ -60,4 +73,4 @@ def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
     return write_report(df.assign(**{k: settings[k] for k in SETTINGS_COLUMNS}), path, settings=dict(settings))
 
 
-__all__ = ["COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "counts", "make_row", "rows_to_frame", "write"]
+__all__ = ["add_p_values", "COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "counts", "make_row", "rows_to_frame", "write"]

@@ -16,6 +16,11 @@ look its key up, and a file that must be scored is read again by the loader, whi
 (so a file replaced in between is keyed by what was scored). The report is written atomically at the end; the HTML
 page (``memdetect.html_report``) too.
 
+With a ``reference`` (the config's reference scores of the detector's metric, ``memdetect.pvalues.Reference``) the
+rows get ``p_value`` and ``percentile`` columns. With an HTML page or ``evidence_json``, the top ``evidence_top``
+flagged images get their evidence (``memdetect.evidence``; ``channels``: the config's per-channel reference
+statistics; ``reference_dir``: a folder to search for each flagged image's nearest copies).
+
 Row keys hash the image bytes, the settings and the weights' content hash (``Detector.weights_digest``).
 """
 
@@ -30,10 +35,12 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
+from . import evidence as _evidence
 from . import report
 from .detector import Detector, Settings
 from .errors import InputError
 from .html_report import write_html
+from .pvalues import Reference
 from .io import check_destinations, check_report_path, discover, display_path, file_digest
 from .journal import Journal, fingerprint, journal_path, record_scores, row_key, scan_record
 from .state import StateDir
@@ -59,6 +66,8 @@ class ScanResult:
     resume: bool = False
     rejected: int = 0
     weights: str | None = None
+    evidence: dict | None = None
+    evidence_json: Path | None = None
 
     @property
     def counts(self) -> dict:
@@ -79,19 +88,28 @@ class ScanResult:
 def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike | None = None,
          resume: bool = True, html: str | os.PathLike | None = None,
          on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
-         state_dir: str | os.PathLike | StateDir | None = None, journal_in_state: bool = False) -> ScanResult:
+         state_dir: str | os.PathLike | StateDir | None = None, journal_in_state: bool = False,
+         on_features: Callable | None = None, reference: Reference | None = None,
+         channels: dict | None = None, evidence_top: int = _evidence.TOP,
+         evidence_json: str | os.PathLike | None = None,
+         reference_dir: str | os.PathLike | None = None) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
     (nothing is read from it). ``html``: also a self-contained HTML report. ``state_dir``: the state directory
     (journal secret, weight-hash cache; default ``memdetect.state.default_state_dir()``); ``journal_in_state``:
     keep the journal there instead of beside the report. ``on_batch(done, total)``: progress, called once the
-    journal's rows are taken and after each scored batch. Raises InputError when ``paths`` hold no image file and
+    journal's rows are taken and after each scored batch. ``reference``, ``channels``, ``evidence_top``,
+    ``evidence_json``, ``reference_dir``: p-values and evidence (module docstring). Raises InputError when ``paths`` hold no image file and
     UsageError for a destination that cannot be written (before any image is read).
     """
     paths = list(paths)
     output = check_report_path(output) if output is not None else None
-    check_destinations({"report": output, "HTML report": html})
+    check_destinations({"report": output, "HTML report": html, "evidence JSON": evidence_json})
+    if reference_dir is not None and not Path(reference_dir).is_dir():
+        raise InputError(f"--reference-dir {display_path(reference_dir)} is not a folder")
+    if evidence_top < 0:
+        raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
     files = discover(paths)
     if not files:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
@@ -127,7 +145,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                 advance(len(files) - len(todo))
         pos = 0
         batches = detector.iter_files([files[i] for i in todo], fingerprint=fp, num_workers=num_workers,
-                                      on_batch=advance)
+                                      on_batch=advance, on_features=on_features)
         with closing(batches):  # an interrupt stops the decoding workers here, not at garbage collection
             for n, batch in enumerate(batches):
                 log.info("batch %d scored (%d rows)", n + 1, len(batch))
@@ -140,17 +158,25 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     pos += 1
         rejected = journal.rejected if journal is not None else 0
     frame = report.rows_to_frame(rows)
+    if reference is not None:
+        frame = report.add_p_values(frame, reference)
     resumed = len(files) - len(todo)
     settings_dict = {**asdict(settings), "weights": weights}
     if output is not None:
         report.write(frame, output, settings_dict)
+    by_name = {display_path(f): f for f in files}
+    ev = None
+    if html is not None or evidence_json is not None:
+        ev = _evidence.collect(detector, frame, by_name, top=evidence_top, reference=reference, channels=channels,
+                               reference_dir=reference_dir)
+    if evidence_json is not None:
+        evidence_json = _evidence.write_json(ev, evidence_json)
     html_path = None
     if html is not None:
-        html_path = write_html(frame, html, settings_dict, files={display_path(f): f for f in files},
-                               resumed=resumed)
+        html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev)
     return ScanResult(frame, tuple(files), settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
-                      weights=weights)
+                      weights=weights, evidence=ev, evidence_json=evidence_json)
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:

@@ -15,10 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 #: Lowest first. A module may import from its own layer or a lower one, never from a higher one.
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "text"),                                      # words: exceptions, version, escaping
-    ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle"),  # tools that know no model family
+    ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle", "pvalues",
+     "similarity"),  # tools that know no model family
     ("models", "report", "journal", "state", "config", "html_report"),   # families; rows; journal; state; config
     ("detector",),                                                        # the library API: images -> rows
-    ("scan",),                                                            # a whole scan: journal, report, HTML
+    ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
     ("calibrate", "ci"),                                                  # thresholds; the CI audit and outputs
     ("bench",),                                                           # benchmarks
     ("cli", "__main__", "memdetect"),                                     # entry points and the package's facade

@@ -170,6 +170,16 @@ class Adapter(ABC):
             return torch.autocast("cuda", dtype=self.dtype)
         return contextlib.nullcontext()
 
+    def activation_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """A captured activation as ``[B, C, h, w]``: where each channel fires over the image (evidence maps).
+        This default takes a UNet's ``[B, C, H, W]`` as it is; a ``[B, C]`` capture has no spatial axis (a 1x1
+        grid). Families whose layers hold tokens override it (DiT: the token grid)."""
+        if x.ndim == 4:
+            return x
+        if x.ndim == 2:
+            return x[:, :, None, None]
+        raise UsageError(f"{self.family} layers of shape {tuple(x.shape)} have no spatial layout this adapter knows")
+
     def describe(self) -> dict:
         return {"family": self.family, "source": self.source, "resolution": self.resolution,
                 "pooling": self.pooling, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}

@@ -69,6 +69,17 @@ class DiTAdapter(LatentAdapter):
             out = self.denoiser(x_t, timestep=timesteps, class_labels=cond).sample
         return out[:, : x_t.shape[1]]
 
+    def activation_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` tokens -> ``[B, C, g, g]``: the patch tokens in raster order (``PatchEmbed`` flattens the
+        latent's ``g x g`` patch grid row by row); an adaLN capture ``[B, C]`` is a 1x1 grid."""
+        if x.ndim == 3:
+            b, t, c = x.shape
+            g = int(round(t ** 0.5))
+            if g * g != t:
+                raise UsageError(f"cannot lay {t} DiT tokens out on a square patch grid")
+            return x.transpose(1, 2).reshape(b, c, g, g)
+        return super().activation_grid(x)
+
     @property
     def num_classes(self) -> int:
         return self.null_class  # the null class is the label after the last real one

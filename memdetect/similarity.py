@@ -1,0 +1,85 @@
+"""Pixel similarity: the flip- and shift-invariant nearest image by pixel correlation.
+
+Shared by the benchmarks' ground-truth labels (``memdetect.bench.labels``, whose docstring gives the definition)
+and the evidence's copy search (``memdetect.evidence``, ``--reference-dir``): a sample's nearest reference image
+and the transform (mirror, shift of up to ``MAX_SHIFT`` pixels) that lines them up. It knows no model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+#: Default invariance of ``nearest_match``: shifts of up to this many pixels each way, and a horizontal flip.
+MAX_SHIFT = 2
+
+
+def _centred_unit(x: torch.Tensor) -> torch.Tensor:
+    flat = x.reshape(x.shape[0], -1).float()
+    flat = flat - flat.mean(dim=1, keepdim=True)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+@dataclass(frozen=True)
+class Match:
+    """Per sample: best similarity, index of the nearest training image, and the transform that achieved it
+    (``flipped``: the sample was mirrored; ``dy``, ``dx``: sample[y + dy, x + dx] lines up with train[y, x])."""
+
+    similarity: torch.Tensor  # float [N]
+    index: torch.Tensor  # long [N]
+    flipped: torch.Tensor  # bool [N]
+    dy: torch.Tensor  # long [N]
+    dx: torch.Tensor  # long [N]
+
+
+def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
+    shifts = range(-max_shift, max_shift + 1)
+    return [(f, dy, dx) for f in ((False, True) if flip else (False,)) for dy in shifts for dx in shifts]
+
+
+@torch.no_grad()
+def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Tensor], *,
+                  max_shift: int = MAX_SHIFT, flip: bool = True, chunk: int = 2048) -> Match:
+    """Flip- and shift-invariant nearest training image by pixel correlation (see the module docstring).
+
+    samples: [N, C, H, W]; train: [M, C, H, W] or an iterable of such batches (indices count across batches).
+    ``max_shift=0, flip=False`` gives exactly ``nearest_neighbours``.
+    """
+    if max_shift < 0:
+        raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    n, _, h, w = samples.shape
+    s = max_shift
+    if not (2 * s < h and 2 * s < w):
+        raise ValueError(f"max_shift {s} leaves no overlap on {h}x{w} images")
+    variants = _variants(s, flip)
+    sample_windows = []
+    for f, dy, dx in variants:
+        x = samples.flip(-1) if f else samples
+        sample_windows.append(_centred_unit(x[:, :, s + dy: h - s + dy, s + dx: w - s + dx]))
+    batches = train
+    if isinstance(train, torch.Tensor):
+        batches = (train[start: start + chunk] for start in range(0, train.shape[0], chunk))
+    best = torch.full((n,), -2.0)
+    best_idx = torch.zeros(n, dtype=torch.long)
+    best_var = torch.zeros(n, dtype=torch.long)
+    start = 0
+    for batch in batches:
+        if batch.shape[1:] != samples.shape[1:]:
+            raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(batch.shape[1:])} differ")
+        t = _centred_unit(batch.to(samples.device)[:, :, s: h - s, s: w - s])
+        for v, sw in enumerate(sample_windows):
+            val, idx = (sw @ t.T).max(dim=1)
+            val, idx = val.cpu(), idx.cpu()
+            better = val > best
+            best = torch.where(better, val, best)
+            best_idx = torch.where(better, idx + start, best_idx)
+            best_var = torch.where(better, torch.full_like(best_var, v), best_var)
+        start += batch.shape[0]
+    table = torch.tensor([(int(f), dy, dx) for f, dy, dx in variants], dtype=torch.long)
+    chosen = table[best_var]
+    return Match(best, best_idx, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
+
+
+__all__ = ["MAX_SHIFT", "Match", "nearest_match"]
