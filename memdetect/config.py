@@ -103,7 +103,7 @@ def load_config(path: str | os.PathLike) -> Config:
             data = f.read(MAX_CONFIG_BYTES + 1)
         if len(data) > MAX_CONFIG_BYTES:
             raise UsageError(f"config {name} is larger than {MAX_CONFIG_BYTES // 1024} KB; a memdetect.toml is a few "
-                             f"hundred bytes")
+                             f"hundred KB at most (reference scores and channel statistics included)")
         doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config {name} does not exist (write one with `memdetect calibrate`)") from None
