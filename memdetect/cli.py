@@ -437,8 +437,8 @@ def render_calibration(cal, det) -> None:
     out.print(t)
     row = cal.table.set_index("metric").loc[cal.metric]
     out.print(f"threshold {cal.metric} >= {row['threshold']:.6g}: flags {int(row['flagged_reference'])} of "
-              f"{int(row['n_reference'])} reference images, FPR {row['fpr_reference']:.3g} (95% Clopper-Pearson interval "
-              f"{row['fpr_low']:.3g} to {row['fpr_high']:.3g})", highlight=False)
+              f"{int(row['n_reference'])} reference images, FPR {row['fpr_reference']:.3g} (95% Clopper-Pearson "
+              f"interval {row['fpr_low']:.3g} to {row['fpr_high']:.3g})", highlight=False)
     if labelled:
         out.print(f"TPR at that threshold: {int(row['flagged_memorized'])} of {cal.n_memorized} memorized images, "
                   f"{row['tpr']:.3g} (95% interval {row['tpr_low']:.3g} to {row['tpr_high']:.3g})", highlight=False)

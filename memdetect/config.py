@@ -167,7 +167,8 @@ def load_config(path: str | os.PathLike) -> Config:
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
     if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, (int, float)) for x in v):
-        raise UsageError(f"{where} must be a list of numbers, got {_shown(v) if not isinstance(v, list) else 'a list with other values'}")
+        got = _shown(v) if not isinstance(v, list) else "a list with other values"
+        raise UsageError(f"{where} must be a list of numbers, got {got}")
     try:
         out = tuple(float(x) for x in v)
     except OverflowError:

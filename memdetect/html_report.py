@@ -61,7 +61,8 @@ nav a{margin-right:1em}
 #rows tr.flagged td:first-child{border-left:4px solid #c62828}
 #rows tr.error td{color:#8a5a00}
 #rows[data-filter=flagged] tr.row:not(.flagged),#rows[data-filter=errors] tr.row:not(.error){display:none}
-.filters button{font:inherit;padding:.3em .8em;margin:0 .3em .4em 0;border:1px solid #888;background:#f4f4f4;border-radius:3px}
+.filters button{font:inherit;padding:.3em .8em;margin:0 .3em .4em 0;border:1px solid #888;background:#f4f4f4;
+ border-radius:3px}
 .filters button[aria-pressed=true]{background:#333;color:#fff}
 @media (max-width:600px){
  body{margin:.6em auto;padding:0 .5em}
@@ -185,8 +186,9 @@ def place_svg(reference: dict, score: float, threshold: float | None, width: int
     x = lambda v: (float(v) - lo) / (hi - lo) * width  # noqa: E731
     top = max(counts) or 1
     h = height - 14
-    bars = "".join(f"<rect x='{x(edges[i]):.1f}' y='{h - h * c / top:.1f}' width='{max(x(edges[i + 1]) - x(edges[i]) - 0.5, 0.5):.1f}' "
-                   f"height='{h * c / top:.1f}' fill='#9fa8da'/>" for i, c in enumerate(counts) if c)
+    bars = "".join(f"<rect x='{x(edges[i]):.1f}' y='{h - h * c / top:.1f}' "
+                   f"width='{max(x(edges[i + 1]) - x(edges[i]) - 0.5, 0.5):.1f}' height='{h * c / top:.1f}' "
+                   f"fill='#9fa8da'/>" for i, c in enumerate(counts) if c)
     parts = [f"<svg class='place' width='{width}' height='{height}' viewBox='0 0 {width} {height}' role='img' "
              f"aria-label='score {score:.4g} on the histogram of {reference['n']} reference scores'>", bars,
              f"<line x1='0' y1='{h}' x2='{width}' y2='{h}' stroke='#666'/>"]
@@ -332,7 +334,7 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
     head = ["<th data-sort='num'>#</th>", "<th data-sort='text'>path</th>", f"<th data-sort='num'>{esc(metric)}</th>"]
     if has_p:
         head += ["<th data-sort='num'>p-value</th>", "<th data-sort='num'>percentile</th>"]
-    head += ["<th data-sort='text'>flagged</th>", "<th data-sort='text'>evidence</th>", "<th data-sort='text'>error</th>"]
+    head += [f"<th data-sort='text'>{k}</th>" for k in ("flagged", "evidence", "error")]
     body = []
     position = {p: i for i, p in enumerate(df["path"])}
     for r in shown.itertuples(index=False):

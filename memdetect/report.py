@@ -73,4 +73,5 @@ def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
     return write_report(df.assign(**{k: settings[k] for k in SETTINGS_COLUMNS}), path, settings=dict(settings))
 
 
-__all__ = ["add_p_values", "COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "counts", "make_row", "rows_to_frame", "write"]
+__all__ = ["COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "add_p_values", "counts", "make_row", "rows_to_frame",
+           "write"]

@@ -100,8 +100,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     (journal secret, weight-hash cache; default ``memdetect.state.default_state_dir()``); ``journal_in_state``:
     keep the journal there instead of beside the report. ``on_batch(done, total)``: progress, called once the
     journal's rows are taken and after each scored batch. ``reference``, ``channels``, ``evidence_top``,
-    ``evidence_json``, ``reference_dir``: p-values and evidence (module docstring). Raises InputError when ``paths`` hold no image file and
-    UsageError for a destination that cannot be written (before any image is read).
+    ``evidence_json``, ``reference_dir``: p-values and evidence (module docstring). Raises InputError when ``paths``
+    hold no image file and UsageError for a destination that cannot be written (before any image is read).
     """
     paths = list(paths)
     output = check_report_path(output) if output is not None else None
