@@ -264,7 +264,8 @@ def test_html_report(tiny_ddpm, images_dir, tmp_path):
                  "--html", html, "--workers", 0)
     assert res.exit_code == 1, res.output
     text = html.read_text()
-    assert text.count("data:image/png;base64,") == 1 + 5  # the histogram and five thumbnails
+    # the histogram; per flagged image its thumbnail and activation map, and the map again in the table
+    assert text.count("data:image/png;base64,") == 1 + 5 * 3 and text.count("<tr class='row") == 6
     assert "Flagged images (5" in text and "threshold" in text and "up_blocks.0.resnets.2.conv2:in" in text
     assert "bad &lt;b&gt;.png" in text and "<b>.png" not in text  # names are escaped
     assert "http" not in text.replace("http-equiv", "")  # self-contained: nothing to fetch
