@@ -274,3 +274,18 @@ def test_demo_report_in_headless_chromium(demo_audit):
             assert im.size == (width, 1800)
             # readable: nothing wider than the window (the page scrolls only down); the right edge is background
             assert np.asarray(im.convert("L"))[:, -3:].min() > 200
+
+
+@pytest.mark.parametrize("family", ["dit", "ddpm"])
+def test_activation_maps_pool_to_the_scans_features(family, request):
+    """The evidence map is the captured layer on its grid (DiT: the token grid): max-pooling it over the grid gives
+    exactly the features the scan scores."""
+    from memdetect import Detector
+
+    folder = request.getfixturevalue(f"tiny_{family}")
+    det = Detector.from_pretrained(family, str(folder), device="cpu")
+    r = det.adapter.resolution
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, r, r), dtype=np.uint8))
+    grid = det.activation_maps(images, [1, 2])
+    assert grid.ndim == 4 and grid.shape[2] == grid.shape[3] > 1
+    torch.testing.assert_close(grid.flatten(2).amax(2), det.features(images, [1, 2]))
