@@ -7,13 +7,17 @@ a memorized sample produces a spiky activation vector at a mid-network layer, a 
     from memdetect.scan import scan
     result = scan(Detector.from_pretrained("demo"), ["generated/"], output="report.csv")
 
+``memdetect.guard(pipe, threshold=...)`` scores a diffusers pipeline's images as it generates them, from the
+activations it computes anyway (``memdetect.guarding``).
+
 ``memdetect.retain_freed_memory()`` opts a CPU scanning process into keeping freed memory for reuse (faster; it
 holds for the whole process, see ``memdetect.runtime``).
 """
 
 from ._version import __version__
 
-_LAZY = {"Detector": "detector", "Settings": "detector", "retain_freed_memory": "runtime"}
+_LAZY = {"Detector": "detector", "Settings": "detector", "retain_freed_memory": "runtime", "guard": "guarding",
+         "GuardResult": "guarding"}
 
 
 def __getattr__(name):  # lazy: `import memdetect` stays cheap for the CLI's --help
@@ -24,4 +28,4 @@ def __getattr__(name):  # lazy: `import memdetect` stays cheap for the CLI's --h
     raise AttributeError(name)
 
 
-__all__ = ["Detector", "Settings", "__version__", "retain_freed_memory"]
+__all__ = ["Detector", "GuardResult", "Settings", "__version__", "guard", "retain_freed_memory"]

@@ -237,6 +237,18 @@ ReferenceDir = Annotated[Optional[Path], typer.Option("--reference-dir", help="C
                          "model's features and by pixels.")]
 
 
+Prompts = Annotated[Optional[List[str]], typer.Option("--prompt", "-p", help="A prompt (text models; repeatable).")]
+Classes = Annotated[Optional[str], typer.Option("--class", help="Class indices, comma-separated (class models).")]
+PromptFile = Annotated[Optional[Path], typer.Option("--prompt-file", help="Prompts, one per line (or csv/json/jsonl).")]
+GuardImages = Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt or class (or in all, "
+                                                                             "unconditional).")]
+GuardSteps = Annotated[Optional[int], typer.Option("--steps", min=1, help="Sampling steps (default: the family's).")]
+Guidance = Annotated[Optional[float], typer.Option("--guidance", help="Classifier-free guidance scale (SD 7.5, "
+                                                                      "DiT 4).")]
+StepT = Annotated[int, typer.Option("--step-t", min=0, help="Guard at the sampling step whose timestep is nearest "
+                                                            "this.")]
+
+
 def _given(ctx: typer.Context) -> set[str]:
     """The options typed on the command line (not defaults): a config fills in only the others.
 
@@ -380,8 +392,8 @@ def render_scan(result, det, *, top: int) -> None:
 @app.command()
 @handle_errors
 def calibrate(
-    reference: Annotated[List[Path], typer.Argument(help="Images known to be novel (files, folders, quoted globs).",
-                                                    show_default=False)],
+    reference: Annotated[Optional[List[Path]], typer.Argument(help="Images known to be novel (files, folders, quoted "
+                                                              "globs); none with --guard.", show_default=False)] = None,
     fpr: Annotated[float, typer.Option("--fpr", help="Largest fraction of the reference images the threshold may "
                                                      "flag.")] = 0.01,
     memorized: Annotated[Optional[List[Path]], typer.Option("--memorized", help="Images known to be memorized (a "
@@ -397,12 +409,43 @@ def calibrate(
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
     quiet: Quiet = False,
+    guard: Annotated[bool, typer.Option("--guard", help="Calibrate the in-generation guard instead: generate "
+                                                        "-n reference images per --prompt / --class (normal ones) and "
+                                                        "store a [guard] threshold.")] = False,
+    prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
+    num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None, step_t: StepT = 50,
 ):
     """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml."""
     from .calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
     check_output(output, force)
+    if guard:
+        if reference or memorized:
+            raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
+                             "not image paths")
+        from .guarding import Guard, calibrate_guard
+
+        pipe, spec = _load_pipeline(model, model_path, device, dtype)
+        g = Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed)
+        conditions = _conditions(prompts, classes, prompt_file)
+        with err.status(Text("generating the reference images ...")):
+            cal = calibrate_guard(g, conditions, num_images, fpr=fpr, steps=steps, guidance=guidance, seed=seed,
+                                  output=output, force=force, model=model,
+                                  model_path=str(model_path.resolve()) if model_path else None)
+        t = Table(title=f"guard thresholds at FPR <= {fpr:g} on {cal.n_reference} reference generations "
+                        f"({_p(model)}, {_p(g.layer)}, step t={cal.document['guard']['timestep']})",
+                  title_justify="left")
+        for c in ("metric", "threshold", "reference flagged"):
+            t.add_column(c, justify="left" if c == "metric" else "right")
+        for _, r in cal.table.iterrows():
+            t.add_row(r["metric"], f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']}")
+        out.print(t)
+        from .io import display_path
+        out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
+        return
+    if not reference:
+        raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
                         batch_size=batch_size, device=device, dtype=dtype, sigma=sigma)
     bar, progress = progress_bar("scanning", quiet=quiet)
@@ -457,6 +500,104 @@ def render_calibration(cal, det) -> None:
                   f"{row['tpr']:.3g} ({cal.n_memorized} memorized, {cal.n_reference} novel); AUROC "
                   f"{row['auroc']:.3f}", highlight=False)
     out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
+
+
+# -- generate (with the in-generation guard) -------------------------------------------------------------------------
+
+def _load_pipeline(model, model_path, device, dtype):
+    from .guarding import load_guardable
+
+    with err.status(Text(f"loading {_p(model)} ...")):
+        return load_guardable(model, str(model_path) if model_path else None, device=device, dtype=dtype)
+
+
+def _conditions(prompts, classes, prompt_file):
+    conditions = list(prompts or [])
+    if prompt_file:
+        from .bench.prompts import read_prompts
+        conditions += [str(p) for p in read_prompts(prompt_file)["prompt"]]
+    if classes:
+        if conditions:
+            raise UsageError("give prompts or classes, not both")
+        conditions = _parse_classes(classes)
+    return conditions or None
+
+
+@app.command()
+@handle_errors
+def generate(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images and report.csv.")],
+    model: Model = "demo", model_path: ModelPath = None,
+    prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
+    num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None,
+    guard: Annotated[bool, typer.Option("--guard", help="Score every image in-generation (no extra forward pass "
+                                                        "with classifier-free guidance) and flag it.")] = False,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml with a [guard] table "
+                                                   "(`memdetect calibrate --guard`): threshold, layer, step.")] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Guard threshold (instead of "
+                                                       "--config's).")] = None,
+    metric: Metric = "std", layer: Layer = None, step_t: StepT = 50,
+    on_memorized: Annotated[str, typer.Option("--on-memorized", help="flag or regenerate (fresh seeds).")] = "flag",
+    max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Regeneration rounds.")] = 2,
+    seed: GenerationSeed = 0,
+    device: Device = "auto", dtype: Dtype = "auto",
+):
+    """Generate images with a diffusers pipeline, optionally guarded: writes DIR/*.png and DIR/report.csv.
+    Exit 1 when a returned image is flagged."""
+    from .guarding import Guard, generate as run, write_generated
+
+    if on_memorized not in ("flag", "regenerate"):
+        raise UsageError(f"--on-memorized must be flag or regenerate, got {_p(on_memorized)}")
+    if (config or threshold is not None) and not guard:
+        raise UsageError("--config and --threshold apply to --guard")
+    conditions = _conditions(prompts, classes, prompt_file)
+    if guard and config:
+        from .config import load_config
+        cfg = load_config(config)
+        if cfg.guard is None:
+            raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard`")
+        if cfg.model != model and "model" in _given(ctx):
+            raise UsageError(f"--model {_p(model)} differs from model = {_p(cfg.model)} in {_p(config)}")
+        model = cfg.model
+        model_path = model_path or (Path(cfg.model_path) if cfg.model_path else None)
+        metric = cfg.guard.get("metric", metric)
+        layer = cfg.guard.get("layer", layer)
+        step_t = cfg.guard.get("step_t", step_t)
+        steps = steps or cfg.guard.get("steps")
+        guidance = cfg.guard.get("guidance") if guidance is None else guidance
+        threshold = cfg.guard["threshold"] if threshold is None else threshold
+    if guard and on_memorized == "regenerate" and threshold is None:
+        raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
+    pipe, spec = _load_pipeline(model, model_path, device, dtype)
+    target = pipe
+    if guard:
+        target = Guard(pipe, threshold=threshold, layer=layer or spec.layer, step_t=step_t, metric=metric,
+                       on_memorized=on_memorized, max_retries=max_retries, seed=seed)
+    with err.status(Text("generating ...")):
+        gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed)
+    report = write_generated(gen, output)
+    t = Table(title=f"{len(gen.rows)} images in {gen.seconds:.1f} s -> {_p(output)}", title_justify="left")
+    cols = ["file", "condition", "seed"] + ([metric, "flagged", "regenerated"] if gen.result else [])
+    for c in cols:
+        t.add_column(c)
+    for r in gen.rows[:50]:
+        cells = [f"{r['index']:05d}.png", _p(r["condition"]) if r["condition"] is not None else "-", str(r["seed"])]
+        if gen.result:
+            cells += [f"{r[metric]:.5g}", "FLAGGED" if r["flagged"] else "", str(r["regenerated"] or "")]
+        t.add_row(*cells)
+    out.print(t)
+    if gen.result:
+        res = gen.result
+        how = ("one extra null-condition forward at that step (" + res.note + ")" if res.extra_forward
+               else "read from the pipeline's own forward, no extra pass")
+        out.print(f"guard: {res.layer} at timestep {res.timestep} (nearest {res.step_t}), {how}; "
+                  f"{int(res.flagged.sum())} flagged" + (f" at {metric} >= {res.threshold:.6g}" if res.threshold
+                                                           is not None else " (no threshold)")
+                  + (f"; {len(res.retries)} regeneration round(s)" if res.retries else ""), soft_wrap=True)
+    out.print(f"wrote {_p(report)}", soft_wrap=True)
+    if gen.result is not None and gen.result.flagged.any():
+        raise typer.Exit(EXIT_FLAGGED)
 
 
 # -- audit -----------------------------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
             "seed": int, "metric": str, "threshold": float}
-TABLES = ("calibration", "versions")
+TABLES = ("calibration", "versions", "guard")
+#: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
+GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -65,7 +67,7 @@ class Config:
     """The scan settings a threshold was calibrated for (``None``: the model's default)."""
 
     model: str
-    threshold: float
+    threshold: float | None  # None: a guard-only config (``[guard]``, from ``memdetect calibrate --guard``)
     metric: str = "std"
     model_path: str | None = None
     layer: str | None = None
@@ -74,6 +76,7 @@ class Config:
     seed: int = 0
     thresholds: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
+    guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
     references: dict[str, Reference] = field(default_factory=dict)
     channels: dict[str, tuple[float, ...]] | None = None
 
@@ -83,6 +86,10 @@ class Config:
 
     def threshold_for(self, metric: str) -> float:
         """The threshold of ``metric``: the top-level one for the config's metric, else ``[calibration.thresholds]``."""
+        if self.threshold is None:
+            where = f"{display_path(self.path)} " if self.path else "the config "
+            raise UsageError(f"{where}holds only an in-generation guard threshold ([guard], from `memdetect calibrate "
+                             f"--guard`); scanning images needs `memdetect calibrate` on image files")
         if metric == self.metric:
             return self.threshold
         if metric in self.thresholds:
@@ -130,7 +137,10 @@ def load_config(path: str | os.PathLike) -> Config:
             raise UsageError(f"{key} in {name} must be {kind}, got {_shown(v)}")
         _check_range(key, v, name)
         values[key] = v
+    guard = _guard_table(doc.get("guard"), name)
     for key in ("model", "threshold"):
+        if key == "threshold" and guard is not None:
+            continue
         if key not in values:
             raise UsageError(f"{name} has no {key!r} (write the file with `memdetect calibrate`)")
     if values.get("version", CONFIG_VERSION) > CONFIG_VERSION:
@@ -159,10 +169,10 @@ def load_config(path: str | os.PathLike) -> Config:
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
-    return Config(model=values["model"], threshold=values["threshold"], metric=metric, model_path=model_path,
+    return Config(model=values["model"], threshold=values.get("threshold"), metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
-                  channels=channels)
+                  channels=channels, guard=guard)
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -209,6 +219,34 @@ def _channels(table: Any, name: str) -> dict[str, tuple[float, ...]] | None:
     out = {k: _numbers(table.get(k), f"calibration.channels.{k} in {name}") for k in ("mean", "std")}
     if len(out["mean"]) != len(out["std"]) or any(x < 0 for x in out["std"]):
         raise UsageError(f"calibration.channels in {name} must hold a mean and a non-negative std per channel")
+    return out
+
+
+def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
+    """``[guard]``: the in-generation threshold and the settings it was calibrated for (None when absent)."""
+    if table is None:
+        return None
+    if not isinstance(table, dict):
+        raise UsageError(f"[guard] in {name} must be a table, got {type(table).__name__}")
+    out: dict[str, Any] = {}
+    for key, typ in GUARD_KEYS.items():
+        if key not in table:
+            continue
+        v = table[key]
+        if typ is float and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            kind = {float: "a number", int: "an integer", str: "a string"}[typ]
+            raise UsageError(f"guard.{key} in {name} must be {kind}, got {_shown(v)}")
+        if typ is float and not math.isfinite(v):
+            raise UsageError(f"guard.{key} in {name} must be a finite number, got {v}")
+        if typ is int and v < 0:
+            raise UsageError(f"guard.{key} in {name} must be a non-negative integer, got {v}")
+        out[key] = v
+    if "threshold" not in out:
+        raise UsageError(f"[guard] in {name} has no threshold (write it with `memdetect calibrate --guard`)")
+    if out.get("metric", "std") not in SCORES:
+        raise UsageError(f"unknown guard.metric in {name}; choose one of {', '.join(SCORES)}")
     return out
 
 

@@ -51,6 +51,21 @@ def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
 
 
 @dataclass(frozen=True)
+class GuardStep:
+    """What ``memdetect.guard`` reads from one denoiser call inside a diffusers pipeline (``Adapter.guard_step``):
+    the denoiser's input ``x`` (the whole batch), its timestep ``t``, ``rows``: one row of the batch per image, in
+    image order, and ``unconditional``: whether those rows carry the null condition (the unconditional half under
+    classifier-free guidance, every row of an unconditional model). When they do not (a conditional model sampled
+    without guidance, or with a negative prompt), the guard runs one extra forward of ``x[rows]`` with the null
+    condition at the guarded step."""
+
+    x: torch.Tensor
+    t: int
+    rows: slice
+    unconditional: bool
+
+
+@dataclass(frozen=True)
 class Sample:
     """What a sampler returns, in model space (float32): the samples, the sampler's first denoiser input, its first
     timestep (-1 for samplers without DDPM timesteps) and, with a condition, Wen et al.'s noise-difference norms
@@ -206,6 +221,37 @@ class Adapter(ABC):
         if cond is not None:
             raise UsageError(f"{self.family} models are unconditional; the condition must be None")
 
+    # -- guarding a diffusers pipeline (memdetect.guard) ---------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe) -> "Adapter":
+        """An adapter over the modules of a loaded diffusers pipeline of this family (shared, not copied)."""
+        raise UnsupportedModelError(f"memdetect.guard does not support {cls.family} pipelines")
+
+    @classmethod
+    def load_pipeline(cls, source: str, *, device: torch.device, dtype: torch.dtype):
+        """The diffusers pipeline of this family from a local folder or hub id (``memdetect generate``)."""
+        raise UnsupportedModelError(f"memdetect generate does not support {cls.family} models")
+
+    def guard_step(self, pipe, call: dict, args: tuple, kwargs: dict) -> GuardStep:
+        """Read one denoiser call of ``pipe`` (positional ``args`` and keyword ``kwargs``; ``call``: the keywords the
+        pipeline was called with). This default fits diffusers' unconditional pipelines: ``denoiser(x, t)``, every
+        row unconditional."""
+        return GuardStep(_call_input(args, kwargs), _call_timestep(args, kwargs), slice(None), True)
+
+    def pipeline_call(self, conditions: Sequence | None, n: int, *, steps: int | None,
+                      guidance: float | None) -> dict:
+        """The keywords of one call of this family's pipeline (``load_pipeline``) that makes ``n`` images per
+        condition (prompt or class; None for an unconditional model). This default: an unconditional DDIM pipeline,
+        ``sampling_eta`` over ``steps`` (default ``sampling_steps``)."""
+        if conditions:
+            raise UsageError(f"{self.family} models are {CONDITIONING[self.conditioning]}: they take no prompt or class")
+        return {"batch_size": n, "num_inference_steps": steps or self.sampling_steps, "eta": float(self.sampling_eta)}
+
+    def guard_subset(self, call: dict, indices: Sequence[int], n_images: int) -> dict:
+        """The pipeline keywords that generate again only images ``indices`` of a call with keywords ``call`` that
+        made ``n_images`` (``regenerate``; the guard adds fresh generators). Unconditional: a smaller batch."""
+        return {**call, "batch_size": len(indices)}
+
     # -- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, seeds: Sequence[int], *, cond: Any = None, steps: int | None = None,
@@ -254,6 +300,28 @@ class Adapter(ABC):
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model space -> uint8 [B, 3, R, R] on the CPU (pixel models: x0 is the image in [-1, 1])."""
         return to_uint8(x0)
+
+
+def _call_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The denoiser's input in a diffusers denoiser call: the first positional argument, or ``sample`` /
+    ``hidden_states`` by keyword."""
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for key in ("sample", "hidden_states"):
+        if isinstance(kwargs.get(key), torch.Tensor):
+            return kwargs[key]
+    raise UnsupportedModelError("cannot find the denoiser's input in its call (expected a tensor first)")
+
+
+def _call_timestep(args: tuple, kwargs: dict) -> int:
+    """The timestep of a diffusers denoiser call: the second positional argument or ``timestep`` (a number, a 0-d
+    tensor or one value per row, all equal in a pipeline)."""
+    t = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if t is None:
+        raise UnsupportedModelError("cannot find the timestep in the denoiser's call")
+    if isinstance(t, torch.Tensor):
+        t = t.reshape(-1)[0].item()
+    return int(round(float(t)))
 
 
 def noise_difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> torch.Tensor:

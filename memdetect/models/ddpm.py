@@ -61,3 +61,24 @@ class PixelDDPMAdapter(Adapter):
 
     def default_batch_size(self):
         return 256 if self.device.type == "cuda" else 64
+
+    # -- memdetect.guard (every row is unconditional: the base class's guard_step and guard_subset) ---------------
+    @classmethod
+    def from_pipeline(cls, pipe):
+        unet = pipe.unet
+        size = unet.config.sample_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return cls(unet, pipe.scheduler, resolution=size, device=unet.device, dtype=unet.dtype,
+                   source=str(getattr(pipe, "name_or_path", "") or ""))
+
+    @classmethod
+    def load_pipeline(cls, source, *, device, dtype):
+        """A ``DDIMPipeline`` over the model's UNet (DDIM runs eta 0 or, with eta 1 over every timestep, DDPM's
+        ancestral sampler)."""
+        from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+
+        unet_sub = "unet" if has_subfolder(source, "unet") else None
+        sched_sub = "scheduler" if has_subfolder(source, "scheduler") else None
+        unet = load_component(UNet2DModel, source, unet_sub)
+        scheduler = load_component(DDPMScheduler, source, sched_sub)
+        return DDIMPipeline(unet=place(unet, device, dtype), scheduler=scheduler)

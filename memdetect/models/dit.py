@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UsageError
 from ..hub import component_files, load_component
-from .base import LatentAdapter, place, register_adapter
+from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, place, register_adapter
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
 
@@ -93,6 +93,49 @@ class DiTAdapter(LatentAdapter):
 
     def default_batch_size(self):
         return 64 if self.device.type == "cuda" else 8
+
+    # -- memdetect.guard ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe, reading: str = "mlp"):
+        t = pipe.transformer
+        return cls(t, pipe.vae, pipe.scheduler, device=t.device, dtype=t.dtype,
+                   source=str(getattr(pipe, "name_or_path", "") or ""), reading=reading)
+
+    @classmethod
+    def load_pipeline(cls, source, *, device, dtype):
+        from diffusers import DiTPipeline
+
+        from ..hub import load_component
+        return load_component(DiTPipeline, source, None, torch_dtype=dtype).to(device)
+
+    def guard_step(self, pipe, call, args, kwargs):
+        """diffusers' DiT pipeline concatenates [classes, null classes] under classifier-free guidance: the second
+        half is unconditional when every label in it is a null label (the pipeline's 1000, or this model's
+        ``num_embeds_ada_norm``)."""
+        x = _call_input(args, kwargs)
+        labels = kwargs.get("class_labels")
+        if labels is None and len(args) > 2:
+            labels = args[2]
+        b = x.shape[0]
+        if labels is not None and b % 2 == 0:
+            second = torch.as_tensor(labels).reshape(-1)[b // 2:]
+            if bool(((second == self.null_class) | (second == 1000)).all()):
+                return GuardStep(x, _call_timestep(args, kwargs), slice(b // 2, b), unconditional=True)
+        return GuardStep(x, _call_timestep(args, kwargs), slice(None), unconditional=False)
+
+    def pipeline_call(self, conditions, n, *, steps, guidance):
+        if not conditions:
+            raise UsageError("a DiT model needs class indices (--class)")
+        labels = self.encode_condition([int(c) for c in conditions]).tolist()
+        return {"class_labels": [c for c in labels for _ in range(n)], "num_inference_steps": steps or self.sampling_steps,
+                "guidance_scale": 4.0 if guidance is None else float(guidance)}
+
+    def guard_subset(self, call, indices, n_images):
+        labels = call.get("class_labels")
+        labels = labels.tolist() if isinstance(labels, torch.Tensor) else list(labels)
+        if call.get("latents") is not None:
+            raise UsageError("regenerating needs fresh noise; the pipeline was called with latents")
+        return {**call, "class_labels": [labels[i] for i in indices]}
 
     def weight_files(self):
         return component_files(self.source, ("transformer", "vae", "scheduler"))

@@ -16,9 +16,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UsageError
 from ..hub import component_files, load_component
-from .base import UNET_LAYER, LatentAdapter, place, register_adapter, unet_layer
+from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, place, register_adapter, unet_layer
 
 
 @register_adapter
@@ -74,6 +74,56 @@ class StableDiffusionAdapter(LatentAdapter):
 
     def default_batch_size(self):
         return 32 if self.device.type == "cuda" else 4
+
+    # -- memdetect.guard ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pipeline(cls, pipe):
+        """Over ``pipe``'s UNet, VAE and scheduler; the empty prompt embedded by ``pipe``'s own text encoder, as the
+        pipeline embeds it for classifier-free guidance."""
+        unet = pipe.unet
+        device, dtype = unet.device, unet.dtype
+        with torch.no_grad():
+            cond = prompt_embeddings(pipe.tokenizer, pipe.text_encoder, [""])
+        return cls(unet, pipe.vae, cond.to(device, dtype), pipe.scheduler, device=device, dtype=dtype,
+                   source=str(getattr(pipe, "name_or_path", "") or ""))
+
+    @classmethod
+    def load_pipeline(cls, source, *, device, dtype):
+        from diffusers import StableDiffusionPipeline
+
+        from ..hub import load_component
+        return load_component(StableDiffusionPipeline, source, None, safety_checker=None,
+                              requires_safety_checker=False, torch_dtype=dtype).to(device)
+
+    def guard_step(self, pipe, call, args, kwargs):
+        """diffusers' SD pipeline concatenates [negative, positive] under classifier-free guidance: the first half is
+        the empty prompt's, unless a negative prompt replaced it (then no row is unconditional)."""
+        x = _call_input(args, kwargs)
+        negative = call.get("negative_prompt") is not None or call.get("negative_prompt_embeds") is not None
+        cfg = bool(getattr(pipe, "do_classifier_free_guidance", False))
+        rows = slice(0, x.shape[0] // 2) if cfg else slice(None)  # under CFG both halves hold the same x_t
+        return GuardStep(x, _call_timestep(args, kwargs), rows, unconditional=cfg and not negative)
+
+    def pipeline_call(self, conditions, n, *, steps, guidance):
+        if not conditions:
+            raise UsageError("a Stable Diffusion model needs a prompt (--prompt)")
+        return {"prompt": [str(c) for c in conditions], "num_images_per_prompt": n,
+                "num_inference_steps": steps or self.sampling_steps,
+                "guidance_scale": 7.5 if guidance is None else float(guidance)}
+
+    def guard_subset(self, call, indices, n_images):
+        """Prompts of images ``indices`` (image i comes from prompt i // num_images_per_prompt), one image each."""
+        for key in ("prompt_embeds", "latents"):
+            if call.get(key) is not None:
+                raise UsageError(f"regenerating needs prompt=... and fresh noise; the pipeline was called with {key}")
+        per = int(call.get("num_images_per_prompt") or 1)
+        prompt = call.get("prompt")
+        prompts = [prompt] * (n_images // per) if isinstance(prompt, str) else list(prompt)
+        out = {**call, "prompt": [prompts[i // per] for i in indices], "num_images_per_prompt": 1}
+        negative = call.get("negative_prompt")
+        if isinstance(negative, (list, tuple)):
+            out["negative_prompt"] = [negative[i // per] for i in indices]
+        return out
 
     def weight_files(self):
         return component_files(self.source, ("unet", "vae", "scheduler", "text_encoder", "tokenizer"))

@@ -1,0 +1,143 @@
+"""In-generation guard vs post-hoc scan on the shipped ``demo`` model, on the same generations with the same labels.
+
+The shipped labelled generations (``memdetect/data/demo_bench``) were made by ``benchmarks/train_demo.py``'s sampler:
+DDIM, 100 steps, eta 0, initial noise drawn batch after batch (500 per batch) from one CPU generator seeded 0. diffusers'
+``DDIMPipeline`` over the demo UNet with the same generator draws the same noise and runs the same scheduler, so it
+regenerates those images (on another device, up to float rounding: each regenerated image is compared with the
+shipped one, and only those that match keep the shipped label). The guard scores every image at the sampling step
+nearest t=50 from the pipeline's own forward; the post-hoc score is ``Detector("demo")`` on the finished images,
+exactly what ``memdetect scan`` computes. Overhead: plain ``DDIMPipeline`` calls against guarded ones on the same
+seeds, alternated, in the same process.
+
+    nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/guard_demo.py --n 500 --out runs/guard-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+
+def to_uint8(images: np.ndarray) -> torch.Tensor:
+    """DDIMPipeline's output_type="np" ([N, H, W, 3] in [0, 1]) -> uint8 [N, 3, H, W] (as train_demo rounds)."""
+    return torch.from_numpy(np.round(images * 255.0).clip(0, 255).astype(np.uint8)).permute(0, 3, 1, 2).contiguous()
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return (a * b).sum(1).div(a.norm(dim=1) * b.norm(dim=1) + 1e-12).numpy()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=500, help="generations (a multiple of the shipped batch of 500 or less)")
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--timing-batch", type=int, default=32)
+    ap.add_argument("--timing-repeats", type=int, default=3)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--match", type=float, default=0.99, help="min pixel correlation with the shipped image")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    import diffusers
+
+    import memdetect
+    from memdetect import Detector
+    from memdetect.bench.demo import load_demo_set
+    from memdetect.bench.metrics import bootstrap_metrics, paired_difference, threshold_at_fpr
+    from memdetect.models.ddpm import PixelDDPMAdapter
+    from memdetect.models.presets import packaged
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe = PixelDDPMAdapter.load_pipeline(packaged("demo"), device=torch.device("cpu"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    guarded = memdetect.guard(pipe, threshold=None)
+
+    # 1. the shipped generations again, guarded
+    gen = torch.Generator().manual_seed(0)
+    images, scores, t0 = [], [], time.perf_counter()
+    for start in range(0, args.n, 500):
+        b = min(500, args.n - start)
+        out = guarded(batch_size=b, generator=gen, num_inference_steps=args.steps, eta=0.0, output_type="np")
+        images.append(to_uint8(out.images))
+        scores.append(pd.DataFrame(out.guard.scores))
+        guarded_t = out.guard.timestep
+    gen_seconds = time.perf_counter() - t0
+    images = torch.cat(images)
+    guard_scores = pd.concat(scores, ignore_index=True)
+
+    demo = load_demo_set()
+    shipped = demo.images[: args.n]
+    corr = correlation(images, shipped)
+    match = corr >= args.match
+    label = demo.manifest["label"].to_numpy()[: args.n]
+    use = match & np.isin(label, ["memorized", "generalized"])
+    y = (label[use] == "memorized").astype(int)
+
+    # 2. post-hoc: the scan's score of the same images
+    det = Detector.from_pretrained("demo", device="cpu")
+    t0 = time.perf_counter()
+    post = pd.DataFrame(det.score_tensor(images))
+    scan_seconds = time.perf_counter() - t0
+
+    frame = pd.DataFrame({"sample": np.arange(args.n), "similarity": demo.manifest["similarity"][: args.n],
+                          "label": label, "match_correlation": corr, "used": use,
+                          **{f"guard_{m}": guard_scores[m] for m in guard_scores},
+                          **{f"scan_{m}": post[m] for m in post}})
+    frame.to_csv(args.out / "scores.csv", index=False)
+
+    rows = []
+    for m in guard_scores:
+        g = bootstrap_metrics(y, frame[f"guard_{m}"].to_numpy()[use], n_boot=args.bootstrap)
+        s = bootstrap_metrics(y, frame[f"scan_{m}"].to_numpy()[use], n_boot=args.bootstrap)
+        d = paired_difference(y, frame[f"guard_{m}"].to_numpy()[use], frame[f"scan_{m}"].to_numpy()[use],
+                              n_boot=args.bootstrap)
+        rows.append({"metric": m, "guard_auroc": str(g["auroc"]), "scan_auroc": str(s["auroc"]),
+                     "guard_minus_scan_auroc": str(d["auroc"]), "guard_tpr_at_1pct_fpr": str(g["tpr"]),
+                     "scan_tpr_at_1pct_fpr": str(s["tpr"]), "guard_minus_scan_tpr": str(d["tpr"])})
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "results.csv", index=False)
+    thr = threshold_at_fpr(y, frame["guard_std"].to_numpy()[use], 0.01)
+
+    # 3. overhead: plain vs guarded, same seeds, alternated
+    b = args.timing_batch
+    plain_s, guard_s = [], []
+    for r in range(args.timing_repeats):
+        for which in ("plain", "guard"):
+            g = torch.Generator().manual_seed(1000 + r)
+            fn = pipe if which == "plain" else guarded
+            t0 = time.perf_counter()
+            fn(batch_size=b, generator=g, num_inference_steps=args.steps, eta=0.0, output_type="np")
+            (plain_s if which == "plain" else guard_s).append((time.perf_counter() - t0) / b)
+
+    summary = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "benchmarks/guard_demo.py " + " ".join(argv or __import__("sys").argv[1:]),
+        "hardware": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, no GPU",
+        "versions": {"memdetect": memdetect.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "n": args.n, "steps": args.steps, "guarded_timestep": guarded_t,
+        "matched": int(match.sum()), "match_min_correlation": args.match,
+        "n_memorized": int(y.sum()), "n_generalized": int((1 - y).sum()),
+        "generation_seconds_guarded": round(gen_seconds, 1), "scan_seconds": round(scan_seconds, 2),
+        "guard_std_threshold_at_1pct_fpr": thr,
+        "timing_batch": b, "plain_s_per_image": plain_s, "guard_s_per_image": guard_s,
+        "overhead_median_pct": 100 * (np.median(guard_s) / np.median(plain_s) - 1),
+        "guard_own_seconds_last_call": None,
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(summary, indent=2, default=float))
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""memdetect.guard: in-generation scores from the pipeline's own forward passes, on tiny diffusers pipelines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import memdetect
+from memdetect.capture import Trace, pool
+from memdetect.errors import UsageError
+from memdetect.guarding import MemorizedImageError, adapter_for_pipeline
+from memdetect.scores import std
+
+
+def _hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+class Spy:
+    """Counts denoiser calls and keeps each call's input and timestep (a hook of the test's own)."""
+
+    def __init__(self, module, adapter):
+        self.calls, self.module, self.adapter = [], module, adapter
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+            t = args[1] if len(args) > 1 else kwargs["timestep"]
+            t = int(torch.as_tensor(t).reshape(-1)[0])
+            self.calls.append((x.detach().clone(), t, kwargs.get("class_labels")))
+            return None
+
+        self.handle = self.module.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _reference_std(adapter, layer, x, t):
+    """Independent reference: the adapter's null-condition forward on ``x`` at ``t``, hooked and pooled."""
+    with torch.no_grad(), Trace(adapter.denoiser, [layer]) as tr:
+        adapter.forward(x, t)
+    return std(pool(tr[layer], adapter.pooling)).numpy()
+
+
+@pytest.fixture
+def ddpm_pipe(tiny_ddpm):
+    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+
+    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(tiny_ddpm, subfolder="unet"),
+                        scheduler=DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def sd_pipe(tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_ddpm_one_score_per_image_from_the_forward_nearest_step_t(ddpm_pipe):
+    g = memdetect.guard(ddpm_pipe, threshold=None, step_t=50)
+    n_hooks = _hooks(ddpm_pipe.unet)
+    with Spy(ddpm_pipe.unet, g.adapter) as spy:
+        out = g(batch_size=3, num_inference_steps=10, generator=torch.Generator().manual_seed(0), output_type="np")
+    r = out.guard
+    assert len(out.images) == 3 and r.scores["std"].shape == (3,) and not r.flagged.any()
+    assert not r.extra_forward and len(spy.calls) == 10  # unconditional: no added forward
+    steps = [t for _, t, _ in spy.calls]
+    assert r.timestep == min(steps, key=lambda t: abs(t - 50))
+    x = next(x for x, t, _ in spy.calls if t == r.timestep)
+    np.testing.assert_allclose(r.scores["std"], _reference_std(g.adapter, g.layer, x, r.timestep), rtol=1e-5)
+    assert _hooks(ddpm_pipe.unet) == n_hooks  # every hook removed
+
+
+def test_sd_with_cfg_reads_the_unconditional_half_without_an_extra_unet_call(sd_pipe):
+    g = memdetect.guard(sd_pipe, threshold=None)
+    n_hooks = _hooks(sd_pipe.unet)
+    call = dict(prompt=["a cat", "a dog"], num_images_per_prompt=2, num_inference_steps=4, guidance_scale=7.5,
+                output_type="np", height=16, width=16)
+    with Spy(sd_pipe.unet, g.adapter) as plain:
+        sd_pipe(**call, generator=torch.Generator().manual_seed(0))
+    with Spy(sd_pipe.unet, g.adapter) as spy:
+        out = g(**call, generator=torch.Generator().manual_seed(0))
+    assert len(spy.calls) == len(plain.calls) >= 4  # the number of UNet calls is unchanged (PNDM adds one)
+    r = out.guard
+    assert r.scores["std"].shape == (4,) and not r.extra_forward
+    x = next(x for x, t, _ in spy.calls if t == r.timestep)
+    assert x.shape[0] == 8
+    np.testing.assert_allclose(r.scores["std"], _reference_std(g.adapter, g.layer, x[:4], r.timestep), rtol=1e-4)
+    # the prompts' half would give other scores: the guard really reads the empty prompt's rows
+    from memdetect.models.sd import prompt_embeddings
+
+    cond = prompt_embeddings(sd_pipe.tokenizer, sd_pipe.text_encoder, ["a cat", "a cat", "a dog", "a dog"])
+    with torch.no_grad(), Trace(g.adapter.denoiser, [g.layer]) as tr:
+        g.adapter.predict_noise(x[4:], r.timestep, cond)
+    assert not np.allclose(r.scores["std"], std(pool(tr[g.layer], "spatial-max")).numpy(), rtol=1e-4)
+    assert _hooks(sd_pipe.unet) == n_hooks
+
+
+@pytest.mark.parametrize("variant", ["no-cfg", "negative-prompt"])
+def test_sd_without_unconditional_rows_runs_one_stated_extra_forward(sd_pipe, variant):
+    g = memdetect.guard(sd_pipe, threshold=None)
+    call = dict(prompt="a cat", num_images_per_prompt=2, num_inference_steps=3, output_type="np", height=16,
+                width=16, guidance_scale=1.0 if variant == "no-cfg" else 7.5)
+    if variant == "negative-prompt":
+        call["negative_prompt"] = "blurry"
+    with Spy(sd_pipe.unet, g.adapter) as spy:
+        out = g(**call, generator=torch.Generator().manual_seed(0))
+    with Spy(sd_pipe.unet, g.adapter) as plain:
+        sd_pipe(**call, generator=torch.Generator().manual_seed(0))
+    assert len(spy.calls) == len(plain.calls) + 1 and out.guard.extra_forward and "extra" in out.guard.note
+    x, t, _ = next(c for c in spy.calls if c[1] == out.guard.timestep)
+    # the extra forward runs the empty prompt on x_t, one row per image (under CFG both halves hold the same x_t)
+    np.testing.assert_allclose(out.guard.scores["std"], _reference_std(g.adapter, g.layer, x[:2], t), rtol=1e-4)
+
+
+def test_dit_with_cfg_reads_the_null_class_half(tmp_path):
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from tests.conftest import tiny_vae
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                        num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    g = memdetect.guard(pipe, threshold=None)
+    with Spy(pipe.transformer, g.adapter) as spy:
+        out = g(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    r = out.guard
+    assert len(spy.calls) == 4 and not r.extra_forward and r.scores["std"].shape == (3,)
+    x, t, labels = next(c for c in spy.calls if c[1] == r.timestep)
+    assert labels[3:].tolist() == [1000] * 3
+    np.testing.assert_allclose(r.scores["std"], _reference_std(g.adapter, g.layer, x[3:], t), rtol=1e-4)
+    with Spy(pipe.transformer, g.adapter) as spy:
+        out = g(class_labels=[1, 2], num_inference_steps=2, guidance_scale=1.0, output_type="np")
+    assert len(spy.calls) == 2 + 1 and out.guard.extra_forward
+
+
+def test_regenerate_uses_fresh_seeds_and_reports_the_retries(ddpm_pipe):
+    call = dict(batch_size=3, num_inference_steps=5, output_type="np")
+    first = memdetect.guard(ddpm_pipe, threshold=None)(**call, generator=torch.Generator().manual_seed(0))
+    s = first.guard.scores["std"]
+    threshold = float(np.sort(s)[1])  # flags the two highest-scoring images
+    g = memdetect.guard(ddpm_pipe, threshold=threshold, on_memorized="regenerate", max_retries=2)
+    out = g(**call, generator=torch.Generator().manual_seed(0))
+    r = out.guard
+    assert 1 <= len(r.retries) <= 2
+    assert r.retries[0].indices == np.flatnonzero(s >= threshold).tolist()
+    seeds = [seed for retry in r.retries for seed in retry.seeds]
+    assert len(set(seeds)) == len(seeds)  # every regeneration has its own seed
+    kept = np.flatnonzero(s < threshold)
+    np.testing.assert_array_equal(out.images[kept], first.images[kept])
+    for i in r.retries[0].indices:
+        assert not np.array_equal(out.images[i], first.images[i])
+    last = {i: (sc, fl) for retry in r.retries for i, sc, fl in zip(retry.indices, retry.scores, retry.flagged)}
+    for i, (sc, fl) in last.items():
+        assert r.scores["std"][i] == pytest.approx(sc) and r.flagged[i] == fl
+    if len(r.retries) < 2:
+        assert not r.flagged.any()
+    assert [row["regenerated"] for row in r.rows()] == [
+        max((retry.attempt for retry in r.retries if i in retry.indices), default=0) for i in range(3)]
+
+
+def test_raise_and_bad_arguments(ddpm_pipe):
+    g = memdetect.guard(ddpm_pipe, threshold=0.0, on_memorized="raise")  # std >= 0: every image is flagged
+    with pytest.raises(MemorizedImageError, match="flagged 2 of 2") as e:
+        g(batch_size=2, num_inference_steps=2, output_type="np")
+    assert e.value.result.flagged.all()
+    with pytest.raises(UsageError, match="on_memorized"):
+        memdetect.guard(ddpm_pipe, threshold=1.0, on_memorized="drop")
+    with pytest.raises(UsageError, match="needs a threshold"):
+        memdetect.guard(ddpm_pipe, threshold=None, on_memorized="regenerate")
+    with pytest.raises(memdetect.errors.LayerError):
+        memdetect.guard(ddpm_pipe, threshold=1.0, layer="up_blocks.9.nope")
+    with pytest.raises(memdetect.errors.UnsupportedModelError, match="does not support"):
+        adapter_for_pipeline(object())
+    with pytest.raises(UsageError, match="return_dict"):
+        memdetect.guard(ddpm_pipe, threshold=None)(batch_size=1, num_inference_steps=2, return_dict=False)
+    assert _hooks(ddpm_pipe.unet) == 0
