@@ -186,3 +186,39 @@ def test_raise_and_bad_arguments(ddpm_pipe):
     with pytest.raises(UsageError, match="return_dict"):
         memdetect.guard(ddpm_pipe, threshold=None)(batch_size=1, num_inference_steps=2, return_dict=False)
     assert _hooks(ddpm_pipe.unet) == 0
+
+
+def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from memdetect.cli import app
+    from memdetect.config import load_config
+
+    def invoke(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    cfg = tmp_path / "memdetect.toml"
+    res = invoke("calibrate", "--guard", "--model", "ddpm", "--model-path", tiny_ddpm, "-n", 4, "--steps", 3,
+                 "--device", "cpu", "-o", cfg)
+    assert res.exit_code == 0, res.output
+    conf = load_config(cfg)
+    assert conf.threshold is None and conf.guard["steps"] == 3 and conf.guard["metric"] == "std"
+    # 1% of 4 reference generations < 1: the threshold sits just above the largest reference score
+    ref = memdetect.guard(memdetect.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)
+    again = memdetect.guarding.generate(ref, None, 4, steps=3, seed=0)
+    assert conf.guard["threshold"] == pytest.approx(float(np.nextafter(again.result.scores["std"].max(), np.inf)),
+                                                    rel=1e-5)
+
+    res = invoke("scan", tmp_path, "--config", cfg)
+    assert res.exit_code == 2 and "guard threshold" in res.output
+
+    out = tmp_path / "gen"
+    res = invoke("generate", "--model", "ddpm", "--model-path", tiny_ddpm, "-n", 3, "--guard", "--config", cfg,
+                 "--device", "cpu", "--seed", 1, "-o", out)
+    assert res.exit_code in (0, 1), res.output
+    report = pd.read_csv(out / "report.csv")
+    assert len(report) == 3 and sorted(p.name for p in out.glob("*.png")) == list(report["file"])
+    assert (report["flagged"] == (report["std"] >= conf.guard["threshold"])).all()
+    assert res.exit_code == int(report["flagged"].any())
+    assert "no extra pass" in res.output
