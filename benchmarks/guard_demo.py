@@ -46,7 +46,15 @@ def main(argv=None) -> None:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--match", type=float, default=0.99, help="min pixel correlation with the shipped image")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--report-only", action="store_true", help="recompute the tables from OUT/scores.csv")
+    ap.add_argument("--write-config", type=Path, help="also write the guard's [guard] calibration: thresholds at "
+                                                      "1%% FPR on the generalized generations")
     args = ap.parse_args(argv)
+    if args.report_only:
+        frame = pd.read_csv(args.out / "scores.csv")
+        use = (frame["match_correlation"] >= args.match) & frame["label"].isin(["memorized", "generalized"])
+        report(frame, use.to_numpy(), args)
+        return
 
     import diffusers
 
@@ -137,6 +145,45 @@ def main(argv=None) -> None:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print(json.dumps(summary, indent=2, default=float))
     print(table.to_string(index=False))
+
+
+def report(frame: pd.DataFrame, use: np.ndarray, args) -> None:
+    """AUROC / TPR@1%FPR with bootstrap intervals, guard vs scan, on the rows ``use``; optionally the [guard]
+    config (``calibrate.fpr_threshold`` on the generalized rows' guard scores, every metric)."""
+    from memdetect.bench.metrics import bootstrap_metrics, paired_difference
+    from memdetect.calibrate import RULE, fpr_threshold
+
+    y = (frame["label"].to_numpy()[use] == "memorized").astype(int)
+    metrics = [c[len("guard_"):] for c in frame if c.startswith("guard_")]
+    rows = []
+    for m in metrics:
+        g_s, p_s = frame[f"guard_{m}"].to_numpy()[use], frame[f"scan_{m}"].to_numpy()[use]
+        g = bootstrap_metrics(y, g_s, n_boot=args.bootstrap)
+        s = bootstrap_metrics(y, p_s, n_boot=args.bootstrap)
+        d = paired_difference(y, g_s, p_s, n_boot=args.bootstrap)
+        rows.append({"metric": m, "guard_auroc": str(g["auroc"]), "scan_auroc": str(s["auroc"]),
+                     "guard_minus_scan_auroc": str(d["auroc"]), "guard_tpr_at_1pct_fpr": str(g["tpr"]),
+                     "scan_tpr_at_1pct_fpr": str(s["tpr"]), "guard_minus_scan_tpr": str(d["tpr"])})
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "results.csv", index=False)
+    print(f"{int(use.sum())} labelled generations used: {int(y.sum())} memorized, {int((1 - y).sum())} generalized "
+          f"(match >= {args.match})")
+    print(table.to_string(index=False))
+    if args.write_config:
+        from memdetect.config import to_toml
+
+        novel = frame[use & (frame["label"] == "generalized").to_numpy()]
+        thresholds = {m: fpr_threshold(novel[f"guard_{m}"].to_numpy(), 0.01) for m in metrics}
+        summary = json.loads((args.out / "summary.json").read_text())
+        doc = {"version": 1, "model": "demo",
+               "guard": {"threshold": thresholds["std"], "metric": "std", "step_t": 50,
+                         "timestep": summary["guarded_timestep"], "steps": args.steps, "fpr": 0.01, "rule": RULE,
+                         "n_reference": int(len(novel)),
+                         "reference": ["the generalized (< 0.80) generations of benchmarks/guard_demo.py"],
+                         "family": "ddpm", "thresholds": thresholds}}
+        args.write_config.write_text(to_toml(doc, "memdetect guard calibration of the shipped demo model "
+                                                  "(benchmarks/guard_demo.py --write-config)."), encoding="utf-8")
+        print(f"wrote {args.write_config}")
 
 
 if __name__ == "__main__":

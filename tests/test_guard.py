@@ -222,3 +222,28 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
     assert (report["flagged"] == (report["std"] >= conf.guard["threshold"])).all()
     assert res.exit_code == int(report["flagged"].any())
     assert "no extra pass" in res.output
+
+
+@pytest.mark.slow
+def test_demo_flags_its_memorized_generations_at_the_shipped_guard_calibration():
+    """The first 16 shipped demo generations (DDIM from one generator seeded 0, as benchmarks/train_demo.py drew
+    them), made again under the guard with the shipped calibration (benchmarks/guard_demo.py --write-config):
+    flagged exactly where the shipped label (nearest training image) says memorized."""
+    from memdetect.bench.demo import load_demo_set
+    from memdetect.config import load_config
+    from memdetect.models.presets import packaged
+
+    conf = load_config(packaged("demo_guard.toml"))
+    pipe, _ = memdetect.guarding.load_guardable("demo", device="cpu")
+    g = memdetect.guard(pipe, threshold=conf.guard["threshold"], step_t=conf.guard["step_t"])
+    out = g(batch_size=16, generator=torch.Generator().manual_seed(0), num_inference_steps=conf.guard["steps"],
+            eta=0.0, output_type="np")
+    demo = load_demo_set()
+    images = torch.from_numpy(np.round(out.images * 255).astype(np.uint8)).permute(0, 3, 1, 2)
+    a, b = images.flatten(1).double(), demo.images[:16].flatten(1).double()
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    same = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).numpy() >= 0.99
+    label = demo.manifest["label"].to_numpy()[:16]
+    used = same & np.isin(label, ["memorized", "generalized"])
+    assert (label[used] == "memorized").sum() >= 2 and (label[used] == "generalized").sum() >= 5
+    np.testing.assert_array_equal(out.guard.flagged[used], label[used] == "memorized")
