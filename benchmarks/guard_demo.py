@@ -44,15 +44,17 @@ def main(argv=None) -> None:
     ap.add_argument("--timing-batch", type=int, default=32)
     ap.add_argument("--timing-repeats", type=int, default=3)
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--match", type=float, default=0.99, help="min pixel correlation with the shipped image")
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "datasets"
+                    / "cifar10-jpg" / "cifar10-jpg.tar.gz", help="CIFAR-10 JPEGs (train_demo.py's --data)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--report-only", action="store_true", help="recompute the tables from OUT/scores.csv")
-    ap.add_argument("--write-config", type=Path, help="also write the guard's [guard] calibration: thresholds at "
-                                                      "1%% FPR on the generalized generations")
+    ap.add_argument("--ship", type=Path, help="also write DIR/memdetect.toml (the [guard] calibration: thresholds at "
+                                              "1%% FPR on the generalized generations) and the first 16 labelled "
+                                              "generations (DIR/samples.npz, DIR/manifest.csv) for the tests")
     args = ap.parse_args(argv)
     if args.report_only:
         frame = pd.read_csv(args.out / "scores.csv")
-        use = (frame["match_correlation"] >= args.match) & frame["label"].isin(["memorized", "generalized"])
+        use = frame["label"].isin(["memorized", "generalized"])
         report(frame, use.to_numpy(), args)
         return
 
@@ -60,7 +62,6 @@ def main(argv=None) -> None:
 
     import memdetect
     from memdetect import Detector
-    from memdetect.bench.demo import load_demo_set
     from memdetect.bench.metrics import bootstrap_metrics, paired_difference, threshold_at_fpr
     from memdetect.models.ddpm import PixelDDPMAdapter
     from memdetect.models.presets import packaged
@@ -83,13 +84,31 @@ def main(argv=None) -> None:
     images = torch.cat(images)
     guard_scores = pd.concat(scores, ignore_index=True)
 
-    demo = load_demo_set()
-    shipped = demo.images[: args.n]
-    corr = correlation(images, shipped)
-    match = corr >= args.match
-    label = demo.manifest["label"].to_numpy()[: args.n]
-    use = match & np.isin(label, ["memorized", "generalized"])
+    np.savez_compressed(args.out / "samples.npz", samples=images.numpy())
+    # labels: flip/shift-invariant pixel correlation with the nearest of the demo's 12,040 distinct training images
+    # (train_demo.py's seeded selection from the CIFAR-10 training JPEGs), memorized >= 0.95, generalized < 0.80
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from train_demo import load_cifar_train
+
+    from memdetect.bench.labels import LabelRule, nearest_match
+
+    recipe = json.loads((Path(packaged("demo_bench")) / "recipe.json").read_text())
+    cifar, names = load_cifar_train(args.data)
+    perm = np.random.default_rng(recipe["seed"]).permutation(len(cifar))
+    dup_idx = np.sort(perm[recipe["unique"]: recipe["unique"] + recipe["dup_images"]])
+    if [names[i] for i in dup_idx] != recipe["duplicated_images"]:
+        raise SystemExit("the training selection does not reproduce recipe.json's duplicated images")
+    train_idx = np.concatenate([np.sort(perm[: recipe["unique"]]), dup_idx])
+    nearest = nearest_match(images, torch.from_numpy(cifar[train_idx]))
+    sim = nearest.similarity.numpy()
+    rule = LabelRule()
+    label = np.array([rule.label(float(v)) for v in sim])
+    use = np.isin(label, ["memorized", "generalized"])
     y = (label[use] == "memorized").astype(int)
+    corr = np.full(args.n, np.nan)
+    match = use
 
     # 2. post-hoc: the scan's score of the same images
     det = Detector.from_pretrained("demo", device="cpu")
@@ -97,8 +116,7 @@ def main(argv=None) -> None:
     post = pd.DataFrame(det.score_tensor(images))
     scan_seconds = time.perf_counter() - t0
 
-    frame = pd.DataFrame({"sample": np.arange(args.n), "similarity": demo.manifest["similarity"][: args.n],
-                          "label": label, "match_correlation": corr, "used": use,
+    frame = pd.DataFrame({"sample": np.arange(args.n), "similarity": sim, "label": label, "used": use,
                           **{f"guard_{m}": guard_scores[m] for m in guard_scores},
                           **{f"scan_{m}": post[m] for m in post}})
     frame.to_csv(args.out / "scores.csv", index=False)
@@ -134,7 +152,6 @@ def main(argv=None) -> None:
         "versions": {"memdetect": memdetect.__version__, "torch": torch.__version__,
                      "diffusers": diffusers.__version__, "python": platform.python_version()},
         "n": args.n, "steps": args.steps, "guarded_timestep": guarded_t,
-        "matched": int(match.sum()), "match_min_correlation": args.match,
         "n_memorized": int(y.sum()), "n_generalized": int((1 - y).sum()),
         "generation_seconds_guarded": round(gen_seconds, 1), "scan_seconds": round(scan_seconds, 2),
         "guard_std_threshold_at_1pct_fpr": thr,
@@ -167,24 +184,29 @@ def report(frame: pd.DataFrame, use: np.ndarray, args) -> None:
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "results.csv", index=False)
     print(f"{int(use.sum())} labelled generations used: {int(y.sum())} memorized, {int((1 - y).sum())} generalized "
-          f"(match >= {args.match})")
+          "(fresh labels, nearest training image)")
     print(table.to_string(index=False))
-    if args.write_config:
+    if args.ship:
         from memdetect.config import to_toml
 
+        args.ship.mkdir(parents=True, exist_ok=True)
         novel = frame[use & (frame["label"] == "generalized").to_numpy()]
         thresholds = {m: fpr_threshold(novel[f"guard_{m}"].to_numpy(), 0.01) for m in metrics}
         summary = json.loads((args.out / "summary.json").read_text())
         doc = {"version": 1, "model": "demo",
                "guard": {"threshold": thresholds["std"], "metric": "std", "step_t": 50,
-                         "timestep": summary["guarded_timestep"], "steps": args.steps, "fpr": 0.01, "rule": RULE,
-                         "n_reference": int(len(novel)),
-                         "reference": ["the generalized (< 0.80) generations of benchmarks/guard_demo.py"],
+                         "timestep": summary["guarded_timestep"], "steps": summary["steps"], "fpr": 0.01,
+                         "rule": RULE, "n_reference": int(len(novel)),
+                         "reference": ["the generalized (< 0.80) generations of benchmarks/guard_demo.py: DDIM "
+                                       "eta 0, one CPU generator seeded 0"],
                          "family": "ddpm", "thresholds": thresholds}}
-        args.write_config.write_text(to_toml(doc, "memdetect guard calibration of the shipped demo model "
-                                                  "(benchmarks/guard_demo.py --write-config)."), encoding="utf-8")
-        print(f"wrote {args.write_config}")
-
+        (args.ship / "memdetect.toml").write_text(
+            to_toml(doc, "memdetect guard calibration of the shipped demo model (benchmarks/guard_demo.py --ship)."),
+            encoding="utf-8")
+        k = 16
+        np.savez_compressed(args.ship / "samples.npz", samples=np.load(args.out / "samples.npz")["samples"][:k])
+        frame[["sample", "similarity", "label"]].head(k).to_csv(args.ship / "manifest.csv", index=False)
+        print(f"wrote {args.ship}")
 
 if __name__ == "__main__":
     main()

@@ -132,9 +132,9 @@ class _Capture:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._trace is not None:  # the forward raised between the two hooks
-            self._trace.__exit__(None, None, None)
-            self._trace = None
+        if self._trace is not None:  # the forward raised between the two hooks: remove the layer's hook too
+            trace, self._trace = self._trace, None
+            trace.__exit__(*exc) if exc[0] is not None else trace.__exit__(RuntimeError, RuntimeError(), None)
         return False
 
     def _target(self) -> int:
@@ -282,7 +282,7 @@ def _replace(out, new, indices: Sequence[int]) -> None:
     """Put ``new``'s images (and the other per-image fields, such as SD's NSFW flags) at ``indices`` of ``out``."""
     n = len(out.images)
     for key in list(out.keys()):
-        old, fresh = out[key], new[key]
+        old, fresh = out[key], new.get(key)
         if fresh is None or old is None or len(old) != n:
             continue
         if isinstance(old, list):
