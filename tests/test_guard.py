@@ -224,7 +224,6 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
     assert "no extra pass" in res.output
 
 
-@pytest.mark.slow
 def test_demo_flags_its_memorized_generations_at_the_shipped_guard_calibration():
     """The first 16 generations of benchmarks/guard_demo.py (DDIM from one CPU generator seeded 0), made again
     under the guard with the calibration it shipped (memdetect/data/demo_guard): flagged exactly where the label
