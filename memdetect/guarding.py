@@ -38,7 +38,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .bench.generate import generation_seed
 from .capture import LayerSpec, Trace, pool
 from .detector import check_seed, check_threshold
 from .errors import MemdetectError, UnsupportedModelError, UsageError
@@ -46,6 +45,15 @@ from .models import ADAPTERS, Adapter
 from .scores import SCORES, compute_all
 
 ACTIONS = ("flag", "regenerate", "raise")
+
+
+def generation_seed(seed: int, key: str, k: int = 0) -> int:
+    """Seed of image ``k`` of call ``key`` in a run seeded ``seed`` (the same rule as ``bench.generate``, which sits
+    above this module)."""
+    import hashlib
+
+    h = hashlib.blake2b(f"{int(seed)}:{key}:{int(k)}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class MemorizedImageError(MemdetectError):
@@ -373,13 +381,16 @@ def write_generated(gen: Generated, output) -> "Path":
 
     import pandas as pd
 
-    from .bench.generate import save_png
+    from PIL import Image
+
     from .io import atomic_write
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"{i:05d}.png" for i in range(len(gen.images))]
-    save_png(torch.from_numpy(gen.images).permute(0, 3, 1, 2), [out / n for n in names])
+    for img, name in zip(gen.images, names):  # lossless: scanning the files later reads the same pixels
+        atomic_write(out / name, lambda tmp, img=img: Image.fromarray(np.ascontiguousarray(img)).save(tmp,
+                                                                                                     format="PNG"))
     frame = pd.DataFrame([{"file": n, **r} for n, r in zip(names, gen.rows)])
     report = out / "report.csv"
     atomic_write(report, lambda tmp: frame.to_csv(tmp, index=False))

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("models", "report", "journal", "state", "config", "html_report"),   # families; rows; journal; state; config
     ("detector",),                                                        # the library API: images -> rows
     ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
-    ("calibrate", "ci"),                                                  # thresholds; the CI audit and outputs
+    ("calibrate", "ci", "guarding"),                                      # thresholds; the CI audit; in-generation guard
     ("bench",),                                                           # benchmarks
     ("cli", "__main__", "memdetect"),                                     # entry points and the package's facade
 ]
