@@ -232,7 +232,8 @@ class Guard:
             raise UsageError(f"the guarded step (timestep {cap.target}) never ran; the pipeline's denoiser was not "
                              f"called with it")
         start = time.perf_counter()
-        scores = {k: v.numpy() for k, v in compute_all(cap.pooled).items()}
+        # float64, as report rows hold them: a threshold just above a float32 score must not round down onto it
+        scores = {k: v.double().numpy() for k, v in compute_all(cap.pooled).items()}
         cap.seconds += time.perf_counter() - start
         return out, scores, cap
 

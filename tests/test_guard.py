@@ -203,6 +203,10 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
                  "--device", "cpu", "-o", cfg)
     assert res.exit_code == 0, res.output
     conf = load_config(cfg)
+    from memdetect.config import tomllib
+
+    doc = tomllib.loads(cfg.read_text())
+    assert doc["guard"]["fpr_reference"]["std"] == 0.0  # strict rule: no reference generation flagged
     assert conf.threshold is None and conf.guard["steps"] == 3 and conf.guard["metric"] == "std"
     # 1% of 4 reference generations < 1: the threshold sits just above the largest reference score
     ref = memdetect.guard(memdetect.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)
