@@ -780,50 +780,75 @@ def render_results(results, title: str) -> None:
     out.print(t)
 
 
+def _interval(r, value: str, lo: str, hi: str) -> str:
+    return f"{r[value]:.3f} [{r[lo]:.3f}, {r[hi]:.3f}]" if r[value] == r[value] else "-"
+
+
 @bench_app.command("demo")
 @handle_errors
 def bench_demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv, scores.csv, roc.png (and "
-                                                                "sweep.*).")] = Path("bench-demo"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv, recall_by_grade.csv, "
+                                                                "pairs.csv, scores.csv, roc.png (and sweep.*, "
+                                                                "layer_proof.json).")] = Path("bench-demo"),
+    model: Annotated[str, typer.Option("--model", "-m", help="A shipped ground-truth model: demo, demo-sd, demo-dit "
+                                                             "or demo-edm.")] = "demo",
     sweep_layers: Annotated[bool, typer.Option("--sweep-layers", help="Also: std AUROC at every layer and a few "
-                                               "timesteps (selection / held-out halves).")] = False,
+                                               "timesteps (selection / held-out halves) and layer_proof.json.")] = False,
     device: Device = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per scoring batch.")] = None,
     flipd_probes: FlipdProbes = 1,
-    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Another copy of the demo model.")] = None,
+    model_path: Annotated[Optional[Path], typer.Option("--model-path", help="Another copy of the model.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", min=4, help="Score a stratified, seeded subset of this "
                                                  "many labelled samples (quick check).")] = None,
     sweep_timesteps: Annotated[str, typer.Option("--sweep-timesteps", help="Comma-separated timesteps for "
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
 ):
-    """Ground truth: score the shipped demo model's labelled generations with every method."""
-    from .bench.demo import run_demo
+    """Ground truth: score a shipped memorizing model's labelled generations with every method that applies."""
+    from .bench.demo import DEMO_MODELS, run_demo
 
+    if model not in DEMO_MODELS:
+        raise UsageError(f"--model must be one of {', '.join(DEMO_MODELS)} (the shipped ground-truth models), got "
+                         f"{model!r}")
     try:
         steps = tuple(int(v) for v in sweep_timesteps.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
     speed_settings(device)
-    with err.status("benchmarking on the demo model's labelled generations ..."):
-        res = run_demo(output, device=device, batch_size=batch_size, flipd_probes=flipd_probes, sweep=sweep_layers,
-                       model_path=str(model_path) if model_path else None, limit=limit, sweep_timesteps=steps)
+    with err.status(f"benchmarking on the {model} model's labelled generations ..."):
+        res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
+                       sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
+                       sweep_timesteps=steps)
     st = res["settings"]
-    render_results(res["results"], f"bench demo: {_p(st.layer)}, t={st.timestep}, device {st.device}, "
-                                   f"batch {res['batch_size']}")
+    t = Table(title=f"bench demo --model {model}: {_p(st.layer)}, t={st.timestep}, device {st.device}, batch "
+                    f"{res['batch_size']} (95% bootstrap intervals)", title_justify="left")
+    for c in ("method", "AUROC", "TPR@1%FPR", "s/sample", "memorized", "generalized"):
+        t.add_column(c, justify="left" if c == "method" else "right")
+    for _, r in res["results"].iterrows():
+        t.add_row(_p(r["method"]), _interval(r, "auroc", "auroc_lo", "auroc_hi"),
+                  _interval(r, "tpr_at_1pct_fpr", "tpr_lo", "tpr_hi"), f"{r['seconds_per_sample']:.4f}",
+                  str(r["n_memorized"]), str(r["n_generalized"]))
+    out.print(t)
+    pairs = res["pairs"]
+    if len(pairs):
+        ahead = pairs.loc[pairs["auroc_verdict"] == "ahead", "versus"].tolist()
+        behind = pairs.loc[pairs["auroc_verdict"] == "behind", "versus"].tolist()
+        out.print(f"ours_std AUROC, paired bootstrap: ahead of {', '.join(map(_p, ahead)) or 'none'}; behind "
+                  f"{', '.join(map(_p, behind)) or 'none'}; the rest within noise", soft_wrap=True)
     if "sweep" in res:
-        sw = res["sweep"]
-        best = sw.sort_values("auroc_select", ascending=False).iloc[0]
-        default = sw[(sw["layer"] == st.layer) & (sw["timestep"] == st.timestep)]
+        sw, proof = res["sweep"], res["proof"]
         out.print(f"sweep: {sw['layer'].nunique()} layers x {sw['timestep'].nunique()} timesteps; "
                   f"{int(sw['inverted'].sum())} (layer, t) pairs inverted (AUROC < 0.5)")
-        out.print(f"best on the selection half: {_p(best['layer'])} at t={best['timestep']}: AUROC "
-                  f"{best['auroc_select']:.3f} (selection), {best['auroc_heldout']:.3f} (held-out)")
-        if len(default):
-            d = default.iloc[0]
-            out.print(f"default layer {_p(st.layer)} at t={st.timestep}: AUROC {d['auroc_select']:.3f} (selection), "
-                      f"{d['auroc_heldout']:.3f} (held-out)")
-    out.print(f"wrote {_p(output)}/results.csv, scores.csv, roc.png" + (", sweep.csv, sweep.png" if sweep_layers
-                                                                          else ""), soft_wrap=True)
+        b = proof["selected"]
+        out.print(f"best on the selection half: {_p(b['layer'])} at t={b['timestep']}: AUROC "
+                  f"{b['select']['auroc']} (selection), {b['heldout']['auroc']} (held-out)", soft_wrap=True)
+        if "default" in proof:
+            d = proof["default"]
+            out.print(f"default layer {_p(d['layer'])} at t={d['timestep']}: held-out AUROC {d['heldout']['auroc']}, "
+                      f"TPR@1%FPR {d['heldout']['tpr_at_1pct_fpr']}; meets >= 0.98 / 0.90: "
+                      f"{'yes' if d['meets_bar_heldout'] else 'no'}", soft_wrap=True)
+    files = "results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png"
+    out.print(f"wrote {_p(output)}/{files}" + (", sweep.csv, sweep.png, layer_proof.json" if sweep_layers else ""),
+              soft_wrap=True)
 
 
 def render_paper_results(results, differences, title: str, metric: str = "std") -> None:

@@ -11,6 +11,10 @@ is computed, so reading the names (the CLI's ``--help``) does not load it.
 * ``entropy`` normalised entropy *deficit* 1 - H(p) / log(C), with p = |v| / sum(|v|) and H(p) = -sum p log p
               (0 log 0 = 0). 0 for a perfectly balanced vector, 1 when one channel holds all the mass.
 * ``maxmin``  max(v) - min(v).
+
+Two transformations of ``v`` that the benchmarks try before a score (not scores themselves, so not in ``SCORES``):
+``centre`` (v - mean(v), the row's mean over channels; std and maxmin are unchanged by it) and ``standardise``
+((v - mu) / sigma per channel, with reference statistics the caller must fit without the labels it reports on).
 """
 
 from __future__ import annotations
@@ -66,6 +70,21 @@ def maxmin(v: torch.Tensor) -> torch.Tensor:
     """max(v) - min(v) per row."""
     v = _check(v)
     return v.amax(dim=1) - v.amin(dim=1)
+
+
+def centre(v: torch.Tensor) -> torch.Tensor:
+    """v - mean(v) per row (the mean over channels)."""
+    v = _check(v)
+    return v - v.mean(dim=1, keepdim=True)
+
+
+def standardise(v: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(v - mean) / scale per channel (``mean``, ``scale``: [C] reference statistics; scale floored at 1e-8)."""
+    v = _check(v)
+    if mean.shape != v.shape[1:] or scale.shape != v.shape[1:]:
+        raise ValueError(f"per-channel statistics of shape {tuple(v.shape[1:])} expected, got "
+                         f"{tuple(mean.shape)} and {tuple(scale.shape)}")
+    return (v - mean.to(v.dtype)) / scale.to(v.dtype).clamp_min(1e-8)
 
 
 #: Name -> function. The order is the order of the report columns.
