@@ -785,6 +785,11 @@ def cmd_ship(args) -> None:
     bench_dst.mkdir(parents=True)
     for name in BENCH_FILES:
         shutil.copy2(run / name, bench_dst / name)
+    man = pd.read_csv(bench_dst / "manifest.csv")
+    if "class" in man.columns and "class_index" not in man.columns:
+        # the class label each generation was sampled with, as the model takes it (``bench demo`` reads it)
+        man.insert(list(man.columns).index("class") + 1, "class_index", [CLASSES.index(c) for c in man["class"]])
+        man.to_csv(bench_dst / "manifest.csv", index=False)
     size = folder_bytes(model_dst)
     if size > 20e6:
         raise SystemExit(f"{model_dst} is {size / 1e6:.1f} MB, over the 20 MB limit")
