@@ -74,6 +74,15 @@ PRESETS: dict[str, Preset] = {
                     "sigma through the DDPM linear schedule; decoder: model.dec.8x8_block3.norm0", schedule=LINEAR),
         Preset("demo", "ddpm", packaged("demo"), None,
                note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
+        Preset("demo-sd", "sd", packaged("demo-sd"), "up_blocks.0.resnets.2.conv2:in",
+               note="shipped ground-truth StableDiffusionPipeline in miniature (CIFAR-10 captions, graded "
+                    "duplication, memorized prompts in memorized_prompts.csv); layer as sd14"),
+        Preset("demo-dit", "dit", packaged("demo-dit"), None, options={"reading": "mlp"},
+               note="shipped ground-truth DiTPipeline in miniature (CIFAR-10 classes, graded duplication); "
+                    "middle block MLP (transformer_blocks.3.ff.net.0)"),
+        Preset("demo-edm", "edm", packaged("demo-edm"), "model.enc.8x8_block3.norm0",
+               note="shipped ground-truth SongUNet + EDMPrecond (CIFAR-10 pixels, graded duplication); "
+                    "layer as edm-cifar10"),
     ]
 }
 
