@@ -63,3 +63,20 @@ def test_bad_shapes_are_refused():
         scores.std(torch.zeros(2, 3, 4))
     with pytest.raises(ValueError, match="at least 2 channels"):
         scores.std(torch.zeros(2, 1))
+
+
+def test_centre_and_standardise_against_a_reference():
+    from memdetect.scores import centre, standardise
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(5, 7, generator=g) * 3 + 2
+    c = centre(v)
+    assert torch.allclose(c.mean(dim=1), torch.zeros(5), atol=1e-6)
+    S = scores.SCORES
+    assert torch.allclose(S["std"](c), S["std"](v)) and torch.allclose(S["maxmin"](c), S["maxmin"](v))
+    mu, sd = v.mean(dim=0), v.std(dim=0)
+    z = standardise(v, mu, sd)
+    assert torch.allclose(z, (v - mu) / sd) and torch.allclose(z.mean(dim=0), torch.zeros(7), atol=1e-5)
+    assert torch.isfinite(standardise(v, mu, torch.zeros(7))).all()  # a constant channel does not divide by zero
+    with pytest.raises(ValueError, match="per-channel statistics"):
+        standardise(v, mu[:3], sd)
