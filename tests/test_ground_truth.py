@@ -1,0 +1,118 @@
+"""The shipped ground-truth models (demo-sd, demo-dit, demo-edm): each loads through its family's adapter, as a
+real model of that family does, and its own labelled generations separate by the default std score.
+
+Each test scores a fixed, seeded, label-balanced subset of 100 labelled samples (``balanced_subset``) on CPU; none needs ../shared.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from memdetect import Detector
+from memdetect.bench.labels import LabelRule
+from memdetect.models.presets import PRESETS, packaged
+
+MODELS = {  # preset -> (family, bench folder, adapter class name, default layer)
+    "demo-sd": ("sd", "demo_sd_bench", "StableDiffusionAdapter", "up_blocks.0.resnets.2.conv2:in"),
+    "demo-dit": ("dit", "demo_dit_bench", "DiTAdapter", "transformer_blocks.3.ff.net.0"),
+    "demo-edm": ("edm", "demo_edm_bench", "EDMAdapter", "model.enc.8x8_block3.norm0"),
+}
+DATA = Path(packaged("demo")).parent
+
+
+def labelled(bench: str) -> tuple[torch.Tensor, pd.DataFrame]:
+    folder = DATA / bench
+    images = torch.from_numpy(np.load(folder / "samples.npz")["samples"])
+    man = pd.read_csv(folder / "manifest.csv")
+    rule = LabelRule()
+    man["label"] = [rule.label(s) for s in man["similarity"]]
+    return images, man
+
+
+def balanced_subset(man: pd.DataFrame, size: int = 100, seed: int = 0) -> np.ndarray:
+    """A fixed (seeded) sample of labelled generations stratified by label with equal allocation: up to half
+    memorized, the rest generalized (a proportional split would leave a handful of memorized samples on a model
+    that memorizes few, e.g. 7 of 100 on demo-dit)."""
+    rng = np.random.default_rng(seed)
+    mem = man.loc[man["label"] == "memorized", "sample"].to_numpy()
+    gen = man.loc[man["label"] == "generalized", "sample"].to_numpy()
+    k = min(size // 2, len(mem))
+    return np.sort(np.concatenate([rng.choice(mem, k, replace=False), rng.choice(gen, size - k, replace=False)]))
+
+
+#: measured, not hoped for: the DiT default layer does not reach the bar on demo-dit (RESULTS.md; issue 12)
+BELOW_BAR = {"demo-dit": "default layer transformer_blocks.3.ff.net.0 at t=50: std AUROC 0.84 on this subset, "
+                         "below 0.9 (see benchmarks/RESULTS.md)"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n]))
+                                  if n in BELOW_BAR else n for n in MODELS])
+def test_shipped_model_scores_its_labelled_samples(name):
+    family, bench, adapter_cls, layer = MODELS[name]
+    assert PRESETS[name].family == family
+    det = Detector.from_pretrained(name, device="cpu")
+    assert type(det.adapter).__name__ == adapter_cls and det.adapter.family == family
+    assert str(det.layer) == layer and det.timestep == 50 and det.adapter.resolution == 32
+    assert all(p.dtype == torch.float32 for p in det.adapter.denoiser.parameters())  # fp16 files load as float32
+
+    images, man = labelled(bench)
+    keep = balanced_subset(man)
+    y_keep = (man.set_index("sample").loc[keep, "label"] == "memorized").to_numpy().astype(int)
+    assert 20 <= y_keep.sum() <= 50 and len(keep) == 100
+    std = det.score_tensor(images[keep])["std"]
+    assert roc_auc_score(y_keep, std) >= 0.9
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_shipped_files_sizes_and_labels(name):
+    family, bench, _, _ = MODELS[name]
+    model_dir = DATA / name
+    files = [f for f in model_dir.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20e6
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pkl", ".pt", ".ckpt")]
+    assert weights and all(f.suffix == ".safetensors" for f in weights)
+
+    images, man = labelled(bench)
+    assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == (3, 32, 32) and len(images) == len(man)
+    counts = man["label"].value_counts()
+    assert counts.get("memorized", 0) + counts.get("generalized", 0) >= 1000
+    assert counts.get("memorized", 0) >= 50 and counts.get("generalized", 0) >= 100  # dozens memorized at least
+    for col in ("similarity", "nearest_train", "nearest_grade", "nearest_count", "nearest_kind", "flipped",
+                "shift_dy", "shift_dx"):
+        assert col in man.columns
+    recipe = json.loads((DATA / bench / "recipe.json").read_text())
+    assert recipe["flags"]["cmd"] == family and recipe["steps_done"] > 0 and "grade_table" in recipe
+    # the memorized generations copy duplicated training images (how many grades each model reproduces is in
+    # RESULTS.md: demo-dit reproduces only its 256-copy grade)
+    mem = man[man["label"] == "memorized"]
+    assert (mem["nearest_count"] > 1).mean() >= 0.9
+
+
+def test_package_data_budget():
+    total = sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file())
+    assert total <= 80e6
+
+
+def test_demo_sd_prompt_lists_load_with_the_laion_reader():
+    from memdetect.bench.prompts import load_list
+
+    folder = DATA / "demo-sd"
+    mem, _ = load_list(folder / "memorized_prompts.csv", "wen-memorized")
+    normal, _ = load_list(folder / "normal_prompts.csv", "nemo-unmemorized", option="--normal")
+    assert len(mem) >= 50 and len(normal) >= 50
+    assert mem["prompt"].is_unique and not set(mem["prompt"]) & set(normal["prompt"])
+    assert {"count", "kind", "grade", "train_image"} <= set(mem.columns)
+    high, _ = load_list(folder / "memorized_prompts.csv", "wen-memorized", filters=["count>=64"])
+    assert 0 < len(high) < len(mem)
+
+
+def test_demo_dit_depth_is_even_and_null_class_is_ten():
+    cfg = json.loads((DATA / "demo-dit" / "transformer" / "config.json").read_text())
+    assert cfg["num_layers"] % 2 == 0 and cfg["num_embeds_ada_norm"] == 10 and cfg["patch_size"] == 2
