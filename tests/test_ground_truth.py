@@ -47,9 +47,11 @@ def balanced_subset(man: pd.DataFrame, size: int = 100, seed: int = 0) -> np.nda
     return np.sort(np.concatenate([rng.choice(mem, k, replace=False), rng.choice(gen, size - k, replace=False)]))
 
 
-#: measured, not hoped for: the DiT default layer does not reach the bar on demo-dit (RESULTS.md; issue 12)
+#: measured, not hoped for: these default layers do not reach the bar on demo-dit (RESULTS.md; issue 12)
 BELOW_BAR = {"demo-dit": "default layer transformer_blocks.3.ff.net.0 at t=50: std AUROC 0.84 on this subset, "
-                         "below 0.9 (see benchmarks/RESULTS.md)"}
+                         "below 0.9 (see benchmarks/RESULTS.md)",
+             "demo-sd": "default layer up_blocks.0.resnets.2.conv2:in at t=50: std AUROC 0.898 on this subset, "
+                        "below 0.9 (see benchmarks/RESULTS.md)"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n]))
