@@ -802,6 +802,7 @@ def bench_demo(
                                                  "many labelled samples (quick check).")] = None,
     sweep_timesteps: Annotated[str, typer.Option("--sweep-timesteps", help="Comma-separated timesteps for "
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
+    bootstrap: Bootstrap = 1000,
 ):
     """Ground truth: score a shipped memorizing model's labelled generations with every method that applies."""
     from .bench.demo import DEMO_MODELS, run_demo
@@ -817,7 +818,7 @@ def bench_demo(
     with err.status(f"benchmarking on the {model} model's labelled generations ..."):
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
-                       sweep_timesteps=steps)
+                       sweep_timesteps=steps, n_boot=bootstrap)
     st = res["settings"]
     t = Table(title=f"bench demo --model {model}: {_p(st.layer)}, t={st.timestep}, device {st.device}, batch "
                     f"{res['batch_size']} (95% bootstrap intervals)", title_justify="left")

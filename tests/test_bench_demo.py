@@ -22,7 +22,7 @@ def test_demo_set_and_stratified_subset():
 def test_bench_demo_cli_subset_with_sweep(tmp_path):
     out = tmp_path / "bench"
     res = CliRunner().invoke(app, ["bench", "demo", "--limit", "48", "--sweep-layers", "--sweep-timesteps", "50",
-                                   "--batch-size", "24", "--output", str(out)])
+                                   "--batch-size", "24", "--bootstrap", "100", "--output", str(out)])
     assert res.exit_code == 0, res.output
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == [*DEMO_COLUMNS, "timing"]

@@ -65,8 +65,7 @@ log = logging.getLogger(__name__)
 
 #: The shipped ground-truth models (``memdetect/data/<name>`` with labelled generations in ``<name>_bench``).
 DEMO_MODELS = ("demo", "demo-sd", "demo-dit", "demo-edm")
-RESULT_COLUMNS = ["method", "auroc", "tpr_at_1pct_fpr", "seconds_per_sample", "n_memorized", "n_generalized"]
-#: ``bench demo``'s results.csv: RESULT_COLUMNS with bootstrap intervals and each method's own 1%-FPR threshold.
+#: ``bench demo``'s results.csv (and a ``timing`` column): bootstrap intervals and each method's own 1%-FPR threshold
 DEMO_COLUMNS = ["method", "auroc", "auroc_lo", "auroc_hi", "tpr_at_1pct_fpr", "tpr_lo", "tpr_hi", "threshold",
                 "seconds_per_sample", "n_memorized", "n_generalized"]
 SWEEP_TIMESTEPS = (10, 25, 50, 100, 200, 400)
@@ -304,26 +303,6 @@ def _pool_features(det: Detector, data: DemoSet, batch_size: int, labelled_feats
     extra = [det.features(imgs[sl], [image_seed(v, det.seed) for v in imgs[sl].numpy()])
              for sl in _batches(len(imgs), batch_size)]
     return torch.cat([labelled_feats, *[e.to(labelled_feats.dtype) for e in extra]])
-
-
-def results_table(per_sample: pd.DataFrame, seconds: dict, labels: np.ndarray,
-                  timing: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per method of ``seconds`` (point estimates). ``timing``: how each method was timed (a ``timing``
-    column). A method with a NaN or infinite score gets NaN metrics and a warning instead of stopping the table."""
-    rows = []
-    for method, sec in seconds.items():
-        scores = per_sample[method].to_numpy(dtype=np.float64)
-        if np.isfinite(scores).all():
-            m = roc_metrics(labels, scores)
-        else:
-            log.warning("%s: %d of %d scores are NaN or infinite; its AUROC is left empty", method,
-                        int((~np.isfinite(scores)).sum()), len(scores))
-            m = {"auroc": float("nan"), "tpr_at_1pct_fpr": float("nan")}
-        rows.append({"method": method, **m, "seconds_per_sample": sec, "n_memorized": int(labels.sum()),
-                     "n_generalized": int((1 - labels).sum())})
-        if timing is not None:
-            rows[-1]["timing"] = timing.get(method, "")
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS + (["timing"] if timing is not None else []))
 
 
 def interval_table(per_sample: pd.DataFrame, seconds: dict, labels: np.ndarray, grades: np.ndarray,
