@@ -118,3 +118,14 @@ def test_demo_sd_prompt_lists_load_with_the_laion_reader():
 def test_demo_dit_depth_is_even_and_null_class_is_ten():
     cfg = json.loads((DATA / "demo-dit" / "transformer" / "config.json").read_text())
     assert cfg["num_layers"] % 2 == 0 and cfg["num_embeds_ada_norm"] == 10 and cfg["patch_size"] == 2
+
+
+def test_layer_sweep_on_a_transformer_skips_what_token_pooling_cannot_reduce():
+    from memdetect.bench.demo import bench_folder, load_demo_set, subset, sweep_layers
+
+    det = Detector.from_pretrained("demo-dit", device="cpu")
+    data = subset(load_demo_set(bench_folder("demo-dit")), 40)  # 40: a few memorized samples to split
+    sweep = sweep_layers(det, data, timesteps=(50,), batch_size=8, select_fraction=0.5)
+    assert "transformer_blocks.3.ff.net.0" in set(sweep["layer"])
+    assert not any(s.startswith("pos_embed.proj") for s in sweep["layer"])  # [B, C, H, W]: no token axis
+    assert sweep["auroc_select"].between(0, 1).all()

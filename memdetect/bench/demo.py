@@ -53,7 +53,7 @@ import torch
 
 from ..capture import LayerSpec, Trace, pool
 from ..detector import Detector
-from ..errors import UnsupportedModelError, UsageError
+from ..errors import LayerError, UnsupportedModelError, UsageError
 from ..io import image_seed
 from ..models.presets import packaged
 from ..scores import SCORES, centre, standardise, std
@@ -380,6 +380,16 @@ def plot_roc(per_sample: pd.DataFrame, methods, labels: np.ndarray, path: Path, 
     plt.close(fig)
 
 
+def _poolable(shape: tuple[int, ...], how: str) -> bool:
+    """Whether the adapter's pooling reduces a capture of this shape (e.g. token-max skips a transformer's
+    patch-embedding convolution, [B, C, H, W])."""
+    try:
+        pool(torch.zeros(shape), how)
+    except LayerError:
+        return False
+    return True
+
+
 def sweep_layers(det: Detector, data: DemoSet, *, timesteps=SWEEP_TIMESTEPS, batch_size: int = 128,
                  select_fraction: float = 0.5, split_seed: int = 0, keep_scores: bool = False):
     """AUROC and TPR@1%FPR of the std score at every hookable layer (module output, every call) and each timestep.
@@ -393,7 +403,8 @@ def sweep_layers(det: Detector, data: DemoSet, *, timesteps=SWEEP_TIMESTEPS, bat
     images = data.images[data.labelled]
     labels = data.labels
     sel, held = split_halves(labels, select_fraction, split_seed)
-    specs = [i.spec for i in det.layers() if len(i.shape) in (2, 3, 4) and i.shape[1] >= 2 and i.shape[0] == 1]
+    specs = [i.spec for i in det.layers() if len(i.shape) in (2, 3, 4) and i.shape[1] >= 2 and i.shape[0] == 1
+             and _poolable(i.shape, a.pooling)]
     specs = [s for s in specs if not s.startswith("time_")]  # image-independent time-embedding layers
     default = str(det.layer)
     if default not in specs:  # e.g. an input hook (NAME:in): sweep it too, just before its module's output
