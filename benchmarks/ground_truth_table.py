@@ -74,7 +74,8 @@ def main(argv=None) -> None:
         for _, r in p.iterrows():
             for k in ("auroc", "tpr"):
                 if r[f"{k}_verdict"] != "no difference":
-                    parts.append(f"{r[f'{k}_verdict']} of {r['versus']} in {k.upper()} by {r[f'd_{k}']:+.3f} "
+                    verdict = "ahead of" if r[f"{k}_verdict"] == "ahead" else "behind"
+                    parts.append(f"{verdict} {r['versus']} in {k.upper()} by {r[f'd_{k}']:+.3f} "
                                  f"[{r[f'd_{k}_lo']:+.3f}, {r[f'd_{k}_hi']:+.3f}]")
         print(f"* {m}: " + ("; ".join(parts) if parts else "no difference excludes 0"))
 
