@@ -61,7 +61,8 @@ def main(argv=None) -> None:
         order = sorted([g for g in wide.columns if g != "generalized (FPR)"],
                        key=lambda g: (g.split("-")[0], int(g.split("-")[1]) if g.split("-")[-1].isdigit() else 0))
         order.append("generalized (FPR)")
-        print(f"\n**{m}: recall per grade at each method's own 1%-FPR threshold** (n = memorized samples of the grade)\n")
+        print(f"\n**{m}: recall per grade at each method's own 1%-FPR threshold** "
+              f"(n = memorized samples of the grade)\n")
         print("| method | " + " | ".join(f"{g} (n={int(n[g])})" for g in order) + " |")
         print("|---|" + "---|" * len(order))
         for meth, r in wide.iterrows():

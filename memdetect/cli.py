@@ -793,7 +793,7 @@ def bench_demo(
     model: Annotated[str, typer.Option("--model", "-m", help="A shipped ground-truth model: demo, demo-sd, demo-dit "
                                                              "or demo-edm.")] = "demo",
     sweep_layers: Annotated[bool, typer.Option("--sweep-layers", help="Also: std AUROC at every layer and a few "
-                                               "timesteps (selection / held-out halves) and layer_proof.json.")] = False,
+                                               "timesteps (selection / held-out halves), layer_proof.json.")] = False,
     device: Device = "auto",
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per scoring batch.")] = None,
     flipd_probes: FlipdProbes = 1,

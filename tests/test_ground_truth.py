@@ -1,7 +1,8 @@
 """The shipped ground-truth models (demo-sd, demo-dit, demo-edm): each loads through its family's adapter, as a
 real model of that family does, and its own labelled generations separate by the default std score.
 
-Each test scores a fixed, seeded, label-balanced subset of 100 labelled samples (``balanced_subset``) on CPU; none needs ../shared.
+Each test scores a fixed, seeded, label-balanced subset of 100 labelled samples (``balanced_subset``) on CPU;
+none needs ../shared.
 """
 
 from __future__ import annotations
