@@ -48,15 +48,15 @@ def balanced_subset(man: pd.DataFrame, size: int = 100, seed: int = 0) -> np.nda
     return np.sort(np.concatenate([rng.choice(mem, k, replace=False), rng.choice(gen, size - k, replace=False)]))
 
 
-#: measured, not hoped for: these default layers do not reach the bar on demo-dit (RESULTS.md; issue 12)
-BELOW_BAR = {"demo-dit": "default layer transformer_blocks.3.ff.net.0 at t=50: std AUROC 0.84 on this subset, "
-                         "below 0.9 (see benchmarks/RESULTS.md)",
-             "demo-sd": "default layer up_blocks.0.resnets.2.conv2:in at t=50: std AUROC 0.898 on this subset, "
-                        "below 0.9 (see benchmarks/RESULTS.md)"}
+#: The issue's bar is AUROC >= 0.9 on this subset. Two default layers do not reach it (measured: demo-sd 0.898,
+#: demo-dit 0.84 on this subset; benchmarks/RESULTS.md, issue 12). For them the test holds the measured level, less a
+#: margin, so that a regression still fails, and says plainly that the bar is not met; the defaults are the paper's
+#: layers for the real models and are not tuned on these miniatures.
+BAR = 0.9
+BELOW_BAR = {"demo-sd": 0.85, "demo-dit": 0.78}
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=BELOW_BAR[n]))
-                                  if n in BELOW_BAR else n for n in MODELS])
+@pytest.mark.parametrize("name", list(MODELS))
 def test_shipped_model_scores_its_labelled_samples(name):
     family, bench, adapter_cls, layer = MODELS[name]
     assert PRESETS[name].family == family
@@ -70,7 +70,8 @@ def test_shipped_model_scores_its_labelled_samples(name):
     y_keep = (man.set_index("sample").loc[keep, "label"] == "memorized").to_numpy().astype(int)
     assert 20 <= y_keep.sum() <= 50 and len(keep) == 100
     std = det.score_tensor(images[keep])["std"]
-    assert roc_auc_score(y_keep, std) >= 0.9
+    auroc = roc_auc_score(y_keep, std)
+    assert auroc >= BELOW_BAR.get(name, BAR), f"{name}: std AUROC {auroc:.3f} on the fixed subset"
 
 
 @pytest.mark.parametrize("name", list(MODELS))
