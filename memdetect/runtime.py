@@ -1,24 +1,30 @@
-"""Process-level settings that keep a CPU scan at the arithmetic floor.
+"""Process-level settings that keep a CPU scan at the arithmetic floor without keeping its peak memory for good.
 
 The one that matters: glibc's ``malloc`` serves every block above 128 KiB-32 MiB with a fresh ``mmap`` and gives
 it back to the kernel with ``munmap`` on free. A 512 px SD1.4 scan allocates and frees 134 MB activation tensors
 dozens of times per image, so every layer's output is written into pages the kernel must fault in and zero first:
 measured on 2 CPU cores with SD1.4's real architecture (torch.profiler, one 512 px image), that was 31% of the
 scan: 13.6 s per image, 9.4 s once freed memory is kept. ``MEMDETECT_RETAIN_MEMORY=0 python benchmarks/perf.py
---models sd14`` measures the scan without it. ``retain_freed_memory`` tells glibc to serve large blocks
-from its heap and not to trim it, so a freed activation's pages are reused by the next layer.
+--models sd14`` measures the scan without it. ``retain_freed_memory`` tells glibc to serve large blocks from its
+heap (``M_MMAP_MAX`` 0), so a freed activation's pages are reused by the next layer.
 
-The price is that the process keeps its peak heap until it exits instead of handing memory back between batches
-(peak RSS is unchanged; RSS stays at it). That is what a scanner process wants, so the ``memdetect`` command calls
-``retain_freed_memory`` for CPU scans. It holds for the whole process, so the library never sets it by itself: a
-program that embeds memdetect opts in by calling ``memdetect.retain_freed_memory()`` (and can undo it with
-``restore_allocator``). ``MEMDETECT_RETAIN_MEMORY=0`` makes the call a no-op. The state is part of a scan's
-``Settings`` (``allocator``). Other C libraries are left as they are.
+What the heap keeps is bounded by one batch's working set, not by the process's peak: ``M_TRIM_THRESHOLD`` and
+``M_TOP_PAD`` are set to it (``set_working_set``; the ``Detector`` sizes it from its model's largest activation and
+its batch, ``DEFAULT_WORKING_SET`` until then), so free memory beyond one batch's worth at the top of the heap goes
+back to the kernel as it is freed. ``release_free_memory`` (glibc's ``malloc_trim``) hands back every free page,
+also those between live blocks: the ``Detector`` calls it after loading and pruning its model, at the end of a scan
+and before it forks DataLoader workers. (Measured before the bound, with trimming off: SD1.4 kept 20.9 GB resident
+after a scan that peaked there.)
+
+It holds for the whole process, so the library never sets it by itself: the ``memdetect`` command calls
+``retain_freed_memory`` for CPU scans, and a program that embeds memdetect opts in by calling
+``memdetect.retain_freed_memory()`` (and can undo it with ``restore_allocator``). ``MEMDETECT_RETAIN_MEMORY=0``
+makes the call a no-op. The state is part of a scan's ``Settings`` (``allocator``; the working-set bound is not:
+it changes no score). Other C libraries are left as they are.
 
 One interaction needs care: a process forked while its heap holds gigabytes of freed-but-retained pages shares
 them copy-on-write, and every page the parent then reuses is copied, doubling physical memory (measured: a
-DataLoader worker forked after an SD1.4 run was OOM-killed on a 24 GiB machine). ``release_free_memory`` hands
-the free pages back (glibc's ``malloc_trim``), and ``Detector`` calls it before it starts DataLoader workers.
+DataLoader worker forked after an SD1.4 run was OOM-killed on a 24 GiB machine). Hence the release before forking.
 """
 
 from __future__ import annotations
@@ -33,14 +39,17 @@ import sys
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # <malloc.h>: free memory above this at the heap's top goes back to the kernel
+_M_TOP_PAD = -2  # <malloc.h>: what a trim leaves at the top (and the extra asked of the kernel when growing)
 _M_MMAP_MAX = -4  # <malloc.h>: how many blocks may be served by mmap at once (0: none; the heap serves all)
-_TRIM_NEVER = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
-_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD = 65536, 128 * 1024  # mallopt(3): glibc's defaults
+_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _DEFAULT_TOP_PAD = 65536, 128 * 1024, 128 * 1024  # mallopt(3): defaults
+_MAX_INT = 2**31 - 1  # mallopt takes an int
+#: what the heap keeps free until a detector says how much one batch needs
+DEFAULT_WORKING_SET = 256 * 2**20
 ENV = "MEMDETECT_RETAIN_MEMORY"
 #: ``allocator_state()`` values, as ``Settings.allocator`` records them
 RETAINED, DEFAULT = "retain-freed", "default"
 
-_state: dict[str, bool] = {}
+_state: dict[str, bool | int] = {}
 
 
 @functools.cache
@@ -66,11 +75,37 @@ def retain_freed_memory() -> bool:
     libc = glibc()
     ok = False
     if libc is not None:
-        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_NEVER))
+        ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and _bound(libc, DEFAULT_WORKING_SET)
         if not ok:
             log.debug("mallopt refused; the allocator is left as it was")
     _state["done"] = ok
+    if ok:
+        _state["working_set"] = DEFAULT_WORKING_SET
     return ok
+
+
+def _bound(libc, nbytes: int) -> bool:
+    n = int(min(max(nbytes, _DEFAULT_TRIM_THRESHOLD), _MAX_INT))
+    return bool(libc.mallopt(_M_TRIM_THRESHOLD, n)) and bool(libc.mallopt(_M_TOP_PAD, n))
+
+
+def set_working_set(nbytes: int) -> bool:
+    """While freed memory is retained, keep at most ``nbytes`` of it free at the heap's top (glibc's trim threshold
+    and top pad; at least 128 KiB, at most 2 GiB - 1): one batch's working set. True when applied; a no-op
+    otherwise. The largest size asked for since ``retain_freed_memory`` wins (detectors may share a process)."""
+    libc = glibc()
+    if not _state.get("done") or libc is None:
+        return False
+    nbytes = max(int(nbytes), int(_state.get("working_set", 0)))
+    if not _bound(libc, nbytes):
+        return False
+    _state["working_set"] = nbytes
+    return True
+
+
+def working_set() -> int | None:
+    """The bound ``set_working_set`` applied (None while freed memory is not retained)."""
+    return int(_state["working_set"]) if _state.get("done") else None
 
 
 def retained() -> bool:
@@ -94,16 +129,16 @@ def restore_allocator() -> bool:
         return False
     libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
     libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+    libc.mallopt(_M_TOP_PAD, _DEFAULT_TOP_PAD)
     libc.malloc_trim(0)
     return True
 
 
 def release_free_memory() -> bool:
-    """Return the heap's free pages to the kernel now (glibc ``malloc_trim(0)``); call before forking.
+    """Return the heap's free pages to the kernel now (glibc ``malloc_trim(0)``), whatever the allocator setting:
+    after loading, between phases, before forking.
 
     True when glibc reported memory released. Safe to call any time; the next allocations fault pages in again.
     """
-    if not _state.get("done"):
-        return False
     libc = glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
