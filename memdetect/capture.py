@@ -23,7 +23,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import LayerError
+from .errors import LayerError, PrunedModuleError
 
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+?)(?::(?P<port>in|out))?(?:@(?P<call>\d+))?$")
 
@@ -238,3 +238,122 @@ def probe_layers(model: nn.Module, run, include_inputs: bool = False) -> list[La
             spec = name if k == 0 else f"{name}@{k}"
             out.append(LayerInfo(spec=spec, module_type=types.get(base, "?"), shape=shape, calls=len(shapes)))
     return out
+
+
+# -- what runs before the stop ----------------------------------------------------------------------------------------
+
+@dataclass
+class Usage:
+    """What one probe forward (``trace_usage``) touched, by object identity.
+
+    ``tensors``: parameters and buffers some operation read; ``fired``: modules whose forward started, in order,
+    with the shape of their first positional input on the first call (``()`` when it is not a tensor);
+    ``largest_bytes``: the largest tensor a module took or produced.
+    """
+
+    tensors: set[int]
+    fired: dict[nn.Module, tuple[int, ...]]
+    largest_bytes: int
+
+    def __or__(self, other: "Usage") -> "Usage":
+        """Both probes' records (``self`` ran first)."""
+        return Usage(self.tensors | other.tensors, {**other.fired, **self.fired},
+                     max(self.largest_bytes, other.largest_bytes))
+
+
+def _tensors_in(obj, out: list) -> list:
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            _tensors_in(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            _tensors_in(o, out)
+    return out
+
+
+def trace_usage(modules: Sequence[nn.Module], run: Callable[[], None]) -> Usage:
+    """Run ``run()`` once on fake tensors (shapes and dtypes only: no arithmetic, no memory for activations) and
+    record which parameters and buffers of ``modules`` it reads and which modules fire.
+
+    ``run`` typically wraps the forward pass in a ``Trace`` with ``stop=True``: what is recorded is then exactly
+    what the scan path executes up to its early exit. Real tensors the run meets (the weights, its inputs) are read
+    through fake copies and left untouched, so nothing is computed and no weight page is read. Raises whatever the
+    run raises (a model whose forward needs real values, e.g. data-dependent control flow, cannot be probed).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    owned = {id(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+    read: set[int] = set()
+    fired: dict[nn.Module, tuple[int, ...]] = {}
+    largest = [0]
+
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * t.element_size()
+
+    class Reads(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            for t in _tensors_in((args, kwargs or {}), []):
+                if id(t) in owned:
+                    read.add(id(t))
+            return func(*args, **(kwargs or {}))
+
+    def pre(module, args):
+        ts = _tensors_in(args, [])
+        if module not in fired:
+            fired[module] = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else ()
+        largest[0] = max([largest[0], *(size(t) for t in ts)])
+
+    def post(module, args, output):
+        largest[0] = max([largest[0], *(size(t) for t in _tensors_in(output, []))])
+
+    handles = []
+    try:
+        for root in modules:
+            for m in root.modules():
+                handles.append(m.register_forward_pre_hook(pre))
+                handles.append(m.register_forward_hook(post))
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), Reads():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return Usage(tensors=read, fired=fired, largest_bytes=largest[0])
+
+
+def prune(modules: Sequence[nn.Module], usage: Usage, reason: str) -> int:
+    """Drop from ``modules`` every parameter and buffer that ``usage`` did not see read, returning their bytes.
+
+    A dropped tensor is replaced by one on the ``meta`` device (same shape and dtype, no memory), so the module tree,
+    names, ``state_dict`` keys and dtype/shape queries stay; any arithmetic on it fails. Every module that never
+    fired and lost a tensor (its own or below it) also gets a pre-hook raising ``PrunedModuleError`` with
+    ``reason``, so calling what was dropped says so instead of failing deep inside torch. Shared tensors are replaced in every module that
+    holds them.
+    """
+    replaced: dict[int, torch.Tensor] = {}
+    freed = 0
+    lost: set[nn.Module] = set()
+    for root in modules:
+        for name, m in root.named_modules():
+            for table in (m._parameters, m._buffers):
+                for key, t in list(table.items()):
+                    if t is None or t.is_meta or id(t) in usage.tensors:
+                        continue
+                    if id(t) not in replaced:
+                        meta = t.detach().to("meta")
+                        replaced[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(
+                            t, nn.Parameter) else meta
+                        freed += t.numel() * t.element_size()
+                    table[key] = replaced[id(t)]
+                    lost.add(m)
+
+    def guard(module, args, name=""):
+        raise PrunedModuleError(f"{name or type(module).__name__} was dropped: {reason}")
+
+    for root in modules:
+        for name, m in root.named_modules():
+            if m not in usage.fired and any(d in lost for d in m.modules()):
+                m.register_forward_pre_hook(lambda mod, args, name=name: guard(mod, args, name))
+    return freed

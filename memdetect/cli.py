@@ -725,7 +725,7 @@ def layers(
     device: Device = "auto", dtype: Dtype = "auto",
 ):
     """List hookable layers with their output shape on a probe input and how often each fires per forward."""
-    det = load_detector(model, model_path, device=device, dtype=dtype)
+    det = load_detector(model, model_path, device=device, dtype=dtype, prune=False)  # the full forward
     with err.status("probing one forward pass ..."):
         infos = det.layers(include_inputs=inputs)
     t = Table(title=f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import math
 import operator
 import os
@@ -26,10 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import runtime, winograd
+from . import capture, runtime, winograd
 from ._version import __version__
 from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
-from .errors import UsageError
+from .errors import LayerError, UsageError
 from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, display_path, image_seed, read_file
 from .journal import fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
@@ -37,6 +38,14 @@ from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
 from .state import StateDir
 from .text import printable
+
+log = logging.getLogger(__name__)
+
+#: live tensors of a batch at its widest point, in units of the largest activation (a ResNet block holds its input,
+#: a normalised copy and a convolution's output; attention and the allocator's slack take the rest)
+WORKING_SET_FACTOR = 4
+#: on a CPU, what encoding may hold at once (``Detector.encode_batch``)
+ENCODE_BYTES = 512 * 2**20
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -64,6 +73,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return DTYPES[dtype]
     except KeyError:
         raise UsageError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}") from None
+
+
+def batch_for_memory(free_bytes: int, per_image_bytes: int, *, fraction: float = 0.8, cap: int = 1024) -> int:
+    """How many images fit in ``fraction`` of ``free_bytes`` at ``per_image_bytes`` each: at least 1, at most
+    ``cap``."""
+    if per_image_bytes <= 0:
+        return cap
+    return int(max(1, min(cap, (free_bytes * fraction) // per_image_bytes)))
 
 
 #: Seeds are unsigned 64-bit integers (``io.image_seed`` hashes 8 bytes of it).
@@ -150,14 +167,27 @@ class Detector:
     """Score images for memorization with one partial forward pass of a diffusion model.
 
     ``winograd``: Winograd's algorithm for the wide 3x3 convolutions of a CPU float32 scan (None: on unless
-    ``MEMDETECT_WINOGRAD=0``). It configures the adapter's modules in place (a detector owns its adapter: two
-    detectors sharing one adapter share the last one's setting) and is recorded in ``settings``. The process-wide
-    allocator setting is not the detector's to make: see ``memdetect.retain_freed_memory``.
+    ``MEMDETECT_WINOGRAD=0``), for the layers that run where it pays (``memdetect.winograd``). It configures the
+    adapter's modules in place (a detector owns its adapter: two detectors sharing one adapter share the last one's
+    setting) and is recorded in ``settings``. The process-wide allocator setting is not the detector's to make: see
+    ``memdetect.retain_freed_memory``.
+
+    ``prune``: drop the weights the scan never runs (None: when ``early_exit``). A probe forward on fake tensors
+    (``capture.trace_usage``: shapes only, no arithmetic) records which parameters and buffers the scan path reads
+    before its early exit; the others (SD: the VAE decoder and the UNet after the hooked layer) are replaced by
+    empty ``meta`` tensors, in place, before the weights are placed (``Adapter.place``), so their memory is freed
+    or, when loaded from safetensors, never read. Scores are bit-identical to the full model's: nothing that runs
+    changes. The adapter is then only good for this layer's scan: a full forward, ``layers()``, generation or
+    decoding need ``prune=False`` (``memdetect layers`` and the benchmarks load that way), and calling a dropped
+    module raises ``PrunedModuleError``.
+
+    ``batch_size``: None picks the adapter's CPU default, or on a GPU as many images as fit in the free device
+    memory (``batch_for_memory``). On an out-of-memory error the batch is halved and retried (logged once).
     """
 
     def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
-                 early_exit: bool = True, name: str = "", winograd: bool | None = None):
+                 early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None):
         check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep)
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
@@ -167,18 +197,118 @@ class Detector:
         self.metric = metric
         self.threshold = threshold
         self.seed = int(seed)
-        self.batch_size = batch_size or adapter.default_batch_size()
-        self.early_exit = early_exit
         self.name = name or adapter.source
-        self.winograd = self._configure_winograd(winograd)
         self._weights: str | None = None
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
+        prune = early_exit if prune is None else bool(prune)
+        if prune and not early_exit:
+            raise UsageError("prune=True needs early_exit=True: a full forward runs every module")
+        if adapter.pruned_for is not None and (not prune or adapter.pruned_for != str(self.layer)):
+            raise UsageError(f"this model was pruned for a scan of {adapter.pruned_for} (a detector with prune=True "
+                             f"dropped every module after it); load it again for another layer or a full forward")
+        self._early_exit = early_exit
+        self.encode_usage: capture.Usage | None = None
+        self._forward_largest = 0
+        self.usage = self._probe()
+        if prune and self.usage is not None and adapter.pruned_for is None:
+            freed = capture.prune(adapter.networks(), self.usage,
+                                  f"the detector keeps only what its scan of {self.layer} runs (prune=True); load "
+                                  f"the model with prune=False for a full forward, other layers or generation")
+            adapter.pruned_for = str(self.layer)
+            log.debug("pruned %.0f MB of weights the scan of %s never reads", freed / 1e6, self.layer)
+        adapter.place()
+        self.batch_size = batch_size or self._default_batch_size()
+        self.encode_batch = self._encode_batch()
+        self.winograd = self._configure_winograd(winograd)
+        self._oom_limit: int | None = None
+        self._working_set = self._estimate_working_set()
+        runtime.set_working_set(self._working_set)
+        runtime.release_free_memory()  # what loading and pruning freed goes back now
+
+    @property
+    def early_exit(self) -> bool:
+        """Whether the forward pass stops once the layer fired (False: the full forward, for checking)."""
+        return self._early_exit
+
+    @early_exit.setter
+    def early_exit(self, value: bool) -> None:
+        if not value and self.adapter.pruned_for is not None:
+            raise UsageError("this detector dropped the modules after its layer (prune=True), so it cannot run a "
+                             "full forward; create it with prune=False")
+        self._early_exit = bool(value)
+
+    @property
+    def pruned(self) -> bool:
+        """Whether the adapter's networks hold only what this detector's scan runs (``prune``)."""
+        return self.adapter.pruned_for is not None
+
+    def _probe(self) -> capture.Usage | None:
+        """What the scan path reads and runs for one blank image, up to the early exit, on fake tensors
+        (``capture.trace_usage``), in two parts: encoding (``self.encode_usage``), then noising and the denoiser.
+        None when the model cannot be probed so: then nothing is pruned and Winograd's plan falls back to the
+        channel rule."""
+        a, x0 = self.adapter, {}
+
+        def encode():
+            out = a.encode(torch.zeros(1, 3, a.resolution, a.resolution, dtype=torch.uint8))
+            x0["shape"], x0["dtype"] = tuple(out.shape), out.dtype
+
+        def forward():
+            x_t = a.noise(torch.zeros(x0["shape"], dtype=x0["dtype"], device=a.device), self.timestep, [0])
+            with Trace(a.denoiser, [self.layer], stop=True):
+                a.forward(x_t, self.timestep)
+
+        try:
+            with winograd.disabled():
+                self.encode_usage = capture.trace_usage(a.networks(), encode)
+                fwd = capture.trace_usage(a.networks(), forward)
+            self._forward_largest = fwd.largest_bytes
+            return self.encode_usage | fwd
+        except LayerError:
+            raise
+        except Exception as e:  # a forward that needs real values: keep the whole model
+            log.info("could not probe %s on fake tensors (%s: %s); keeping every module", self.name,
+                     type(e).__name__, e)
+            return None
 
     def _configure_winograd(self, on: bool | None) -> bool:
         a = self.adapter
         on = winograd.default() if on is None else bool(on)
         applies = on and a.device.type == "cpu" and a.dtype == torch.float32
-        return winograd.configure(a.networks(), applies) > 0
+        tiles = None
+        if self.usage is not None:  # the convolutions that run, with their tiles per call at the default batch
+            n = a.default_batch_size()
+            tiles = {m: n * -(-shape[-2] // 4) * -(-shape[-1] // 4) for m, shape in self.usage.fired.items()
+                     if isinstance(m, torch.nn.Conv2d) and len(shape) == 4}
+        return winograd.configure(a.networks(), applies, tiles=tiles) > 0
+
+    def _encode_batch(self) -> int | None:
+        """How many images ``adapter.encode`` takes at once on a CPU (None: the whole batch): as many as keep its
+        working set within ``ENCODE_BYTES`` (SD1.4's VAE at 512 px: one; its activations are 134 MB per image, and
+        a batch of 4 measured +2.8 GB while encoding; one image fills 2 cores as well as four)."""
+        if self.adapter.device.type != "cpu" or self.usage is None:
+            return None
+        per_image = WORKING_SET_FACTOR * self.encode_usage.largest_bytes
+        return max(1, ENCODE_BYTES // per_image) if per_image else None
+
+    def _estimate_working_set(self) -> int:
+        """Bytes one batch allocates and frees: ``WORKING_SET_FACTOR`` x the largest activation per image (from the
+        probe) x the images in flight, plus Winograd's chunked transforms."""
+        if self.usage is None:
+            return 0
+        enc = self.encode_usage.largest_bytes * min(self.batch_size, self.encode_batch or self.batch_size)
+        fwd = self._forward_largest * self.batch_size
+        extra = 5 * winograd.CHUNK_BYTES if self.winograd else 0
+        return WORKING_SET_FACTOR * max(enc, fwd) + extra
+
+    def _default_batch_size(self) -> int:
+        a = self.adapter
+        if a.device.type == "cuda" and self.usage is not None:
+            free, _ = torch.cuda.mem_get_info(a.device)
+            n = batch_for_memory(free, WORKING_SET_FACTOR * self.usage.largest_bytes)
+            log.info("batch size %d from %.1f GB of free GPU memory", n, free / 1e9)
+            return n
+        return a.default_batch_size()
 
     @classmethod
     def from_pretrained(cls, model: str = "demo", model_path: str | None = None, *, layer: str | None = None,
@@ -186,7 +316,8 @@ class Detector:
                         sigma: float | None = None, **kwargs) -> "Detector":
         """Load a preset, family + folder, hub id or local folder (see ``memdetect models``).
 
-        ``sigma``: noise level used instead of the timestep's, for families that take one (EDM).
+        ``sigma``: noise level used instead of the timestep's, for families that take one (EDM). Other keyword
+        arguments go to ``Detector`` (``prune=False`` keeps the whole model).
         """
         spec: ModelSpec = resolve_model(model, model_path)
         if sigma is not None:
@@ -196,7 +327,7 @@ class Detector:
                 raise UsageError(f"--sigma must be a positive number, got {sigma}")
             spec = replace(spec, options={**spec.options, "sigma": float(sigma)})
         dev = resolve_device(device)
-        adapter = load_adapter(spec, dev, resolve_dtype(dtype, dev))
+        adapter = load_adapter(spec, dev, resolve_dtype(dtype, dev), place=False)  # the detector prunes, then places
         return cls(adapter, layer=layer or spec.layer, timestep=spec.timestep if timestep is None else timestep,
                    name=spec.name, **kwargs)
 
@@ -237,14 +368,46 @@ class Detector:
         """uint8 ``[B, 3, R, R]`` -> pooled activations ``[B, C]`` (float32, CPU).
 
         ``seeds``: one noise seed per image; by default derived from the run seed and the pixels (``image_seed``).
+        The images go through in one batch; after an out-of-memory error, in batches of half the size that failed
+        (the smaller size is kept for later calls and ``batch_size``; each image's score does not depend on its
+        batch).
         """
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if seeds is None:
             arr = images.numpy()
             seeds = [image_seed(arr[i], self.seed) for i in range(len(arr))]
+        seeds = list(seeds)
+        out, i = [], 0
+        while i < len(images):
+            n = min(len(images) - i, self._oom_limit or len(images))
+            try:
+                out.append(self._features(images[i:i + n], seeds[i:i + n]))
+                i += n
+                continue
+            except torch.OutOfMemoryError:
+                if n == 1:
+                    raise
+            self._out_of_memory(n)  # outside the except block: the failed batch's tensors are gone by now
+        return torch.cat(out) if len(out) != 1 else out[0]
+
+    def _out_of_memory(self, n: int) -> None:
+        half = max(1, n // 2)
+        if self._oom_limit is None:
+            log.warning("out of memory at a batch of %d images on %s; halving the batch to %d and retrying (set "
+                        "--batch-size to choose it)", n, self.adapter.device, half)
+        else:
+            log.debug("out of memory again at %d images; batch %d", n, half)
+        self._oom_limit = half
+        self.batch_size = min(self.batch_size, half)
+        if self.adapter.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _features(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         a = self.adapter
-        x0 = a.encode(images)
+        k = self.encode_batch or len(images)
+        x0 = a.encode(images) if k >= len(images) else torch.cat([a.encode(images[i:i + k])
+                                                                 for i in range(0, len(images), k)])
         x_t = a.noise(x0, self.timestep, seeds)
         with Trace(a.denoiser, [self.layer], stop=self.early_exit) as tr:
             a.forward(x_t, self.timestep)
@@ -274,6 +437,9 @@ class Detector:
     def layers(self, *, include_inputs: bool = False) -> list[LayerInfo]:
         """Every hookable layer in forward order, with its shape on a probe input (batch 1: seeded noise in model
         space, noised to the detector's timestep) and how often it fires per forward pass."""
+        if self.pruned:
+            raise UsageError("listing layers runs the full forward, but this detector dropped the modules after its "
+                             "layer (prune=True); create it with prune=False")
         a = self.adapter
         x0 = torch.randn(1, *a.latent_shape(), generator=torch.Generator().manual_seed(0)).to(a.device, a.dtype)
         x_t = a.noise(x0, self.timestep, [0])
@@ -317,6 +483,7 @@ class Detector:
                 yield rows
         finally:
             _stop_workers(batches)
+            runtime.release_free_memory()  # a finished scan hands its batches' memory back
 
     def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None) -> pd.DataFrame:
         """Score every image under ``paths``; one row per file, in discovery order (no journal, no files written:

@@ -32,3 +32,7 @@ class UnsafeCheckpointError(MemdetectError):
 
 class InputError(MemdetectError):
     """No usable input (for example: no image files under the given paths)."""
+
+
+class PrunedModuleError(UsageError):
+    """A module the detector dropped (it never runs before the early exit) was called: load with ``prune=False``."""

@@ -35,14 +35,19 @@ def test_features_and_scores(family_path):
 
 
 def test_early_exit_equals_full_forward(family_path):
+    """The default detector (early exit, pruned to what runs) against the whole model's full forward."""
     family, path = family_path
     det = Detector.from_pretrained(family, str(path))
+    assert det.pruned
     r = det.adapter.resolution
     images = torch.randint(0, 256, (2, 3, r, r), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     early = det.features(images)
-    det.early_exit = False
-    full = det.features(images)
-    assert torch.equal(early, full)
+    whole = Detector.from_pretrained(family, str(path), prune=False)
+    assert not whole.pruned
+    whole.early_exit = False
+    assert torch.equal(early, whole.features(images))
+    with pytest.raises(UsageError, match="prune=False"):
+        det.early_exit = False
 
 
 def test_noise_depends_on_image_not_batch(family_path):

@@ -507,7 +507,8 @@ def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_s
                          f"the shipped ground-truth models: {', '.join(shipped)}")
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    det = Detector.from_pretrained(model, model_path, device=device, dtype="float32")
+    # FLIPD's full forward and the layer sweep need the whole model (prune=False)
+    det = Detector.from_pretrained(model, model_path, device=device, dtype="float32", prune=False)
     data = subset(load_demo_set(folder), limit)
     labels = data.labels
     if labels.sum() < 2 or (1 - labels).sum() < 2:

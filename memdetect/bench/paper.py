@@ -771,7 +771,8 @@ def _recorded(output: Path, keys: Sequence[str], what: str) -> list[dict]:
 def _load(model: str, model_path: str | None, bench: str, procs: Processes, device: str, dtype: str) -> Detector:
     if procs.device is not None and device == "auto":
         device = procs.device
-    det = Detector.from_pretrained(model, model_path, device=device, dtype=dtype)
+    # the baselines run full forwards, generation and decoding: the whole model stays (prune=False)
+    det = Detector.from_pretrained(model, model_path, device=device, dtype=dtype, prune=False)
     need, have = BENCH_CONDITIONING[bench], det.adapter.conditioning
     if have != need:
         raise UsageError(f"bench {bench} needs a model that is {CONDITIONING[need]}; {det.name} is a "

@@ -101,8 +101,11 @@ def adapter_class(family: str) -> type[Adapter]:
         raise UnsupportedModelError(f"no adapter for family {family!r} (have: {', '.join(sorted(ADAPTERS))})") from None
 
 
-def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> Adapter:
-    return adapter_class(spec.family).load(spec.source, device=device, dtype=dtype, **spec.options)
+def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, place: bool = True) -> Adapter:
+    """Load ``spec``'s adapter; ``place=False`` leaves its networks as read (see ``Adapter.place``), for a caller that
+    drops what it will not run first (``Detector``)."""
+    adapter = adapter_class(spec.family).load(spec.source, device=device, dtype=dtype, **spec.options)
+    return adapter.place() if place else adapter
 
 
 __all__ = ["ADAPTERS", "Adapter", "ENTRY_POINT_GROUP", "ModelSpec", "PRESETS", "Preset", "adapter_class",

@@ -13,6 +13,12 @@ An adapter owns a loaded model and everything about its family that memdetect an
 * generation: ``sample`` (DDIM here; a family with another sampler overrides it) and ``decode`` (model space ->
   uint8 pixels).
 
+Loading and memory: ``load`` builds the networks on the CPU as read (diffusers maps safetensors files, so weights that
+are never touched cost no memory) and leaves placing them to ``Adapter.place`` (device, dtype, channels-last,
+copied out of the file mapping). The ``Detector`` first drops what its scan never runs (``capture.prune``: the VAE
+decoder, the denoiser after the hooked layer) and then places the rest, so those weights are never read;
+``models.load_adapter`` places at once for other uses.
+
 Registering: decorate the class with ``register_adapter`` (the family's name -> class table ``ADAPTERS``), or, from
 another package, name it in the ``memdetect.adapters`` entry-point group. A new family is one adapter file plus a
 preset row (``memdetect.models.presets.register_preset``). The ``Detector`` composes these; hooks are attached to
@@ -100,6 +106,9 @@ class Adapter(ABC):
         self.device = device
         self.dtype = dtype
         self.source = source
+        #: the layer spec this adapter's networks were pruned for (``Detector(prune=True)``), else None
+        self.pruned_for: str | None = None
+        self._placed = False
 
     # -- loading -------------------------------------------------------------------------------------------------
     @classmethod
@@ -121,6 +130,15 @@ class Adapter(ABC):
     def networks(self) -> list[nn.Module]:
         """The modules this adapter runs (denoiser, VAE, ...): where speed settings such as Winograd apply."""
         return [m for m in vars(self).values() if isinstance(m, nn.Module)]
+
+    def place(self) -> "Adapter":
+        """Put every network on the adapter's device and dtype (``place``) and let it own its memory; once (later
+        calls do nothing). Dropped (meta) tensors stay dropped."""
+        if not self._placed:
+            for m in self.networks():
+                place(m, self.device, self.dtype)
+            self._placed = True
+        return self
 
     # -- the scan's stages ---------------------------------------------------------------------------------------
     @abstractmethod
@@ -385,14 +403,27 @@ def place(module, device: torch.device, dtype: torch.dtype):
     512 px image and the UNet up to ``up_blocks.0`` from 3.4 to 2.9 s (``benchmarks/perf.py``). Activations follow
     the weights' layout; values are unchanged up to float rounding. ``MEMDETECT_CHANNELS_LAST=0`` turns it off.
     (Winograd's convolutions are a setting of the ``Detector``, recorded in its ``Settings``.)
+
+    Every tensor ends up in memory of its own: one that the conversion leaves where it was (a CPU float32 weight that
+    diffusers read as a view of the memory-mapped file) is copied, so the file mapping goes away with the last view
+    of it instead of keeping its pages resident next to the copies. Tensors on the ``meta`` device (dropped by
+    ``capture.prune``) are left as they are. In place; returns ``module``.
     """
-    module = module.to(device)
-    if dtype != torch.float32:
-        module = module.to(dtype)
-    if os.environ.get("MEMDETECT_CHANNELS_LAST", "1") != "0" and any(
-            isinstance(m, nn.Conv2d) for m in module.modules()):
-        module = module.to(memory_format=torch.channels_last)
-    return module
+    channels_last = os.environ.get("MEMDETECT_CHANNELS_LAST", "1") != "0" and any(
+        isinstance(m, nn.Conv2d) for m in module.modules())
+    device = torch.device(device)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        if t.is_meta:
+            return t
+        out = t.to(device, dtype if dtype != torch.float32 and t.is_floating_point() else None)
+        if channels_last and out.dim() in (4, 5):
+            out = out.contiguous(memory_format=torch.channels_last if out.dim() == 4 else torch.channels_last_3d)
+        if out.device.type == "cpu" and out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+            out = out.clone()
+        return out
+
+    return module._apply(convert)
 
 
 def vae_latent(vae, x: torch.Tensor, scaling_factor: float) -> torch.Tensor:

@@ -7,7 +7,7 @@ SiLU of the last resnet in the lowest-resolution up block).
 from __future__ import annotations
 
 from ..hub import component_files, has_subfolder, load_component
-from .base import UNET_LAYER, Adapter, place, register_adapter, to_unit_range, unet_layer
+from .base import UNET_LAYER, Adapter, register_adapter, to_unit_range, unet_layer
 
 
 @register_adapter
@@ -30,8 +30,7 @@ class PixelDDPMAdapter(Adapter):
         scheduler = load_component(DDPMScheduler, source, sched_sub)
         size = unet.config.sample_size
         size = size[0] if isinstance(size, (list, tuple)) else size
-        adapter = cls(place(unet, device, dtype), scheduler, resolution=size, device=device, dtype=dtype,
-                      source=source)
+        adapter = cls(unet, scheduler, resolution=size, device=device, dtype=dtype, source=source)
         adapter.components = tuple(dict.fromkeys([unet_sub, sched_sub]))
         return adapter
 

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UsageError
 from ..hub import component_files, load_component
-from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, place, register_adapter
+from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
 
@@ -48,8 +48,7 @@ class DiTAdapter(LatentAdapter):
         transformer = load_component(DiTTransformer2DModel, source, "transformer")
         vae = load_component(AutoencoderKL, source, "vae")
         scheduler = load_component(DDPMScheduler, source, "scheduler")
-        return cls(place(transformer, device, dtype), place(vae, device, dtype), scheduler, device=device, dtype=dtype,
-                   source=source, reading=reading)
+        return cls(transformer, vae, scheduler, device=device, dtype=dtype, source=source, reading=reading)
 
     @classmethod
     def layer_hint(cls, options):

@@ -60,7 +60,7 @@ from torch import nn
 from .. import hub
 from ..errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
 from ..safe_pickle import LIMITS, printable, short_repr
-from .base import Adapter, Sample, place, register_adapter, to_unit_range
+from .base import Adapter, Sample, register_adapter, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -820,7 +820,7 @@ class EDMAdapter(Adapter):
     @classmethod
     def load(cls, source, *, device, dtype, sigma=None, **options):
         net = load_network(source)
-        return cls(place(net, device, dtype), device=device, dtype=dtype, source=str(source), sigma=sigma)
+        return cls(net, device=device, dtype=dtype, source=str(source), sigma=sigma)
 
     @classmethod
     def layer_hint(cls, options):

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UsageError
 from ..hub import component_files, load_component
-from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, place, register_adapter, unet_layer
+from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter, unet_layer
 
 
 @register_adapter
@@ -38,13 +38,12 @@ class StableDiffusionAdapter(LatentAdapter):
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         tokenizer, text_encoder = _load_text_encoder(source)
+        cond = prompt_embeddings(tokenizer, text_encoder, [""])
+        del text_encoder  # freed before the UNet is read: never two networks' worth of weights for nothing
         unet = load_component(UNet2DConditionModel, source, "unet")
         vae = load_component(AutoencoderKL, source, "vae")
         scheduler = load_component(DDPMScheduler, source, "scheduler")
-        cond = prompt_embeddings(tokenizer, text_encoder, [""])
-        del text_encoder
-        return cls(place(unet, device, dtype), place(vae, device, dtype), cond.to(device, dtype), scheduler,
-                   device=device, dtype=dtype, source=source)
+        return cls(unet, vae, cond.to(device, dtype), scheduler, device=device, dtype=dtype, source=source)
 
     @classmethod
     def layer_hint(cls, options):
