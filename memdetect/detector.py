@@ -222,8 +222,8 @@ class Detector:
         self.winograd = self._configure_winograd(winograd)
         self._oom_limit: int | None = None
         self._working_set = self._estimate_working_set()
-        runtime.set_working_set(self._working_set)
         runtime.release_free_memory()  # what loading and pruning freed goes back now
+        runtime.set_working_set(self._working_set)  # what a scan may keep free beyond what it holds now
 
     @property
     def early_exit(self) -> bool:
@@ -254,13 +254,14 @@ class Detector:
             x0["shape"], x0["dtype"] = tuple(out.shape), out.dtype
 
         def forward():
-            x_t = a.noise(torch.zeros(x0["shape"], dtype=x0["dtype"], device=a.device), self.timestep, [0])
             with Trace(a.denoiser, [self.layer], stop=True):
-                a.forward(x_t, self.timestep)
+                a.forward(x0["x_t"], self.timestep)
 
         try:
             with winograd.disabled():
                 self.encode_usage = capture.trace_usage(a.networks(), encode)
+                # noising one image for real is cheap, and keeps the schedule's arithmetic out of the probe
+                x0["x_t"] = a.noise(torch.zeros(x0["shape"], dtype=x0["dtype"], device=a.device), self.timestep, [0])
                 fwd = capture.trace_usage(a.networks(), forward)
             self._forward_largest = fwd.largest_bytes
             return self.encode_usage | fwd
@@ -384,6 +385,7 @@ class Detector:
             try:
                 out.append(self._features(images[i:i + n], seeds[i:i + n]))
                 i += n
+                runtime.bound_heap()
                 continue
             except torch.OutOfMemoryError:
                 if n == 1:

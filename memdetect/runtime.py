@@ -11,9 +11,11 @@ heap (``M_MMAP_MAX`` 0), so a freed activation's pages are reused by the next la
 What the heap keeps is bounded by one batch's working set, not by the process's peak: ``M_TRIM_THRESHOLD`` and
 ``M_TOP_PAD`` are set to it (``set_working_set``; the ``Detector`` sizes it from its model's largest activation and
 its batch, ``DEFAULT_WORKING_SET`` until then), so free memory beyond one batch's worth at the top of the heap goes
-back to the kernel as it is freed. ``release_free_memory`` (glibc's ``malloc_trim``) hands back every free page,
-also those between live blocks: the ``Detector`` calls it after loading and pruning its model, at the end of a scan
-and before it forks DataLoader workers. (Measured before the bound, with trimming off: SD1.4 kept 20.9 GB resident
+back to the kernel as it is freed, and ``bound_heap`` (called by the ``Detector`` after every batch) hands back every
+free page (glibc's ``malloc_trim``, ``release_free_memory``) once the process holds more than that above its
+loaded model: a freed block below a live one is not at the top, and glibc would keep it. The ``Detector`` also
+releases free memory after loading and pruning its model, at the end of a scan and before it forks DataLoader
+workers. (Measured before the bound, with trimming off: SD1.4 kept 20.9 GB resident
 after a scan that peaked there.)
 
 It holds for the whole process, so the library never sets it by itself: the ``memdetect`` command calls
@@ -45,6 +47,8 @@ _DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD, _DEFAULT_TOP_PAD = 65536, 128 * 1024
 _MAX_INT = 2**31 - 1  # mallopt takes an int
 #: what the heap keeps free until a detector says how much one batch needs
 DEFAULT_WORKING_SET = 256 * 2**20
+#: ``bound_heap`` trims above this many working sets
+TRIM_SLACK = 1.5
 ENV = "MEMDETECT_RETAIN_MEMORY"
 #: ``allocator_state()`` values, as ``Settings.allocator`` records them
 RETAINED, DEFAULT = "retain-freed", "default"
@@ -92,15 +96,41 @@ def _bound(libc, nbytes: int) -> bool:
 def set_working_set(nbytes: int) -> bool:
     """While freed memory is retained, keep at most ``nbytes`` of it free at the heap's top (glibc's trim threshold
     and top pad; at least 128 KiB, at most 2 GiB - 1): one batch's working set. True when applied; a no-op
-    otherwise. The largest size asked for since ``retain_freed_memory`` wins (detectors may share a process)."""
+    otherwise. It replaces ``DEFAULT_WORKING_SET``; after that the largest size asked for wins (detectors may share
+    a process)."""
     libc = glibc()
     if not _state.get("done") or libc is None:
         return False
-    nbytes = max(int(nbytes), int(_state.get("working_set", 0)))
+    nbytes = max(int(nbytes), int(_state.get("sized", 0)))
     if not _bound(libc, nbytes):
         return False
-    _state["working_set"] = nbytes
+    _state["working_set"] = _state["sized"] = nbytes
+    _state["baseline"] = resident_bytes()
     return True
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def bound_heap() -> bool:
+    """Between batches: when the process holds more than ``TRIM_SLACK`` working sets above what it held when the
+    working set was set (the loaded model), hand the heap's free pages back (``release_free_memory``). True when it
+    did. (The slack covers the estimate's error: trimming after every batch would fault the next one's pages in
+    again.)
+
+    The trim threshold alone cannot guarantee the bound: a freed block below a live one is not at the heap's top,
+    and glibc returns only the top on free. This check costs one read of ``/proc/self/statm``."""
+    if not _state.get("done") or "baseline" not in _state:
+        return False
+    if resident_bytes() <= int(_state["baseline"]) + TRIM_SLACK * int(_state["working_set"]):
+        return False
+    return release_free_memory()
 
 
 def working_set() -> int | None:

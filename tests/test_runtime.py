@@ -133,3 +133,35 @@ def test_detector_releases_free_memory_before_starting_workers(tmp_path, monkeyp
     assert calls == [1]  # after loading and pruning
     assert len(det.scan([tmp_path], num_workers=0)) == 5 and calls == [1, 1]  # after the scan
     assert len(det.scan([tmp_path], num_workers=1)) == 5 and calls == [1, 1, 1, 1]  # also before forking
+
+
+BOUND = r"""
+import json, sys, torch
+from memdetect import runtime
+
+def rss_mib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) / 1024
+
+runtime.retain_freed_memory()
+assert runtime.working_set() == runtime.DEFAULT_WORKING_SET
+runtime.set_working_set(int(sys.argv[1]) * 2**20)
+before = rss_mib()
+x = torch.ones(128 * 2**20)  # 512 MiB written (one batch's activations), then freed
+y = torch.ones(1024)  # a small block allocated later: x is not at the heap's top
+del x
+trimmed = runtime.bound_heap()  # what the detector calls after every batch
+print(json.dumps({"kept": rss_mib() - before, "working_set": runtime.working_set(), "trimmed": trimmed}))
+"""
+
+
+@needs_glibc
+def test_the_retained_heap_is_bounded_by_one_batchs_working_set():
+    small = _run(BOUND, "64")  # a working set of 64 MiB: what is freed beyond 1.5 x that goes back
+    assert small["working_set"] == 64 * 2**20 and small["kept"] < 1.5 * 64 + 30, small
+    large = _run(BOUND, "1024")  # 1 GiB: the freed 512 MiB stay for the next batch
+    assert large["kept"] > 400 and not large["trimmed"], large
+
+
+def test_set_working_set_is_a_no_op_unless_memory_is_retained():
+    assert not runtime.retained() and runtime.set_working_set(2**30) is False and runtime.working_set() is None
+    assert runtime.bound_heap() is False
