@@ -45,6 +45,7 @@ Loading (``--model edm --model-path P`` or the ``edm-cifar10`` preset):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -792,10 +793,18 @@ KNOWN_DOWNLOADS: dict[str, tuple[str, int]] = {
 # The adapter.
 
 
-def ddpm_sigma(t: int, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
-    """sigma = sqrt((1 - abar_t) / abar_t) of timestep ``t`` under the DDPM linear schedule (t = 50: ~0.176)."""
+@functools.lru_cache(maxsize=8)
+def _ddpm_abar(num_train_timesteps: int, beta_start: float, beta_end: float) -> tuple[float, ...]:
     betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
-    abar = float(torch.cumprod(1 - betas, 0)[int(t)])
+    return tuple(torch.cumprod(1 - betas, 0).tolist())
+
+
+def ddpm_sigma(t: int, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> float:
+    """sigma = sqrt((1 - abar_t) / abar_t) of timestep ``t`` under the DDPM linear schedule (t = 50: ~0.176).
+
+    The schedule is computed once per setting and kept as Python floats: the adapter's forward reads sigma with no
+    tensor arithmetic, so the detector's probe on fake tensors (``capture.trace_usage``) can run it."""
+    abar = _ddpm_abar(int(num_train_timesteps), float(beta_start), float(beta_end))[int(t)]
     return math.sqrt((1 - abar) / abar)
 
 
@@ -816,6 +825,7 @@ class EDMAdapter(Adapter):
         scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
         super().__init__(net, scheduler, resolution=net.img_resolution, device=device, dtype=dtype, source=source)
         self.sigma_override = float(sigma) if sigma is not None else None
+        ddpm_sigma(0, self.num_train_timesteps)  # the schedule's table, computed here rather than inside a probe
 
     @classmethod
     def load(cls, source, *, device, dtype, sigma=None, **options):
