@@ -1,33 +1,42 @@
-"""How close a memdetect scan runs to the arithmetic floor, against a naive full forward and the baselines.
+"""Speed and memory of a memdetect scan against the arithmetic floor, a naive full forward and the baselines.
 
-For each model, built from its real config in ``../shared/data/configs`` with random weights (no download; speed
-does not depend on the weights), one run on one machine measures:
+Every model is built from its real config in ``../shared/data/configs`` with random weights (no download; speed and
+memory do not depend on the weights) and written once into a model folder with ``save_pretrained`` (``--workdir``),
+so that each measurement loads it the way a user's scan does (``Detector.from_pretrained(preset, folder)``). Each
+measured configuration runs in **its own subprocess**: its peak resident memory is its own (``ru_maxrss`` of that
+process and the DataLoader workers it waited for, what ``/usr/bin/time -v`` reports), and one configuration's heap
+cannot sink the next. Settings (``--settings``):
 
-* **default**: memdetect's scan path as a user gets it: ``Detector.scan`` over PNG files on disk (decoding in
-  DataLoader workers), the adapter's default batch size, early exit at the hooked layer, ``inference_mode``,
-  channels-last weights, freed memory kept for reuse (``memdetect.runtime``) and, on a CPU, Winograd's algorithm
-  for the wide 3x3 convolutions (``memdetect.winograd``);
-* **direct convs**: the default path with Winograd off (``MEMDETECT_WINOGRAD=0``), i.e. executing exactly the
-  model's FLOPs: how close the rest of the pipeline runs to the floor;
-* **naive**: what a plain diffusers script does: the same images one at a time with the *full* denoiser forward,
-  batch 1, in a separate process with none of the above (``MEMDETECT_CHANNELS_LAST=0``, ``MEMDETECT_WINOGRAD=0``,
-  ``MEMDETECT_RETAIN_MEMORY=0``, early exit off);
-* **floor**: the model's FLOPs for everything the default path computes per image (VAE encoder + denoiser up to
-  the hooked layer), counted with ``torch.utils.flop_counter.FlopCounterMode`` on the direct convolutions, divided
-  by this machine's measured fp32 (CPU) or bf16 (GPU) matmul peak (the best of a few square sizes, written into a
-  preallocated output). Winograd executes fewer multiplications than the model's FLOP count (``GFLOP run``), so
-  the default path can run below this floor; the direct-convs column is the like-for-like comparison;
-* **baselines** as the benchmark harness implements them (``memdetect.bench.baselines``), same device and batch
-  policy: Ross et al.'s FLIPD (one Hutchinson probe) and, for text-conditional SD, Wen et al.'s first-step score.
+* **default**: memdetect's scan as a user gets it: ``Detector.scan`` over PNG files on disk, the adapter's default
+  batch, early exit at the hooked layer with the modules after it dropped (``prune``), ``inference_mode``,
+  channels-last weights, freed memory kept for reuse up to one batch's working set (``memdetect.runtime``, as the
+  command line opts in) and, on a CPU, Winograd's algorithm for the wide 3x3 convolutions that pay
+  (``memdetect.winograd``, weights transformed per call);
+* **direct**: the default with Winograd off (``MEMDETECT_WINOGRAD=0``): exactly the model's FLOPs;
+* **all**: every speed-up on: the default with every transformed Winograd weight kept
+  (``MEMDETECT_WINOGRAD_CACHE=all``);
+* **whole-model**: the default without pruning (``prune=False``): what keeping the whole model costs;
+* **naive**: what a plain diffusers script does: full denoiser forward, batch 1, none of the above
+  (``MEMDETECT_CHANNELS_LAST=0``, ``MEMDETECT_WINOGRAD=0``, ``MEMDETECT_RETAIN_MEMORY=0``, whole model);
+* **baselines** as the benchmark harness implements them (``memdetect.bench.baselines``, whole model, same batch
+  policy): Ross et al.'s FLIPD (one Hutchinson probe) and, for text-conditional SD, Wen et al.'s first-step score;
+* **cli**: ``memdetect scan FOLDER --model PRESET --model-path DIR`` as a command: wall time including loading, and
+  its peak RSS (the issue-19 measurement).
 
-It prints a table and, last, one JSON line per model with ``model, seconds_per_image_default,
-seconds_per_image_naive, floor_seconds, floor_ratio, speedup_vs_naive, device`` (plus the direct-convolution
-path, the baselines' seconds and the executed FLOPs).
-``--memory N`` also scans a generated folder of N small images with the shipped demo model and reports the peak
-RSS after each tenth of the folder: it must stay flat.
+``--compare PATH`` also runs **default** and **cli** with the memdetect package of another checkout (``PATH`` first
+on ``PYTHONPATH``), e.g. the code before a change, in the same run. The **floor** is the model's FLOPs for
+everything the default path computes per image (VAE encoder + denoiser up to the hooked layer), counted with
+``torch.utils.flop_counter.FlopCounterMode`` on direct convolutions, divided by this machine's measured fp32 (CPU)
+or bf16 (GPU) matmul peak (the best of a few square sizes, written into a preallocated output); Winograd executes
+fewer multiplications (``GFLOP run``), so the default path can run below it.
 
-Run: ``python benchmarks/perf.py`` (all models; SD1.4 takes ~4 minutes on 2 CPU cores) or
-``python benchmarks/perf.py --models ddpm-cifar10 --images 64``.
+It prints a table and, last, one JSON line per model with ``model, seconds_per_image_<setting>,
+peak_rss_gb_<setting>, floor_seconds, floor_ratio, speedup_vs_naive, device`` and, on a GPU, ``peak_cuda_gb_<setting>``
+and SD1.4's images/s at batch 64 in bf16. ``--memory N`` also scans a generated folder of N small images with the
+shipped demo model (in a subprocess) and reports the peak RSS after each tenth of the folder: it must stay flat.
+
+Run: ``python benchmarks/perf.py`` (all models, about 30 minutes on 2 CPU cores; SD1.4's folder takes 4.3 GB of
+disk) or ``python benchmarks/perf.py --models ddpm-cifar10 --images 64``.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,82 +54,109 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
-
-from memdetect import __version__, runtime, winograd
-from memdetect.bench import baselines
-from memdetect.capture import Trace
-from memdetect.detector import Detector
-from memdetect.models.base import place
-
 CONFIGS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "configs"
-MODELS = ("sd14", "dit", "ddpm-cifar10")
+MODELS = ("sd14", "dit", "edm", "ddpm-cifar10")
+PRESETS = {"sd14": "sd14", "dit": "dit", "edm": "edm-cifar10", "ddpm-cifar10": "ddpm-cifar10"}
+RESOLUTION = {"sd14": 512, "dit": 256, "edm": 32, "ddpm-cifar10": 32}
+#: the released EDM CIFAR-10 network (edm-cifar10-32x32-uncond-vp): DDPM++ with VP preconditioning
+EDM_CIFAR10 = dict(img_resolution=32, img_channels=3, model_channels=128, channel_mult=[2, 2, 2], num_blocks=4,
+                   attn_resolutions=[16], dropout=0.13, embedding_type="positional", channel_mult_noise=1,
+                   encoder_type="standard", decoder_type="standard", resample_filter=[1, 1], augment_dim=9,
+                   model_type="SongUNet")
+NAIVE_ENV = {"MEMDETECT_CHANNELS_LAST": "0", "MEMDETECT_WINOGRAD": "0", "MEMDETECT_RETAIN_MEMORY": "0"}
+SETTINGS = {  # name -> environment of its subprocess
+    "default": {}, "direct": {"MEMDETECT_WINOGRAD": "0"}, "all": {"MEMDETECT_WINOGRAD_CACHE": "all"},
+    "whole-model": {}, "naive": NAIVE_ENV, "baselines": {}, "cli": {},
+}
+DEFAULT_SETTINGS = "default,direct,all,whole-model,naive,baselines,cli"
 
 
-# -- building real architectures with random weights -----------------------------------------------------------------
+# -- model folders with random weights --------------------------------------------------------------------------------
 
 def _cfg(root: Path, *parts: str) -> dict:
     return json.loads(root.joinpath(*parts).read_text())
 
 
-def build(name: str, root: Path, device: torch.device, dtype: torch.dtype):
-    """The adapter of ``name`` over its real architecture with random weights, plus per-image extras."""
+def write_model(name: str, configs: Path, folder: Path) -> None:
+    """``name``'s real architecture with random weights (seed 0), saved as a model folder its preset loads."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler
 
     torch.manual_seed(0)
+    folder.mkdir(parents=True, exist_ok=True)
     if name == "sd14":
         from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextConfig, CLIPTextModel
 
-        from memdetect.models.sd import StableDiffusionAdapter, prompt_embeddings
-
-        sd = root / "sd14"
-        tok = CLIPTokenizer.from_pretrained(sd / "tokenizer")
-        text = CLIPTextModel(CLIPTextConfig.from_pretrained(sd / "text_encoder")).eval()
-        cond = prompt_embeddings(tok, text, [""])
-        unet = UNet2DConditionModel.from_config(_cfg(sd, "unet", "config.json"))
-        vae = AutoencoderKL.from_config(_cfg(sd, "vae", "config.json"))
-        sched = DDPMScheduler.from_config(_cfg(sd, "scheduler", "scheduler_config.json"))
-        adapter = StableDiffusionAdapter(place(unet, device, dtype), place(vae, device, dtype), cond.to(device, dtype),
-                                         sched, device=device, dtype=dtype, source="sd14 config, random weights")
-        return adapter, {"tokenizer": tok, "text_encoder": text}
-    if name == "dit":
+        src = configs / "sd14"
+        for sub in ("tokenizer", "scheduler"):
+            shutil.copytree(src / sub, folder / sub, dirs_exist_ok=True)
+        shutil.copy(src / "model_index.json", folder / "model_index.json")
+        CLIPTextModel(CLIPTextConfig.from_pretrained(src / "text_encoder")).save_pretrained(folder / "text_encoder")
+        AutoencoderKL.from_config(_cfg(src, "vae", "config.json")).save_pretrained(folder / "vae")
+        UNet2DConditionModel.from_config(_cfg(src, "unet", "config.json")).save_pretrained(folder / "unet")
+    elif name == "dit":
         from diffusers import DiTTransformer2DModel
 
-        from memdetect.models.dit import DiTAdapter
-
-        d = root / "dit-xl-2-256"
-        tr = DiTTransformer2DModel.from_config(_cfg(d, "transformer", "config.json"))
-        vae = AutoencoderKL.from_config(_cfg(d, "vae", "config.json"))
-        sched = DDPMScheduler.from_config(_cfg(d, "scheduler", "scheduler_config.json"))
-        return DiTAdapter(place(tr, device, dtype), place(vae, device, dtype), sched, device=device, dtype=dtype,
-                          source="DiT-XL/2-256 config, random weights"), {}
-    if name == "ddpm-cifar10":
+        src = configs / "dit-xl-2-256"
+        shutil.copy(src / "model_index.json", folder / "model_index.json")
+        DDPMScheduler.from_config(_cfg(src, "scheduler", "scheduler_config.json")).save_pretrained(folder / "scheduler")
+        AutoencoderKL.from_config(_cfg(src, "vae", "config.json")).save_pretrained(folder / "vae")
+        DiTTransformer2DModel.from_config(_cfg(src, "transformer", "config.json")).save_pretrained(
+            folder / "transformer")
+    elif name == "ddpm-cifar10":
         from diffusers import UNet2DModel
 
-        from memdetect.models.ddpm import PixelDDPMAdapter
+        src = configs / "ddpm-cifar10-32"
+        shutil.copy(src / "model_index.json", folder / "model_index.json")
+        DDPMScheduler.from_config(_cfg(src, "scheduler_config.json")).save_pretrained(folder / "scheduler")
+        UNet2DModel.from_config(_cfg(src, "config.json")).save_pretrained(folder / "unet")
+    elif name == "edm":
+        from memdetect.models.edm import build_network, save_safetensors
 
-        d = root / "ddpm-cifar10-32"
-        unet = UNet2DModel.from_config(_cfg(d, "config.json"))
-        sched = DDPMScheduler.from_config(_cfg(d, "scheduler_config.json"))
-        return PixelDDPMAdapter(place(unet, device, dtype), sched, resolution=32, device=device, dtype=dtype,
-                                source="ddpm-cifar10-32 config, random weights"), {}
-    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        save_safetensors(build_network("VPPrecond", EDM_CIFAR10).eval(), folder / "edm-cifar10.safetensors")
+    else:
+        raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    (folder / ".complete").write_text("ok")
 
 
-# -- measurements ----------------------------------------------------------------------------------------------------
+def write_images(folder: Path, n: int, resolution: int, seed: int = 0) -> list[Path]:
+    import numpy as np
+    from PIL import Image
 
-def _sync(device: torch.device) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        p = folder / f"img_{i:05d}.png"
+        if not p.exists():
+            Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+# -- measurements (in the subprocesses) -------------------------------------------------------------------------------
+
+def _sync(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) -> float:
+def timed(fn, device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def matmul_peak(device, dtype, seconds: float = 1.5) -> float:
     """Sustained FLOP/s of square matmuls in the scan's dtype (a roofline for dense layers): the best over a few
     sizes, each written into a preallocated output so that no allocation or page fault is timed."""
+    import torch
+
     best = 0.0
     for n in ((4096, 8192) if device.type == "cuda" else (2048, 3072, 4096)):
         a = torch.randn(n, n, device=device, dtype=dtype)
@@ -138,132 +175,48 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.5) 
     return best
 
 
-def write_images(folder: Path, n: int, resolution: int, seed: int = 0) -> list[Path]:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        p = folder / f"img_{i:05d}.png"
-        Image.fromarray(rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)).save(p)
-        paths.append(p)
-    return paths
-
-
-def flops_per_image(det: Detector, image: torch.Tensor, *, direct: bool = True) -> float:
+def flops_per_image(det, image, *, direct: bool = True) -> float:
     """FLOPs of the default path for one image: encode, noise, denoiser up to the hooked layer (early exit).
 
     ``direct``: the model's FLOPs (direct convolutions); otherwise what runs (Winograd where it applies)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from memdetect import winograd
+
     off = winograd.disabled() if direct else contextlib.nullcontext()
     with off, torch.inference_mode(), FlopCounterMode(display=False) as fc:
         det.features(image)
     return float(fc.get_total_flops())
 
 
-def timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
-
-
-def wen_first_step_seconds(adapter, extras: dict, n: int) -> float | None:
+def wen_first_step_seconds(adapter, folder: Path, n: int) -> float | None:
     """Seconds per sample of Wen et al.'s first-step score as the harness times it (SD only): encoding the prompt,
     then one conditional and one unconditional denoiser call at the initial noise and the first DDIM timestep."""
-    if "tokenizer" not in extras:
+    import torch
+
+    from memdetect.bench import baselines
+
+    if adapter.conditioning != "text":
         return None
-    tok, text = extras["tokenizer"], extras["text_encoder"]
     prompts = ["a photograph of an astronaut riding a horse"] * n
+    adapter.encode_condition(prompts[:1])  # loads the text encoder (untimed, as the harness loads it once)
     x_T = torch.randn(n, *adapter.latent_shape(), generator=torch.Generator().manual_seed(0)).to(adapter.device,
                                                                                                    adapter.dtype)
 
     def run():
         with torch.inference_mode():
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            cond = text(ids)[0].to(adapter.device, adapter.dtype)
-            baselines.wen_first_step(adapter, x_T, 981, cond)  # 981: DDIM's first timestep at 50 steps
+            baselines.wen_first_step(adapter, x_T, 981, adapter.encode_condition(prompts))  # DDIM's first step at 50
 
     return timed(run, adapter.device) / n
 
 
-NAIVE_ENV = {"MEMDETECT_CHANNELS_LAST": "0", "MEMDETECT_WINOGRAD": "0", "MEMDETECT_RETAIN_MEMORY": "0"}
-
-
-def naive_seconds(name: str, args, device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """The naive path, run here (``--naive-child``) in a process started with ``NAIVE_ENV``: full forward, batch 1."""
-    adapter, _ = build(name, Path(args.configs), device, dtype)
-    naive_det = Detector(adapter, batch_size=1, early_exit=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_images(Path(tmp), n, adapter.resolution)
-        imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
-    naive_det.features(imgs[:1])  # warm-up, as for the default path
-
-    def naive_run():
-        for i in range(n):
-            naive_det.features(imgs[i:i + 1])
-
-    return timed(naive_run, device) / n
-
-
-def naive_in_child(name: str, args, n: int) -> float:
-    cmd = [sys.executable, __file__, "--naive-child", name, "--naive-images", str(n), "--configs", args.configs,
-           "--device", args.device]
-    out = subprocess.run(cmd, env={**os.environ, **NAIVE_ENV}, capture_output=True, text=True, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"naive measurement failed:\n{out.stderr}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_image_naive"])
-
-
-def measure(name: str, args, device: torch.device, dtype: torch.dtype) -> dict:
-    adapter, extras = build(name, Path(args.configs), device, dtype)
-    det = Detector(adapter)  # the defaults a user gets: paper layer, t=50, default batch size, early exit
-    res = adapter.resolution
-    n = args.images or det.batch_size * (1 if name == "sd14" and device.type == "cpu" else 4)
-    n_naive = args.naive_images or max(1, min(n, 2 if device.type == "cpu" and name != "ddpm-cifar10" else n))
-    print(f"[{name}] {adapter.denoiser.__class__.__name__}, {res}px, layer {det.layer}, batch {det.batch_size}, "
-          f"{n} images (naive: {n_naive}), {device} {str(dtype).replace('torch.', '')}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = write_images(Path(tmp), n, res)
-        one = torch.from_numpy(np.array(Image.open(files[0]).convert("RGB"))).permute(2, 0, 1)[None].contiguous()
-        det.features(one)  # warm-up: allocator, oneDNN / cuDNN plans
-        default = timed(lambda: det.scan(files), device) / n
-        print(f"[{name}] default: {default:.4f} s/image", flush=True)
-        with winograd.disabled():
-            det.features(one)
-            direct = timed(lambda: det.scan(files), device) / n
-        print(f"[{name}] default with direct convolutions: {direct:.4f} s/image", flush=True)
-        flops = flops_per_image(det, one)
-        flops_run = flops_per_image(det, one, direct=False)
-    naive = naive_in_child(name, args, n_naive)
-    print(f"[{name}] naive (full forward, batch 1, no memdetect speedups): {naive:.4f} s/image", flush=True)
-    peak = args.peak
-    floor = flops / peak
-    row = {"model": name, "seconds_per_image_default": default, "seconds_per_image_naive": naive,
-           "floor_seconds": floor, "floor_ratio": default / floor, "speedup_vs_naive": naive / default,
-           "device": describe_device(device), "seconds_per_image_direct_convs": direct,
-           "floor_ratio_direct_convs": direct / floor, "gflops_per_image": flops / 1e9,
-           "gflops_run_per_image": flops_run / 1e9, "peak_gflops": peak / 1e9,
-           "batch_size": det.batch_size, "layer": str(det.layer), "images": n, "naive_images": n_naive}
-    if not args.no_baselines:
-        nb = min(args.baseline_images or det.batch_size, n)
-        x = torch.randint(0, 256, (nb, 3, res, res), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-        seeds = list(range(nb))
-        flipd_s = timed(lambda: baselines.flipd(adapter, x, det.timestep, seeds, probes=1), device) / nb
-        row["seconds_per_image_ross_flipd"] = flipd_s
-        print(f"[{name}] Ross et al. FLIPD (1 probe): {flipd_s:.4f} s/image", flush=True)
-        wen = wen_first_step_seconds(adapter, extras, nb)
-        if wen is not None:
-            row["seconds_per_image_wen_first_step"] = wen
-            print(f"[{name}] Wen et al. first step: {wen:.4f} s/image", flush=True)
-    if device.type == "cuda" and name == "sd14" and args.gpu_throughput:
-        row.update(gpu_throughput(adapter))
-    del adapter, det
-    return row
-
-
 def gpu_throughput(adapter, batch: int = 64, reps: int = 5) -> dict:
     """SD1.4 images/second at batch 64 in bf16 (the model must already be in bf16 on the GPU)."""
+    import torch
+
+    from memdetect.detector import Detector
+
     det = Detector(adapter, batch_size=batch)
     x = torch.randint(0, 256, (batch, 3, adapter.resolution, adapter.resolution), dtype=torch.uint8)
     seeds = list(range(batch))
@@ -272,7 +225,9 @@ def gpu_throughput(adapter, batch: int = 64, reps: int = 5) -> dict:
     return {"gpu_images_per_second_batch64": batch / t}
 
 
-def describe_device(device: torch.device) -> str:
+def describe_device(device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -284,18 +239,75 @@ def describe_device(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} threads"
 
 
-# -- memory while streaming a large folder ---------------------------------------------------------------------------
-
-def _rss_mib() -> float:
+def _status_kib(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def child(args) -> dict:
+    """One configuration (``--setting``) of one model, in this process; returns what it measured."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from memdetect import __version__, runtime
+    from memdetect.detector import Detector, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
+    setting, name = args.setting, args.child
+    if device.type == "cpu" and setting != "naive":
+        runtime.retain_freed_memory()  # what the memdetect command does (MEMDETECT_RETAIN_MEMORY=0: not)
+    files = sorted(Path(args.images_dir).glob("*.png"))[:args.n]
+    kwargs = {"device": args.device}
+    if setting in ("whole-model", "baselines"):
+        kwargs["prune"] = False
+    if setting == "naive":
+        kwargs.update(batch_size=1, early_exit=False)
+    t0 = time.perf_counter()
+    det = Detector.from_pretrained(PRESETS[name], args.model_dir, **kwargs)
+    out = {"memdetect": __version__, "torch": torch.__version__, "load_seconds": time.perf_counter() - t0,
+           "rss_after_load_gb": _status_kib("VmRSS") * 1024 / 1e9, "batch_size": det.batch_size,
+           "layer": str(det.layer), "images": len(files), "device": describe_device(device),
+           "allocator": runtime.allocator_state(), "winograd": det.winograd,
+           "pruned": bool(getattr(det, "pruned", False))}
+    imgs = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1) for f in files])
+    det.features(imgs[:1])  # warm-up: allocator, oneDNN / cuDNN plans
+    if setting == "naive":  # one at a time, full forward
+        out["seconds_per_image"] = timed(lambda: [det.features(imgs[i:i + 1]) for i in range(len(files))],
+                                         device) / len(files)
+    elif setting == "baselines":
+        from memdetect.bench import baselines
+
+        a, nb = det.adapter, min(len(files), det.batch_size)
+        seeds = list(range(nb))
+        out["seconds_per_image_ross_flipd"] = timed(
+            lambda: baselines.flipd(a, imgs[:nb], det.timestep, seeds, probes=1), device) / nb
+        wen = wen_first_step_seconds(a, Path(args.model_dir), nb)
+        if wen is not None:
+            out["seconds_per_image_wen_first_step"] = wen
+    else:
+        out["seconds_per_image"] = timed(lambda: det.scan(files), device) / len(files)
+        if setting == "default" and args.flops:
+            out["gflops_per_image"] = flops_per_image(det, imgs[:1]) / 1e9
+            out["gflops_run_per_image"] = flops_per_image(det, imgs[:1], direct=False) / 1e9
+        if device.type == "cuda" and name == "sd14" and setting == "default" and args.gpu_throughput:
+            out.update(gpu_throughput(det.adapter))
+    if device.type == "cuda":
+        out["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+    out["peak_rss_self_gb"] = _status_kib("VmHWM") * 1024 / 1e9
+    return out
 
 
 def memory_profile(n: int, batch_size: int = 64) -> dict:
     """Scan ``n`` generated 32x32 PNGs with the demo model; RSS (MiB) sampled after every tenth of the folder."""
+    from memdetect import runtime
+    from memdetect.detector import Detector
+
+    runtime.retain_freed_memory()
     det = Detector.from_pretrained("demo", device="cpu", batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         files = write_images(Path(tmp), n, 32, seed=1)
@@ -304,7 +316,7 @@ def memory_profile(n: int, batch_size: int = 64) -> dict:
 
         def sample():
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss_mib())
+                peak[0] = max(peak[0], _status_kib("VmRSS") / 1024)
                 time.sleep(0.05)
 
         th = threading.Thread(target=sample, daemon=True)
@@ -322,62 +334,192 @@ def memory_profile(n: int, batch_size: int = 64) -> dict:
             "peak_rss_mib_by_tenth": marks, "peak_rss_growth_mib": round(marks[-1] - marks[0], 1)}
 
 
+# -- the parent: one subprocess per configuration ---------------------------------------------------------------------
+
+def run_measured(cmd: list[str], env: dict, timeout: float | None = None) -> tuple[str, str, int, float, float]:
+    """Run ``cmd``; (stdout, stderr, exit code, wall seconds, peak RSS in GB of it and the children it waited for)."""
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if timer:
+            timer.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.stdout.close()
+        wall = time.perf_counter() - t0
+        err.seek(0)
+        return out, err.read(), proc.returncode, wall, usage.ru_maxrss * 1024 / 1e9
+
+
+def _env(extra: dict, code: str | None) -> dict:
+    env = {**os.environ, **extra}
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([code, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
+
+
+def measure_setting(name: str, setting: str, args, folder: Path, images: Path, n: int, code: str | None) -> dict:
+    """One subprocess: a ``--child`` run of this file, or for ``cli`` the ``memdetect scan`` command."""
+    env = _env(SETTINGS[setting], code)
+    if setting == "cli":
+        with tempfile.TemporaryDirectory() as tmp:
+            sub = Path(tmp) / "images"
+            sub.mkdir()
+            for f in sorted(images.glob("*.png"))[:n]:
+                os.symlink(f, sub / f.name)
+            cmd = [sys.executable, "-m", "memdetect", "scan", str(sub), "--model", PRESETS[name], "--model-path",
+                   str(folder), "--device", args.device, "--output", str(Path(tmp) / "report.csv"), "--quiet"]
+            out, err, rc, wall, rss = run_measured(cmd, env, args.timeout)
+        if rc not in (0, 1):
+            raise SystemExit(f"[{name}] memdetect scan failed ({rc}):\n{err[-3000:]}")
+        return {"wall_seconds": wall, "peak_rss_gb": rss, "images": n}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--setting", setting, "--model-dir",
+           str(folder), "--images-dir", str(images), "--n", str(n), "--device", args.device]
+    if not args.flops:
+        cmd.append("--no-flops")
+    if not args.gpu_throughput:
+        cmd.append("--no-gpu-throughput")
+    out, err, rc, wall, rss = run_measured(cmd, env, args.timeout)
+    if rc != 0:
+        raise SystemExit(f"[{name}] setting {setting} failed ({rc}):\n{err[-3000:]}")
+    row = json.loads(out.strip().splitlines()[-1])
+    row.update(peak_rss_gb=rss, wall_seconds=wall)
+    return row
+
+
+def prepare(name: str, args, work: Path) -> tuple[Path, Path]:
+    folder, images = work / name, work / f"{name}-images"
+    if not (folder / ".complete").exists():
+        print(f"[{name}] writing the model with random weights to {folder} ...", flush=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--write-model", name, "--model-dir", str(folder),
+               "--configs", args.configs]
+        out, err, rc, wall, rss = run_measured(cmd, dict(os.environ))
+        if rc != 0:
+            raise SystemExit(f"[{name}] writing the model failed:\n{err[-3000:]}")
+    return folder, images
+
+
+def default_images(name: str, batch: int) -> int:
+    return {"sd14": 12, "dit": 16, "edm": 256, "ddpm-cifar10": 256}.get(name, 4 * batch)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated: " + ", ".join(MODELS))
+    p.add_argument("--settings", default=DEFAULT_SETTINGS, help="comma-separated: " + ", ".join(SETTINGS))
     p.add_argument("--configs", default=str(CONFIGS), help="folder with the real configs (../shared/data/configs)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--images", type=int, default=None, help="images for the default path (default: a few batches)")
-    p.add_argument("--naive-images", type=int, default=None)
+    p.add_argument("--images", type=int, default=None, help="images per setting (default: SD1.4 12, DiT 16, "
+                                                            "EDM and ddpm-cifar10 256)")
+    p.add_argument("--naive-images", type=int, default=None, help="images for the naive path (default: 2 for "
+                                                                  "SD1.4 and DiT on a CPU)")
     p.add_argument("--baseline-images", type=int, default=None)
-    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--workdir", default=None, help="where the model folders and images are written and kept "
+                                                   "(default: a temporary folder, removed at the end)")
+    p.add_argument("--compare", default=None, metavar="PATH", help="also run default and cli with the memdetect "
+                                                                   "package of the checkout at PATH")
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True, help="count the FLOPs (floor)")
     p.add_argument("--gpu-throughput", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU: SD1.4 images/s at batch 64 bf16")
     p.add_argument("--memory", type=int, default=0, metavar="N", help="also: peak RSS while scanning N images")
     p.add_argument("--peak", type=float, default=None, help="matmul FLOP/s to use instead of measuring it")
-    p.add_argument("--naive-child", default=None, help=argparse.SUPPRESS)  # internal: the naive path's process
+    p.add_argument("--timeout", type=float, default=None, help="seconds per subprocess")
+    # internal: the subprocesses
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--setting", default="default", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--write-model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
+    if args.write_model:
+        write_model(args.write_model, Path(args.configs), Path(args.model_dir))
+        return 0
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if args.memory_child:
+        print(json.dumps(memory_profile(args.memory_child)))
+        return 0
+
+    import torch
+
+    from memdetect import __version__
     from memdetect.detector import resolve_device, resolve_dtype
 
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    if device.type == "cpu":
-        runtime.retain_freed_memory()  # what the memdetect command does (MEMDETECT_RETAIN_MEMORY=0: not)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    bad = [m for m in models if m not in MODELS] + [s for s in settings if s not in SETTINGS]
+    if bad:
+        print(f"unknown model or setting {bad[0]!r}; models: {', '.join(MODELS)}; settings: {', '.join(SETTINGS)}",
+              file=sys.stderr)
+        return 2
     if not Path(args.configs).is_dir():
         print(f"real configs not found at {args.configs} (pass --configs)", file=sys.stderr)
         return 2
-    if args.naive_child:
-        print(json.dumps({"seconds_per_image_naive": naive_seconds(args.naive_child, args, device, dtype,
-                                                                   args.naive_images or 1)}))
-        return 0
+    device = resolve_device(args.device)
+    args.device = device.type
+    dtype = resolve_dtype("auto", device)
     if args.peak is None:
         args.peak = matmul_peak(device, dtype)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"memdetect {__version__}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"{describe_device(device)}; matmul peak {args.peak / 1e9:.0f} GFLOP/s ({str(dtype).replace('torch.', '')})",
-          flush=True)
-    mem = memory_profile(args.memory) if args.memory else None  # first: before the big models inflate the RSS
+          f"{describe_device(device)}; matmul peak {args.peak / 1e9:.0f} GFLOP/s ({str(dtype).replace('torch.', '')}); "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    mem = None
+    if args.memory:
+        out, err, rc, wall, rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--memory-child",
+                                                str(args.memory)], dict(os.environ))
+        if rc != 0:
+            raise SystemExit(f"memory profile failed:\n{err[-3000:]}")
+        mem = json.loads(out.strip().splitlines()[-1])
+    work_ctx = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
     rows = []
-    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        rows.append(measure(name, args, device, dtype))
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="seconds per image (lower is better)", title_justify="left")
-    cols = ["model", "default", "direct convs", "naive", "floor", "floor ratio", "speedup", "FLIPD", "Wen 1st",
-            "GFLOP/img", "GFLOP run"]
-    for c in cols:
-        t.add_column(c, justify="left" if c == "model" else "right")
-    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
-    for r in rows:
-        t.add_row(r["model"], fmt(r["seconds_per_image_default"]), fmt(r["seconds_per_image_direct_convs"]),
-                  fmt(r["seconds_per_image_naive"]), fmt(r["floor_seconds"]),
-                  f"{r['floor_ratio']:.2f} ({r['floor_ratio_direct_convs']:.2f})", f"{r['speedup_vs_naive']:.2f}x",
-                  fmt(r.get("seconds_per_image_ross_flipd")), fmt(r.get("seconds_per_image_wen_first_step")),
-                  f"{r['gflops_per_image']:.0f}", f"{r['gflops_run_per_image']:.0f}")
-    Console(width=160).print(t)
+    with work_ctx as work:
+        work = Path(work)
+        for name in models:
+            folder, images_dir = prepare(name, args, work)
+            bs = {"sd14": 4, "dit": 8}.get(name, 64) if device.type == "cpu" else 64
+            n = args.images or default_images(name, bs)
+            n_naive = args.naive_images or (2 if device.type == "cpu" and name in ("sd14", "dit") else n)
+            n_base = min(n, args.baseline_images or bs)
+            write_images(images_dir, max(n, n_naive, n_base), RESOLUTION[name])
+            row = {"model": name, "device": describe_device(device), "peak_gflops": args.peak / 1e9,
+                   "load_average": [round(x, 2) for x in load]}
+            runs = [(s, None) for s in settings]
+            if args.compare:
+                runs += [(s, args.compare) for s in ("default", "cli") if s in settings]
+            for setting, code in runs:
+                key = setting + ("-compare" if code else "")
+                count = {"naive": n_naive, "baselines": n_base}.get(setting, n)
+                r = measure_setting(name, setting, args, folder, images_dir, count, code)
+                print(f"[{name}] {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in r.items() if k not in ("device", "layer")),
+                      flush=True)
+                for k, v in r.items():
+                    if k in ("seconds_per_image", "peak_rss_gb", "peak_cuda_gb", "wall_seconds", "load_seconds",
+                             "rss_after_load_gb", "seconds_per_image_ross_flipd", "seconds_per_image_wen_first_step",
+                             "gpu_images_per_second_batch64"):
+                        row[f"{k}_{key}" if not k.startswith("seconds_per_image_") and not k.startswith("gpu")
+                            else k] = v
+                    elif k in ("gflops_per_image", "gflops_run_per_image", "batch_size", "layer", "memdetect"):
+                        row.setdefault(k, v)
+            if "gflops_per_image" in row:
+                row["floor_seconds"] = row["gflops_per_image"] * 1e9 / args.peak
+                if "seconds_per_image_default" in row:
+                    row["floor_ratio"] = row["seconds_per_image_default"] / row["floor_seconds"]
+                if "seconds_per_image_direct" in row:
+                    row["floor_ratio_direct"] = row["seconds_per_image_direct"] / row["floor_seconds"]
+            if "seconds_per_image_naive" in row and "seconds_per_image_default" in row:
+                row["speedup_vs_naive"] = row["seconds_per_image_naive"] / row["seconds_per_image_default"]
+            rows.append(row)
+    print_table(rows, settings, bool(args.compare))
     if mem:
         print(f"memory: {mem['rows']} images in {mem['seconds']} s; peak RSS (MiB) after each tenth: "
               f"{mem['peak_rss_mib_by_tenth']}; growth {mem['peak_rss_growth_mib']} MiB")
@@ -385,6 +527,34 @@ def main(argv=None) -> int:
     for r in rows:
         print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}))
     return 0
+
+
+def print_table(rows: list[dict], settings: list[str], compare: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = [s for s in settings if s != "baselines"] + (["default-compare", "cli-compare"] if compare else [])
+    t = Table(title="seconds per image (cli: wall seconds of the command, loading included) and peak RSS (GB)",
+              title_justify="left")
+    t.add_column("model")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for c in ("floor", "floor ratio", "FLIPD", "Wen 1st", "GFLOP/img (run)"):
+        t.add_column(c, justify="right")
+    for r in rows:
+        cells = []
+        for k in keys:
+            s = r.get(f"seconds_per_image_{k}", r.get(f"wall_seconds_{k}") if k.startswith("cli") else None)
+            m = r.get(f"peak_rss_gb_{k}")
+            cuda = r.get(f"peak_cuda_gb_{k}")
+            cells.append("-" if s is None else f"{s:.4g} s, {m:.2f} GB" + (f" (GPU {cuda:.2f})" if cuda else ""))
+        fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
+        cells += [fmt(r.get("floor_seconds")), fmt(r.get("floor_ratio"), "{:.2f}"),
+                  fmt(r.get("seconds_per_image_ross_flipd")), fmt(r.get("seconds_per_image_wen_first_step")),
+                  "-" if "gflops_per_image" not in r else
+                  f"{r['gflops_per_image']:.0f} ({r['gflops_run_per_image']:.0f})"]
+        t.add_row(r["model"], *cells)
+    Console(width=200).print(t)
 
 
 if __name__ == "__main__":

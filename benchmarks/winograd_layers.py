@@ -1,9 +1,11 @@
 """Winograd F(4x4, 3x3) against oneDNN's direct convolution, per layer shape of SD1.4 and ddpm-cifar10.
 
 For each shape: the best of a few timed calls of each kernel on the same channels-last input (CPU float32, freed
-memory retained as in a scan), and each result's largest error against a float64 direct convolution, relative to
-the output's largest value. Rows marked ``direct`` are below ``memdetect.winograd.MIN_CHANNEL_PRODUCT`` and keep
-the direct kernel in a scan.
+memory retained as in a scan): the direct convolution, Winograd with the transformed weight kept (``cached``) and
+with the weight transformed in the call (``per call``, what a scan does outside the cache's budget), and each
+result's largest error against a float64 direct convolution, relative to the output's largest value. ``scan uses``
+says what a scan picks: ``direct`` below ``memdetect.winograd.MIN_CHANNEL_PRODUCT`` channels or ``MIN_TILES`` tiles
+per call.
 
 Run: ``python benchmarks/winograd_layers.py`` (about three minutes on 2 CPU cores).
 """
@@ -51,9 +53,9 @@ def main() -> None:
     runtime.retain_freed_memory()
     print(f"memdetect {__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
-    print("| layer | batch | C_in→C_out | px | direct ms | Winograd ms | speed-up | direct err | Winograd err "
-          "| scan uses |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| layer | batch | C_in→C_out | px | tiles | direct ms | Winograd cached ms | per call ms | speed-up per call "
+          "| direct err | Winograd err | scan uses |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for where, n, c_in, c_out, px in SHAPES:
         torch.manual_seed(0)
         conv = torch.nn.Conv2d(c_in, c_out, 3, padding=1).to(memory_format=torch.channels_last)
@@ -67,9 +69,12 @@ def main() -> None:
             del ref
             t_direct = best(lambda: conv(x))
             t_wino = best(lambda: winograd.conv3x3(x, u, conv.bias))
-        uses = "Winograd" if c_in * c_out >= winograd.MIN_CHANNEL_PRODUCT else "direct"
-        print(f"| {where} | {n} | {c_in}→{c_out} | {px} | {t_direct * 1e3:.0f} | {t_wino * 1e3:.0f} | "
-              f"{t_direct / t_wino:.2f}× | {e_direct:.1e} | {e_wino:.1e} | {uses} |", flush=True)
+            t_fly = best(lambda: winograd.conv3x3(x, winograd.transform_weight(conv.weight), conv.bias))
+        tiles = n * (-(-px // 4)) ** 2
+        uses = ("Winograd" if c_in * c_out >= winograd.MIN_CHANNEL_PRODUCT and tiles >= winograd.MIN_TILES
+                else "direct")
+        print(f"| {where} | {n} | {c_in}→{c_out} | {px} | {tiles} | {t_direct * 1e3:.0f} | {t_wino * 1e3:.0f} | "
+              f"{t_fly * 1e3:.0f} | {t_direct / t_fly:.2f}× | {e_direct:.1e} | {e_wino:.1e} | {uses} |", flush=True)
 
 
 if __name__ == "__main__":
