@@ -225,3 +225,27 @@ def test_the_gpu_batch_size_comes_from_free_memory(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: seen.append(device) or (10 * per_image, 0))
     assert det._default_batch_size() == 8  # 80% of room for 10 images
     assert seen == [torch.device("cuda")]
+
+
+def test_the_command_line_prunes_a_scan_and_keeps_the_whole_model_for_a_full_forward(tiny_ddpm, images_dir,
+                                                                                     monkeypatch):
+    from typer.testing import CliRunner
+
+    from memdetect import scan as scan_mod
+    from memdetect.cli import app
+    from memdetect.errors import InputError
+
+    seen = []
+
+    def record(det, paths, **kwargs):
+        seen.append(det)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(scan_mod, "scan", record)
+    base = ["scan", str(images_dir), "--model", "ddpm", "--model-path", str(tiny_ddpm), "--device", "cpu"]
+    for extra in ([], ["--no-early-exit"]):
+        assert CliRunner().invoke(app, base + extra).exit_code == 2
+    assert seen[0].pruned and seen[0].early_exit
+    assert not seen[1].pruned and not seen[1].early_exit
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[0].features(x), seen[1].features(x))
