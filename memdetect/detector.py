@@ -211,6 +211,8 @@ class Detector:
         self._forward_largest = 0
         self.usage = self._probe()
         if prune and self.usage is not None and adapter.pruned_for is None:
+            if not adapter.weight_files():  # the resume key hashes the loaded tensors: all of them, before dropping
+                self._weights = "tensors:" + tensors_digest(adapter.networks())
             freed = capture.prune(adapter.networks(), self.usage,
                                   f"the detector keeps only what its scan of {self.layer} runs (prune=True); load "
                                   f"the model with prune=False for a full forward, other layers or generation")

@@ -103,6 +103,13 @@ def test_a_dropped_module_says_so_and_the_detector_refuses_what_needs_it():
         Detector(mid_unet(), prune=True, early_exit=False)
 
 
+def test_a_pruned_model_without_weight_files_hashes_its_whole_weights_before_dropping():
+    pruned, whole = Detector(mid_unet(), layer=EARLY), Detector(mid_unet(), layer=EARLY, prune=False)
+    assert pruned.pruned and not whole.pruned
+    assert pruned.weights_digest() == whole.weights_digest()
+    assert pruned.weights_digest() != Detector(mid_unet(seed=1), layer=EARLY).weights_digest()
+
+
 def test_prune_false_and_full_forward_keep_everything():
     for kwargs in ({"prune": False}, {"early_exit": False}):
         adapter = mid_unet()
