@@ -7,21 +7,21 @@ import json
 import os
 import subprocess
 import sys
-import time
+
+import pytest
 
 from .conftest import CONFIGS, REPO, needs_shared
 
 
+@pytest.mark.slow  # about 40 s on 2 loaded cores (two subprocesses each load torch and the model); CI runs it
 @needs_shared("data", "configs", "ddpm-cifar10-32")
 def test_perf_reports_speed_and_peak_memory_per_setting_in_subprocesses(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "perf.py"), "--models", "ddpm-cifar10", "--settings",
            "default,naive", "--images", "4", "--naive-images", "1", "--peak", "1e11", "--configs", str(CONFIGS),
            "--workdir", str(tmp_path), "--device", "cpu"]
-    t0 = time.perf_counter()
     out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert time.perf_counter() - t0 < 120  # about 40 s on 2 loaded cores
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["model"] == "ddpm-cifar10" and row["layer"] == "up_blocks.0.resnets.2.conv2:in"
     for setting in ("default", "naive"):
