@@ -329,8 +329,8 @@ def prune(modules: Sequence[nn.Module], usage: Usage, reason: str) -> int:
     A dropped tensor is replaced by one on the ``meta`` device (same shape and dtype, no memory), so the module tree,
     names, ``state_dict`` keys and dtype/shape queries stay; any arithmetic on it fails. Every module that never
     fired and lost a tensor (its own or below it) also gets a pre-hook raising ``PrunedModuleError`` with
-    ``reason``, so calling what was dropped says so instead of failing deep inside torch. Shared tensors are replaced in every module that
-    holds them.
+    ``reason``, so calling what was dropped says so instead of failing deep inside torch. Shared tensors are
+    replaced in every module that holds them.
     """
     replaced: dict[int, torch.Tensor] = {}
     freed = 0

@@ -184,7 +184,7 @@ def test_place_copies_tensors_out_of_their_source_and_leaves_dropped_ones():
     assert lin.bias.is_meta
 
 
-# -- batch size: from free GPU memory, halved on out-of-memory errors ---------------------------------------------------
+# -- batch size: from free GPU memory, halved on out-of-memory errors --------------------------------------------------
 
 def test_out_of_memory_halves_the_batch_retries_and_says_so_once(caplog, monkeypatch):
     det = Detector(mid_unet(), batch_size=8)
