@@ -125,7 +125,7 @@ def test_demo_dit_depth_is_even_and_null_class_is_ten():
 def test_layer_sweep_on_a_transformer_skips_what_token_pooling_cannot_reduce():
     from memdetect.bench.demo import bench_folder, load_demo_set, subset, sweep_layers
 
-    det = Detector.from_pretrained("demo-dit", device="cpu")
+    det = Detector.from_pretrained("demo-dit", device="cpu", prune=False)  # a sweep runs every layer
     data = subset(load_demo_set(bench_folder("demo-dit")), 40)  # 40: a few memorized samples to split
     sweep = sweep_layers(det, data, timesteps=(50,), batch_size=8, select_fraction=0.5)
     assert "transformer_blocks.3.ff.net.0" in set(sweep["layer"])
