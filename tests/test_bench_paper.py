@@ -390,7 +390,7 @@ def test_bench_laion_nemo_statistics_file_and_carlini_generations(tiny_sd, tmp_p
     from memdetect.bench import baselines, nemo_stats, paper
 
     m, n = _lists(tmp_path)
-    a = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32").adapter
+    a = Detector.from_pretrained("sd", str(tiny_sd), device="cpu", dtype="float32", prune=False).adapter
     values = a.cross_attention_values()
     widths = nemo_stats.layer_widths(values)
     mean, std = nemo_statistics_file(tmp_path / "stats.pt", widths)
