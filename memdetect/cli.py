@@ -80,24 +80,46 @@ class Terminated(KeyboardInterrupt):
     journal on the way out."""
 
 
+#: Signals received while a command runs. Python raises a signal handler's exception wherever the main thread
+#: happens to be, and one raised inside a finalizer (``__del__``, a weakref callback) is printed and ignored; the
+#: record lets the next batch boundary raise it again, so a Ctrl-C or SIGTERM is never lost.
+_SIGNALS: list[int] = []
+
+
+def _raise_for(signum: int) -> None:
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def check_signals() -> None:
+    """Raise for a signal received earlier whose exception was swallowed (see ``_SIGNALS``)."""
+    if _SIGNALS:
+        _raise_for(_SIGNALS[0])
+
+
 @contextlib.contextmanager
 def _terminate_cleanly():
-    """While a command runs: SIGTERM raises ``Terminated`` once (a second SIGTERM during the clean-up is ignored;
-    SIGKILL still works). Python's own SIGINT handler raises KeyboardInterrupt. Without this a SIGTERM kills the
-    process on the spot, and its DataLoader workers, blocked writing to a pipe nobody reads, outlive it."""
+    """While a command runs: SIGTERM raises ``Terminated`` and SIGINT ``KeyboardInterrupt``, once each (a repeat
+    during the clean-up is ignored; SIGKILL still works), and both are recorded so that ``check_signals`` raises
+    again at the next batch if the first exception was swallowed. Without this a SIGTERM kills the process on the
+    spot, and its DataLoader workers, blocked writing to a pipe nobody reads, outlive it."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def on_sigterm(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated()
+    def on_signal(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)
+        _SIGNALS.append(signum)
+        _raise_for(signum)
 
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    _SIGNALS.clear()
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
+        check_signals()  # a signal whose exception was swallowed after the last batch still ends the command
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        _SIGNALS.clear()
 
 
 def handle_errors(fn):
@@ -295,7 +317,12 @@ def progress_bar(what: str, *, quiet: bool = False):
     bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
                    console=err, disable=quiet, transient=True)
     task = bar.add_task(what, total=None)
-    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+    def on_batch(done, total):
+        check_signals()
+        bar.update(task, completed=done, total=total)
+
+    return bar, on_batch
 
 
 # -- scan ------------------------------------------------------------------------------------------------------------
