@@ -244,6 +244,10 @@ Resume = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue fro
 StateDirOption = Annotated[Optional[Path], typer.Option("--state-dir", envvar="MEMDETECT_STATE_DIR",
                            help="memdetect's private state: the journal secret, audit journals, weight hashes "
                                 "(default: $XDG_CACHE_HOME/memdetect/state or ~/.cache/memdetect/state).")]
+Inputs = Annotated[List[str], typer.Argument(help="Image files, folders (searched recursively), fsspec URLs (s3://, "
+                                             "gs://, hf://, memory://, file://), .tar shards (one row per image "
+                                             "member) and .csv / .parquet manifests (a path or url column).",
+                                             show_default=False)]
 Html = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (histogram, "
                                                              "evidence for the top flagged images, a sortable table "
                                                              "of every image, settings).")]
@@ -331,7 +335,7 @@ def progress_bar(what: str, *, quiet: bool = False):
 @handle_errors
 def scan(
     ctx: typer.Context,
-    paths: Paths,
+    paths: Inputs,
     config: Config = None,
     model: Model = "demo", model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
@@ -340,8 +344,8 @@ def scan(
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: Seed = 0,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Report file: .csv, .json or "
-                                                                          ".parquet.")] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report file: .csv, .json or .parquet (a "
+                                                                         "path or an fsspec URL).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows in the terminal table of highest scores (0: none).")] = 10,
     workers: Workers = None,
     no_early_exit: Annotated[bool, typer.Option("--no-early-exit", help="Run the full forward pass (for "
@@ -353,29 +357,93 @@ def scan(
     evidence_top: EvidenceTop = 20,
     evidence_json: EvidenceJson = None,
     reference_dir: ReferenceDir = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of "
+                                                 "the inputs (Slurm arrays, indexed jobs); join the reports with "
+                                                 "`memdetect merge`.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, "
+                                        "one part per rank) or ray (a Ray Data actor pool).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
+                                                       "(default: RAY_ADDRESS, else a local Ray).")] = None,
     quiet: Quiet = False,
 ):
     """Score every image for memorization and write a report."""
+    from .distributed import rank_device, scan_distributed, world
     from .io import check_destinations, check_report_path
     from .scan import scan as run_scan
+    from .sources import is_url, parse_shard
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r}; choose local or ray")
+    part = parse_shard(shard) if shard is not None else None
+    if ray_address is not None and engine != "ray":
+        raise UsageError("--ray-address needs --engine ray")
+    paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
     if output is not None:
         check_report_path(output)
-    check_destinations({"report": output, "HTML report": html, "evidence JSON": evidence_json})  # before the load
+        output = output if is_url(output) else Path(output)
+    remote = output is not None and is_url(str(output))
+    check_destinations({"report": None if remote else output, "HTML report": html,
+                        "evidence JSON": evidence_json})  # before the model load, too
+    w = world()
+    if w is not None and (part is not None or engine == "ray"):
+        raise UsageError("under torchrun / accelerate launch each rank already scores its own part: drop "
+                         f"{'--shard' if part is not None else '--engine ray'}")
+    if (w is not None or engine == "ray") and (evidence_json is not None or reference_dir is not None):
+        raise UsageError("--evidence-json and --reference-dir need a scan in one process (evidence reads the flagged "
+                         "images again): scan the flagged images again without torchrun / --engine ray")
+    if w is not None:
+        device = rank_device(device, w)
+        quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
-        result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
-                          num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
-                          channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
-                          reference_dir=reference_dir)
+        if engine == "ray":
+            from .integrations.ray import scan_with_ray
+
+            result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
+                                   model=s["model"], model_path=str(s["model_path"]) if s["model_path"] else None,
+                                   on_batch=progress, reference=s.get("reference"), layer=s["layer"],
+                                   timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
+                                   seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
+                                   early_exit=not no_early_exit, sigma=s["sigma"])
+        elif w is not None:
+            result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
+                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
+        else:
+            result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
+                              num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
+                              channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
+                              reference_dir=reference_dir, shard=part)
+    if w is not None and w.rank != 0:
+        raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
         render_scan(result, det, top=top)
     raise typer.Exit(EXIT_FLAGGED if result.flagged else EXIT_OK)
+
+
+@app.command()
+@handle_errors
+def merge(
+    reports: Annotated[List[str], typer.Argument(help="The shards' reports (paths or fsspec URLs), from `memdetect "
+                                                 "scan --shard I/N`.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="The joined report: .csv, .json or .parquet (a path "
+                                        "or an fsspec URL).")],
+    quiet: Quiet = False,
+):
+    """Join the reports of a sharded scan into the report one process would have written (refuses parts of
+    different scans or settings, and missing or duplicate shards)."""
+    from .merge import merge_reports
+
+    res = merge_reports(reports, output)
+    if not quiet:
+        c = res.counts
+        out.print(f"merged {res.parts} shards: {c['images']} images: {c['scored']} scored, {c['errored']} errored, "
+                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}", soft_wrap=True)
+    raise typer.Exit(EXIT_FLAGGED if res.flagged else EXIT_OK)
 
 
 def render_scan(result, det, *, top: int) -> None:

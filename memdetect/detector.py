@@ -36,6 +36,7 @@ from .journal import fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
+from .sources import Source, item_name, read_item
 from .state import StateDir
 from .text import printable
 
@@ -532,9 +533,10 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         path = self.files[i]
-        item = {"path": display_path(path), "pixels": None, "error": None, "digest": None}
+        item = {"path": item_name(path), "pixels": None, "error": None, "digest": None}
         try:
-            data = read_file(path)  # read once: the key hashes exactly the bytes that are decoded
+            # read once: the key hashes exactly the bytes that are decoded (a Source: a URL or a tar member)
+            data = read_item(path) if isinstance(path, Source) else read_file(path)
             item["digest"] = content_digest(data)
             item["pixels"] = decode_image(data, self.resolution)
         except ImageError as e:

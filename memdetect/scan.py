@@ -41,8 +41,9 @@ from .detector import Detector, Settings
 from .errors import InputError
 from .html_report import write_html
 from .pvalues import Reference
-from .io import check_destinations, check_report_path, discover, display_path, file_digest
+from .io import check_destinations, check_report_path, display_path, file_digest
 from .journal import Journal, fingerprint, journal_path, record_scores, row_key, scan_record
+from .sources import Source, inputs_digest, is_url, item_digest, item_name, resolve, shard as shard_of
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class ScanResult:
     weights: str | None = None
     evidence: dict | None = None
     evidence_json: Path | None = None
+    shard: tuple[int, int] | None = None
+    inputs: str | None = None
 
     @property
     def counts(self) -> dict:
@@ -92,34 +95,44 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          on_features: Callable | None = None, reference: Reference | None = None,
          channels: dict | None = None, evidence_top: int = _evidence.TOP,
          evidence_json: str | os.PathLike | None = None,
-         reference_dir: str | os.PathLike | None = None) -> ScanResult:
+         reference_dir: str | os.PathLike | None = None,
+         shard: tuple[int, int] | None = None) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
     (nothing is read from it). ``html``: also a self-contained HTML report. ``state_dir``: the state directory
     (journal secret, weight-hash cache; default ``memdetect.state.default_state_dir()``); ``journal_in_state``:
-    keep the journal there instead of beside the report. ``on_batch(done, total)``: progress, called once the
-    journal's rows are taken and after each scored batch. ``reference``, ``channels``, ``evidence_top``,
-    ``evidence_json``, ``reference_dir``: p-values and evidence (module docstring). Raises InputError when ``paths``
-    hold no image file and UsageError for a destination that cannot be written (before any image is read).
+    keep the journal there instead of beside the report (always so for a report at a URL). ``paths``: local files
+    and folders, fsspec URLs, tar shards and manifests (``memdetect.sources.resolve``). ``shard=(i, n)``: score only
+    the ``i``-th (0-based) of ``n`` contiguous parts of the inputs; the report then carries the shard's marks
+    (``memdetect.merge``), and ``memdetect merge`` joins the parts into the report one process would have written.
+    ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
+    ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
+    docstring; evidence images are read for local files only). Raises InputError when ``paths`` hold no image file
+    and UsageError for a destination that cannot be written (before any image is read).
     """
     paths = list(paths)
-    output = check_report_path(output) if output is not None else None
-    check_destinations({"report": output, "HTML report": html, "evidence JSON": evidence_json})
+    remote_output = output is not None and is_url(str(output))
+    if output is not None:
+        check_report_path(output)
+        output = str(output) if remote_output else Path(output)
+    check_destinations({"report": None if remote_output else output, "HTML report": html,
+                        "evidence JSON": evidence_json})
     if reference_dir is not None and not Path(reference_dir).is_dir():
         raise InputError(f"--reference-dir {display_path(reference_dir)} is not a folder")
     if evidence_top < 0:
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
-    files = discover(paths)
-    if not files:
+    everything = resolve(paths)
+    if not everything:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
+    files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     settings = detector.settings
     weights = detector.weights_digest(state)
     fp = fingerprint(asdict(settings), weights=weights)
     jpath = None
     if output is not None:
-        jpath = state.journal_path(fp, output) if journal_in_state else journal_path(output)
+        jpath = state.journal_path(fp, output) if journal_in_state or remote_output else journal_path(output)
     done = 0
 
     def advance(n: int) -> None:
@@ -135,12 +148,12 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         if journal is not None and journal.done:
             todo = []
             for i, f in enumerate(files):
-                key = row_key(file_digest(f), fp)
+                key = row_key(item_digest(f) if isinstance(f, Source) else file_digest(f), fp)
                 scores = _reusable(journal, key)
                 if scores is None:
                     todo.append(i)  # read, hashed and decoded again by the loader: keyed by what it scores
                 else:
-                    rows[i] = detector.row(display_path(f), scores, key=key)
+                    rows[i] = detector.row(item_name(f), scores, key=key)
             if len(files) > len(todo):
                 advance(len(files) - len(todo))
         pos = 0
@@ -162,9 +175,16 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         frame = report.add_p_values(frame, reference)
     resumed = len(files) - len(todo)
     settings_dict = {**asdict(settings), "weights": weights}
+    inputs = inputs_digest(everything) if shard is not None else None
     if output is not None:
-        report.write(frame, output, settings_dict)
-    by_name = {display_path(f): f for f in files}
+        if shard is not None:
+            from .merge import mark_shard
+
+            written, written_settings = mark_shard(frame, settings_dict, shard, inputs)
+        else:
+            written, written_settings = frame, settings_dict
+        write_report_anywhere(written, output, written_settings)
+    by_name = {item_name(f): f for f in files if isinstance(f, Path)}
     ev = None
     if html is not None or evidence_json is not None:
         ev = _evidence.collect(detector, frame, by_name, top=evidence_top, reference=reference, channels=channels,
@@ -176,7 +196,22 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev)
     return ScanResult(frame, tuple(files), settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
-                      weights=weights, evidence=ev, evidence_json=evidence_json)
+                      weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs)
+
+
+def write_report_anywhere(frame: pd.DataFrame, output: str | os.PathLike, settings: dict):
+    """``report.write`` to a local path, or to an fsspec URL (written to a temporary file, then copied)."""
+    if not is_url(str(output)):
+        return report.write(frame, output, settings)
+    import tempfile
+
+    from .sources import upload
+
+    with tempfile.TemporaryDirectory(prefix="memdetect-report-") as tmp:
+        local = Path(tmp) / ("report" + Path(str(output)).suffix.lower())
+        report.write(frame, local, settings)
+        upload(local, str(output))
+    return output
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:

@@ -169,7 +169,8 @@ class StateDir:
     # -- journals ------------------------------------------------------------------------------------------------
     def journal_path(self, fingerprint: str, report: str | os.PathLike) -> Path:
         """Where an audit keeps the journal of ``report`` for the settings (and weights) ``fingerprint``."""
-        ident = json.dumps({"fingerprint": fingerprint, "report": os.path.realpath(report)}, sort_keys=True)
+        where = str(report) if "://" in str(report) else os.path.realpath(report)  # a URL is its own name
+        ident = json.dumps({"fingerprint": fingerprint, "report": where}, sort_keys=True)
         return self.ensure() / "journals" / f"{hashlib.sha256(ident.encode()).hexdigest()[:32]}.jsonl"
 
     # -- weight files --------------------------------------------------------------------------------------------
