@@ -368,3 +368,38 @@ def test_more_shards_than_images_merge(det, tmp_path):
         assert list(pd.read_csv(tmp_path / "m.csv")["path"]) == [str(p) for p in sorted((tmp_path / "imgs").iterdir())]
     r = invoke("merge", tmp_path / "p1.csv", "-o", tmp_path / "m.csv")
     assert r.exit_code == 2 and "shard 4/4 missing" in r.output
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_p_values_survive_shards_and_merge(det, tmp_path, suffix):
+    from memdetect.pvalues import Reference
+
+    write_images(tmp_path / "imgs", 5)
+    ref = Reference.from_scores(np.linspace(0.0, 2.0, 50))
+    plain = scan(det, [tmp_path / "imgs"], output=tmp_path / f"plain{suffix}", reference=ref)
+    assert plain.frame["p_value"].notna().all()
+    parts = [tmp_path / f"part{i}{suffix}" for i in range(2)]
+    for i, p in enumerate(parts):
+        scan(det, [tmp_path / "imgs"], output=p, shard=(i, 2), reference=ref)
+    r = invoke("merge", *parts, "--output", tmp_path / f"merged{suffix}")
+    assert r.exit_code == 0, r.output
+    merged = read_report(tmp_path / f"merged{suffix}").frame
+    cols = ["path", "score", "p_value", "percentile"]
+    pd.testing.assert_frame_equal(merged[cols].reset_index(drop=True), plain.frame[cols].reset_index(drop=True))
+    # a part without p-values: the merge keeps only the columns every part has
+    scan(det, [tmp_path / "imgs"], output=parts[1], shard=(1, 2), resume=False)
+    r = invoke("merge", *parts, "--output", tmp_path / f"merged2{suffix}")
+    assert r.exit_code == 0, r.output
+    assert "p_value" not in read_report(tmp_path / f"merged2{suffix}").frame.columns
+
+
+def test_evidence_needs_a_scan_in_one_process(tiny_ddpm, tmp_path, monkeypatch):
+    write_images(tmp_path / "imgs", 2)
+    base = ["scan", tmp_path / "imgs", "--model", "ddpm", "--model-path", tiny_ddpm, "-o", tmp_path / "r.csv"]
+    r = invoke(*base, "--engine", "ray", "--evidence-json", tmp_path / "ev.json")
+    assert r.exit_code == 2 and "need a scan in one process" in r.output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    r = invoke(*base, "--reference-dir", tmp_path / "imgs")
+    assert r.exit_code == 2 and "need a scan in one process" in r.output
+    assert not (tmp_path / "r.csv").exists()

@@ -62,7 +62,7 @@ class Scorer:
 
         from ..io import ImageError, content_digest, decode_image, image_seed
         from ..journal import row_key
-        from ..report import COLUMNS
+        from ..report import COLUMNS, METRIC_COLUMNS
         from ..sources import open_source, read_item
         from ..text import printable
 
@@ -105,6 +105,8 @@ class Scorer:
             else:
                 rows.append(det.row(it["path"], None, error=it["error"], key=key))
         out = pd.DataFrame(rows, columns=COLUMNS)
+        for c in ("score", *METRIC_COLUMNS):  # floats even in a batch of error rows only (all None)
+            out[c] = out[c].astype("float64")
         out["memorized"] = out["memorized"].astype(object)
         for c in batch.columns:
             if c not in ("bytes", *COLUMNS):
