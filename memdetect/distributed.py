@@ -111,9 +111,10 @@ def scan_distributed(detector, paths, *, output, w: World, html=None, **scan_kwa
     ``ScanResult`` on rank 0 and this rank's own result elsewhere."""
     from dataclasses import replace
 
+    from . import report
     from .html_report import write_html
     from .merge import Part, mark_shard, merge_parts
-    from .scan import scan, write_report_anywhere
+    from .scan import scan
 
     if output is None:
         raise UsageError("a scan under torchrun / accelerate needs --output: each rank keeps its part and journal "
@@ -129,7 +130,7 @@ def scan_distributed(detector, paths, *, output, w: World, html=None, **scan_kwa
     if w.rank != 0:
         return mine
     merged, merged_settings = merge_parts([p for p, *_ in gathered])
-    write_report_anywhere(merged, output, merged_settings)
+    report.write_anywhere(merged, output, merged_settings)
     html_path = write_html(merged, html, merged_settings) if html is not None else None
     log.info("rank 0 merged %d parts into %s", w.size, output)
     return replace(mine, frame=merged, files=(), resumed=sum(r for _, r, _, _ in gathered),

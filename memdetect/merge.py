@@ -210,14 +210,13 @@ def merge_reports(reports: Iterable[str | os.PathLike], output: str | os.PathLik
     """Read the shards' reports, check they are one scan's parts, and write the joined report to ``output`` (a
     local path or an fsspec URL; format from its suffix)."""
     from .io import check_destination, check_report_path
-    from .scan import write_report_anywhere
 
     check_report_path(output)
     if not is_url(str(output)):
         check_destination(output, "report")
     parts = [read_report(r) for r in reports]
     frame, settings = merge_parts(parts)
-    write_report_anywhere(frame, output, settings)
+    report.write_anywhere(frame, output, settings)
     return MergeResult(frame, settings, output, len(parts))
 
 

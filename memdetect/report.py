@@ -75,3 +75,18 @@ def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
 
 __all__ = ["COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "add_p_values", "counts", "make_row", "rows_to_frame",
            "write"]
+
+
+def write_anywhere(df: pd.DataFrame, output: str | os.PathLike, settings: Mapping):
+    """``write`` to a local path, or to an fsspec URL (written to a temporary file, then copied)."""
+    from .sources import is_url, upload
+
+    if not is_url(str(output)):
+        return write(df, output, settings)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="memdetect-report-") as tmp:
+        local = Path(tmp) / ("report" + Path(str(output)).suffix.lower())
+        write(df, local, settings)
+        upload(local, str(output))
+    return output

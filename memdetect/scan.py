@@ -183,7 +183,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
             written, written_settings = mark_shard(frame, settings_dict, shard, inputs)
         else:
             written, written_settings = frame, settings_dict
-        write_report_anywhere(written, output, written_settings)
+        report.write_anywhere(written, output, written_settings)
     by_name = {item_name(f): f for f in files if isinstance(f, Path)}
     ev = None
     if html is not None or evidence_json is not None:
@@ -197,21 +197,6 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     return ScanResult(frame, tuple(files), settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
                       weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs)
-
-
-def write_report_anywhere(frame: pd.DataFrame, output: str | os.PathLike, settings: dict):
-    """``report.write`` to a local path, or to an fsspec URL (written to a temporary file, then copied)."""
-    if not is_url(str(output)):
-        return report.write(frame, output, settings)
-    import tempfile
-
-    from .sources import upload
-
-    with tempfile.TemporaryDirectory(prefix="memdetect-report-") as tmp:
-        local = Path(tmp) / ("report" + Path(str(output)).suffix.lower())
-        report.write(frame, local, settings)
-        upload(local, str(output))
-    return output
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:

@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "text"),                                      # words: exceptions, version, escaping
     ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle", "pvalues",
-     "similarity"),  # tools that know no model family
-    ("models", "report", "journal", "state", "config", "html_report"),   # families; rows; journal; state; config
+     "similarity", "sources"),  # tools that know no model family (sources: where inputs live)
+    ("models", "report", "journal", "state", "config", "html_report", "merge"),  # families; rows; journal; ...
     ("detector",),                                                        # the library API: images -> rows
     ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
-    ("calibrate", "ci", "guarding"),                                      # thresholds; the CI audit; in-generation guard
+    ("calibrate", "ci", "guarding", "distributed", "integrations"),  # thresholds; CI audit; guard; past one process
     ("bench",),                                                           # benchmarks
     ("cli", "__main__", "memdetect"),                                     # entry points and the package's facade
 ]

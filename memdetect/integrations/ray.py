@@ -148,7 +148,7 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
     from ..errors import InputError
     from ..html_report import write_html
     from ..io import check_destinations, check_report_path, display_path
-    from ..scan import ScanResult, write_report_anywhere
+    from ..scan import ScanResult
     from ..sources import inputs_digest, is_url, item_name, resolve, shard as shard_of
     from ..state import StateDir
 
@@ -191,7 +191,7 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
             from ..merge import mark_shard
 
             written, written_settings = mark_shard(frame, settings_dict, shard, inputs)
-        write_report_anywhere(written, output, written_settings)
+        report.write_anywhere(written, output, written_settings)
     html_path = write_html(frame, html, settings_dict) if html is not None else None
     return ScanResult(frame, tuple(), det.settings, resumed=0, computed=len(frame), output=output, html=html_path,
                       weights=weights, shard=shard, inputs=inputs)
