@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .errors import ModelNotFoundError
+from .errors import InputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,34 @@ def download(url: str, dest: Path, *, timeout: float = 60.0) -> tuple[str, int]:
         raise DownloadError(str(getattr(e, "reason", None) or e)) from None
     os.replace(tmp, dest)
     return h.hexdigest(), size
+
+
+def fetch_pinned_data(url: str, dest: Path, *, identify, pinned: str, what: str, hint: str,
+                      timeout: float = 60.0) -> Path:
+    """``dest``, a cached data file (not a model) that must have the identity ``pinned`` (``identify(path)``: e.g.
+    its sha256 or git blob id), downloaded from ``url`` when it is missing or no longer matches. ``what`` names the
+    file and ``hint`` the flag that reads a local copy instead, in the errors. Raises InputError (one sentence) when
+    it is not cached and offline mode is set, when the download fails, and when the download is not the pinned file
+    (which is then deleted)."""
+    if dest.is_file():
+        if identify(dest) == pinned:
+            return dest
+        log.warning("cached %s does not match its pinned identity; downloading it again", dest)
+    if offline():
+        raise InputError(f"{what} is not cached in {dest.parent} and offline mode is set "
+                         f"({' or '.join(OFFLINE_VARIABLES)}); run once with network access, or pass {hint}")
+    part = dest.with_name(dest.name + ".download")
+    try:
+        download(url, part, timeout=timeout)
+    except DownloadError as e:
+        raise InputError(f"could not download {what} from {url} ({e}); pass {hint}") from None
+    got = identify(part)
+    if got != pinned:
+        part.unlink(missing_ok=True)
+        raise InputError(f"the download of {url} is not the pinned file ({got[:16]}..., expected {pinned[:16]}...); "
+                         f"refusing to use it, pass {hint}")
+    os.replace(part, dest)
+    return dest
 
 
 def fetch(url: str, *, pinned: tuple[str, int] | None = None, timeout: float = 60.0) -> Path:

@@ -191,19 +191,11 @@ def merge_parts(parts: Sequence[Part]) -> tuple[pd.DataFrame, dict]:
 
 
 @dataclass(frozen=True)
-class MergeResult:
+class MergeResult(report.Counted):
     frame: pd.DataFrame
     settings: dict
     output: str | os.PathLike
     parts: int
-
-    @property
-    def counts(self) -> dict:
-        return report.counts(self.frame)
-
-    @property
-    def flagged(self) -> bool:
-        return bool(self.frame["memorized"].fillna(False).any())
 
 
 def merge_reports(reports: Iterable[str | os.PathLike], output: str | os.PathLike) -> MergeResult:

@@ -61,6 +61,22 @@ def add_p_values(df: pd.DataFrame, reference) -> pd.DataFrame:
     return out
 
 
+class Counted:
+    """``counts`` and ``flagged`` of a result that holds a report ``frame`` (a scan's, a merge's)."""
+
+    frame: pd.DataFrame
+
+    @property
+    def counts(self) -> dict:
+        """``images``, ``scored``, ``errored``, ``flagged``."""
+        return counts(self.frame)
+
+    @property
+    def flagged(self) -> bool:
+        """Whether any image was flagged memorized (the exit-code contract's 1)."""
+        return bool(self.frame["memorized"].fillna(False).any())
+
+
 def counts(df: pd.DataFrame) -> dict:
     """``images``, ``scored``, ``errored``, ``flagged`` of a report frame."""
     errored = int(df["error"].notna().sum())

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ScanResult:
+class ScanResult(report.Counted):
     """One row per file in discovery order (``frame``), the settings that produced them, how many rows came from
     the journal (``resumed``) and were scored now (``computed``), whether the journal was read (``resume``), how
     many of its rows failed verification (``rejected``), the weights' content hash (``weights``), and the files
@@ -71,16 +71,6 @@ class ScanResult:
     evidence_json: Path | None = None
     shard: tuple[int, int] | None = None
     inputs: str | None = None
-
-    @property
-    def counts(self) -> dict:
-        """``images``, ``scored``, ``errored``, ``flagged``."""
-        return report.counts(self.frame)
-
-    @property
-    def flagged(self) -> bool:
-        """Whether any image was flagged memorized (the exit-code contract's 1)."""
-        return bool(self.frame["memorized"].fillna(False).any())
 
     @property
     def settings_dict(self) -> dict:

@@ -62,26 +62,8 @@ def cache_path() -> Path:
 def fetch_published(*, timeout: float = 60.0) -> Path:
     """The cached, SHA-256-checked copy of NeMo's published statistics, downloaded on first use. Raises
     InputError (one sentence naming ``--nemo-stats FILE``) when it cannot be had."""
-    dest = cache_path()
-    if dest.is_file():
-        if hub.sha256_file(dest) == PUBLISHED.sha256:
-            return dest
-        log.warning("cached %s does not match its pinned SHA-256; downloading it again", dest)
-    if hub.offline():
-        raise InputError(f"{PUBLISHED.what} are not cached in {dest.parent} and offline mode is set "
-                         f"({' or '.join(hub.OFFLINE_VARIABLES)}); pass --nemo-stats FILE")
-    part = dest.with_name(dest.name + ".download")
-    try:
-        digest, size = hub.download(PUBLISHED.url, part, timeout=timeout)
-    except hub.DownloadError as e:
-        raise InputError(f"could not download {PUBLISHED.what} from {PUBLISHED.url} ({e}); pass --nemo-stats FILE") \
-            from None
-    if digest != PUBLISHED.sha256 or size != PUBLISHED.size:
-        part.unlink(missing_ok=True)
-        raise InputError(f"the download of {PUBLISHED.url} is not the pinned file (sha256 {digest[:16]}..., {size} "
-                         f"bytes; expected {PUBLISHED.sha256[:16]}..., {PUBLISHED.size}); refusing to use it")
-    os.replace(part, dest)
-    return dest
+    return hub.fetch_pinned_data(PUBLISHED.url, cache_path(), identify=hub.sha256_file, pinned=PUBLISHED.sha256,
+                                 what=PUBLISHED.what, hint="--nemo-stats FILE", timeout=timeout)
 
 
 def layer_widths(value_layers: Mapping[str, nn.Module]) -> tuple[int, ...]:

@@ -93,26 +93,9 @@ def fetch_public_list(name: str, *, option: str = "--memorized/--normal", timeou
     ``option`` names the flag that reads a local file instead; it goes into the error messages.
     """
     pub = PUBLIC_LISTS[name]
-    dest = prompt_cache_dir() / f"{pub.blob[:12]}-{pub.filename}"
-    if dest.is_file():
-        if git_blob_id(dest.read_bytes()) == pub.blob:
-            return dest
-        log.warning("cached %s does not match its pinned git blob id; downloading it again", dest)
-    if hub.offline():
-        raise InputError(f"{pub.what} is not cached in {dest.parent} and offline mode is set "
-                         f"({' or '.join(hub.OFFLINE_VARIABLES)}); run once with network access, or pass {option} FILE")
-    part = dest.with_name(dest.name + ".download")
-    try:
-        hub.download(pub.url, part, timeout=timeout)
-    except hub.DownloadError as e:
-        raise InputError(f"could not download {pub.what} from {pub.url} ({e}); pass {option} FILE") from None
-    blob = git_blob_id(part.read_bytes())
-    if blob != pub.blob:
-        part.unlink(missing_ok=True)
-        raise InputError(f"the download of {pub.url} is not the pinned file (git blob {blob[:12]}, "
-                         f"expected {pub.blob[:12]}); refusing to use it, pass {option} FILE")
-    os.replace(part, dest)
-    return dest
+    return hub.fetch_pinned_data(pub.url, prompt_cache_dir() / f"{pub.blob[:12]}-{pub.filename}",
+                                 identify=lambda p: git_blob_id(p.read_bytes()), pinned=pub.blob, what=pub.what,
+                                 hint=f"{option} FILE", timeout=timeout)
 
 
 # -- reading -----------------------------------------------------------------------------------------------------------
