@@ -1,0 +1,144 @@
+"""In-generation guard vs post-hoc scan on the ground-truth model ``demo-sd``, same generations, same labels.
+
+Fresh generations with the shipped sampler (``train_ground_truth.py sd``: StableDiffusionPipeline, DDIM 50 steps, eta 0,
+guidance 7.5): K per memorized prompt of the chosen grades and as many normal-prompt images, each batch seeded from
+one CPU generator. The guard scores each image at the step nearest t=50 from the CFG's unconditional half; the
+post-hoc score is ``Detector("demo-sd")`` on the finished images (what ``memdetect scan`` computes). Labels as the
+ship/label stage does (``train_ground_truth.label_run``): ``nearest_match`` against the model's distinct training
+images (grades.csv's train_index into the CIFAR-10 training JPEGs), memorized >= 0.95, generalized < 0.80.
+
+    nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/guard_gt.py --per-prompt 8 --out runs/guard-sd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--grades", default="exact-256,exact-64,exact-16,exact-8", help="memorized prompts of these grades")
+    ap.add_argument("--per-prompt", type=int, default=8)
+    ap.add_argument("--n-normal", type=int, default=None, help="normal-prompt images (default: as many as memorized)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--limit", type=int, default=None, help="generate only the first N planned images (timing)")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/datasets/cifar10-jpg/cifar10-jpg.tar.gz"))
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+
+    import diffusers
+    from diffusers import DDIMScheduler
+
+    import memdetect
+    from memdetect import Detector
+    from memdetect.bench.labels import LabelRule, nearest_match
+    from memdetect.bench.metrics import bootstrap_metrics, paired_difference
+    from memdetect.models.presets import packaged
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(packaged("demo-sd"))
+    mem = pd.read_csv(model_dir / "memorized_prompts.csv")
+    mem = mem[mem["grade"].isin(args.grades.split(","))]
+    normal = pd.read_csv(model_dir / "normal_prompts.csv")["prompt"].tolist()
+    plan = [(p, "memorized", g) for p, g in zip(mem["prompt"], mem["grade"]) for _ in range(args.per_prompt)]
+    n_norm = args.n_normal if args.n_normal is not None else len(plan)
+    plan += [(normal[i % len(normal)], "normal", "") for i in range(n_norm)]
+    if args.limit:
+        plan = plan[: args.limit]
+
+    from memdetect.guarding import load_guardable
+    pipe, _ = load_guardable("demo-sd", device="cpu", dtype="float32")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    guarded = memdetect.guard(pipe, threshold=None)
+
+    gen = torch.Generator().manual_seed(0)
+    images, scores, t0 = [], [], time.perf_counter()
+    for s in range(0, len(plan), args.batch):
+        chunk = plan[s: s + args.batch]
+        out = guarded(prompt=[c[0] for c in chunk], num_inference_steps=args.steps, guidance_scale=args.guidance, eta=0.0,
+                      output_type="np", generator=gen)
+        images.append(torch.from_numpy(np.round(out.images * 255.0).clip(0, 255).astype(np.uint8))
+                      .permute(0, 3, 1, 2).contiguous())
+        scores.append(pd.DataFrame(out.guard.scores))
+        guarded_t = out.guard.timestep
+        print(f"generated {s + len(chunk)}/{len(plan)} in {time.perf_counter() - t0:.0f}s", flush=True)
+    gen_seconds = time.perf_counter() - t0
+    images = torch.cat(images)
+    guard_scores = pd.concat(scores, ignore_index=True)
+    np.savez_compressed(args.out / "samples.npz", samples=images.numpy())
+
+    from gt_common import load_cifar_train
+    grades = pd.read_csv(Path(packaged("demo_sd_bench")) / "grades.csv")
+    cifar, names, _ = load_cifar_train(args.data)
+    if [names[i] for i in grades["train_index"]] != grades["name"].tolist():
+        raise SystemExit("grades.csv's train_index does not match the CIFAR-10 names")
+    train = torch.from_numpy(cifar[grades["train_index"].to_numpy()])
+    del cifar
+    nearest = nearest_match(images, train)
+    sim = nearest.similarity.numpy()
+    rule = LabelRule()
+    label = np.array([rule.label(float(v)) for v in sim])
+    use = np.isin(label, ["memorized", "generalized"])
+    y = (label[use] == "memorized").astype(int)
+
+    det = Detector.from_pretrained("demo-sd", device="cpu")
+    t0 = time.perf_counter()
+    post = pd.DataFrame(det.score_tensor(images))
+    scan_seconds = time.perf_counter() - t0
+
+    frame = pd.DataFrame({"sample": np.arange(len(plan)), "prompt": [c[0] for c in plan],
+                          "prompt_source": [c[1] for c in plan], "prompt_grade": [c[2] for c in plan],
+                          "similarity": sim, "label": label, "used": use,
+                          **{f"guard_{m}": guard_scores[m] for m in guard_scores},
+                          **{f"scan_{m}": post[m] for m in post if m in guard_scores}})
+    frame.to_csv(args.out / "scores.csv", index=False)
+    rows = []
+    for m in guard_scores:
+        if f"scan_{m}" not in frame:
+            continue
+        gs, ps = frame[f"guard_{m}"].to_numpy()[use], frame[f"scan_{m}"].to_numpy()[use]
+        g = bootstrap_metrics(y, gs, n_boot=args.bootstrap)
+        p = bootstrap_metrics(y, ps, n_boot=args.bootstrap)
+        d = paired_difference(y, gs, ps, n_boot=args.bootstrap)
+        rows.append({"metric": m, "guard_auroc": str(g["auroc"]), "scan_auroc": str(p["auroc"]),
+                     "guard_minus_scan_auroc": str(d["auroc"]), "guard_tpr_at_1pct_fpr": str(g["tpr"]),
+                     "scan_tpr_at_1pct_fpr": str(p["tpr"]), "guard_minus_scan_tpr": str(d["tpr"]),
+                     "pearson_all": float(np.corrcoef(frame[f"guard_{m}"], frame[f"scan_{m}"])[0, 1]),
+                     "spearman_all": float(frame[f"guard_{m}"].rank().corr(frame[f"scan_{m}"].rank()))})
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "results.csv", index=False)
+    summary = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": "benchmarks/guard_gt.py " + " ".join(argv or sys.argv[1:]),
+        "hardware": f"{platform.machine()} 2-core CPU, torch threads {torch.get_num_threads()}, no GPU",
+        "versions": {"memdetect": memdetect.__version__, "torch": torch.__version__,
+                     "diffusers": diffusers.__version__, "python": platform.python_version()},
+        "n": len(plan), "grades": args.grades, "per_prompt": args.per_prompt, "steps": args.steps,
+        "guidance": args.guidance, "guarded_timestep": guarded_t,
+        "labels": {k: int((label == k).sum()) for k in ("memorized", "generalized", "excluded")},
+        "labels_by_source": frame.groupby("prompt_source")["label"].value_counts().unstack(fill_value=0)
+        .to_dict(orient="index"),
+        "generation_seconds_guarded": round(gen_seconds, 1), "scan_seconds": round(scan_seconds, 1),
+    }
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print(json.dumps(summary, indent=2, default=float))
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
