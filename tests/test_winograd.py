@@ -245,9 +245,10 @@ print(json.dumps({"peak": hwm, "transformed": sum(winograd.transformed_bytes(c) 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/status")
 def test_winograd_peak_rss_stays_within_a_margin_of_direct_convolutions():
-    """Winograd on (its default: weights transformed per call) peaks within 160 MiB of the direct convolution (one
-    layer's transformed weight, 38 MB, and the tile transforms' buffers; measured +94 MiB); keeping every transformed
-    weight (the former behaviour, now MEMDETECT_WINOGRAD_CACHE=all) costs their 604 MB (measured +751 MiB)."""
+    """Winograd on (its default: weights transformed per call) peaks within 256 MiB of the direct convolution (one
+    layer's transformed weight, 38 MB, and the tile transforms' buffers; measured +94 MiB, once +171 MiB in a full
+    suite run: the allocator's reuse varies run to run); keeping every transformed weight (the former behaviour, now
+    MEMDETECT_WINOGRAD_CACHE=all) costs their 604 MB (measured +751 MiB), well above the margin."""
     import os
     import subprocess
     import sys
@@ -260,6 +261,6 @@ def test_winograd_peak_rss_stays_within_a_margin_of_direct_convolutions():
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     off, on, cache_all = run("off"), run("on"), run("cache-all")
-    margin = 160 * 2**20
+    margin = 256 * 2**20
     assert on["peak"] - off["peak"] < margin, (on, off)
     assert cache_all["peak"] - off["peak"] > 0.8 * cache_all["transformed"] > margin  # the check can fail
