@@ -145,6 +145,34 @@ def test_dit_with_cfg_reads_the_null_class_half(tmp_path):
     assert len(spy.calls) == 2 + 1 and out.guard.extra_forward
 
 
+def test_dit_with_fewer_than_1000_classes_samples_with_guidance_through_the_adapter(tmp_path):
+    """DiTPipeline passes ImageNet's null label 1000 under guidance; the adapter's pipeline maps it to the model's own
+    null label (here 10), so a 10-class model (like demo-dit) generates and is guarded."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    from memdetect.models.dit import DiTAdapter
+    from tests.conftest import tiny_vae
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8,
+                                        num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=10)
+    DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler()).save_pretrained(tmp_path / "m")
+    bare = DiTPipeline.from_pretrained(tmp_path / "m")
+    with pytest.raises(IndexError):  # what diffusers does on its own
+        bare(class_labels=[1], num_inference_steps=2, guidance_scale=4.0, output_type="np")
+    pipe = DiTAdapter.load_pipeline(str(tmp_path / "m"), device="cpu", dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    g = memdetect.guard(pipe, threshold=None)
+    with Spy(pipe.transformer, g.adapter) as spy:
+        out = g(class_labels=[1, 2, 3], num_inference_steps=4, guidance_scale=4.0, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    r = out.guard
+    assert out.images.shape[0] == 3 and len(spy.calls) == 4 and not r.extra_forward
+    x, t, labels = next(c for c in spy.calls if c[1] == r.timestep)
+    assert labels[3:].tolist() == [10] * 3  # the model's own null label reached the transformer
+    np.testing.assert_allclose(r.scores["std"], _reference_std(g.adapter, g.layer, x[3:], t), rtol=1e-4)
+
+
 def test_regenerate_uses_fresh_seeds_and_reports_the_retries(ddpm_pipe):
     call = dict(batch_size=3, num_inference_steps=5, output_type="np")
     first = memdetect.guard(ddpm_pipe, threshold=None)(**call, generator=torch.Generator().manual_seed(0))

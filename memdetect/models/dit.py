@@ -105,7 +105,9 @@ class DiTAdapter(LatentAdapter):
         from diffusers import DiTPipeline
 
         from ..hub import load_component
-        return load_component(DiTPipeline, source, None, torch_dtype=dtype).to(device)
+        pipe = load_component(DiTPipeline, source, None, torch_dtype=dtype).to(device)
+        map_imagenet_null_label(pipe.transformer)
+        return pipe
 
     def guard_step(self, pipe, call, args, kwargs):
         """diffusers' DiT pipeline concatenates [classes, null classes] under classifier-free guidance: the second
@@ -138,3 +140,25 @@ class DiTAdapter(LatentAdapter):
 
     def weight_files(self):
         return component_files(self.source, ("transformer", "vae", "scheduler"))
+
+
+IMAGENET_NULL_LABEL = 1000  # what ``DiTPipeline.__call__`` passes as the null class under guidance, whatever the model
+
+
+def map_imagenet_null_label(transformer) -> None:
+    """Let ``DiTPipeline`` sample with classifier-free guidance from a model with other than 1000 classes.
+
+    The pipeline hard-codes ImageNet's null label 1000 for the unconditional half; a model with ``num_embeds_ada_norm``
+    = K classes has its null label at K, and 1000 is out of its embedding table. A forward pre-hook on the transformer
+    maps 1000 to K. Nothing changes for a 1000-class model (no hook is added)."""
+    k = int(transformer.config.num_embeds_ada_norm)
+    if k == IMAGENET_NULL_LABEL:
+        return
+
+    def to_own_null(module, args, kwargs):
+        labels = kwargs.get("class_labels")
+        if isinstance(labels, torch.Tensor) and bool((labels == IMAGENET_NULL_LABEL).any()):
+            return args, {**kwargs, "class_labels": labels.masked_fill(labels == IMAGENET_NULL_LABEL, k)}
+        return None
+
+    transformer.register_forward_pre_hook(to_own_null, with_kwargs=True)
