@@ -281,6 +281,37 @@ def test_demo_flags_its_memorized_generations_at_the_shipped_guard_calibration()
     np.testing.assert_array_equal(out.guard.flagged[used], label[used] == "memorized")
 
 
+def test_demo_sd_flags_copies_from_memorized_prompts_and_not_normal_prompts_at_its_guard_calibration():
+    """demo-sd's guard calibration (memdetect/data/demo_sd_guard, made by ``benchmarks/guard_gt.py --ship`` with
+    ``calibrate_guard`` on the even-numbered normal prompts) and its fixed set (one generation, seed 0, for each memorized
+    prompt of the exact-256/64/16 grades and each odd-numbered normal prompt), made again under the guard: every
+    generation of a memorized prompt that the label calls a copy is flagged, and no generalized generation of a normal
+    prompt is."""
+    import pandas as pd
+
+    from memdetect.config import load_config
+    from memdetect.guarding import generate
+    from memdetect.models.presets import packaged
+
+    folder = packaged("demo_sd_guard")
+    conf = load_config(f"{folder}/memdetect.toml")
+    manifest = pd.read_csv(f"{folder}/manifest.csv", keep_default_na=False)
+    shipped = torch.from_numpy(np.load(f"{folder}/samples.npz")["samples"])
+    pipe, _ = memdetect.guarding.load_guardable("demo-sd", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    g = memdetect.guard(pipe, threshold=conf.guard["threshold"], step_t=conf.guard["step_t"])
+    gen = generate(g, manifest["condition"].tolist(), 1, steps=conf.guard["steps"], seed=0)
+    images = torch.from_numpy(gen.images).permute(0, 3, 1, 2)
+    assert (images.int() - shipped.int()).abs().float().mean() < 1.0  # the same generations (up to rounding)
+    label, source = manifest["label"].to_numpy(), manifest["prompt_source"].to_numpy()
+    copies = (source == "memorized") & (label == "memorized")
+    novel = (source == "normal") & (label == "generalized")
+    assert copies.sum() >= 1 and novel.sum() >= 10
+    flagged = gen.result.flagged
+    assert flagged[copies].all(), manifest[copies & ~flagged]
+    assert not flagged[novel].any(), manifest[novel & flagged]
+
+
 def test_hooks_are_removed_when_the_pipeline_raises_inside_the_guarded_forward(ddpm_pipe):
     g = memdetect.guard(ddpm_pipe, threshold=None)
     unet = ddpm_pipe.unet
