@@ -140,6 +140,9 @@ def main(argv=None) -> None:
                           **{f"guard_{m}": guard_scores[m] for m in guard_scores},
                           **{f"scan_{m}": post[m] for m in post if m in guard_scores}})
     frame.to_csv(args.out / "scores.csv", index=False)
+    if len(np.unique(y)) < 2:
+        raise SystemExit(f"wrote {args.out / 'scores.csv'}; no AUROC: the {int(use.sum())} labelled generations are "
+                         "all of one label (generate more: --per-class / --per-prompt)")
     rows = []
     for m in guard_scores:
         if f"scan_{m}" not in frame:
