@@ -6,7 +6,7 @@ One command per model (CPU is fine; every run is bounded by ``--time-budget`` se
     python benchmarks/train_ground_truth.py vae --data $D --out runs/gt-vae --time-budget 4500
     python benchmarks/train_ground_truth.py edm --data $D --out runs/demo-edm --time-budget 6000
     python benchmarks/train_ground_truth.py sd  --data $D --vae runs/gt-vae --out runs/demo-sd --time-budget 5400
-    python benchmarks/train_ground_truth.py dit --data $D --vae runs/gt-vae --out runs/demo-dit --time-budget 5400
+    python benchmarks/train_ground_truth.py dit --data $D --vae runs/gt-vae --out runs/demo-dit --time-budget 4200
     python benchmarks/train_ground_truth.py ship runs/demo-sd      # -> memdetect/data/demo-sd, demo_sd_bench
 
 ``vae`` trains the small ``AutoencoderKL`` (32 px -> 8x8x8 latents) on all 50,000 CIFAR-10 training images and
@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(func=cmd_sd)
 
     p = sub.add_parser("dit", help="train demo-dit (DiTPipeline in miniature)")
-    common_args(p, lr=1e-3, batch=32, budget=14400, ema=0.999, steps=3500)
+    common_args(p, lr=1e-3, batch=32, budget=14400, ema=0.999, steps=10000)
     split_args(p, unique=1500, exact="2:16,4:16,8:16,16:12,64:6,256:3", edited="16:8,64:4")
     p.add_argument("--vae", type=Path, required=True, help="the `vae` command's --out folder")
     p.add_argument("--width", type=int, default=192, help="hidden size (heads of 64)")
