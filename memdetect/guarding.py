@@ -32,6 +32,8 @@ recorded seeds, up to ``max_retries`` rounds, replacing them in the output; what
 from __future__ import annotations
 
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -105,12 +107,31 @@ class GuardResult:
                  "regenerated": retried.get(i, 0)} for i in range(len(self.flagged))]
 
 
+@contextmanager
+def _flags_kept(pipe):
+    """Restore the train/eval mode of every submodule and ``requires_grad`` of every parameter of ``pipe``'s modules
+    on exit: an adapter sets ``eval()`` and ``requires_grad_(False)`` on the networks it holds, which is right for a
+    model memdetect loaded and wrong for the user's own pipeline (a guarded pipeline may be fine-tuned next)."""
+    modules = [m for m in (getattr(pipe, "components", None) or {}).values() if isinstance(m, torch.nn.Module)]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]
+    grads = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    try:
+        yield
+    finally:
+        for sub, mode in modes:
+            sub.training = mode
+        for param, flag in grads:
+            param.requires_grad_(flag)
+
+
 def adapter_for_pipeline(pipe) -> Adapter:
-    """The adapter of the pipeline's family (by class name, ``Adapter.pipeline_classes``), over its modules."""
+    """The adapter of the pipeline's family (by class name, ``Adapter.pipeline_classes``), over its modules; the
+    modules' train/eval and requires_grad flags are left as the pipeline had them."""
     name = type(pipe).__name__
     for cls in ADAPTERS.values():
         if name in cls.pipeline_classes:
-            return cls.from_pipeline(pipe)
+            with _flags_kept(pipe):
+                return cls.from_pipeline(pipe)
     supported = sorted({c for cls in ADAPTERS.values() for c in cls.pipeline_classes if c.endswith("Pipeline")})
     raise UnsupportedModelError(f"memdetect.guard does not support a {name}; supported: {', '.join(supported)}")
 
@@ -150,7 +171,12 @@ class _Capture:
         if steps is None or len(steps) == 0:
             raise UnsupportedModelError("the pipeline's scheduler has no timesteps set")
         ts = np.asarray([float(t) for t in steps])
-        return int(round(ts[int(np.argmin(np.abs(ts - self.guard.step_t)))]))
+        target = int(round(ts[int(np.argmin(np.abs(ts - self.guard.step_t)))]))
+        if abs(target - self.guard.step_t) > max(self.guard.step_t / 2, 10):
+            warnings.warn(f"memdetect.guard: the pipeline's schedule has no step near t={self.guard.step_t}; the "
+                          f"guard reads t={target} (a threshold calibrated at another step does not apply: calibrate "
+                          f"the guard with these sampler settings)", UserWarning, stacklevel=2)
+        return target
 
     def _before(self, module, args, kwargs):
         if self._nested or self.pooled is not None:
@@ -171,8 +197,8 @@ class _Capture:
             self.extra = True
             self._nested = True
             try:
-                with Trace(g.adapter.denoiser, [g.layer], stop=True,
-                           transform=lambda a: pool(a, g.adapter.pooling)) as tr:
+                with torch.no_grad(), Trace(g.adapter.denoiser, [g.layer], stop=True,
+                                            transform=lambda a: pool(a, g.adapter.pooling)) as tr:
                     g.adapter.forward(step.x[step.rows], step.t)
                 self.pooled = tr[g.layer].float().cpu()
             finally:

@@ -327,3 +327,34 @@ def test_hooks_are_removed_when_the_pipeline_raises_inside_the_guarded_forward(d
     finally:
         mine.remove()
     assert _hooks(unet) == before - 1 == 0
+
+
+def test_guarding_leaves_the_users_module_flags_as_they_were(sd_pipe):
+    sd_pipe.unet.train()  # e.g. a pipeline that is being fine-tuned
+    sd_pipe.vae.requires_grad_(False)
+    sd_pipe.unet.requires_grad_(True)
+    sd_pipe.unet.conv_in.requires_grad_(False)
+    before = {name: (m.training, [p.requires_grad for p in m.parameters(recurse=False)])
+              for comp in ("unet", "vae", "text_encoder") for name, m in getattr(sd_pipe, comp).named_modules(prefix=comp)}
+    g = memdetect.guard(sd_pipe, threshold=None)
+    after = {name: (m.training, [p.requires_grad for p in m.parameters(recurse=False)])
+             for comp in ("unet", "vae", "text_encoder") for name, m in getattr(sd_pipe, comp).named_modules(prefix=comp)}
+    assert after == before and g.adapter.denoiser is sd_pipe.unet  # shared, not copied, and not re-flagged
+    assert sd_pipe.unet.training and not any(p.requires_grad for p in sd_pipe.vae.parameters())
+
+
+def test_a_schedule_without_a_step_near_step_t_warns_and_reports_the_step_read(ddpm_pipe):
+    g = memdetect.guard(ddpm_pipe, threshold=None, step_t=50)
+    with pytest.warns(UserWarning, match="no step near t=50; the guard reads t=0 "):
+        out = g(batch_size=1, num_inference_steps=4, output_type="np")  # DDIM over 1000 steps: 750, 500, 250, 0
+    assert out.guard.timestep == 0
+
+
+def test_a_step_near_step_t_does_not_warn(ddpm_pipe):
+    import warnings
+
+    g = memdetect.guard(ddpm_pipe, threshold=None, step_t=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        out = g(batch_size=1, num_inference_steps=50, output_type="np")
+    assert abs(out.guard.timestep - 50) <= 10
