@@ -1069,7 +1069,8 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         memorized_at: MemorizedAt = None,
         generalized_below: GeneralizedBelow = None,
         labeller: Annotated[str, typer.Option("--labeller", help="pixel (flip- and shift-invariant pixel "
-                                              "correlation) or sscd (the paper's; needs --sscd-weights).")] = "pixel",
+                                              "correlation), pixel-cast (also survives a colour cast) or sscd (the "
+                                              "paper's; needs --sscd-weights).")] = "pixel",
         sscd_weights: Annotated[Optional[Path], typer.Option("--sscd-weights", help="SSCD's TorchScript weights "
                                                              "(facebookresearch/sscd-copy-detection).")] = None,
         label_resolution: LabelResolution = None,

@@ -22,6 +22,19 @@ def _centred_unit(x: torch.Tensor) -> torch.Tensor:
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
+def _channel_unit(x: torch.Tensor) -> torch.Tensor:
+    """Each channel centred and scaled to norm 1/sqrt(C), flattened: the dot product of two such vectors is the mean
+    over channels of the per-channel pixel correlations, unchanged by a positive gain and an offset per channel."""
+    f = x.reshape(x.shape[0], x.shape[1], -1).float()
+    f = f - f.mean(dim=2, keepdim=True)
+    f = f / f.norm(dim=2, keepdim=True).clamp_min(1e-8)
+    return f.reshape(x.shape[0], -1) / x.shape[1] ** 0.5
+
+
+#: ``colour`` options of ``nearest_match``: how the pixels of two windows are compared.
+COLOUR_MODES = ("rgb", "cast")
+
+
 @dataclass(frozen=True)
 class Match:
     """Per sample: best similarity, index of the nearest training image, and the transform that achieved it
@@ -41,14 +54,22 @@ def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
 
 @torch.no_grad()
 def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Tensor], *,
-                  max_shift: int = MAX_SHIFT, flip: bool = True, chunk: int = 2048) -> Match:
+                  max_shift: int = MAX_SHIFT, flip: bool = True, colour: str = "rgb", chunk: int = 2048) -> Match:
     """Flip- and shift-invariant nearest training image by pixel correlation (see the module docstring).
 
     samples: [N, C, H, W]; train: [M, C, H, W] or an iterable of such batches (indices count across batches).
     ``max_shift=0, flip=False`` gives exactly ``nearest_neighbours``.
+
+    ``colour``: ``"rgb"`` (default) correlates the flattened channels together; ``"cast"`` also survives a colour
+    cast: the similarity of each window pair is the larger of the RGB correlation and the mean per-channel
+    correlation (each channel centred and scaled on its own, so a positive gain and an offset per channel, e.g. a
+    tint or a white-balance shift, leave it at 1). ``"cast"`` is never below ``"rgb"``.
     """
     if max_shift < 0:
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+    if colour not in COLOUR_MODES:
+        raise ValueError(f"colour must be one of {', '.join(COLOUR_MODES)}, got {colour!r}")
+    norms = [_centred_unit] if colour == "rgb" else [_centred_unit, _channel_unit]
     n, _, h, w = samples.shape
     s = max_shift
     if not (2 * s < h and 2 * s < w):
@@ -57,7 +78,8 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
     sample_windows = []
     for f, dy, dx in variants:
         x = samples.flip(-1) if f else samples
-        sample_windows.append(_centred_unit(x[:, :, s + dy: h - s + dy, s + dx: w - s + dx]))
+        window = x[:, :, s + dy: h - s + dy, s + dx: w - s + dx]
+        sample_windows.append([norm(window) for norm in norms])
     batches = train
     if isinstance(train, torch.Tensor):
         batches = (train[start: start + chunk] for start in range(0, train.shape[0], chunk))
@@ -68,9 +90,13 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
     for batch in batches:
         if batch.shape[1:] != samples.shape[1:]:
             raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(batch.shape[1:])} differ")
-        t = _centred_unit(batch.to(samples.device)[:, :, s: h - s, s: w - s])
+        window = batch.to(samples.device)[:, :, s: h - s, s: w - s]
+        ts = [norm(window) for norm in norms]
         for v, sw in enumerate(sample_windows):
-            val, idx = (sw @ t.T).max(dim=1)
+            sims = sw[0] @ ts[0].T
+            for a, b in zip(sw[1:], ts[1:]):
+                sims = torch.maximum(sims, a @ b.T)
+            val, idx = sims.max(dim=1)
             val, idx = val.cpu(), idx.cpu()
             better = val > best
             best = torch.where(better, val, best)
@@ -82,4 +108,4 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
     return Match(best, best_idx, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
 
 
-__all__ = ["MAX_SHIFT", "Match", "nearest_match"]
+__all__ = ["COLOUR_MODES", "MAX_SHIFT", "Match", "nearest_match"]

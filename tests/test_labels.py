@@ -79,6 +79,39 @@ def test_shift_beyond_max_shift_is_not_found_and_novel_images_stay_generalized()
     assert (sims < GENERALIZED_BELOW).all()  # the max over 50 transforms does not lift unrelated images
 
 
+def tinted(img: torch.Tensor, gain=(0.5, 0.8, 0.6), offset=(10, 40, 90)) -> torch.Tensor:
+    """img under a colour cast: a gain and an offset per channel (what a blue-tinted copy looks like)."""
+    g = torch.tensor(gain).view(3, 1, 1)
+    o = torch.tensor(offset, dtype=torch.float32).view(3, 1, 1)
+    return (img.float() * g + o).clamp(0, 255).round().to(torch.uint8)
+
+
+def test_colour_cast_copy_is_memorized_only_with_the_cast_mode():
+    copy = tinted(shifted(TRAIN[21], 1, -1).flip(-1))[None]
+    rgb = nearest_match(copy, TRAIN)
+    assert LabelRule().label(float(rgb.similarity[0])) != "memorized"  # the cast escapes the RGB correlation
+    cast = nearest_match(copy, TRAIN, colour="cast")
+    assert int(cast.index[0]) == 21 and bool(cast.flipped[0]) and (int(cast.dy[0]), int(cast.dx[0])) == (1, -1)
+    assert float(cast.similarity[0]) > 0.995  # only uint8 rounding separates it from the copy
+    labeller = make_labeller("pixel-cast")
+    assert labeller.name == "pixel-cast" and labeller.rule == LabelRule()
+    sim, idx = labeller.nearest(copy, TRAIN)
+    assert int(idx[0]) == 21 and labeller.rule.label(float(sim[0])) == "memorized"
+
+
+def test_cast_mode_never_lowers_the_similarity_and_keeps_novel_images_generalized():
+    samples = torch.cat([TRAIN[:4], tinted(TRAIN[4:8]), textures(20, seed=5)])
+    rgb = nearest_match(samples, TRAIN).similarity
+    cast = nearest_match(samples, TRAIN, colour="cast").similarity
+    assert (cast >= rgb - 1e-6).all()
+    assert torch.allclose(cast[:4], torch.ones(4), atol=1e-5)
+    assert (cast[8:] < GENERALIZED_BELOW).all()  # unrelated images stay unrelated under the extra invariance
+    batched = nearest_match(samples, (TRAIN[s: s + 10] for s in range(0, 64, 10)), colour="cast")
+    assert torch.allclose(batched.similarity, cast)
+    with pytest.raises(ValueError, match="colour must be one of"):
+        nearest_match(samples, TRAIN, colour="hsv")
+
+
 def test_batches_and_flip_of_flip():
     samples = torch.cat([TRAIN[40].flip(-1)[None], shifted(TRAIN[63], -1, -2)[None], textures(3, seed=9)])
     whole = nearest_match(samples, TRAIN)

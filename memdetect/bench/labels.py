@@ -16,6 +16,10 @@ the window of the sample displaced by (dy, dx). Every shift compares windows of 
 flip it is exactly the full-image correlation of ``nearest_neighbours``. Search is exact, over every training image.
 Thresholds (``LabelRule``): memorized >= 0.95, generalized < 0.80, the band between excluded.
 
+**pixel-cast** (an option, not the shipped labels' labeller). The same search, but each window pair scores the
+larger of the RGB correlation and the mean per-channel correlation (``nearest_match(..., colour="cast")``), so a
+copy under a colour cast (a per-channel gain and offset) also counts. Same thresholds.
+
 **sscd** (optional; the paper's labeller). A user who has SSCD's TorchScript weights (e.g. ``sscd_disc_mixup.torchscript.pt``
 from facebookresearch/sscd-copy-detection; memdetect does not download them) gets the cosine similarity of SSCD
 descriptors: ``SSCDLabeller(load_sscd(path)).nearest(samples, train)``, thresholds 0.9 / 0.5 (``SSCD_RULE``).
@@ -116,15 +120,17 @@ class Labeller(Protocol):
 
 @dataclass(frozen=True)
 class PixelLabeller:
-    """The flip- and shift-invariant pixel correlation (``nearest_match``) with ``PIXEL_RULE``."""
+    """The flip- and shift-invariant pixel correlation (``nearest_match``) with ``PIXEL_RULE``; ``colour="cast"``
+    (``make_labeller("pixel-cast")``) also survives a colour cast."""
 
     max_shift: int = MAX_SHIFT
     flip: bool = True
     rule: LabelRule = PIXEL_RULE
     name: str = "pixel"
+    colour: str = "rgb"
 
     def nearest(self, samples, train):
-        m = nearest_match(samples, train, max_shift=self.max_shift, flip=self.flip)
+        m = nearest_match(samples, train, max_shift=self.max_shift, flip=self.flip, colour=self.colour)
         return m.similarity, m.index
 
 
@@ -185,15 +191,16 @@ class SSCDLabeller:
 
 def make_labeller(name: str = "pixel", *, sscd_weights: str | os.PathLike | None = None,
                   device: str | torch.device = "cpu") -> Labeller:
-    """The labeller a ``--labeller`` flag names: ``pixel`` (default) or ``sscd`` (needs ``sscd_weights``)."""
+    """The labeller a ``--labeller`` flag names: ``pixel`` (default), ``pixel-cast`` or ``sscd`` (needs
+    ``sscd_weights``)."""
     from ..errors import UsageError
 
-    if name == "pixel":
+    if name in ("pixel", "pixel-cast"):
         if sscd_weights is not None:
             raise UsageError("--sscd-weights applies to --labeller sscd only")
-        return PixelLabeller()
+        return PixelLabeller() if name == "pixel" else PixelLabeller(colour="cast", name="pixel-cast")
     if name == "sscd":
         if sscd_weights is None:
             raise UsageError("--labeller sscd needs --sscd-weights FILE (SSCD's TorchScript weights)")
         return SSCDLabeller(load_sscd(sscd_weights, device), device=device)
-    raise UsageError(f"unknown labeller {name!r}; choose pixel or sscd")
+    raise UsageError(f"unknown labeller {name!r}; choose pixel, pixel-cast or sscd")

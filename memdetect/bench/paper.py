@@ -568,7 +568,8 @@ def nearest_in(labeller: Labeller, samples: torch.Tensor,
     windows are cut once); a labeller with ``embed`` (SSCD) embeds the samples once and each batch once; any other
     labeller is asked batch by batch."""
     if isinstance(labeller, PixelLabeller):
-        m = nearest_match(samples, batches, max_shift=labeller.max_shift, flip=labeller.flip)
+        m = nearest_match(samples, batches, max_shift=labeller.max_shift, flip=labeller.flip,
+                          colour=labeller.colour)
         return m.similarity, m.index
     embed = getattr(labeller, "embed", None)
     s = embed(samples) if embed is not None else None
@@ -684,6 +685,8 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     seeds = {k: generation_seed(seed, k) for k in keys}
     cls_of = {k: classes[i % len(classes)] for i, k in enumerate(keys)} if conditional else {}
     similarity = {"pixel": "flip- and shift-invariant pixel correlation to the nearest training image",
+                  "pixel-cast": "flip-, shift- and colour-cast-invariant pixel correlation to the nearest training "
+                                "image",
                   "sscd": "cosine similarity of SSCD descriptors to the nearest training image"}.get(labeller.name,
                                                                                                    labeller.name)
     settings = {**_common_settings(bench, det, steps, guidance, seed, flipd_probes, flipd_timestep, procs),
