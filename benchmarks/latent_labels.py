@@ -2,9 +2,9 @@
 
 An exact latent copy of a training image decodes to decode(encode(x)), not to x; with the small VAE trained here
 (round-trip Pearson median 0.97) such copies can fall into the excluded band of the pixel labels. This script labels
-the shipped generations both ways (same rule: memorized >= 0.95, generalized < 0.80, flip/shift-invariant
-correlation) and reports the label counts and the std AUROC / TPR@1%FPR at the family's default layer under each.
-The shipped labels are not changed by it.
+the shipped generations both ways (same rule: memorized >= 0.95, generalized < 0.80, flip-, shift- and
+colour-cast-invariant correlation, as the shipped labels) and reports the label counts and the std AUROC /
+TPR@1%FPR at the family's default layer under each. The shipped labels are not changed by it.
 
     python benchmarks/latent_labels.py demo-sd      # needs ../shared/data/datasets/cifar10-jpg
 """
@@ -52,8 +52,8 @@ def main() -> None:
             recon.append(((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
     recon = torch.cat(recon)
     rt = np.array([np.corrcoef(a.float().flatten(), b.float().flatten())[0, 1] for a, b in zip(train[:500], recon[:500])])
-    m_raw = nearest_match(samples, train)
-    m_rec = nearest_match(samples, recon)
+    m_raw = nearest_match(samples, train, colour="cast")  # the shipped labels' similarity
+    m_rec = nearest_match(samples, recon, colour="cast")
     rule = LabelRule()
     lab_raw = np.array([rule.label(float(v)) for v in m_raw.similarity])
     lab_rec = np.array([rule.label(float(v)) for v in m_rec.similarity])

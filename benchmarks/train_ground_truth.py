@@ -18,8 +18,9 @@ folders. ``sd``, ``dit`` and ``edm`` run three stages (``--stage all``, or ``tra
    EMA of the weights (the EMA ships); checkpoints every ``--ckpt-every`` seconds, ``--resume`` continues;
 2. sample with the model's own sampler (SD: ``StableDiffusionPipeline`` + DDIM with CFG from memorized and normal
    prompts; DiT: ``DiTPipeline`` + DDIM with CFG over classes; EDM: Heun's 2nd-order EDM sampler);
-3. label every sample by its flip- and shift-invariant pixel correlation to the nearest distinct training image
-   (``memdetect.bench.labels.nearest_match``) and record the duplication grade of that image.
+3. label every sample by its flip-, shift- and colour-cast-invariant pixel correlation to the nearest distinct
+   training image (``memdetect.bench.labels.nearest_match``, ``colour="cast"``) and record the duplication grade
+   of that image. ``relabel memdetect/data/<model>_bench --data $D`` labels a shipped folder again.
 
 Outputs in ``--out``: ``model/`` (the diffusers pipeline folder, or ``demo-edm.safetensors`` + ``.json``),
 ``samples.npz`` (uint8 [N,3,32,32]), ``manifest.csv``, ``recipe.json`` (every flag, seeds, sizes, steps, seconds,
@@ -45,8 +46,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gt_common import (CLASSES, Split, build_split, ema_update, load_cifar_train, lr_at, normal_prompts,  # noqa: E402
-                       write_json, write_log)
+from gt_common import (CLASSES, Grade, Split, build_split, ema_update, load_cifar_train, lr_at,  # noqa: E402
+                       normal_prompts, write_json, write_log)
 
 REPO = Path(__file__).resolve().parents[1]
 SD_TOKENIZER = REPO.parent / "shared" / "data" / "configs" / "sd14" / "tokenizer"
@@ -710,44 +711,89 @@ def cmd_dit(args) -> None:
 # Labelling (shared by every model).
 
 
+#: How the shipped labels compare a generation with a training image: flip-, shift- and colour-cast-invariant pixel
+#: correlation (``nearest_match(..., colour="cast")``; see benchmarks/RESULTS.md, "Colour-cast-invariant labels").
+LABEL_SIMILARITY = ("max over horizontal flip and shifts of up to 2 px, and over RGB vs per-channel (colour-cast "
+                    "invariant) correlation, of the pixel correlation to the nearest distinct training image "
+                    "(memdetect.bench.labels.nearest_match, colour='cast')")
+
+
 def label_run(out: Path, split: Split, images: np.ndarray) -> None:
+    samples = torch.from_numpy(np.load(out / "samples.npz")["samples"])
+    conds = json.loads((out / "conditions.json").read_text())
+    write_labels(out, split.grades, samples, conds, images)
+
+
+def write_labels(out: Path, grades: list[Grade], samples: torch.Tensor, conds: list[dict],
+                 images: np.ndarray) -> None:
+    """manifest.csv (one row per generation: its condition, similarity, label and nearest training image) and the
+    recipe's ``labels`` block. ``similarity`` is the labelling one (``LABEL_SIMILARITY``); ``similarity_rgb`` the
+    flip- and shift-invariant RGB correlation alone, ``similarity_plain`` the correlation without any invariance."""
     from memdetect.bench.labels import LabelRule, nearest_match
 
     t0 = time.time()
-    samples = torch.from_numpy(np.load(out / "samples.npz")["samples"])
-    conds = json.loads((out / "conditions.json").read_text())
-    train = torch.from_numpy(images[[g.index for g in split.grades]])
-    m = nearest_match(samples, train)
+    train = torch.from_numpy(images[[g.index for g in grades]])
+    m = nearest_match(samples, train, colour="cast")
+    rgb = nearest_match(samples, train)
     plain = nearest_match(samples, train, max_shift=0, flip=False)
     rule = LabelRule()
     extra = sorted({k for c in conds for k in c} - {"seed"})
     cols = ["sample", "seed", *extra, "similarity", "label", "nearest_train", "nearest_index", "nearest_grade",
-            "nearest_count", "nearest_kind", "nearest_class", "flipped", "shift_dy", "shift_dx", "similarity_plain"]
+            "nearest_count", "nearest_kind", "nearest_class", "flipped", "shift_dy", "shift_dx", "similarity_rgb",
+            "similarity_plain"]
     counts: dict[str, dict[str, int]] = {}
     with open(out / "manifest.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for i in range(len(samples)):
-            g = split.grades[int(m.index[i])]
+            g = grades[int(m.index[i])]
             lab = rule.label(float(m.similarity[i]))
             counts.setdefault(g.grade, {"memorized": 0, "generalized": 0, "excluded": 0})[lab] += 1
             w.writerow({"sample": i, **conds[i], "similarity": f"{float(m.similarity[i]):.5f}", "label": lab,
                         "nearest_train": g.name, "nearest_index": g.index, "nearest_grade": g.grade,
                         "nearest_count": g.count, "nearest_kind": g.kind, "nearest_class": CLASSES[g.cls],
                         "flipped": int(m.flipped[i]), "shift_dy": int(m.dy[i]), "shift_dx": int(m.dx[i]),
+                        "similarity_rgb": f"{float(rgb.similarity[i]):.5f}",
                         "similarity_plain": f"{float(plain.similarity[i]):.5f}"})
-    order = sorted(counts, key=lambda k: (k != "unique", split.summary()[k]["kind"], split.summary()[k]["count"]))
+    summary = Split(grades, np.zeros(0, int), np.zeros((0, 3, 32, 32), np.uint8), [], []).summary()
+    order = sorted(counts, key=lambda k: (k != "unique", summary[k]["kind"], summary[k]["count"]))
     per_grade = {k: counts[k] for k in order}
     totals = {lab: sum(c[lab] for c in counts.values()) for lab in ("memorized", "generalized", "excluded")}
     update_recipe(out, labels={"rule": f"memorized >= {rule.memorized_at}, generalized < {rule.generalized_below}",
-                               "similarity": "max over horizontal flip and shifts of up to 2 px of the pixel "
-                                             "correlation to the nearest distinct training image "
-                                             "(memdetect.bench.labels.nearest_match)",
-                               "totals": totals, "per_nearest_grade": per_grade,
+                               "similarity": LABEL_SIMILARITY, "totals": totals, "per_nearest_grade": per_grade,
                                "seconds": round(time.time() - t0)})
     log(f"labels: {totals}")
     for k in order:
         log(f"  {k:14s} {counts[k]}")
+
+
+def cmd_relabel(args) -> None:
+    """Label a shipped bench folder's generations again (``write_labels``) from its grades.csv and the CIFAR-10
+    training images; every column before ``similarity`` (the generation's condition) is kept as it was."""
+    import pandas as pd
+
+    folder = args.folder
+    man = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
+    table = pd.read_csv(folder / "grades.csv", keep_default_na=False)
+    images, names, _ = load_cifar_train(args.data)
+    if [names[i] for i in table["train_index"]] != table["name"].tolist():
+        raise SystemExit(f"{folder / 'grades.csv'} does not match the CIFAR-10 training images in {args.data}")
+    grades = [Grade(index=int(r["train_index"]), name=r["name"], cls=CLASSES.index(r["class"]), count=int(r["count"]),
+                    kind=r["kind"]) for _, r in table.iterrows()]
+    cond_cols = list(man.columns[1:list(man.columns).index("similarity")])
+    conds = [{c: (int(v) if c in ("seed", "class_index") else v) for c, v in zip(cond_cols, row)}
+             for row in man[cond_cols].itertuples(index=False)]
+    samples = torch.from_numpy(np.load(folder / "samples.npz")["samples"])
+    write_labels(folder, grades, samples, conds, images)
+    if args.examples:  # examples/<model> are redrawn only when one of them no longer carries the label its name says
+        model_name = next(name for name, bench in SHIP.values() if bench == folder.name)
+        labels = pd.read_csv(folder / "manifest.csv")["label"]
+        files = sorted((REPO / "examples" / model_name).glob("*_*.png"))
+        stale = [f.name for f in files
+                 if labels[int(f.stem.split("_")[1])] != ("memorized" if f.name.startswith("mem_") else "generalized")]
+        if stale or not files:
+            log(f"examples/{model_name}: {', '.join(stale) or 'none'} no longer labelled as named; redrawing")
+            write_examples(model_name, folder, args.examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -767,7 +813,6 @@ def folder_bytes(path: Path) -> int:
 
 def cmd_ship(args) -> None:
     import pandas as pd
-    from PIL import Image
 
     run = args.run
     recipe = json.loads((run / "recipe.json").read_text())
@@ -799,17 +844,25 @@ def cmd_ship(args) -> None:
     if total > 80e6:
         raise SystemExit(f"memdetect/data is {total / 1e6:.1f} MB, over the 80 MB limit")
 
-    # examples/<model>: the most similar memorized samples (spread over grades) and the least similar generalized.
-    m = pd.read_csv(run / "manifest.csv")
-    samples = np.load(run / "samples.npz")["samples"]
+    write_examples(model_name, run, args.examples)
+
+
+def write_examples(model_name: str, folder: Path, n: int) -> None:
+    """examples/<model>: the most similar memorized samples (spread over grades) and a seeded draw of generalized
+    ones, from ``folder``'s manifest.csv and samples.npz."""
+    import pandas as pd
+    from PIL import Image
+
+    m = pd.read_csv(folder / "manifest.csv")
+    samples = np.load(folder / "samples.npz")["samples"]
     ex = REPO / "examples" / model_name
     if ex.exists():
         shutil.rmtree(ex)
     ex.mkdir(parents=True)
     mem = m[m["label"] == "memorized"].sort_values("similarity", ascending=False)
     mem = mem.groupby("nearest_train", sort=False).head(1)  # distinct training images first
-    mem = mem.sort_values(["nearest_count", "similarity"], ascending=[True, False]).head(args.examples)
-    gen = m[m["label"] == "generalized"].sample(n=args.examples, random_state=0)
+    mem = mem.sort_values(["nearest_count", "similarity"], ascending=[True, False]).head(n)
+    gen = m[m["label"] == "generalized"].sample(n=n, random_state=0)
     for prefix, rows in (("mem", mem), ("gen", gen)):
         for i in rows["sample"]:
             Image.fromarray(samples[int(i)].transpose(1, 2, 0)).save(ex / f"{prefix}_{int(i):04d}.png")
@@ -868,6 +921,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--sample-batch", type=int, default=100)
     p.set_defaults(func=cmd_dit)
+
+    p = sub.add_parser("relabel", help="label a shipped bench folder's generations again (write_labels)")
+    p.add_argument("folder", type=Path, help="e.g. memdetect/data/demo_sd_bench")
+    p.add_argument("--data", type=Path, required=True, help="the CIFAR-10 training images (folder or .tar.gz)")
+    p.add_argument("--examples", type=int, default=10, help="memorized and generalized PNGs each, when "
+                   "examples/<model> must be redrawn (0: leave examples/ alone)")
+    p.set_defaults(func=cmd_relabel)
 
     p = sub.add_parser("ship", help="copy a finished run into memdetect/data and examples/")
     p.add_argument("run", type=Path, help="a run's --out folder")

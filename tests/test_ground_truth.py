@@ -20,6 +20,8 @@ from memdetect import Detector
 from memdetect.bench.labels import LabelRule
 from memdetect.models.presets import PRESETS, packaged
 
+from .conftest import REPO, SHARED, needs_shared
+
 MODELS = {  # preset -> (family, bench folder, adapter class name, default layer)
     "demo-sd": ("sd", "demo_sd_bench", "StableDiffusionAdapter", "up_blocks.0.resnets.2.conv2:in"),
     "demo-dit": ("dit", "demo_dit_bench", "DiTAdapter", "transformer_blocks.3.ff.net.0"),
@@ -48,12 +50,13 @@ def balanced_subset(man: pd.DataFrame, size: int = 100, seed: int = 0) -> np.nda
     return np.sort(np.concatenate([rng.choice(mem, k, replace=False), rng.choice(gen, size - k, replace=False)]))
 
 
-#: The issue's bar is AUROC >= 0.9 on this subset. Two default layers do not reach it (measured on this subset:
-#: demo-sd 0.898, the 10,000-step demo-dit 0.717; benchmarks/RESULTS.md, issue 12). For them the test holds the
+#: The issue's bar is AUROC >= 0.9 on this subset. demo-dit's default layer does not reach it (measured on this
+#: subset: 0.732 with the colour-cast-invariant labels; benchmarks/RESULTS.md, issue 12). For it the test holds the
 #: measured level, less a margin, so that a regression still fails, and says plainly that the bar is not met; the
-#: defaults are the paper's layers for the real models and are not tuned on these miniatures.
+#: defaults are the paper's layers for the real models and are not tuned on these miniatures. (demo-sd measured
+#: 0.898 under the earlier RGB-only labels and 0.999 under the shipped ones; demo-edm 0.988.)
 BAR = 0.9
-BELOW_BAR = {"demo-sd": 0.85, "demo-dit": 0.65}
+BELOW_BAR = {"demo-dit": 0.65}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -89,8 +92,10 @@ def test_shipped_files_sizes_and_labels(name):
     assert counts.get("memorized", 0) + counts.get("generalized", 0) >= 1000
     assert counts.get("memorized", 0) >= 50 and counts.get("generalized", 0) >= 100  # dozens memorized at least
     for col in ("similarity", "nearest_train", "nearest_grade", "nearest_count", "nearest_kind", "flipped",
-                "shift_dy", "shift_dx"):
+                "shift_dy", "shift_dx", "similarity_rgb", "similarity_plain"):
         assert col in man.columns
+    # the labelling similarity adds colour-cast invariance to the flip/shift-invariant RGB one: never below it
+    assert (man["similarity"] >= man["similarity_rgb"] - 1e-5).all()
     recipe = json.loads((DATA / bench / "recipe.json").read_text())
     assert recipe["flags"]["cmd"] == family and recipe["steps_done"] > 0 and "grade_table" in recipe
     # the memorized generations copy duplicated training images (which grades each model reproduces is in
@@ -131,3 +136,25 @@ def test_layer_sweep_on_a_transformer_skips_what_token_pooling_cannot_reduce():
     assert "transformer_blocks.3.ff.net.0" in set(sweep["layer"])
     assert not any(s.startswith("pos_embed.proj") for s in sweep["layer"])  # [B, C, H, W]: no token axis
     assert sweep["auroc_select"].between(0, 1).all()
+
+
+@needs_shared("data", "datasets", "cifar10-jpg")
+def test_relabel_reproduces_the_shipped_labels(tmp_path):
+    """``train_ground_truth.py relabel`` on a copy of demo-edm's folder writes the shipped manifest again."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import train_ground_truth
+
+    folder = tmp_path / "demo_edm_bench"
+    shutil.copytree(DATA / "demo_edm_bench", folder)
+    data = SHARED / "data" / "datasets" / "cifar10-jpg"
+    data = next(data.glob("*.tar.gz"), data)
+    train_ground_truth.main(["relabel", str(folder), "--data", str(data), "--examples", "0"])
+    shipped = pd.read_csv(DATA / "demo_edm_bench" / "manifest.csv")
+    again = pd.read_csv(folder / "manifest.csv")
+    assert list(again.columns) == list(shipped.columns)
+    assert (again["label"] == shipped["label"]).all()
+    assert np.allclose(again["similarity"], shipped["similarity"], atol=1e-5)
+    assert (again["nearest_train"] == shipped["nearest_train"]).all()

@@ -334,11 +334,14 @@ def test_guarding_leaves_the_users_module_flags_as_they_were(sd_pipe):
     sd_pipe.vae.requires_grad_(False)
     sd_pipe.unet.requires_grad_(True)
     sd_pipe.unet.conv_in.requires_grad_(False)
-    before = {name: (m.training, [p.requires_grad for p in m.parameters(recurse=False)])
-              for comp in ("unet", "vae", "text_encoder") for name, m in getattr(sd_pipe, comp).named_modules(prefix=comp)}
+    def flags():
+        return {name: (m.training, [p.requires_grad for p in m.parameters(recurse=False)])
+                for comp in ("unet", "vae", "text_encoder")
+                for name, m in getattr(sd_pipe, comp).named_modules(prefix=comp)}
+
+    before = flags()
     g = memdetect.guard(sd_pipe, threshold=None)
-    after = {name: (m.training, [p.requires_grad for p in m.parameters(recurse=False)])
-             for comp in ("unet", "vae", "text_encoder") for name, m in getattr(sd_pipe, comp).named_modules(prefix=comp)}
+    after = flags()
     assert after == before and g.adapter.denoiser is sd_pipe.unet  # shared, not copied, and not re-flagged
     assert sd_pipe.unet.training and not any(p.requires_grad for p in sd_pipe.vae.parameters())
 
