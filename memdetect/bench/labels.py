@@ -16,9 +16,10 @@ the window of the sample displaced by (dy, dx). Every shift compares windows of 
 flip it is exactly the full-image correlation of ``nearest_neighbours``. Search is exact, over every training image.
 Thresholds (``LabelRule``): memorized >= 0.95, generalized < 0.80, the band between excluded.
 
-**pixel-cast** (an option, not the shipped labels' labeller). The same search, but each window pair scores the
-larger of the RGB correlation and the mean per-channel correlation (``nearest_match(..., colour="cast")``), so a
-copy under a colour cast (a per-channel gain and offset) also counts. Same thresholds.
+**pixel-cast** (the similarity of the shipped ground-truth labels since 2026-12-03; ``--labeller pixel-cast`` for
+the paper protocols). The same search, but each window pair scores the larger of the RGB correlation and the mean
+per-channel correlation (``nearest_match(..., colour="cast")``), so a copy under a colour cast (a per-channel gain
+and offset) also counts. Same thresholds.
 
 **sscd** (optional; the paper's labeller). A user who has SSCD's TorchScript weights (e.g. ``sscd_disc_mixup.torchscript.pt``
 from facebookresearch/sscd-copy-detection; memdetect does not download them) gets the cosine similarity of SSCD
