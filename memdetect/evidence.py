@@ -12,9 +12,10 @@ For the top ``top`` images of a scan (flagged ones, highest score first; without
 * ``reference``: the score's place among the reference (novel) scores: its conformal p-value and percentile
   (``memdetect.pvalues``); the document carries the reference histogram once;
 * ``nearest`` (with a ``reference_dir``, for example a sample of the training set): the reference images closest by
-  the model's pooled features (cosine similarity, top ``nearest``) and by flip- and shift-invariant pixel
-  correlation (``memdetect.similarity.nearest_match``, at ``min(resolution, 64)`` px), so a reviewer can tell an
-  exact copy (pixel correlation near 1) from a template copy (close features, lower pixel correlation).
+  the model's pooled features (cosine similarity, top ``nearest``) and by flip-, shift- and colour-cast-invariant
+  pixel correlation (``memdetect.similarity.nearest_match(..., colour="cast")``, as the shipped ground-truth labels,
+  at ``min(resolution, 64)`` px), so a reviewer can tell an exact or tinted copy (pixel correlation near 1) from a
+  template copy (close features, lower pixel correlation).
 
 Everything is a JSON-ready dict (``memdetect.html_report`` renders it; ``scan --evidence-json`` writes it). Names
 are kept as they are: every writer escapes them for its place.
@@ -166,7 +167,7 @@ def _nearest(det: Detector, doc: dict, pooled: torch.Tensor, pixels: np.ndarray,
     sim = a @ b.T
     kk = min(nearest, len(names))
     val, idx = sim.topk(kk, dim=1)
-    match = nearest_match(_resize(pixels, ref_small.shape[-1]), ref_small)
+    match = nearest_match(_resize(pixels, ref_small.shape[-1]), ref_small, colour="cast")
     for j, ev in enumerate(doc["images"]):
         ev["nearest"] = {
             "features": [{"path": names[int(i)], "similarity": _sig(s, 4)} for s, i in zip(val[j], idx[j])],
