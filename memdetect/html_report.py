@@ -313,7 +313,8 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
             rd = evidence["reference_dir"]
             parts.append(f"<p class='meta'>Copy search in {esc(rd['path'])} ({rd['images']} images): nearest by the "
                          f"model's pooled features (cosine) and by pixel correlation at {rd['pixel_resolution']} px "
-                         f"(mirror and shifts of up to 2 px tried). Near 1 by pixels: an exact copy; close features "
+                         f"(mirror, shifts of up to 2 px and a colour cast tried). Near 1 by pixels: an exact or "
+                         f"tinted copy; close features "
                          f"with lower pixel correlation: a template copy.</p>")
         cards = []
         for i, ev in enumerate(images):
