@@ -1068,9 +1068,10 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         batch_size: GenerationBatch = None,
         memorized_at: MemorizedAt = None,
         generalized_below: GeneralizedBelow = None,
-        labeller: Annotated[str, typer.Option("--labeller", help="pixel (flip- and shift-invariant pixel "
-                                              "correlation), pixel-cast (also survives a colour cast) or sscd (the "
-                                              "paper's; needs --sscd-weights).")] = "pixel",
+        labeller: Annotated[str, typer.Option("--labeller", help="pixel-cast (flip-, shift- and colour-"
+                                              "cast-invariant pixel correlation, as the shipped ground truth), pixel "
+                                              "(the same without the colour cast) or sscd (the paper's; needs "
+                                              "--sscd-weights).")] = "pixel-cast",
         sscd_weights: Annotated[Optional[Path], typer.Option("--sscd-weights", help="SSCD's TorchScript weights "
                                                              "(facebookresearch/sscd-copy-detection).")] = None,
         label_resolution: LabelResolution = None,

@@ -1,4 +1,4 @@
-"""Ground-truth labels: the flip- and shift-invariant pixel similarity, and the optional SSCD labeller."""
+"""Ground-truth labels: the flip- and shift- (and colour-cast-) invariant pixel similarity, and the SSCD labeller."""
 
 import pytest
 import torch
@@ -212,7 +212,7 @@ def test_the_paper_benches_label_batch_by_batch_as_in_one_piece(tmp_path):
 
     path = tmp_path / "sscd_test.torchscript.pt"
     torch.jit.script(TinyDescriptor()).save(str(path))
-    samples = torch.cat([TRAIN[[9, 30]].flip(-1), textures(3, seed=5)])
+    samples = torch.cat([TRAIN[[9, 30]].flip(-1), tinted(TRAIN[41])[None], textures(3, seed=5)])
     batches = [TRAIN[i:i + 7] for i in range(0, len(TRAIN), 7)]
 
     class Plain:  # neither pixel nor embed: asked batch by batch
@@ -221,7 +221,9 @@ def test_the_paper_benches_label_batch_by_batch_as_in_one_piece(tmp_path):
         def nearest(self, s, t):
             return PixelLabeller(max_shift=0, flip=False).nearest(s, t)
 
-    for lab in (PixelLabeller(), make_labeller("sscd", sscd_weights=path), Plain()):
+    for lab in (PixelLabeller(), make_labeller("pixel-cast"), make_labeller("sscd", sscd_weights=path), Plain()):
         whole = lab.nearest(samples, TRAIN)
         streamed = nearest_in(lab, samples, iter(batches))
         assert torch.equal(whole[1], streamed[1]) and torch.allclose(whole[0], streamed[0], atol=1e-5), lab.name
+        if lab.name == "pixel-cast":  # the paper benches' default finds the tinted copy
+            assert int(streamed[1][2]) == 41 and lab.rule.label(float(streamed[0][2])) == "memorized"

@@ -1,9 +1,9 @@
 """Ground-truth labels for generated samples: nearest-neighbour similarity to the training set.
 
 The paper labels a generation *memorized* when its SSCD similarity to the closest training image is above 0.9 and
-*generalized* below 0.5, and drops the ambiguous middle. Two labellers implement that form here:
+*generalized* below 0.5, and drops the ambiguous middle. Three labellers implement that form here:
 
-**pixel** (the default; no weights needed). The similarity of a sample x to a training image y is the Pearson
+**pixel** (no weights needed). The similarity of a sample x to a training image y is the Pearson
 correlation of their flattened RGB pixels,
 
     corr(x, y) = < (x - mean(x)) / ||x - mean(x)||,  (y - mean(y)) / ||y - mean(y)|| >,
@@ -16,15 +16,15 @@ the window of the sample displaced by (dy, dx). Every shift compares windows of 
 flip it is exactly the full-image correlation of ``nearest_neighbours``. Search is exact, over every training image.
 Thresholds (``LabelRule``): memorized >= 0.95, generalized < 0.80, the band between excluded.
 
-**pixel-cast** (the similarity of the shipped ground-truth labels since 2026-12-03; ``--labeller pixel-cast`` for
-the paper protocols). The same search, but each window pair scores the larger of the RGB correlation and the mean
+**pixel-cast** (the similarity of the shipped ground-truth labels since 2026-12-03, and the paper protocols' default
+``--labeller``). The same search, but each window pair scores the larger of the RGB correlation and the mean
 per-channel correlation (``nearest_match(..., colour="cast")``), so a copy under a colour cast (a per-channel gain
 and offset) also counts. Same thresholds.
 
 **sscd** (optional; the paper's labeller). A user who has SSCD's TorchScript weights (e.g. ``sscd_disc_mixup.torchscript.pt``
 from facebookresearch/sscd-copy-detection; memdetect does not download them) gets the cosine similarity of SSCD
 descriptors: ``SSCDLabeller(load_sscd(path)).nearest(samples, train)``, thresholds 0.9 / 0.5 (``SSCD_RULE``).
-``make_labeller("pixel" | "sscd", sscd_weights=...)`` returns either behind one interface.
+``make_labeller("pixel-cast" | "pixel" | "sscd", sscd_weights=...)`` returns any of them behind one interface.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ class SSCDLabeller:
         return val, idx
 
 
-def make_labeller(name: str = "pixel", *, sscd_weights: str | os.PathLike | None = None,
+def make_labeller(name: str = "pixel-cast", *, sscd_weights: str | os.PathLike | None = None,
                   device: str | torch.device = "cpu") -> Labeller:
-    """The labeller a ``--labeller`` flag names: ``pixel`` (default), ``pixel-cast`` or ``sscd`` (needs
+    """The labeller a ``--labeller`` flag names: ``pixel-cast`` (default), ``pixel`` or ``sscd`` (needs
     ``sscd_weights``)."""
     from ..errors import UsageError
 

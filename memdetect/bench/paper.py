@@ -20,8 +20,9 @@ detector and with every baseline that applies, and writes, into its output folde
 inherits its prompt's label. For each prompt, K generations (seeded, DDIM 50 steps, guidance 7.5).
 
 **imagenet** (DiT) / **cifar10** (pixel DDPM, EDM): each generated sample is labelled by its nearest training image
-through the shared labelling module (``memdetect.bench.labels``, ``make_labeller``): the flip- and shift-invariant
-pixel correlation (memorized >= 0.95, generalized < 0.80, the band between excluded) or, with SSCD's weights, the
+through the shared labelling module (``memdetect.bench.labels``, ``make_labeller``): the flip-, shift- and
+colour-cast-invariant pixel correlation (``pixel-cast``, as the shipped ground truth; ``pixel`` drops the colour
+cast; memorized >= 0.95, generalized < 0.80, the band between excluded) or, with SSCD's weights, the
 paper's SSCD similarity (> 0.9 / < 0.5). The public DiT-XL/2, DDPM and EDM checkpoints were trained on full data and
 rarely memorize (the paper's rows come from models trained on a small subset with duplicates): the benchmark warns
 before generating, and stops with exit 2 and a sentence when it finds fewer than ``min_memorized`` memorized samples.
@@ -591,9 +592,9 @@ def nearest_in(labeller: Labeller, samples: torch.Tensor,
 
 def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int, rule: LabelRule,
                   labeller: Labeller | None = None) -> pd.DataFrame:
-    """Nearest training image of each generated image (``labeller``, default the flip- and shift-invariant pixel
-    correlation, at ``resolution``) and its label under ``rule``."""
-    labeller = labeller or make_labeller("pixel")
+    """Nearest training image of each generated image (``labeller``, default the flip-, shift- and
+    colour-cast-invariant pixel correlation, at ``resolution``) and its label under ``rule``."""
+    labeller = labeller or make_labeller("pixel-cast")
     files = discover([train_dir])
     if not files:
         raise InputError(f"no training images under {train_dir}")
@@ -635,7 +636,7 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
     """``bench imagenet`` (class-conditional: DiT) / ``bench cifar10`` (unconditional: pixel DDPM, EDM): generate,
     label by nearest training image, score, tabulate (module docstring). ``classes`` and ``guidance`` (default
     ``CLASS_GUIDANCE``) apply to class-conditional models only. ``labeller``: ``labels.make_labeller``'s (default
-    pixel); ``rule``: default the labeller's. ``warn``: where the public-checkpoint warning goes before generating
+    pixel-cast); ``rule``: default the labeller's. ``warn``: where the public-checkpoint warning goes before generating
     (default: the log). Fewer than ``min_memorized`` memorized samples: an InputError saying what to do (the
     generations stay in ``output`` for a rerun)."""
     output = Path(output)
@@ -653,7 +654,7 @@ def run_samples(bench: str, output: str | Path, *, model: str, train_dir: str | 
         raise UsageError(f"--min-memorized must be at least 1, got {min_memorized}")
     if not Path(train_dir).is_dir():
         raise FileNotFoundError(f"--train-dir {train_dir} is not a folder")
-    labeller = labeller or make_labeller("pixel")
+    labeller = labeller or make_labeller("pixel-cast")
     rule = rule or labeller.rule
     check_settings(output, {"bench": bench, "steps": steps, "seed": seed, "flipd_probes": flipd_probes}, write=False)
     procs = processes()
