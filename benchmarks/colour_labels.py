@@ -31,42 +31,27 @@ import pandas as pd
 import torch
 
 from memdetect.bench.demo import bench_folder, run_demo
-from memdetect.bench.labels import LabelRule
-from memdetect.similarity import nearest_match
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gt_common import load_cifar_train  # noqa: E402
+from train_ground_truth import relabel_folder  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "datasets" / "cifar10-jpg" / "cifar10-jpg.tar.gz"
 MODELS = ("demo-sd", "demo-dit", "demo-edm")  # `demo` has no grades.csv (its training set is recorded differently)
 
 
 def relabel(model: str, cifar: np.ndarray, names: list[str], dest: Path) -> dict:
-    """The shipped generations of ``model`` labelled by the RGB-only similarity, written to ``dest``."""
+    """The shipped generations of ``model`` labelled by the RGB-only similarity (``train_ground_truth``'s
+    ``relabel_folder``, colour "rgb") in a copy of its bench folder at ``dest``."""
     src = bench_folder(model)
-    man = pd.read_csv(src / "manifest.csv")
-    grades = pd.read_csv(src / "grades.csv")
-    assert [names[i] for i in grades["train_index"]] == grades["name"].tolist()
-    samples = torch.from_numpy(np.load(src / "samples.npz")["samples"])
-    train = torch.from_numpy(cifar[grades["train_index"].to_numpy()])
-    rule = LabelRule()
-    cast = nearest_match(samples, train, colour="cast")
-    assert np.allclose(cast.similarity.numpy(), man["similarity"].to_numpy(), atol=2e-5), \
-        "the shipped similarity is not the colour-cast-invariant one"
-    rgb = nearest_match(samples, train)
-    g = grades.iloc[rgb.index.numpy()].reset_index(drop=True)
-    new = man.copy()
-    new["similarity"] = np.round(rgb.similarity.numpy(), 5)
-    new["label"] = [rule.label(float(v)) for v in new["similarity"]]
-    for col, val in {"nearest_train": g["name"], "nearest_index": g["train_index"], "nearest_grade": g["grade"],
-                     "nearest_count": g["count"], "nearest_kind": g["kind"], "nearest_class": g["class"],
-                     "flipped": rgb.flipped.int().numpy(), "shift_dy": rgb.dy.numpy(),
-                     "shift_dx": rgb.dx.numpy()}.items():
-        new[col] = np.asarray(val)
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("samples.npz", "recipe.json", "grades.csv"):
+    for name in ("samples.npz", "recipe.json", "grades.csv", "manifest.csv"):
         shutil.copy2(src / name, dest / name)
-    new.to_csv(dest / "manifest.csv", index=False)
+    relabel_folder(dest, cifar, names, colour="rgb")
+    man = pd.read_csv(src / "manifest.csv")
+    new = pd.read_csv(dest / "manifest.csv")
+    assert np.allclose(new["similarity"], man["similarity_rgb"], atol=2e-5), \
+        "the rebuilt RGB similarity differs from the shipped manifest's similarity_rgb"
     moved = pd.crosstab(pd.Series(man["label"].to_numpy(), name="cast"), pd.Series(new["label"].to_numpy(), name="rgb"))
     mem = new[new["label"] == "memorized"]
     return {"model": model, "totals_rgb": new["label"].value_counts().to_dict(),

@@ -711,11 +711,16 @@ def cmd_dit(args) -> None:
 # Labelling (shared by every model).
 
 
-#: How the shipped labels compare a generation with a training image: flip-, shift- and colour-cast-invariant pixel
-#: correlation (``nearest_match(..., colour="cast")``; see benchmarks/RESULTS.md, "Colour-cast-invariant labels").
-LABEL_SIMILARITY = ("max over horizontal flip and shifts of up to 2 px, and over RGB vs per-channel (colour-cast "
-                    "invariant) correlation, of the pixel correlation to the nearest distinct training image "
-                    "(memdetect.bench.labels.nearest_match, colour='cast')")
+#: How labels compare a generation with a training image (``nearest_match``'s ``colour``): the shipped labels use
+#: "cast", flip-, shift- and colour-cast-invariant (see benchmarks/RESULTS.md, "Colour-cast-invariant labels");
+#: "rgb" is the rule shipped until 2026-12-03 (benchmarks/colour_labels.py rebuilds it).
+LABEL_SIMILARITY = {
+    "cast": "max over horizontal flip and shifts of up to 2 px, and over RGB vs per-channel (colour-cast invariant) "
+            "correlation, of the pixel correlation to the nearest distinct training image "
+            "(memdetect.bench.labels.nearest_match, colour='cast')",
+    "rgb": "max over horizontal flip and shifts of up to 2 px of the pixel correlation to the nearest distinct "
+           "training image (memdetect.bench.labels.nearest_match)",
+}
 
 
 def label_run(out: Path, split: Split, images: np.ndarray) -> None:
@@ -724,17 +729,18 @@ def label_run(out: Path, split: Split, images: np.ndarray) -> None:
     write_labels(out, split.grades, samples, conds, images)
 
 
-def write_labels(out: Path, grades: list[Grade], samples: torch.Tensor, conds: list[dict],
-                 images: np.ndarray) -> None:
+def write_labels(out: Path, grades: list[Grade], samples: torch.Tensor, conds: list[dict], images: np.ndarray,
+                 colour: str = "cast") -> None:
     """manifest.csv (one row per generation: its condition, similarity, label and nearest training image) and the
-    recipe's ``labels`` block. ``similarity`` is the labelling one (``LABEL_SIMILARITY``); ``similarity_rgb`` the
-    flip- and shift-invariant RGB correlation alone, ``similarity_plain`` the correlation without any invariance."""
+    recipe's ``labels`` block. ``similarity`` is the labelling one (``LABEL_SIMILARITY[colour]``); ``similarity_rgb``
+    the flip- and shift-invariant RGB correlation alone, ``similarity_plain`` the correlation without any
+    invariance."""
     from memdetect.bench.labels import LabelRule, nearest_match
 
     t0 = time.time()
     train = torch.from_numpy(images[[g.index for g in grades]])
-    m = nearest_match(samples, train, colour="cast")
-    rgb = nearest_match(samples, train)
+    m = nearest_match(samples, train, colour=colour)
+    rgb = m if colour == "rgb" else nearest_match(samples, train)
     plain = nearest_match(samples, train, max_shift=0, flip=False)
     rule = LabelRule()
     extra = sorted({k for c in conds for k in c} - {"seed"})
@@ -755,36 +761,45 @@ def write_labels(out: Path, grades: list[Grade], samples: torch.Tensor, conds: l
                         "flipped": int(m.flipped[i]), "shift_dy": int(m.dy[i]), "shift_dx": int(m.dx[i]),
                         "similarity_rgb": f"{float(rgb.similarity[i]):.5f}",
                         "similarity_plain": f"{float(plain.similarity[i]):.5f}"})
-    summary = Split(grades, np.zeros(0, int), np.zeros((0, 3, 32, 32), np.uint8), [], []).summary()
-    order = sorted(counts, key=lambda k: (k != "unique", summary[k]["kind"], summary[k]["count"]))
+    kind_count = {g.grade: (g.kind, g.count) for g in grades}
+    order = sorted(counts, key=lambda k: (k != "unique", *kind_count[k]))
     per_grade = {k: counts[k] for k in order}
     totals = {lab: sum(c[lab] for c in counts.values()) for lab in ("memorized", "generalized", "excluded")}
     update_recipe(out, labels={"rule": f"memorized >= {rule.memorized_at}, generalized < {rule.generalized_below}",
-                               "similarity": LABEL_SIMILARITY, "totals": totals, "per_nearest_grade": per_grade,
+                               "similarity": LABEL_SIMILARITY[colour], "totals": totals,
+                               "per_nearest_grade": per_grade,
                                "seconds": round(time.time() - t0)})
     log(f"labels: {totals}")
     for k in order:
         log(f"  {k:14s} {counts[k]}")
 
 
-def cmd_relabel(args) -> None:
-    """Label a shipped bench folder's generations again (``write_labels``) from its grades.csv and the CIFAR-10
-    training images; every column before ``similarity`` (the generation's condition) is kept as it was."""
+def relabel_folder(folder: Path, images: np.ndarray, names: list[str], colour: str = "cast") -> None:
+    """Label a bench folder's generations again (``write_labels``) from its grades.csv and the CIFAR-10 training
+    images (``images``, ``names``: ``load_cifar_train``'s); every column before ``similarity`` (the generation's
+    condition) is kept as it was."""
     import pandas as pd
 
-    folder = args.folder
     man = pd.read_csv(folder / "manifest.csv", keep_default_na=False)
     table = pd.read_csv(folder / "grades.csv", keep_default_na=False)
-    images, names, _ = load_cifar_train(args.data)
     if [names[i] for i in table["train_index"]] != table["name"].tolist():
-        raise SystemExit(f"{folder / 'grades.csv'} does not match the CIFAR-10 training images in {args.data}")
+        raise SystemExit(f"{folder / 'grades.csv'} does not match the CIFAR-10 training images")
     grades = [Grade(index=int(r["train_index"]), name=r["name"], cls=CLASSES.index(r["class"]), count=int(r["count"]),
                     kind=r["kind"]) for _, r in table.iterrows()]
     cond_cols = list(man.columns[1:list(man.columns).index("similarity")])
     conds = [{c: (int(v) if c in ("seed", "class_index") else v) for c, v in zip(cond_cols, row)}
              for row in man[cond_cols].itertuples(index=False)]
     samples = torch.from_numpy(np.load(folder / "samples.npz")["samples"])
-    write_labels(folder, grades, samples, conds, images)
+    write_labels(folder, grades, samples, conds, images, colour=colour)
+
+
+def cmd_relabel(args) -> None:
+    """``relabel_folder`` on a shipped bench folder, then redraw examples/<model> if a label moved under one."""
+    import pandas as pd
+
+    folder = args.folder
+    images, names, _ = load_cifar_train(args.data)
+    relabel_folder(folder, images, names)
     if args.examples:  # examples/<model> are redrawn only when one of them no longer carries the label its name says
         model_name = next(name for name, bench in SHIP.values() if bench == folder.name)
         labels = pd.read_csv(folder / "manifest.csv")["label"]
