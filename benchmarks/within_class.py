@@ -21,19 +21,13 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-NOT_METHODS = {"sample", "seed", "class", "class_index", "similarity", "label", "nearest_train", "nearest_index",
-               "nearest_grade", "nearest_count", "nearest_kind", "nearest_class", "flipped", "shift_dy", "shift_dx",
-               "similarity_rgb", "similarity_plain", "grade", "prompt", "prompt_grade", "prompt_source",
-               "prompt_train"}
-
-
 def class_mean_auroc(y: np.ndarray, score: np.ndarray, groups: np.ndarray, keep: list) -> float:
     return float(np.mean([roc_auc_score(y[groups == g], score[groups == g]) for g in keep]))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("folder", type=Path, help="a `memdetect bench demo` output folder (scores.csv)")
+    ap.add_argument("folder", type=Path, help="a `memdetect bench demo` output folder (scores.csv, results.csv)")
     ap.add_argument("--by", default="class", help="column of the sampling condition (default: class)")
     ap.add_argument("--min", type=int, default=5, help="memorized and generalized generations a class needs")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -47,7 +41,7 @@ def main(argv=None) -> None:
     keep = [g for g in counts.index if counts.loc[g].get(1, 0) >= args.min and counts.loc[g].get(0, 0) >= args.min]
     if not keep:
         raise SystemExit(f"no {args.by} has {args.min} memorized and {args.min} generalized generations")
-    methods = [c for c in s.columns if c not in NOT_METHODS and pd.api.types.is_numeric_dtype(s[c])]
+    methods = pd.read_csv(args.folder / "results.csv")["method"].tolist()  # what bench demo scored
     rng = np.random.default_rng(0)
     strata = [np.flatnonzero((groups == g) & (y == lab)) for g in keep for lab in (0, 1)]
     boots = [np.concatenate([rng.choice(idx, len(idx)) for idx in strata]) for _ in range(args.bootstrap)]
