@@ -138,11 +138,18 @@ def normal_prompts() -> list[str]:
 
 
 def build_split(images: np.ndarray, names: list[str], classes: np.ndarray, *, seed: int, unique: int,
-                exact: str, edited: str = "", captions: str = "", text: bool = False) -> Split:
+                exact: str, edited: str = "", captions: str = "", text: bool = False,
+                balanced: bool = False) -> Split:
+    """The graded split. ``balanced``: each duplicated grade's images are spread over the classes as evenly as its
+    size allows (round-robin, the classes of a partial round in a seeded order), instead of drawn at random; for
+    class-conditional models, whose memorized generations otherwise gather in the few classes that hold the most
+    duplicated images."""
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(images))
     pos = 0
     grades: list[Grade] = []
+    taken = np.zeros(len(images), dtype=bool)
+    class_rng = np.random.default_rng(seed + 3)
 
     def take(n: int) -> np.ndarray:
         nonlocal pos
@@ -150,7 +157,20 @@ def build_split(images: np.ndarray, names: list[str], classes: np.ndarray, *, se
         pos += n
         if len(out) < n:
             raise ValueError("the split asks for more images than CIFAR-10 has")
+        taken[out] = True
         return out
+
+    def take_balanced(n: int) -> np.ndarray:
+        n_cls = int(classes.max()) + 1
+        out = []
+        while len(out) < n:
+            for c in class_rng.permutation(n_cls)[: n - len(out)]:
+                free = perm[~taken[perm] & (classes[perm] == c)]
+                if not len(free):
+                    raise ValueError("the split asks for more images of a class than CIFAR-10 has")
+                taken[free[0]] = True
+                out.append(int(free[0]))
+        return np.array(out)
 
     cap_rng = np.random.default_rng(seed + 1)
     used: set[str] = set()
@@ -161,7 +181,7 @@ def build_split(images: np.ndarray, names: list[str], classes: np.ndarray, *, se
         for count, n, m in parse_counts(spec):
             if kind != "captions" and m != 1:
                 raise ValueError(f"only --captions takes count:imagesxcaptions, not {kind}")
-            for i in np.sort(take(n)):
+            for i in np.sort(take_balanced(n) if balanced else take(n)):  # uniques are always a random draw
                 caps = [memorized_prompt(cap_rng, int(classes[i]), used) for _ in range(m)] if text else []
                 grades.append(Grade(int(i), names[i], int(classes[i]), count, kind, caps))
 

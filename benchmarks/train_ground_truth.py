@@ -179,13 +179,16 @@ def split_args(ap: argparse.ArgumentParser, *, unique: int, exact: str, edited: 
     ap.add_argument("--edited", default=edited, help="count:images,... duplicates with a small edit per copy")
     if captions:
         ap.add_argument("--captions", default=captions, help="count:imagesxcaptions,... one image, several captions")
+    ap.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=False,
+                    help="spread each duplicated grade's images evenly over the classes (gt_common.build_split)")
     ap.add_argument("--samples", type=int, default=2000, help="generations to label")
     ap.add_argument("--stage", choices=["all", "train", "sample", "label"], default="all")
 
 
 def make_split(args, images, names, classes, *, text: bool = False) -> Split:
     return build_split(images, names, classes, seed=args.seed, unique=args.unique, exact=args.exact,
-                       edited=args.edited, captions=getattr(args, "captions", ""), text=text)
+                       edited=args.edited, captions=getattr(args, "captions", ""), text=text,
+                       balanced=getattr(args, "balanced", False))
 
 
 def write_grades(out: Path, split: Split) -> None:

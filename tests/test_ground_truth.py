@@ -158,3 +158,36 @@ def test_relabel_reproduces_the_shipped_labels(tmp_path):
     assert (again["label"] == shipped["label"]).all()
     assert np.allclose(again["similarity"], shipped["similarity"], atol=1e-5)
     assert (again["nearest_train"] == shipped["nearest_train"]).all()
+
+
+def _gt_common():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gt_common
+
+    return gt_common
+
+
+def test_balanced_split_spreads_every_duplicated_grade_over_the_classes():
+    """``build_split(balanced=True)`` (demo-dit's split): each duplicated grade has its images spread over the classes
+    as evenly as its size allows, no image is used twice, and the uniques are the same random draw as unbalanced."""
+    gt = _gt_common()
+    rng = np.random.default_rng(1)
+    classes = rng.integers(0, 10, size=3000)
+    images = rng.integers(0, 256, size=(3000, 3, 4, 4), dtype=np.uint8)
+    names = [f"train/{c}/{i}.jpg" for i, c in enumerate(classes)]
+    kw = dict(seed=0, unique=200, exact="2:20,16:15,64:10", edited="16:10")
+    plain = gt.build_split(images, names, classes, **kw)
+    spread = gt.build_split(images, names, classes, **kw, balanced=True)
+    assert [g.index for g in spread.grades if g.kind == "unique"] == [g.index for g in plain.grades
+                                                                       if g.kind == "unique"]
+    assert len({g.index for g in spread.grades}) == len(spread.grades)
+    assert [g.grade for g in spread.grades] == [g.grade for g in plain.grades]
+    for grade in {g.grade for g in spread.grades if g.kind != "unique"}:
+        per_class = np.bincount([g.cls for g in spread.grades if g.grade == grade], minlength=10)
+        assert per_class.max() - per_class.min() <= 1, (grade, per_class)
+    # the random draw is not spread like that (with these seeds at least one grade is uneven)
+    assert any(np.ptp(np.bincount([g.cls for g in plain.grades if g.grade == grade], minlength=10)) > 1
+               for grade in {g.grade for g in plain.grades if g.kind != "unique"})
+    assert len(spread.rows) == len(plain.rows)
