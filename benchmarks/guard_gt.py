@@ -12,7 +12,8 @@ generator:
 The guard scores each image at the step nearest t=50; the post-hoc score is ``Detector(model)`` on the finished images
 (what ``memdetect scan`` computes). Labels as the ship/label stage does (``train_ground_truth.label_run``):
 ``nearest_match`` against the model's distinct training images (grades.csv's train_index into the CIFAR-10 training
-JPEGs), memorized >= 0.95, generalized < 0.80.
+JPEGs), memorized >= 0.95, generalized < 0.80; ``--colour cast`` (default, the shipped labels' rule since 2026-12-03)
+or ``rgb`` (the rule of the runs before it).
 
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/guard_gt.py --per-prompt 8 --out runs/guard-sd
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/guard_gt.py --model demo-dit --per-class 60 --out runs/guard-dit
@@ -57,6 +58,8 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=None, help="generate only the first N planned images (timing)")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--data", type=Path, default=Path("/work/shared/data/datasets/cifar10-jpg/cifar10-jpg.tar.gz"))
+    ap.add_argument("--colour", choices=("cast", "rgb"), default="cast",
+                    help="label similarity: colour-cast invariant (the shipped labels' rule) or RGB only")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--ship", type=Path, help="demo-sd: write the guard calibration and the fixed labelled test set "
                                               "to DIR instead (see the module's docstring)")
@@ -121,7 +124,7 @@ def main(argv=None) -> None:
         raise SystemExit("grades.csv's train_index does not match the CIFAR-10 names")
     train = torch.from_numpy(cifar[grades["train_index"].to_numpy()])
     del cifar
-    nearest = nearest_match(images, train)
+    nearest = nearest_match(images, train, colour=args.colour)
     sim = nearest.similarity.numpy()
     rule = LabelRule()
     label = np.array([rule.label(float(v)) for v in sim])
@@ -178,7 +181,7 @@ def main(argv=None) -> None:
     print(table.to_string(index=False))
 
 
-def label_against_training_images(images: torch.Tensor, model: str, data: Path):
+def label_against_training_images(images: torch.Tensor, model: str, data: Path, colour: str = "cast"):
     """(similarity, label, nearest grade) per image, as ``train_ground_truth.label_run`` labels."""
     from gt_common import load_cifar_train
 
@@ -189,7 +192,7 @@ def label_against_training_images(images: torch.Tensor, model: str, data: Path):
     cifar, names, _ = load_cifar_train(data)
     if [names[i] for i in grades["train_index"]] != grades["name"].tolist():
         raise SystemExit("grades.csv's train_index does not match the CIFAR-10 names")
-    nearest = nearest_match(images, torch.from_numpy(cifar[grades["train_index"].to_numpy()]))
+    nearest = nearest_match(images, torch.from_numpy(cifar[grades["train_index"].to_numpy()]), colour=colour)
     sim = nearest.similarity.numpy()
     rule = LabelRule()
     return sim, np.array([rule.label(float(v)) for v in sim]), grades["grade"].to_numpy()[nearest.index.numpy()]
@@ -220,7 +223,7 @@ def ship(args, argv) -> None:
     thr = cal.document["guard"]["threshold"]
     gen = generate(memdetect.guard(pipe, threshold=thr), conditions, 1, steps=args.steps, seed=0)
     images = torch.from_numpy(gen.images).permute(0, 3, 1, 2).contiguous()  # uint8 [N, 3, H, W]
-    sim, label, nearest_grade = label_against_training_images(images, "demo-sd", args.data)
+    sim, label, nearest_grade = label_against_training_images(images, "demo-sd", args.data, args.colour)
     frame = pd.DataFrame({"sample": np.arange(len(conditions)), "condition": conditions, "prompt_source": source,
                           "prompt_grade": grade, "similarity": sim, "label": label, "nearest_grade": nearest_grade,
                           "guard_std": gen.result.scores["std"], "flagged": gen.result.flagged})
