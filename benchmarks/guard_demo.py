@@ -107,8 +107,6 @@ def main(argv=None) -> None:
     label = np.array([rule.label(float(v)) for v in sim])
     use = np.isin(label, ["memorized", "generalized"])
     y = (label[use] == "memorized").astype(int)
-    corr = np.full(args.n, np.nan)
-    match = use
 
     # 2. post-hoc: the scan's score of the same images
     det = Detector.from_pretrained("demo", device="cpu")

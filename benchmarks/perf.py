@@ -254,10 +254,9 @@ def child(args) -> dict:
     from PIL import Image
 
     from memdetect import __version__, runtime
-    from memdetect.detector import Detector, resolve_device, resolve_dtype
+    from memdetect.detector import Detector, resolve_device
 
     device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
     setting, name = args.setting, args.child
     if device.type == "cpu" and setting != "naive":
         runtime.retain_freed_memory()  # what the memdetect command does (MEMDETECT_RETAIN_MEMORY=0: not)

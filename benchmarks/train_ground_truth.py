@@ -34,7 +34,6 @@ import argparse
 import copy
 import csv
 import json
-import math
 import platform
 import shutil
 import sys

@@ -31,7 +31,7 @@ from . import capture, runtime, winograd
 from ._version import __version__
 from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
-from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, display_path, image_seed, read_file
+from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, image_seed, read_file
 from .journal import fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame

@@ -35,6 +35,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -401,11 +402,9 @@ def generate(guard_or_pipe, conditions: Sequence | None, n: int, *, steps: int |
     return Generated(_images_uint8(out.images), rows, result, seconds)
 
 
-def write_generated(gen: Generated, output) -> "Path":
+def write_generated(gen: Generated, output) -> Path:
     """Images as ``DIR/00000.png`` ... and ``DIR/report.csv`` (one row per image: file, condition, seed, the guard's
     scores and flags). Returns the report's path."""
-    from pathlib import Path
-
     import pandas as pd
 
     from PIL import Image

@@ -275,7 +275,7 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
     script_hash = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{script_hash}'; "
            f"base-uri 'none'; form-action 'none'")
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">",
              f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"]

@@ -1,6 +1,5 @@
 """Baselines and ROC metrics checked against hand-computed values on toy models."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

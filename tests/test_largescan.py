@@ -6,11 +6,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,7 @@ from memdetect.cli import app
 from memdetect.merge import read_report
 from memdetect.report import COLUMNS
 from memdetect.scan import scan
-from memdetect.sources import parse_shard, resolve, shard, shard_bounds
+from memdetect.sources import parse_shard, shard, shard_bounds
 
 from .conftest import write_images
 

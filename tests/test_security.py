@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from memdetect.cli import app
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
-from memdetect.journal import Journal, fingerprint, journal_path, record_mac, row_key
+from memdetect.journal import fingerprint, journal_path, record_mac, row_key
 from memdetect.scan import scan
 from memdetect.state import StateDir
 from memdetect.text import printable
