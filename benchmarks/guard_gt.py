@@ -72,7 +72,6 @@ def main(argv=None) -> None:
 
     import memdetect
     from memdetect import Detector
-    from memdetect.bench.labels import LabelRule, nearest_match
     from memdetect.bench.metrics import bootstrap_metrics, paired_difference
     from memdetect.models.presets import packaged
 
@@ -117,17 +116,7 @@ def main(argv=None) -> None:
     guard_scores = pd.concat(scores, ignore_index=True)
     np.savez_compressed(args.out / "samples.npz", samples=images.numpy())
 
-    from gt_common import load_cifar_train
-    grades = pd.read_csv(Path(packaged(args.model.replace("-", "_") + "_bench")) / "grades.csv")
-    cifar, names, _ = load_cifar_train(args.data)
-    if [names[i] for i in grades["train_index"]] != grades["name"].tolist():
-        raise SystemExit("grades.csv's train_index does not match the CIFAR-10 names")
-    train = torch.from_numpy(cifar[grades["train_index"].to_numpy()])
-    del cifar
-    nearest = nearest_match(images, train, colour=args.colour)
-    sim = nearest.similarity.numpy()
-    rule = LabelRule()
-    label = np.array([rule.label(float(v)) for v in sim])
+    sim, label, nearest_grade = label_against_training_images(images, args.model, args.data, args.colour)
     use = np.isin(label, ["memorized", "generalized"])
     y = (label[use] == "memorized").astype(int)
 
@@ -139,7 +128,7 @@ def main(argv=None) -> None:
     frame = pd.DataFrame({"sample": np.arange(len(plan)), "condition": [c[0] for c in plan],
                           "prompt_source": [c[1] for c in plan], "prompt_grade": [c[2] for c in plan],
                           "similarity": sim, "label": label, "used": use,
-                          "nearest_grade": grades["grade"].to_numpy()[nearest.index.numpy()],
+                          "nearest_grade": nearest_grade,
                           **{f"guard_{m}": guard_scores[m] for m in guard_scores},
                           **{f"scan_{m}": post[m] for m in post if m in guard_scores}})
     frame.to_csv(args.out / "scores.csv", index=False)

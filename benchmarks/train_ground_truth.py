@@ -187,7 +187,7 @@ def split_args(ap: argparse.ArgumentParser, *, unique: int, exact: str, edited: 
 def make_split(args, images, names, classes, *, text: bool = False) -> Split:
     return build_split(images, names, classes, seed=args.seed, unique=args.unique, exact=args.exact,
                        edited=args.edited, captions=getattr(args, "captions", ""), text=text,
-                       balanced=getattr(args, "balanced", False))
+                       balanced=args.balanced)
 
 
 def write_grades(out: Path, split: Split) -> None:
