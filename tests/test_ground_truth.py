@@ -138,15 +138,22 @@ def test_layer_sweep_on_a_transformer_skips_what_token_pooling_cannot_reduce():
     assert sweep["auroc_select"].between(0, 1).all()
 
 
+def benchmarks_module(name: str):
+    """A module of benchmarks/ (scripts, not a package: they import each other from their own folder)."""
+    import importlib
+    import sys
+
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    return importlib.import_module(name)
+
+
 @needs_shared("data", "datasets", "cifar10-jpg")
 def test_relabel_reproduces_the_shipped_labels(tmp_path):
     """``train_ground_truth.py relabel`` on a copy of demo-edm's folder writes the shipped manifest again."""
     import shutil
-    import sys
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import train_ground_truth
-
+    train_ground_truth = benchmarks_module("train_ground_truth")
     folder = tmp_path / "demo_edm_bench"
     shutil.copytree(DATA / "demo_edm_bench", folder)
     data = SHARED / "data" / "datasets" / "cifar10-jpg"
@@ -160,19 +167,10 @@ def test_relabel_reproduces_the_shipped_labels(tmp_path):
     assert (again["nearest_train"] == shipped["nearest_train"]).all()
 
 
-def _gt_common():
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import gt_common
-
-    return gt_common
-
-
 def test_balanced_split_spreads_every_duplicated_grade_over_the_classes():
     """``build_split(balanced=True)`` (demo-dit's split): each duplicated grade has its images spread over the classes
     as evenly as its size allows, no image is used twice, and the uniques are the same random draw as unbalanced."""
-    gt = _gt_common()
+    gt = benchmarks_module("gt_common")
     rng = np.random.default_rng(1)
     classes = rng.integers(0, 10, size=3000)
     images = rng.integers(0, 256, size=(3000, 3, 4, 4), dtype=np.uint8)
