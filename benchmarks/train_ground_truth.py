@@ -6,7 +6,8 @@ One command per model (CPU is fine; every run is bounded by ``--time-budget`` se
     python benchmarks/train_ground_truth.py vae --data $D --out runs/gt-vae --time-budget 4500
     python benchmarks/train_ground_truth.py edm --data $D --out runs/demo-edm --time-budget 6000
     python benchmarks/train_ground_truth.py sd  --data $D --vae runs/gt-vae --out runs/demo-sd --time-budget 5400
-    python benchmarks/train_ground_truth.py dit --data $D --vae runs/gt-vae --out runs/demo-dit --time-budget 4200
+    python benchmarks/train_ground_truth.py dit --data $D --vae runs/gt-vae --out runs/demo-dit --time-budget 4200 \
+        --balanced --exact 2:20,4:20,8:20,16:20,64:20 --edited 16:10,64:10   # the shipped (balanced) demo-dit
     python benchmarks/train_ground_truth.py ship runs/demo-sd      # -> memdetect/data/demo-sd, demo_sd_bench
 
 ``vae`` trains the small ``AutoencoderKL`` (32 px -> 8x8x8 latents) on all 50,000 CIFAR-10 training images and
