@@ -1,13 +1,13 @@
 """Within-class AUROC of every method on a class-conditional ground-truth model (demo-dit), from `bench demo` output.
 
 On a class-conditional miniature the memorized generations can concentrate in the classes that hold a heavily
-duplicated image (on the retired, unbalanced demo-dit, sampling a class whose 256-copy image the model memorized mostly
-returned that copy), so the pooled AUROC of a score also measures how its level differs between classes and between
-the few memorized images. This
-script separates the two: for each sampling class with at least ``--min`` memorized and ``--min`` generalized
-generations it computes each method's AUROC within the class, and reports the mean over those classes with a 95%
-bootstrap interval (generations resampled within each class and label, 1,000 replicates, seed 0) beside the pooled
-AUROC. The class is the condition the generation was sampled with, not derived from its label.
+duplicated image (on the retired, unbalanced demo-dit, sampling a class whose 256-copy image the model memorized
+mostly returned that copy), so the pooled AUROC of a score also measures how its level differs between classes and
+between the few memorized images. This script separates the two: for each sampling class with at least ``--min``
+memorized and ``--min`` generalized generations it computes each method's AUROC within the class, and reports the
+mean over those classes with a 95% bootstrap interval (generations resampled within each class and label, 1,000
+replicates, seed 0) beside the pooled AUROC. The class is the condition the generation was sampled with, not derived
+from its label.
 
     memdetect bench demo --model demo-dit -o bench/demo-dit
     python benchmarks/within_class.py bench/demo-dit [--min 5]
