@@ -284,11 +284,17 @@ def _given(ctx: typer.Context) -> set[str]:
             if getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
 
 
-def scan_settings(ctx: typer.Context, config: Optional[Path], **flags) -> dict:
-    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config``."""
-    from .config import load_config, merge
+def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: Optional[str] = None,
+                  **flags) -> dict:
+    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config`` (read only
+    when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
+    from .config import check_sha256, load_config, merge
 
-    return merge(load_config(config) if config else None, flags, _given(ctx))
+    if config_sha256 is not None:
+        check_sha256(config_sha256)
+        if not config:
+            raise UsageError("--config-sha256 needs --config: it pins the config file's bytes")
+    return merge(load_config(config, sha256=config_sha256) if config else None, flags, _given(ctx))
 
 
 def speed_settings(device: str) -> None:
@@ -703,7 +709,11 @@ def audit(
     ctx: typer.Context,
     paths: Paths,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml from `memdetect calibrate` "
-                                                   "(default: ./memdetect.toml if it exists).")] = None,
+                                                   "(read only when given: in CI, take it from the base branch, "
+                                                   "not from the pull request).")] = None,
+    config_sha256: Annotated[Optional[str], typer.Option("--config-sha256", help="Refuse the --config file unless "
+                                                         "its SHA-256 is this (64 hex digits; `sha256sum "
+                                                         "memdetect.toml`).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or "
                                          ".parquet).")] = Path(".memdetect/report.csv"),
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a "
@@ -740,10 +750,11 @@ def audit(
     from .io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
-    if config is None and Path("memdetect.toml").is_file():
-        config = Path("memdetect.toml")
-    s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
+                      timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
+        raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
+                         "read unless given with --config)")
     ci.check_threshold(s["threshold"])
     check_report_path(output)
     ci.check_report_folder(output)

@@ -1,0 +1,157 @@
+"""Issue 30, the trust routes: what a pull request controls must not decide the audit. The config (no silent
+``./memdetect.toml``, the command line wins, ``--config-sha256``, stored calibrations checked against themselves),
+``merge`` (flags recomputed, marks checked, shard MACs) and the state directory (not inside the scanned inputs, a
+secret memdetect did not create is not trusted for ``audit --resume``).
+
+Each test reproduces an attack that made ``audit`` (or ``merge``) exit 0 with memorized images in its inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from memdetect.cli import app
+from memdetect.config import load_config
+from memdetect.errors import UsageError
+
+from .conftest import REPO, write_images
+
+runner = CliRunner()
+EXAMPLES = REPO / "examples"
+DEFAULT_LAYER = "up_blocks.0.resnets.2.conv2:in"
+
+
+def invoke(*args, env=None):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
+
+
+def one_error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("memdetect:")]
+    assert len(lines) == 1 and "Traceback" not in output, output
+    return lines[0]
+
+
+# -- 6. the config -------------------------------------------------------------------------------------------------
+
+def test_a_committed_memdetect_toml_is_not_read_without_config(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    """A pull request commits ./memdetect.toml with threshold = 1e9: audit used to load it and pass everything."""
+    monkeypatch.chdir(tmp_path)
+    Path("memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = 1e9\n')
+    res = invoke("audit", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--workers", 0)
+    assert res.exit_code == 2, res.output
+    line = one_error_line(res.output)
+    assert "audit needs a threshold" in line and "not read unless given with --config" in res.output
+    # the same file given explicitly is read (and says so)
+    res = invoke("audit", images_dir, "--config", "memdetect.toml", "--workers", 0)
+    assert res.exit_code == 0 and "config memdetect.toml" in res.output, res.output
+
+
+def test_a_committed_memdetect_toml_cannot_change_what_is_scored(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    """CI pins --threshold; the pull request's ./memdetect.toml sets only layer / timestep: not read either."""
+    monkeypatch.chdir(tmp_path)
+    Path("memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = 1e9\n'
+                                      f'layer = "conv_in"\ntimestep = 999\n')
+    res = invoke("audit", images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+                 "--workers", 0, "--summary-json", "s.json")
+    assert res.exit_code == 1, res.output
+    doc = json.loads(Path("s.json").read_text())
+    assert (doc["settings"]["layer"], doc["settings"]["timestep"], doc["config"]) == (DEFAULT_LAYER, 50, None)
+    assert doc["flagged"] == 5
+
+
+def test_the_command_line_wins_over_an_explicit_config(tiny_ddpm, images_dir, tmp_path):
+    """With --config, flags typed on the command line win; a setting the config's threshold was calibrated for may
+    only change together with an explicit --threshold (else the threshold would mean nothing: refused)."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = 1e9\nlayer = "conv_in"\n'
+                   f'timestep = 999\n')
+    s = tmp_path / "s.json"
+    res = invoke("audit", images_dir, "--config", cfg, "--layer", DEFAULT_LAYER, "--timestep", 50, "--threshold",
+                 "-1", "--workers", 0, "--summary-json", s, "-o", tmp_path / "r.csv")
+    assert res.exit_code == 1, res.output
+    doc = json.loads(s.read_text())
+    assert (doc["settings"]["layer"], doc["settings"]["timestep"], doc["threshold"]) == (DEFAULT_LAYER, 50, -1)
+    res = invoke("audit", images_dir, "--config", cfg, "--timestep", 50, "-o", tmp_path / "r.csv")
+    assert res.exit_code == 2 and "differs from timestep = 999" in one_error_line(res.output)
+
+
+def test_the_demo_memorized_images_are_flagged_whatever_the_pr_commits(tmp_path, monkeypatch):
+    """The issue's case on the demo model: CI pins the calibrated threshold; the pull request's ./memdetect.toml
+    moves the layer to conv_in. Every memorized image must still be flagged."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for f in sorted(EXAMPLES.joinpath("demo").glob("mem_*.png"))[:2]:
+        shutil.copy(f, imgs)
+    monkeypatch.chdir(tmp_path)
+    Path("memdetect.toml").write_text('model = "demo"\nthreshold = 1e9\nlayer = "conv_in"\n')
+    res = invoke("audit", imgs, "--model", "demo", "--threshold", "0.6385", "--workers", 0, "--device", "cpu")
+    assert res.exit_code == 1 and "2 flagged memorized" in res.output, res.output
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_config_sha256_pins_the_config(tiny_ddpm, images_dir, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = -1\n')
+    pinned = _sha(cfg)
+    base = ["audit", images_dir, "--workers", 0, "-o", tmp_path / "r.csv"]
+    res = invoke(*base, "--config", cfg, "--config-sha256", pinned.upper())
+    assert res.exit_code == 1, res.output
+    cfg.write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = 1e9\n')  # the pull request's edit
+    res = invoke(*base, "--config", cfg, "--config-sha256", pinned)
+    line = one_error_line(res.output)
+    assert res.exit_code == 2 and "SHA-256" in line and pinned[:12] in line and _sha(cfg)[:12] in line
+    res = invoke(*base, "--config", cfg, "--config-sha256", "abc")
+    assert res.exit_code == 2 and "64 hexadecimal" in one_error_line(res.output)
+    res = invoke(*base, "--threshold", "1", "--config-sha256", pinned)
+    assert res.exit_code == 2 and "--config-sha256 needs --config" in one_error_line(res.output)
+
+
+def test_the_action_passes_config_sha256(tmp_path):
+    import yaml
+
+    action = yaml.safe_load((REPO / "hooks" / "github-action" / "action.yml").read_text())
+    assert action["inputs"]["config-sha256"]["default"] == ""
+    audit = next(s for s in action["runs"]["steps"] if s.get("id") == "audit")
+    assert audit["env"]["MEMDETECT_CONFIG_SHA256"] == "${{ inputs.config-sha256 }}"
+    fake = tmp_path / "fake-memdetect"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    fake.chmod(0o755)
+    import subprocess
+
+    env = {"PATH": os.environ["PATH"], "MEMDETECT_BIN": str(fake), "ARGS_OUT": str(tmp_path / "args"),
+           "MEMDETECT_PATHS": "x/", "MEMDETECT_CONFIG": "base.toml", "MEMDETECT_CONFIG_SHA256": "ab" * 32}
+    subprocess.run(["bash", str(REPO / "hooks" / "github-action" / "run.sh")], env=env, cwd=tmp_path, check=True)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[args.index("--config-sha256") + 1] == "ab" * 32 and args[args.index("--config") + 1] == "base.toml"
+
+
+def _with_reference(tmp_path: Path, n: int, k: int) -> Path:
+    scores = ", ".join(str(1.0 - i / (k + 1)) for i in range(k))
+    cfg = tmp_path / f"ref-{n}-{k}.toml"
+    cfg.write_text(f'model = "demo"\nthreshold = 0.6\n[calibration.reference_scores]\nn = {n}\nstd = [{scores}]\n')
+    return cfg
+
+
+def test_a_stored_calibration_must_agree_with_itself(tmp_path, images_dir):
+    """n = 10^12 reference images beside 100 stored scores gave p-values of 1e-12."""
+    with pytest.raises(UsageError, match=r"n = 1000000000000 .* 100 stored scores"):
+        load_config(_with_reference(tmp_path, 10**12, 100))
+    with pytest.raises(UsageError, match="reference_scores"):
+        load_config(_with_reference(tmp_path, 150, 100))
+    with pytest.raises(UsageError, match="reference_scores"):
+        load_config(_with_reference(tmp_path, 10**12, 2000 - 1))
+    assert load_config(_with_reference(tmp_path, 100, 100)).reference_for("std").n == 100
+    assert load_config(_with_reference(tmp_path, 10**6, 2000)).reference_for("std").n == 10**6  # 2,000 order stats
+    res = invoke("audit", images_dir, "--config", _with_reference(tmp_path, 10**12, 100))
+    assert res.exit_code == 2 and "reference_scores" in one_error_line(res.output)
