@@ -244,8 +244,8 @@ def _check_stored_count(n: int, k: int, metric: str, name: str) -> None:
 
     expected = n if n <= MAX_STORED else len(stored_ranks(n, MAX_STORED))
     if k != expected:
-        raise UsageError(f"calibration.reference_scores in {name}: n = {n} reference images do not match the {k} "
-                         f"stored scores of {metric} (a calibration stores every score, or {MAX_STORED} order "
+        raise UsageError(f"calibration.reference_scores.{metric} in {name} holds {k} stored scores, which cannot stand "
+                         f"for n = {n} reference images (a calibration stores every score, or {MAX_STORED} order "
                          f"statistics of a larger set); the file was edited or damaged: recalibrate")
 
 
