@@ -263,6 +263,11 @@ ReferenceDir = Annotated[Optional[Path], typer.Option("--reference-dir", help="C
                          "model's features and by pixels.")]
 
 
+ShardKeyFile = Annotated[Optional[Path], typer.Option("--shard-key-file", help="A shared secret (default: "
+                         "$MEMDETECT_SHARD_KEY): `scan --shard` signs its report with it (HMAC-SHA256) and `merge` "
+                         "refuses a shard whose MAC is missing or does not verify.")]
+
+
 Prompts = Annotated[Optional[List[str]], typer.Option("--prompt", "-p", help="A prompt (text models; repeatable).")]
 Classes = Annotated[Optional[str], typer.Option("--class", help="Class indices, comma-separated (class models).")]
 PromptFile = Annotated[Optional[Path], typer.Option("--prompt-file", help="Prompts, one per line (or csv/json/jsonl).")]
@@ -366,6 +371,7 @@ def scan(
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of "
                                                  "the inputs (Slurm arrays, indexed jobs); join the reports with "
                                                  "`memdetect merge`.")] = None,
+    shard_key_file: ShardKeyFile = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, "
                                         "one part per rank) or ray (a Ray Data actor pool).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
@@ -383,6 +389,11 @@ def scan(
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
+    if shard_key_file is not None and part is None:
+        raise UsageError("--shard-key-file signs a shard's report: it needs --shard I/N")
+    from .merge import load_shard_key
+
+    shard_key = load_shard_key(shard_key_file) if part is not None else None
     if ray_address is not None and engine != "ray":
         raise UsageError("--ray-address needs --engine ray")
     paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
@@ -415,7 +426,7 @@ def scan(
                                    on_batch=progress, reference=s.get("reference"), layer=s["layer"],
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"])
+                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key)
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
@@ -423,7 +434,7 @@ def scan(
             result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
-                              reference_dir=reference_dir, shard=part)
+                              reference_dir=reference_dir, shard=part, shard_key=shard_key)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
@@ -438,17 +449,23 @@ def merge(
                                                  "scan --shard I/N`.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="The joined report: .csv, .json or .parquet (a path "
                                         "or an fsspec URL).")],
+    shard_key_file: ShardKeyFile = None,
     quiet: Quiet = False,
 ):
     """Join the reports of a sharded scan into the report one process would have written (refuses parts of
-    different scans or settings, and missing or duplicate shards)."""
-    from .merge import merge_reports
+    different scans or settings, missing or duplicate shards, and edited marks; flags are recomputed from the
+    scores; with a shard key, every shard's MAC must verify)."""
+    from .merge import KEY_ENV, load_shard_key, merge_reports
 
-    res = merge_reports(reports, output)
+    res = merge_reports(reports, output, key=load_shard_key(shard_key_file))
+    if not res.verified:  # said even with --quiet: what the merged report rests on
+        err.print(f"note: no shard key ({KEY_ENV} or --shard-key-file): the shards are trusted as given (their rows "
+                  f"are checked against each other, not authenticated)", soft_wrap=True)
     if not quiet:
         c = res.counts
         out.print(f"merged {res.parts} shards: {c['images']} images: {c['scored']} scored, {c['errored']} errored, "
-                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}", soft_wrap=True)
+                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}"
+                  + ("; every shard's MAC verified" if res.verified else ""), soft_wrap=True)
     raise typer.Exit(EXIT_FLAGGED if res.flagged else EXIT_OK)
 
 

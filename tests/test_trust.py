@@ -155,3 +155,159 @@ def test_a_stored_calibration_must_agree_with_itself(tmp_path, images_dir):
     assert load_config(_with_reference(tmp_path, 10**6, 2000)).reference_for("std").n == 10**6  # 2,000 order stats
     res = invoke("audit", images_dir, "--config", _with_reference(tmp_path, 10**12, 100))
     assert res.exit_code == 2 and "reference_scores" in one_error_line(res.output)
+
+
+# -- 7. merge ------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dets(tiny_ddpm):
+    from memdetect import Detector
+
+    return {t: Detector.from_pretrained("ddpm", str(tiny_ddpm), device="cpu", batch_size=2, threshold=t)
+            for t in (-1.0, 5.0)}
+
+
+def _shards(det, imgs: Path, out: Path, n: int = 2, suffix: str = ".csv", **kw) -> list[Path]:
+    from memdetect.scan import scan
+
+    parts = [out / f"p{i}{suffix}" for i in range(n)]
+    for i, p in enumerate(parts):
+        scan(det, [imgs], output=p, shard=(i, n), num_workers=0, **kw)
+    return parts
+
+
+def _merge(*parts, out: Path, env=None):
+    return invoke("merge", *parts, "-o", out, env=env)
+
+
+def test_merge_recomputes_memorized_from_score_and_threshold(dets, tmp_path):
+    """Flipping `memorized` to False while keeping the score gave a merged "0 flagged"."""
+    write_images(tmp_path / "imgs", 4)
+    parts = _shards(dets[-1.0], tmp_path / "imgs", tmp_path)
+    for p in parts:
+        df = pd.read_csv(p)
+        df["memorized"] = False
+        df.to_csv(p, index=False)
+    res = _merge(*parts, out=tmp_path / "m.csv")
+    assert res.exit_code == 1 and "4 flagged memorized" in res.output, res.output
+    assert pd.read_csv(tmp_path / "m.csv")["memorized"].all()
+    for p in parts:  # the score column moved below the threshold, the metric's own column kept: rederived too
+        df = pd.read_csv(p)
+        df["score"] = -9.0
+        df.to_csv(p, index=False)
+    res = _merge(*parts, out=tmp_path / "m.csv")
+    assert res.exit_code == 1 and "4 flagged memorized" in res.output, res.output
+
+
+def test_merge_compares_the_settings_not_a_hash_the_file_carries(dets, tmp_path):
+    """A threshold-5 shard with the shard_settings hash copied from a threshold -1 shard merged."""
+    write_images(tmp_path / "imgs", 4)
+    (tmp_path / "low").mkdir()
+    (tmp_path / "high").mkdir()
+    low = _shards(dets[-1.0], tmp_path / "imgs", tmp_path / "low")
+    high = _shards(dets[5.0], tmp_path / "imgs", tmp_path / "high")
+    forged = pd.read_csv(high[1])
+    forged["shard_settings"] = pd.read_csv(low[0])["shard_settings"].iloc[0]
+    forged.to_csv(tmp_path / "forged.csv", index=False)
+    res = _merge(low[0], tmp_path / "forged.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "edited" in one_error_line(res.output), res.output
+    # every mark copied: the copied threshold then decides, and every image is flagged
+    for c in [c for c in forged.columns if c.startswith("shard_")]:
+        forged[c] = pd.read_csv(low[0])[c].iloc[0]
+    forged.to_csv(tmp_path / "forged.csv", index=False)
+    res = _merge(low[0], tmp_path / "forged.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 1 and "4 flagged memorized" in res.output, res.output
+    # the JSON form carries the settings: a threshold edited in one part is named
+    lj = _shards(dets[-1.0], tmp_path / "imgs", tmp_path, suffix=".json")
+    hj = _shards(dets[5.0], tmp_path / "imgs", tmp_path / "high", suffix=".json")
+    doc = json.loads(hj[1].read_text())
+    doc["settings"]["shard_settings"] = json.loads(lj[0].read_text())["settings"]["shard_settings"]
+    hj[1].write_text(json.dumps(doc))
+    res = _merge(lj[0], hj[1], out=tmp_path / "m.json")
+    assert res.exit_code == 2 and "edited" in one_error_line(res.output), res.output
+
+
+def test_merge_refuses_a_shard_replaced_by_a_copy_of_another(dets, tmp_path):
+    """Shard 2/2 replaced by shard 1/2's rows (the memorized ones gone): the count matched, so it merged."""
+    write_images(tmp_path / "imgs", 4)
+    parts = _shards(dets[-1.0], tmp_path / "imgs", tmp_path)
+    copy = pd.read_csv(parts[0])
+    copy["shard"] = "2/2"
+    copy.to_csv(tmp_path / "copy.csv", index=False)
+    res = _merge(parts[0], tmp_path / "copy.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "more than once" in one_error_line(res.output), res.output
+    # other rows of the right count, not duplicates: the names do not hash to the scan's inputs
+    other = pd.read_csv(parts[1])
+    other["path"] = [p.replace("img_", "other_") for p in other["path"]]
+    other.to_csv(tmp_path / "other.csv", index=False)
+    res = _merge(parts[0], tmp_path / "other.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "not the scan's inputs" in one_error_line(res.output), res.output
+    # a part with a row moved to the other: each part must hold its own shard's rows
+    a, b = pd.read_csv(parts[0]), pd.read_csv(parts[1])
+    pd.concat([a, b.iloc[:1].assign(shard="1/2")]).to_csv(tmp_path / "a.csv", index=False)
+    b.iloc[1:].to_csv(tmp_path / "b.csv", index=False)
+    res = _merge(tmp_path / "a.csv", tmp_path / "b.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "holds 3 rows, not 2" in one_error_line(res.output), res.output
+
+
+def test_merge_refuses_non_numeric_marks(dets, tmp_path):
+    """A non-numeric `shard_inputs` count skipped the row-count check."""
+    write_images(tmp_path / "imgs", 4)
+    parts = _shards(dets[-1.0], tmp_path / "imgs", tmp_path)
+    for p in parts:
+        df = pd.read_csv(p)
+        df["shard_inputs"] = "many:" + df["shard_inputs"].str.split(":").str[1]
+        df.iloc[:1].to_csv(p, index=False)  # a row dropped from each
+    res = _merge(*parts, out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "malformed shard_inputs" in one_error_line(res.output), res.output
+    df = pd.read_csv(parts[0])
+    df["shard_inputs"] = "4:" + df["shard_inputs"].str.split(":").str[1]
+    df["shard"] = "1/x"
+    df.to_csv(parts[0], index=False)
+    res = _merge(*parts, out=tmp_path / "m.csv")
+    assert res.exit_code == 2 and "malformed shard mark" in one_error_line(res.output), res.output
+
+
+KEY = "k" * 40
+
+
+def test_shard_reports_carry_a_mac_that_merge_verifies(tiny_ddpm, tmp_path):
+    write_images(tmp_path / "imgs", 4)
+    base = ["scan", tmp_path / "imgs", "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+            "--workers", 0, "-q"]
+    keyed = {"MEMDETECT_SHARD_KEY": KEY}
+    for suffix in (".csv", ".json", ".parquet"):
+        parts = [tmp_path / f"k{i}{suffix}" for i in (1, 2)]
+        for i, p in enumerate(parts, 1):
+            res = invoke(*base, "--shard", f"{i}/2", "-o", p, env=keyed)
+            assert res.exit_code == 1, res.output
+        res = _merge(*parts, out=tmp_path / f"m{suffix}", env=keyed)
+        assert res.exit_code == 1 and "4 flagged" in res.output and "verified" in res.output, (suffix, res.output)
+        assert "trusted as given" not in res.output
+    # the key from a file (the command line wins over the environment)
+    key_file = tmp_path / "shard.key"
+    key_file.write_text(KEY + "\n")
+    res = invoke("merge", *parts, "-o", tmp_path / "m.csv", "--shard-key-file", key_file,
+                 env={"MEMDETECT_SHARD_KEY": "w" * 40})
+    assert res.exit_code == 1 and "verified" in res.output, res.output
+    # a score edited (memorized kept consistent), another key, a part without a MAC: refused
+    parts = [tmp_path / "k1.csv", tmp_path / "k2.csv"]
+    df = pd.read_csv(parts[1])
+    df.loc[0, ["score", "std"]] = -5.0
+    df.to_csv(tmp_path / "edited.csv", index=False)
+    res = _merge(parts[0], tmp_path / "edited.csv", out=tmp_path / "m.csv", env=keyed)
+    assert res.exit_code == 2 and "MAC does not verify" in one_error_line(res.output), res.output
+    res = _merge(*parts, out=tmp_path / "m.csv", env={"MEMDETECT_SHARD_KEY": "w" * 40})
+    assert res.exit_code == 2 and "MAC does not verify" in one_error_line(res.output), res.output
+    res = invoke(*base, "--shard", "2/2", "-o", tmp_path / "plain2.csv")
+    assert res.exit_code == 1
+    res = _merge(parts[0], tmp_path / "plain2.csv", out=tmp_path / "m.csv", env=keyed)
+    assert res.exit_code == 2 and "carries no MAC" in one_error_line(res.output), res.output
+    # without a key, merge says plainly that the shards are trusted as given (one line on stderr)
+    res = _merge(parts[0], tmp_path / "plain2.csv", out=tmp_path / "m.csv")
+    assert res.exit_code == 1 and res.output.count("trusted as given") == 1, res.output
+    # a key too short to be a secret, an unreadable key file
+    res = _merge(*parts, out=tmp_path / "m.csv", env={"MEMDETECT_SHARD_KEY": "short"})
+    assert res.exit_code == 2 and "at least 16" in one_error_line(res.output)
+    res = invoke("merge", *parts, "-o", tmp_path / "m.csv", "--shard-key-file", tmp_path / "nope.key")
+    assert res.exit_code == 2 and "shard key" in one_error_line(res.output)
