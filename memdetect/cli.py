@@ -403,6 +403,9 @@ def scan(
     remote = output is not None and is_url(str(output))
     check_destinations({"report": None if remote else output, "HTML report": html,
                         "evidence JSON": evidence_json})  # before the model load, too
+    from .state import StateDir
+
+    StateDir(state_dir).check_outside(paths)
     w = world()
     if w is not None and (part is not None or engine == "ray"):
         raise UsageError("under torchrun / accelerate launch each rank already scores its own part: drop "
@@ -777,6 +780,12 @@ def audit(
     ci.check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
                         "evidence JSON": evidence_json})
+    from .state import StateDir
+
+    state = StateDir(state_dir)  # checked before the model load, as the destinations are
+    state.check_outside(paths)
+    if resume:
+        state.check_trusted(paths)
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers)
@@ -784,7 +793,7 @@ def audit(
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
-                        state_dir=state_dir, reference=s.get("reference"), channels=s.get("channels"),
+                        state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
     if not quiet:
         render_audit(done.summary, top=top)

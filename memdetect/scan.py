@@ -118,6 +118,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
     files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    state.check_outside(paths)  # its secret must not sit in the tree under scan
     settings = detector.settings
     weights = detector.weights_digest(state)
     fp = fingerprint(asdict(settings), weights=weights)

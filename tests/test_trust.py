@@ -311,3 +311,87 @@ def test_shard_reports_carry_a_mac_that_merge_verifies(tiny_ddpm, tmp_path):
     assert res.exit_code == 2 and "at least 16" in one_error_line(res.output)
     res = invoke("merge", *parts, "-o", tmp_path / "m.csv", "--shard-key-file", tmp_path / "nope.key")
     assert res.exit_code == 2 and "shard key" in one_error_line(res.output)
+
+
+# -- 8. the state directory ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["scan", "audit"])
+def test_a_state_dir_inside_the_scanned_input_is_refused(command, tiny_ddpm, images_dir, tmp_path):
+    """`--state-dir` inside the audited folder was accepted silently (its secret then lives in the scanned tree)."""
+    inside = images_dir / "sub" / ".memdetect-state"
+    res = invoke(command, images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+                 "--state-dir", inside, "-o", tmp_path / "r.csv", "--workers", 0)
+    assert res.exit_code == 2 and "inside the scanned input" in one_error_line(res.output), res.output
+    assert not inside.exists() and not (tmp_path / "r.csv").exists()
+    res = invoke(command, images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+                 "-o", tmp_path / "r.csv", "--workers", 0, env={"MEMDETECT_STATE_DIR": str(images_dir)})
+    assert res.exit_code == 2 and "inside the scanned input" in one_error_line(res.output), res.output
+
+
+def _plant_state(state: Path, tiny_ddpm: Path, images: Path, report: Path, key: bytes) -> None:
+    """What a pull request can commit: a state directory with a secret it knows (0600 after checkout) and journal rows
+    for every image, scored -5 and signed with that secret."""
+    from memdetect import Detector, runtime
+    from memdetect.journal import fingerprint, record_mac, row_key
+    from memdetect.state import StateDir
+
+    state.mkdir(mode=0o700, parents=True)
+    (state / "secret").write_text(key.hex() + "\n")
+    os.chmod(state / "secret", 0o600)
+    runtime.retain_freed_memory()  # as the command does: the allocator setting is part of the key
+    det = Detector.from_pretrained("ddpm", str(tiny_ddpm), device="cpu", threshold=-1.0)
+    fp = fingerprint(asdict(det.settings), weights=det.weights_digest(StateDir(state)))
+    journal = StateDir(state).journal_path(fp, report)
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for f in sorted(images.glob("*.png")):
+        rec = {"key": row_key(hashlib.sha256(f.read_bytes()).hexdigest(), fp), "path": str(f), "std": -5.0,
+               "l4l2": -5.0, "entropy": -5.0, "maxmin": -5.0}
+        lines.append(json.dumps({**rec, "mac": record_mac(rec, key)}) + "\n")
+    journal.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("where", ["checkout", "elsewhere"])
+def test_a_planted_secret_is_not_trusted_by_audit_resume(where, tiny_ddpm, tmp_path, monkeypatch):
+    """A state dir committed in the repository (or put anywhere by someone else) with a 0600 secret and re-signed
+    journal rows was trusted by `audit --resume`: every image passed with the forged scores."""
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)  # a checkout
+    images = repo / "generated"
+    write_images(images, 3)
+    monkeypatch.chdir(repo)
+    state = repo / ".mdstate" if where == "checkout" else tmp_path / "planted"
+    report = repo / ".memdetect" / "report.csv"
+    _plant_state(state, tiny_ddpm, images, report, b"\x07" * 32)
+    res = invoke("audit", "generated", "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+                 "--resume", "--state-dir", state, "--workers", 0)
+    assert res.exit_code == 2, res.output
+    assert "memdetect did not create" in one_error_line(res.output)
+    # without --resume nothing is read from it: every image is scored (and flagged)
+    res = invoke("audit", "generated", "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1",
+                 "--state-dir", state, "--workers", 0)
+    assert res.exit_code == 1 and "3 flagged" in res.output, res.output
+
+
+def test_a_secret_memdetect_created_is_trusted_unless_under_the_checkout(tiny_ddpm, tmp_path, monkeypatch):
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    write_images(repo / "generated", 3)
+    monkeypatch.chdir(repo)
+    base = ["audit", "generated", "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "-1", "--resume",
+            "--workers", 0]
+    own = tmp_path / "own-state"
+    for _ in range(2):
+        res = invoke(*base, "--state-dir", own)
+        assert res.exit_code == 1 and "3 flagged" in res.output, res.output
+    assert "3 rows reused" in res.output
+    # the same secret, copied (a backup, another machine): not the file memdetect made
+    shutil.copytree(own, tmp_path / "copied")
+    res = invoke(*base, "--state-dir", tmp_path / "copied")
+    assert res.exit_code == 2 and "memdetect did not create" in one_error_line(res.output), res.output
+    # a state dir under the checkout: made fresh on the first run, refused once its secret exists
+    inrepo = repo / ".cache" / "state"
+    res = invoke(*base, "--state-dir", inrepo)
+    assert res.exit_code == 1, res.output
+    res = invoke(*base, "--state-dir", inrepo)
+    assert res.exit_code == 2 and "git checkout" in one_error_line(res.output), res.output
