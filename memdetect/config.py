@@ -338,9 +338,9 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     command line always wins over it. An explicit flag that contradicts a pinned setting (``PINNED``) is refused
     unless ``--threshold`` is given too (the config's threshold would silently stop meaning anything); with it, the
     flags are used and the config's reference scores and channel statistics (made with other settings) are not.
-    Allowed on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
-    calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and ``--fpr``
-    (the threshold that flags at most that fraction of the config's reference images, from
+    Allowed on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that
+    metric's calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and
+    ``--fpr`` (the threshold that flags at most that fraction of the config's reference images, from
     ``[calibration.reference_scores]``; not together with ``--threshold``).
     """
     out = dict(flags)

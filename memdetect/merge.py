@@ -347,7 +347,8 @@ def merge_parts(parts: Sequence[Part], *, key: bytes | None = None) -> tuple[pd.
     seen: dict[int, str] = {}
     for m, p in zip(marks, parts):
         if m.index in seen:
-            raise InputError(f"shard {m.index}/{n} is given twice ({printable(seen[m.index])} and {printable(p.source)})")
+            raise InputError(f"shard {m.index}/{n} is given twice ({printable(seen[m.index])} and "
+                             f"{printable(p.source)})")
         seen[m.index] = p.source
         lo, hi = shard_bounds(total, m.index - 1, n)
         if len(p.frame) != hi - lo:

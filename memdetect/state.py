@@ -137,8 +137,8 @@ class StateDir:
             real = os.path.realpath(folder)
             if state == real or state.startswith(real.rstrip(os.sep) + os.sep):
                 raise UsageError(f"state directory {display_path(self.path)} is inside the scanned input "
-                                 f"{display_path(folder)}, where whoever wrote the inputs could have written it; choose "
-                                 f"a --state-dir outside what is scanned (or set {ENV})")
+                                 f"{display_path(folder)}, where whoever wrote the inputs could have written it; "
+                                 f"choose a --state-dir outside what is scanned (or set {ENV})")
 
     def check_trusted(self, inputs: Iterable[str | os.PathLike]) -> None:
         """For ``audit --resume``: the secret must be one memdetect created here. A secret made now is; an existing
