@@ -333,8 +333,8 @@ def merge_parts(parts: Sequence[Part], *, key: bytes | None = None) -> tuple[pd.
     for p, m in zip(parts[1:], marks[1:]):
         if m.meta != mine.meta:
             differ = [k for k in COMPARED if str(m.meta[k]) != str(mine.meta[k])]
-            what = "; they differ in " + ", ".join(f"{k} ({printable(mine.meta[k], 60)} vs {printable(m.meta[k], 60)})"
-                                                   for k in differ)
+            what = ("; they differ in " + ", ".join(f"{k} ({printable(mine.meta[k], 60)} vs "
+                                                      f"{printable(m.meta[k], 60)})" for k in differ)) if differ else ""
             raise InputError(f"{printable(p.source)} and {printable(first.source)} were scanned with different "
                              f"settings{what}: refusing to merge them")
         if (m.total, m.names) != (mine.total, mine.names):
