@@ -682,9 +682,15 @@ def generate(
             raise UsageError(f"--model {_p(model)} differs from model = {_p(cfg.model)} in {_p(config)}")
         model = cfg.model
         model_path = model_path or (Path(cfg.model_path) if cfg.model_path else None)
-        metric = cfg.guard.get("metric", metric)
-        layer = cfg.guard.get("layer", layer)
-        step_t = cfg.guard.get("step_t", step_t)
+        given = _given(ctx)  # the command line wins; a calibrated setting changes only with its own --threshold
+        for key, value in (("metric", metric), ("layer", layer), ("step_t", step_t)):
+            if key in given and key in cfg.guard and value != cfg.guard[key] and threshold is None:
+                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {cfg.guard[key]!r} in "
+                                 f"[guard] of {_p(config)}, which the threshold was calibrated for; drop the flag, "
+                                 f"give --threshold too, or recalibrate")
+        metric = metric if "metric" in given else cfg.guard.get("metric", metric)
+        layer = layer if "layer" in given else cfg.guard.get("layer", layer)
+        step_t = step_t if "step_t" in given else cfg.guard.get("step_t", step_t)
         steps = steps or cfg.guard.get("steps")
         guidance = cfg.guard.get("guidance") if guidance is None else guidance
         threshold = cfg.guard["threshold"] if threshold is None else threshold

@@ -395,3 +395,17 @@ def test_a_secret_memdetect_created_is_trusted_unless_under_the_checkout(tiny_dd
     assert res.exit_code == 1, res.output
     res = invoke(*base, "--state-dir", inrepo)
     assert res.exit_code == 2 and "git checkout" in one_error_line(res.output), res.output
+
+
+def test_generate_guard_the_command_line_wins_over_the_config(tiny_ddpm, tmp_path):
+    """`generate --guard --config` took metric, layer and step from the file even when typed on the command line."""
+    cfg = tmp_path / "guard.toml"
+    cfg.write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\n[guard]\nthreshold = 1e9\nmetric = "std"\n'
+                   f'layer = "conv_in"\nstep_t = 50\nsteps = 2\n')
+    base = ["generate", "--model", "ddpm", "--guard", "--config", cfg, "-n", 1, "--device", "cpu", "-o",
+            tmp_path / "gen"]
+    res = invoke(*base, "--layer", "mid_block")
+    assert res.exit_code == 2 and "differs from layer = 'conv_in'" in one_error_line(res.output), res.output
+    res = invoke(*base, "--layer", "mid_block", "--threshold", "-1")
+    assert res.exit_code == 1, res.output
+    assert "guard: mid_block at timestep" in res.output and ">= -1" in res.output
