@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from memdetect.cli import app
 from memdetect.config import load_config
-from memdetect.errors import UsageError
+from memdetect.errors import InputError, UsageError
 
 from .conftest import REPO, write_images
 
@@ -409,3 +409,24 @@ def test_generate_guard_the_command_line_wins_over_the_config(tiny_ddpm, tmp_pat
     res = invoke(*base, "--layer", "mid_block", "--threshold", "-1")
     assert res.exit_code == 1, res.output
     assert "guard: mid_block at timestep" in res.output and ">= -1" in res.output
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".parquet"])
+def test_a_shard_mac_covers_error_rows_and_p_values(dets, tmp_path, suffix):
+    """The MAC is computed over the report as merge reads it back (JSON keeps 10 decimals of a float): it verifies
+    for every format, with error rows and p-value columns, and any edited cell breaks it."""
+    import numpy as np
+
+    from memdetect.merge import merge_reports
+    from memdetect.pvalues import Reference
+
+    write_images(tmp_path / "imgs", 5)
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")
+    ref = Reference.from_scores(np.linspace(0.0, 2.0, 50) + 1e-7 / 3)
+    key = b"s" * 32
+    parts = _shards(dets[-1.0], tmp_path / "imgs", tmp_path, n=3, suffix=suffix, reference=ref, shard_key=key)
+    res = merge_reports(parts, tmp_path / f"m{suffix}", key=key)
+    assert res.verified and res.counts == {"images": 6, "scored": 5, "errored": 1, "flagged": 5}
+    assert res.frame["p_value"].notna().sum() == 5
+    with pytest.raises(InputError, match="MAC does not verify"):
+        merge_reports(parts, tmp_path / f"m{suffix}", key=b"t" * 32)
