@@ -298,16 +298,23 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     evidence in the HTML page and JSON (``memdetect.scan.scan``).
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
-    ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing. Nothing is read
-    from the scanned tree or the report's folder. Every destination is checked before any image is read."""
+    ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing, and only when the
+    state directory's secret is one memdetect created there, outside the git checkout under audit
+    (``StateDir.check_trusted``). A state directory inside a scanned folder is refused. Nothing is read from the
+    scanned tree or the report's folder. Every destination is checked before any image is read."""
     check_threshold(detector.threshold)
     check_annotations(annotations)
     check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
                         "evidence JSON": evidence_json})
+    paths = list(paths)
+    state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    state.check_outside(paths)
+    if resume:  # only a secret memdetect created, outside the checkout under audit, vouches for journal rows
+        state.check_trusted(paths)
     ignore_report_folder(output)
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
-                  num_workers=num_workers, state_dir=state_dir, journal_in_state=True, reference=reference,
+                  num_workers=num_workers, state_dir=state, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
                   reference_dir=reference_dir)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,

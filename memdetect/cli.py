@@ -263,6 +263,11 @@ ReferenceDir = Annotated[Optional[Path], typer.Option("--reference-dir", help="C
                          "model's features and by pixels.")]
 
 
+ShardKeyFile = Annotated[Optional[Path], typer.Option("--shard-key-file", help="A shared secret (default: "
+                         "$MEMDETECT_SHARD_KEY): `scan --shard` signs its report with it (HMAC-SHA256) and `merge` "
+                         "refuses a shard whose MAC is missing or does not verify.")]
+
+
 Prompts = Annotated[Optional[List[str]], typer.Option("--prompt", "-p", help="A prompt (text models; repeatable).")]
 Classes = Annotated[Optional[str], typer.Option("--class", help="Class indices, comma-separated (class models).")]
 PromptFile = Annotated[Optional[Path], typer.Option("--prompt-file", help="Prompts, one per line (or csv/json/jsonl).")]
@@ -284,11 +289,17 @@ def _given(ctx: typer.Context) -> set[str]:
             if getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")}
 
 
-def scan_settings(ctx: typer.Context, config: Optional[Path], **flags) -> dict:
-    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config``."""
-    from .config import load_config, merge
+def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: Optional[str] = None,
+                  **flags) -> dict:
+    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config`` (read only
+    when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
+    from .config import check_sha256, load_config, merge
 
-    return merge(load_config(config) if config else None, flags, _given(ctx))
+    if config_sha256 is not None:
+        check_sha256(config_sha256)
+        if not config:
+            raise UsageError("--config-sha256 needs --config: it pins the config file's bytes")
+    return merge(load_config(config, sha256=config_sha256) if config else None, flags, _given(ctx))
 
 
 def speed_settings(device: str) -> None:
@@ -360,6 +371,7 @@ def scan(
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of "
                                                  "the inputs (Slurm arrays, indexed jobs); join the reports with "
                                                  "`memdetect merge`.")] = None,
+    shard_key_file: ShardKeyFile = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, "
                                         "one part per rank) or ray (a Ray Data actor pool).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
@@ -377,6 +389,11 @@ def scan(
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
+    if shard_key_file is not None and part is None:
+        raise UsageError("--shard-key-file signs a shard's report: it needs --shard I/N")
+    from .merge import load_shard_key
+
+    shard_key = load_shard_key(shard_key_file) if part is not None else None
     if ray_address is not None and engine != "ray":
         raise UsageError("--ray-address needs --engine ray")
     paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
@@ -386,6 +403,9 @@ def scan(
     remote = output is not None and is_url(str(output))
     check_destinations({"report": None if remote else output, "HTML report": html,
                         "evidence JSON": evidence_json})  # before the model load, too
+    from .state import StateDir
+
+    StateDir(state_dir).check_outside(paths)
     w = world()
     if w is not None and (part is not None or engine == "ray"):
         raise UsageError("under torchrun / accelerate launch each rank already scores its own part: drop "
@@ -409,7 +429,7 @@ def scan(
                                    on_batch=progress, reference=s.get("reference"), layer=s["layer"],
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"])
+                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key)
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
@@ -417,7 +437,7 @@ def scan(
             result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
-                              reference_dir=reference_dir, shard=part)
+                              reference_dir=reference_dir, shard=part, shard_key=shard_key)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
@@ -432,17 +452,23 @@ def merge(
                                                  "scan --shard I/N`.", show_default=False)],
     output: Annotated[str, typer.Option("--output", "-o", help="The joined report: .csv, .json or .parquet (a path "
                                         "or an fsspec URL).")],
+    shard_key_file: ShardKeyFile = None,
     quiet: Quiet = False,
 ):
     """Join the reports of a sharded scan into the report one process would have written (refuses parts of
-    different scans or settings, and missing or duplicate shards)."""
-    from .merge import merge_reports
+    different scans or settings, missing or duplicate shards, and edited marks; flags are recomputed from the
+    scores; with a shard key, every shard's MAC must verify)."""
+    from .merge import KEY_ENV, load_shard_key, merge_reports
 
-    res = merge_reports(reports, output)
+    res = merge_reports(reports, output, key=load_shard_key(shard_key_file))
+    if not res.verified:  # said even with --quiet: what the merged report rests on
+        err.print(f"note: no shard key ({KEY_ENV} or --shard-key-file): the shards are trusted as given (their rows "
+                  f"are checked against each other, not authenticated)", soft_wrap=True)
     if not quiet:
         c = res.counts
         out.print(f"merged {res.parts} shards: {c['images']} images: {c['scored']} scored, {c['errored']} errored, "
-                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}", soft_wrap=True)
+                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}"
+                  + ("; every shard's MAC verified" if res.verified else ""), soft_wrap=True)
     raise typer.Exit(EXIT_FLAGGED if res.flagged else EXIT_OK)
 
 
@@ -656,9 +682,15 @@ def generate(
             raise UsageError(f"--model {_p(model)} differs from model = {_p(cfg.model)} in {_p(config)}")
         model = cfg.model
         model_path = model_path or (Path(cfg.model_path) if cfg.model_path else None)
-        metric = cfg.guard.get("metric", metric)
-        layer = cfg.guard.get("layer", layer)
-        step_t = cfg.guard.get("step_t", step_t)
+        given = _given(ctx)  # the command line wins; a calibrated setting changes only with its own --threshold
+        for key, value in (("metric", metric), ("layer", layer), ("step_t", step_t)):
+            if key in given and key in cfg.guard and value != cfg.guard[key] and threshold is None:
+                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {cfg.guard[key]!r} in "
+                                 f"[guard] of {_p(config)}, which the threshold was calibrated for; drop the flag, "
+                                 f"give --threshold too, or recalibrate")
+        metric = metric if "metric" in given else cfg.guard.get("metric", metric)
+        layer = layer if "layer" in given else cfg.guard.get("layer", layer)
+        step_t = step_t if "step_t" in given else cfg.guard.get("step_t", step_t)
         steps = steps or cfg.guard.get("steps")
         guidance = cfg.guard.get("guidance") if guidance is None else guidance
         threshold = cfg.guard["threshold"] if threshold is None else threshold
@@ -703,7 +735,11 @@ def audit(
     ctx: typer.Context,
     paths: Paths,
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml from `memdetect calibrate` "
-                                                   "(default: ./memdetect.toml if it exists).")] = None,
+                                                   "(read only when given: in CI, take it from the base branch, "
+                                                   "not from the pull request).")] = None,
+    config_sha256: Annotated[Optional[str], typer.Option("--config-sha256", help="Refuse the --config file unless "
+                                                         "its SHA-256 is this (64 hex digits; `sha256sum "
+                                                         "memdetect.toml`).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or "
                                          ".parquet).")] = Path(".memdetect/report.csv"),
     junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a "
@@ -740,15 +776,22 @@ def audit(
     from .io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
-    if config is None and Path("memdetect.toml").is_file():
-        config = Path("memdetect.toml")
-    s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
+                      timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
+        raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
+                         "read unless given with --config)")
     ci.check_threshold(s["threshold"])
     check_report_path(output)
     ci.check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
                         "evidence JSON": evidence_json})
+    from .state import StateDir
+
+    state = StateDir(state_dir)  # checked before the model load, as the destinations are
+    state.check_outside(paths)
+    if resume:
+        state.check_trusted(paths)
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers)
@@ -756,7 +799,7 @@ def audit(
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
-                        state_dir=state_dir, reference=s.get("reference"), channels=s.get("channels"),
+                        state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
     if not quiet:
         render_audit(done.summary, top=top)

@@ -3,7 +3,9 @@
 Why a file: a threshold means nothing without the model, layer, timestep, seed and metric that produced the scores
 it was chosen on (the clean-fid lesson: statistics are keyed by every setting). ``memdetect calibrate`` writes one;
 ``memdetect scan --config`` and ``memdetect audit --config`` read it, and refuse command-line flags that would
-silently change those settings.
+silently change those settings. A config is only ever read when given with ``--config``: a ``./memdetect.toml`` is
+never picked up by itself (in CI it may come from the pull request under audit), the command line wins over it, and
+``audit --config-sha256`` pins its bytes.
 
     model = "demo"                                   # required: preset, family, hub id or folder
     model_path = "weights/demo"                      # optional; relative paths are relative to this file
@@ -30,12 +32,15 @@ thresholds, ``memdetect.pvalues``) and ``[calibration.channels]`` (evidence).
 
 Numbers are checked as strictly as the command-line flags: thresholds (also those in ``[calibration.thresholds]``)
 and ``sigma`` finite (``sigma`` positive), ``timestep`` a non-negative integer, ``seed`` an integer in [0, 2**64).
-A ``[calibration]`` or ``[calibration.thresholds]`` that is not a table is refused. Every problem is one line naming
-the file and the key.
+A stored calibration must agree with itself: ``[calibration.reference_scores]`` holds every one of its ``n`` scores,
+or ``MAX_STORED`` order statistics of them. A ``[calibration]`` or ``[calibration.thresholds]`` that is not a table is
+refused. Every problem is one line naming the file and the key.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -52,6 +57,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyproject dependency there)
     import tomli as tomllib
+
+log = logging.getLogger(__name__)
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
             "seed": int, "metric": str, "threshold": float}
@@ -99,8 +106,20 @@ class Config:
         raise UsageError(f"no threshold for metric {metric!r}{where} (has: {have}); recalibrate with --metric {metric}")
 
 
-def load_config(path: str | os.PathLike) -> Config:
-    """Read and validate a config file; every problem is a one-line ``UsageError`` naming the file and key."""
+def check_sha256(text: str) -> str:
+    """A SHA-256 given on the command line (``--config-sha256``): 64 hexadecimal digits, returned lower-case."""
+    t = str(text).strip().lower()
+    if len(t) != 64 or any(c not in "0123456789abcdef" for c in t):
+        raise UsageError(f"--config-sha256 takes the config file's SHA-256 as 64 hexadecimal digits (`sha256sum "
+                         f"memdetect.toml`), got {printable(repr(text), 80)}")
+    return t
+
+
+def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config:
+    """Read and validate a config file; every problem is a one-line ``UsageError`` naming the file and key.
+
+    ``sha256``: the file's expected SHA-256 (``audit --config-sha256``), checked on the bytes that are then parsed
+    (a file changed in between cannot slip through)."""
     p = Path(path)
     name = display_path(p)
     try:
@@ -111,6 +130,11 @@ def load_config(path: str | os.PathLike) -> Config:
         if len(data) > MAX_CONFIG_BYTES:
             raise UsageError(f"config {name} is larger than {MAX_CONFIG_BYTES // 1024} KB; a memdetect.toml is a few "
                              f"hundred KB at most (reference scores and channel statistics included)")
+        if sha256 is not None:
+            want, got = check_sha256(sha256), hashlib.sha256(data).hexdigest()
+            if got != want:
+                raise UsageError(f"config {name} has SHA-256 {got}, not the pinned {want} (--config-sha256): it was "
+                                 f"changed; refusing to use it")
         doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise UsageError(f"config {name} does not exist (write one with `memdetect calibrate`)") from None
@@ -203,11 +227,26 @@ def _references(table: Any, name: str) -> dict[str, Reference]:
         if m == "n" or m not in SCORES:
             continue
         key = f"calibration.reference_scores.{m} in {name}"
+        scores = _numbers(v, key)
+        _check_stored_count(n, len(scores), m, name)
         try:
-            out[m] = Reference(n, _numbers(v, key))
+            out[m] = Reference(n, scores)
         except ValueError as e:
             raise UsageError(f"{key}: {e}") from None
     return out
+
+
+def _check_stored_count(n: int, k: int, metric: str, name: str) -> None:
+    """A stored calibration agrees with itself: ``calibrate`` keeps every score (``k == n``) or, of a larger set,
+    exactly the ``MAX_STORED`` order statistics ``stored_ranks(n, MAX_STORED)``. Anything else claims reference images
+    that no stored score stands for (``n = 10**12`` beside 100 scores would give p-values of 1e-12)."""
+    from .pvalues import MAX_STORED, stored_ranks
+
+    expected = n if n <= MAX_STORED else len(stored_ranks(n, MAX_STORED))
+    if k != expected:
+        raise UsageError(f"calibration.reference_scores.{metric} in {name} holds {k} stored scores, which cannot stand "
+                         f"for n = {n} reference images (a calibration stores every score, or {MAX_STORED} order "
+                         f"statistics of a larger set); the file was edited or damaged: recalibrate")
 
 
 def _channels(table: Any, name: str) -> dict[str, tuple[float, ...]] | None:
@@ -295,11 +334,13 @@ def _same(name: str, a: Any, b: Any) -> bool:
 def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     """The scan settings from a config and the command line (``given``: the flags typed explicitly).
 
-    The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path. An explicit flag that
-    contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything. Allowed
-    on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
-    calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and ``--fpr``
-    (the threshold that flags at most that fraction of the config's reference images, from
+    The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path; a flag typed on the
+    command line always wins over it. An explicit flag that contradicts a pinned setting (``PINNED``) is refused
+    unless ``--threshold`` is given too (the config's threshold would silently stop meaning anything); with it, the
+    flags are used and the config's reference scores and channel statistics (made with other settings) are not.
+    Allowed on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that
+    metric's calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and
+    ``--fpr`` (the threshold that flags at most that fraction of the config's reference images, from
     ``[calibration.reference_scores]``; not together with ``--threshold``).
     """
     out = dict(flags)
@@ -316,18 +357,27 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
     name = display_path(config.path) if config.path else "the config"
+    explicit_threshold = "threshold" in given and flags.get("threshold") is not None
+    overridden = []
     for key in PINNED:
         value = getattr(config, key)
         if value is None:  # the config leaves it to the model's default
             continue
         if key in given and flags.get(key) is not None and not _same(key, flags[key], value):
-            raise UsageError(f"--{key} {flags[key]} differs from {key} = {value!r} in {name}, which the threshold was "
-                             f"calibrated for; drop the flag or recalibrate")
+            if not explicit_threshold:
+                raise UsageError(f"--{key} {flags[key]} differs from {key} = {value!r} in {name}, which the threshold "
+                                 f"was calibrated for; drop the flag, give --threshold too, or recalibrate")
+            overridden.append(key)  # the command line wins, with its own threshold
+            continue
         out[key] = value
-    if "model_path" not in given and config.model_path:
+    if "model_path" not in given and config.model_path and "model" not in overridden:
         out["model_path"] = config.model_path
     if "metric" not in given:
         out["metric"] = config.metric
+    if overridden:  # the config's reference scores and channel statistics describe other settings: not used
+        log.info("%s overridden on the command line: the config's reference scores are not used", ", ".join(overridden))
+        out["channels"] = out["reference"] = None
+        return out
     out["reference"] = config.reference_for(out["metric"])  # p-values: the metric's reference scores
     if fpr is not None:
         ref = config.reference_for(out["metric"])

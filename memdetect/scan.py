@@ -86,7 +86,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          channels: dict | None = None, evidence_top: int = _evidence.TOP,
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
-         shard: tuple[int, int] | None = None) -> ScanResult:
+         shard: tuple[int, int] | None = None, shard_key: bytes | None = None) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -95,7 +95,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     keep the journal there instead of beside the report (always so for a report at a URL). ``paths``: local files
     and folders, fsspec URLs, tar shards and manifests (``memdetect.sources.resolve``). ``shard=(i, n)``: score only
     the ``i``-th (0-based) of ``n`` contiguous parts of the inputs; the report then carries the shard's marks
-    (``memdetect.merge``), and ``memdetect merge`` joins the parts into the report one process would have written.
+    (``memdetect.merge``; with ``shard_key``, a MAC that ``merge`` verifies), and ``memdetect merge`` joins the parts
+    into the report one process would have written.
     ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
     ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
     docstring; evidence images are read for local files only). Raises InputError when ``paths`` hold no image file
@@ -117,6 +118,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
     files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    state.check_outside(paths)  # its secret must not sit in the tree under scan
     settings = detector.settings
     weights = detector.weights_digest(state)
     fp = fingerprint(asdict(settings), weights=weights)
@@ -170,7 +172,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         if shard is not None:
             from .merge import mark_shard
 
-            written, written_settings = mark_shard(frame, settings_dict, shard, inputs)
+            written, written_settings = mark_shard(frame, settings_dict, shard, inputs, key=shard_key,
+                                                   suffix=os.path.splitext(str(output))[1].lower())
         else:
             written, written_settings = frame, settings_dict
         report.write_anywhere(written, output, written_settings)

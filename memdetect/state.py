@@ -9,13 +9,24 @@ audit`` keeps its journals there too, keyed by the scan's settings, the weights'
 Layout (``StateDir``; default ``$MEMDETECT_STATE_DIR``, else ``$XDG_CACHE_HOME/memdetect/state``, else
 ``~/.cache/memdetect/state``), created 0700:
 
-    secret                      64 hex characters (32 random bytes), created 0600 with O_EXCL, never rewritten
+    secret                      64 hex characters (32 random bytes), then memdetect's marker line; created 0600
+                                with O_EXCL, never rewritten
     journals/<id>.jsonl         audit journals; <id> = sha256(settings fingerprint with weights, report path)[:32]
     weights.json                sha256 of weight files, cached by real path, size, mtime, ctime, inode and device
 
 The directory must belong to the current user and not be writable by group or others; the secret must be a regular
 file (not a link) of the current user that nobody else may read. Anything else is a one-line ``UsageError`` that
 says how to fix it: memdetect does not trust a secret others could read or replace.
+
+Whose secret: a secret is only worth trusting if nobody else chose it, and a pull request can commit a state
+directory (secret included) to the repository under audit. memdetect therefore writes a marker into every secret it
+creates: ``created-by-memdetect <inode> <HMAC of the inode with the secret>``, bound to the file it created (a
+checkout or copy of the file gets another inode, which nobody can choose in advance). ``audit --resume`` trusts the
+secret only when memdetect created it here (``check_trusted``): the marker verifies and the state directory is not
+inside a git checkout being audited (``checkout_roots``); anything else is refused with one line. A state directory
+inside a scanned folder is refused by every scan (``check_outside``). A secret is only ever created when there is
+none; nothing in a state directory that the new secret did not sign is trusted, so creating one in an existing
+directory (e.g. after deleting a bad secret) gives an attacker nothing.
 
 The weights' hash (``files_digest``): sha256 over the name and sha256 of each weight file the adapter loaded
 (``Adapter.weight_files``). Hashing Stable Diffusion's 4 GB takes seconds, so each file's hash is cached by its
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -43,6 +55,9 @@ log = logging.getLogger(__name__)
 
 ENV = "MEMDETECT_STATE_DIR"
 SECRET = "secret"
+#: The secret file's second line, written by memdetect when it creates the secret (see the module docstring).
+MARKER = "created-by-memdetect"
+_MARKER_CONTEXT = b"memdetect state secret v1\n"
 WEIGHTS_CACHE = "weights.json"
 #: Entries kept in the weight-hash cache (the most recently used).
 MAX_CACHED_FILES = 4096
@@ -69,6 +84,8 @@ class StateDir:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path).expanduser() if path is not None else default_state_dir()
         self._secret: bytes | None = None
+        self._own = False  # the secret carries memdetect's marker for this very file
+        self._created = False  # this object created the secret
 
     def __repr__(self) -> str:
         return f"StateDir({str(self.path)!r})"
@@ -103,40 +120,78 @@ class StateDir:
         if self._secret is None:
             path = self.ensure() / SECRET
             try:
-                self._secret = self._read_secret(path)
+                self._secret, self._own = self._read_secret(path)
             except FileNotFoundError:
-                self._create_secret(path)
-                self._secret = self._read_secret(path)
+                self._created = self._create_secret(path)
+                self._secret, self._own = self._read_secret(path)
         return self._secret
 
-    def _create_secret(self, path: Path) -> None:
-        """Write a new secret to a private temporary file, then link it into place: the link fails when another run
-        made one first, and no reader ever sees a half-written secret."""
+    # -- whose secret ----------------------------------------------------------------------------------------------
+    def check_outside(self, inputs: Iterable[str | os.PathLike]) -> None:
+        """Refuse a state directory inside a scanned folder: its secret would sit in the tree under audit."""
+        state = os.path.realpath(self.path)
+        for arg in inputs:
+            folder = _local(arg)
+            if folder is None or not os.path.isdir(folder):
+                continue
+            real = os.path.realpath(folder)
+            if state == real or state.startswith(real.rstrip(os.sep) + os.sep):
+                raise UsageError(f"state directory {display_path(self.path)} is inside the scanned input "
+                                 f"{display_path(folder)}, where whoever wrote the inputs could have written it; "
+                                 f"choose a --state-dir outside what is scanned (or set {ENV})")
+
+    def check_trusted(self, inputs: Iterable[str | os.PathLike]) -> None:
+        """For ``audit --resume``: the secret must be one memdetect created here. A secret made now is; an existing
+        one needs memdetect's marker for this very file, and the state directory must not be inside a git checkout
+        being audited (``checkout_roots`` of ``inputs``), where a pull request could have committed it."""
+        self.secret()
+        if self._created:
+            return
+        name = display_path(self.path)
+        if not self._own:
+            raise UsageError(f"the journal secret in {name} is one memdetect did not create (no marker for this file: "
+                             f"written by someone else, copied, or made by an older memdetect); audit --resume trusts "
+                             f"only its own: delete {name} (memdetect makes a new one) or audit without --resume")
+        state = os.path.realpath(self.path)
+        for root in checkout_roots(inputs):
+            if state == root or state.startswith(root.rstrip(os.sep) + os.sep):
+                raise UsageError(f"the state directory {name} is inside the git checkout {display_path(root)} being "
+                                 f"audited, where a pull request could have committed a secret that memdetect did "
+                                 f"not create; audit --resume needs a --state-dir outside it (or set {ENV})")
+
+    def _create_secret(self, path: Path) -> bool:
+        """Write a new secret and its marker to a private temporary file, then link it into place: the link fails
+        when another run made one first, and no reader ever sees a half-written secret. True when this call made
+        the secret."""
         tmp = path.with_name(f".{SECRET}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
+        key = secrets.token_bytes(32)
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_hex(32) + "\n")
+                f.write(_secret_text(key, os.fstat(f.fileno()).st_ino))
                 f.flush()
                 os.fsync(f.fileno())
             try:
-                os.link(tmp, path)
+                os.link(tmp, path)  # the same file, the same inode: the marker holds
+                return True
             except FileExistsError:
-                pass  # another run created it first: use theirs
+                return False  # another run created it first: use theirs
             except OSError:  # a filesystem without hard links: create it directly, exclusively
                 try:
                     fd2 = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o600)
                 except FileExistsError:
-                    return
+                    return False
                 with os.fdopen(fd2, "w") as f:
-                    f.write(Path(tmp).read_text())
+                    f.write(_secret_text(key, os.fstat(f.fileno()).st_ino))
                     f.flush()
                     os.fsync(f.fileno())
+                return True
         finally:
             Path(tmp).unlink(missing_ok=True)
 
     @staticmethod
-    def _read_secret(path: Path) -> bytes:
+    def _read_secret(path: Path) -> tuple[bytes, bool]:
+        """The secret, and whether it carries memdetect's marker for this very file."""
         name = display_path(path)
         try:
             fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
@@ -157,14 +212,15 @@ class StateDir:
             if euid is not None and st.st_mode & 0o077:
                 raise UsageError(f"journal secret {name} can be read by others (mode {st.st_mode & 0o777:o}); "
                                  f"delete it (memdetect makes a new one; earlier journals are then recomputed)")
-            text = f.read(256).strip()
+            lines = f.read(1024).splitlines()
         try:
-            key = bytes.fromhex(text.decode("ascii"))
+            key = bytes.fromhex(lines[0].strip().decode("ascii")) if lines else b""
         except (UnicodeDecodeError, ValueError):
             key = b""
         if len(key) != 32:
             raise UsageError(f"journal secret {name} is damaged; delete it (memdetect makes a new one)")
-        return key
+        own = len(lines) > 1 and hmac.compare_digest(lines[1].strip(), _marker(key, st.st_ino).encode())
+        return key, own
 
     # -- journals ------------------------------------------------------------------------------------------------
     def journal_path(self, fingerprint: str, report: str | os.PathLike) -> Path:
@@ -227,6 +283,44 @@ class StateDir:
             Path(tmp).unlink(missing_ok=True)
 
 
+def _marker(key: bytes, inode: int) -> str:
+    """The marker line memdetect writes into a secret it creates: bound to the file's inode by an HMAC."""
+    mac = hmac.new(key, _MARKER_CONTEXT + str(inode).encode(), hashlib.sha256).hexdigest()
+    return f"{MARKER} {inode} {mac}"
+
+
+def _secret_text(key: bytes, inode: int) -> str:
+    return f"{key.hex()}\n{_marker(key, inode)}\n"
+
+
+def _local(arg: str | os.PathLike) -> str | None:
+    """The local path of a scan input (None for a URL other than ``file://``)."""
+    s = os.fsdecode(arg) if not isinstance(arg, str) else arg
+    if s.startswith("file://"):
+        return s[len("file://"):]
+    return None if "://" in s else s
+
+
+def checkout_roots(inputs: Iterable[str | os.PathLike]) -> list[str]:
+    """The git checkouts (folders holding ``.git``) around the local ``inputs`` and the working directory: where a
+    pull request under audit can put files. Real paths."""
+    roots: list[str] = []
+    for start in [os.getcwd(), *(p for p in map(_local, inputs) if p is not None)]:
+        here = os.path.realpath(start)
+        if not os.path.isdir(here):
+            here = os.path.dirname(here)
+        while True:
+            if os.path.lexists(os.path.join(here, ".git")):
+                if here not in roots:
+                    roots.append(here)
+                break
+            parent = os.path.dirname(here)
+            if parent == here:
+                break
+            here = parent
+    return roots
+
+
 def _sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -235,4 +329,4 @@ def _sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ENV", "StateDir", "default_state_dir"]
+__all__ = ["ENV", "MARKER", "StateDir", "checkout_roots", "default_state_dir"]

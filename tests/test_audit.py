@@ -241,10 +241,11 @@ def test_audit_needs_a_threshold_and_valid_annotations(tiny_ddpm, images_dir, tm
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
-def test_audit_uses_memdetect_toml_from_the_working_directory(tiny_ddpm, images_dir, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def test_audit_uses_the_memdetect_toml_it_is_given(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # named with --config: ./memdetect.toml is never read by itself (tests/test_trust.py)
     Path("memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = 1e9\n')
-    res = invoke("audit", images_dir, "--workers", 0, env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": "s.md"})
+    res = invoke("audit", images_dir, "--config", "memdetect.toml", "--workers", 0,
+                 env={"GITHUB_ACTIONS": "true", "GITHUB_STEP_SUMMARY": "s.md"})
     assert res.exit_code == 0, res.output
     assert "5 images: 5 scored, 0 errored, 0 flagged memorized (std >= 1e+09, config memdetect.toml)" in res.output
     assert "| 5 | 5 | 0 | 0 | 0 |" in Path("s.md").read_text()

@@ -182,8 +182,8 @@ def test_audit_on_the_demo_examples_flags_the_memorized_ones(tmp_path, monkeypat
     res = invoke("calibrate", REPO / "examples" / "demo-reference", "--model", "demo", "--fpr", "0.01",
                  "--workers", 0)
     assert res.exit_code == 0, res.output
-    res = invoke("audit", REPO / "examples" / "demo", "--junit", "junit.xml", "--summary-json", "summary.json",
-                 "--workers", 0, env={"GITHUB_ACTIONS": "false"})
+    res = invoke("audit", REPO / "examples" / "demo", "--config", "memdetect.toml", "--junit", "junit.xml",
+                 "--summary-json", "summary.json", "--workers", 0, env={"GITHUB_ACTIONS": "false"})
     assert res.exit_code == 1, res.output
     memorized = sorted(p.name for p in (REPO / "examples" / "demo").glob("mem_*.png"))
     flagged = re.findall(r"flagged: \S*/(\S+\.png)", res.output)

@@ -34,7 +34,8 @@ def _hook() -> dict:
 
 def test_pre_commit_hook_definition():
     hook = _hook()
-    assert shlex.split(hook["entry"]) == ["memdetect", "audit", "--resume"]  # its own state dir: safe to resume
+    # its own state dir: safe to resume; the config named (memdetect never picks up ./memdetect.toml by itself)
+    assert shlex.split(hook["entry"]) == ["memdetect", "audit", "--resume", "--config", "memdetect.toml"]
     assert hook["language"] == "python" and hook["require_serial"] is True
     files = re.compile(hook["files"])
     for ext in IMAGE_EXTENSIONS:  # the hook sees exactly the suffixes a folder scan picks up
@@ -91,7 +92,7 @@ def test_action_definition_is_consistent_with_run_sh():
     assert set(re.findall(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", text)) == set(action["inputs"])  # all used, none unknown
     for s in steps:  # inputs reach shell code through env only (no script injection)
         assert "${{" not in s.get("run", "")
-    assert set(re.findall(r"MEMDETECT_[A-Z_]+", RUN_SH.read_text())) - {"MEMDETECT_BIN"} == set(audit["env"])
+    assert set(re.findall(r"MEMDETECT_[A-Z0-9_]+", RUN_SH.read_text())) - {"MEMDETECT_BIN"} == set(audit["env"])
     for key, out in action["outputs"].items():
         assert out["value"] == "${{ steps.audit.outputs.%s }}" % key
 

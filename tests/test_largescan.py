@@ -136,7 +136,7 @@ def test_merge_refuses_what_is_not_one_scan(det, tiny_ddpm, tmp_path):
     df = pd.read_csv(tmp_path / "p1.csv").iloc[:-1]
     df.to_csv(tmp_path / "p1cut.csv", index=False)
     r = invoke("merge", tmp_path / "p0.csv", tmp_path / "p1cut.csv", "-o", tmp_path / "m.csv")
-    assert r.exit_code == 2 and "3 rows but the scan had 4 inputs" in r.output
+    assert r.exit_code == 2 and "(shard 2/2 of 4 inputs) holds 1 rows, not 2" in r.output
 
 
 def test_cli_shard_flag_and_bad_values(tiny_ddpm, tmp_path):

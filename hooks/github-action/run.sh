@@ -31,6 +31,7 @@ fi
 args=(audit "${paths[@]}" --output "$output" --summary-json "$summary"
       --annotations "${MEMDETECT_ANNOTATIONS:-auto}")
 [ -n "${MEMDETECT_CONFIG:-}" ] && args+=(--config "$MEMDETECT_CONFIG")
+[ -n "${MEMDETECT_CONFIG_SHA256:-}" ] && args+=(--config-sha256 "$MEMDETECT_CONFIG_SHA256")
 [ -n "${MEMDETECT_MODEL_PATH:-}" ] && args+=(--model-path "$MEMDETECT_MODEL_PATH")
 [ -n "${MEMDETECT_THRESHOLD:-}" ] && args+=(--threshold "$MEMDETECT_THRESHOLD")
 [ -n "$junit" ] && args+=(--junit "$junit")

@@ -21,6 +21,7 @@ content hash). The Ray engine keeps no journal: Ray Data retries failed tasks it
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -138,7 +139,7 @@ def score_dataset(ds, model: str = "demo", model_path: str | None = None, *, con
 
 def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
                   address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
-                  **detector_kwargs):
+                  shard_key: bytes | None = None, **detector_kwargs):
     """``memdetect scan --engine ray``: resolve ``paths`` here (``memdetect.sources``), score them on Ray (joining
     ``address``, or ``RAY_ADDRESS``, else a local Ray), and write the report a local scan would write (rows in
     input order). ``det``: the driver's detector, loaded with the same options (its settings go into the report;
@@ -190,7 +191,8 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
         if shard is not None:
             from ..merge import mark_shard
 
-            written, written_settings = mark_shard(frame, settings_dict, shard, inputs)
+            written, written_settings = mark_shard(frame, settings_dict, shard, inputs, key=shard_key,
+                                                   suffix=os.path.splitext(str(output))[1].lower())
         report.write_anywhere(written, output, written_settings)
     html_path = write_html(frame, html, settings_dict) if html is not None else None
     return ScanResult(frame, tuple(), det.settings, resumed=0, computed=len(frame), output=output, html=html_path,
