@@ -247,3 +247,37 @@ def test_an_error_row_fails_the_audit_and_is_listed_as_not_checked(demo_config, 
     cfg.write_text("allow_errors = true\n" + demo_config.read_text())
     code, doc, df, out = audit(tmp_path, cfg, d)
     assert code == 0 and doc["not_checked"] == [] and doc["errored"] == 1, out
+
+
+# -- 9. manifest volume --------------------------------------------------------------------------------------------
+
+def test_a_large_manifest_is_held_compactly_and_read_fast(tmp_path):
+    """200,000 distinct rows: resolved into an ``ItemList`` of at most 200 bytes a row (path bytes plus offsets; the
+    issue's bound), with a peak of Python allocations under 200 bytes a row above that, and no item object per row.
+    The speed bound here is loose (a shared CPU); benchmarks/manifest_volume.py measures 10^6 rows to the first image
+    (benchmarks/RESULTS.md)."""
+    import time
+    import tracemalloc
+
+    from memdetect.sources import ItemList, resolve
+
+    n = 200_000
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w") as f:
+        f.write("path,caption\n")
+        f.writelines(f"img/{i:07d}.png,sample {i}\n" for i in range(n))
+        f.write("img/0000007.png,a duplicate row\n")
+    t0 = time.perf_counter()
+    items = resolve([manifest])
+    seconds = time.perf_counter() - t0
+    assert isinstance(items, ItemList) and len(items) == n  # the duplicate row is dropped, the first kept
+    assert items.nbytes() / n <= 200
+    assert items[7] == tmp_path / "img" / "0000007.png" and items[-1] == tmp_path / "img" / f"{n - 1:07d}.png"
+    assert n / seconds >= 20_000, f"{n / seconds:.0f} rows/s"
+    tracemalloc.start()
+    try:
+        items = resolve([manifest])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak / n <= 200 + 200, f"{peak / n:.0f} bytes a row at the peak"
