@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import json
 import os
 import posixpath
+import sys
 import tarfile
 from array import array
 from dataclasses import dataclass
@@ -287,7 +287,12 @@ def _manifest_values(location: str):
     import pandas as pd
 
     name = printable(location)
-    f = _open_binary(location)
+    try:
+        f = _open_binary(location)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"path {name} does not exist") from None
+    except OSError as e:
+        raise InputError(f"manifest {name} cannot be read: {printable(e, 200)}") from None
     try:
         if _suffix(location) == ".parquet":
             try:
@@ -300,11 +305,16 @@ def _manifest_values(location: str):
             chunks = (b.column(0).to_pylist() for b in pf.iter_batches(batch_size=MANIFEST_CHUNK, columns=[column])) \
                 if column else iter(())
         else:
-            reader = iter(pd.read_csv(f, dtype=str, keep_default_na=False, chunksize=MANIFEST_CHUNK))
-            first = next(reader)  # a header-only CSV still gives one (empty) chunk
-            columns = list(first.columns)
+            columns = list(pd.read_csv(f, dtype=str, nrows=0).columns)  # the header, then only the one column
             column = next((c for c in MANIFEST_COLUMNS if c in columns), None)
-            chunks = (chunk[column].tolist() for chunk in itertools.chain([first], reader))
+            if f.seekable():
+                f.seek(0)
+            else:
+                f.close()
+                f = _open_binary(location)
+            reader = pd.read_csv(f, dtype=str, keep_default_na=False, usecols=[column] if column else None,
+                                 chunksize=MANIFEST_CHUNK)
+            chunks = (chunk[column].tolist() for chunk in reader)
     except FileNotFoundError:
         f.close()
         raise FileNotFoundError(f"path {name} does not exist") from None
@@ -338,11 +348,20 @@ def _manifest_into(location: str, out: "ItemList", allow_remote: bool = False) -
     remote_base = is_url(location)
     base = posixpath.dirname(location) if remote_base else os.path.dirname(location)
     shown = _shown(location)
+    # the common row (a plain local path on POSIX) takes a short way: no Path object, one string join
+    fast = os.sep == "/" and not remote_base
+    prefix = base + "/" if base and not base.endswith("/") else base
+    append_path = out.append_path
     for n, value in enumerate(values, start=1):
         if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
             out.append(Broken(f"{shown}#row{n}", reason=f"manifest row {n} has no {column}"))
             continue
         value = str(value)
+        if fast and "://" not in value and MEMBER_SEP not in value:
+            local = value if value[0] == "/" else prefix + value
+            if _plain(local):
+                append_path(local)
+                continue
         head, sep, _ = value.partition(MEMBER_SEP)
         if not is_url(value) and not os.path.isabs(head):
             value = posixpath.join(base, value) if remote_base else os.path.join(base, value)
@@ -350,6 +369,12 @@ def _manifest_into(location: str, out: "ItemList", allow_remote: bool = False) -
             out.append(open_source(value, allow_remote=allow_remote))
         else:
             out.append_path(os.fspath(Path(value)))
+
+
+def _plain(path: str) -> bool:
+    """Whether ``pathlib`` would keep this POSIX path as it is (no ``//``, ``.`` component or trailing slash)."""
+    return ("//" not in path and "/./" not in path and not path.endswith(("/", "/.")) and not path.startswith("./")
+            and path != ".")
 
 
 def manifest_items(location: str, allow_remote: bool = False) -> "ItemList":
@@ -446,6 +471,9 @@ def item_identity(item) -> bytes:
     return b"p" + os.fsencode(item)
 
 
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
 class ItemList(Sequence):
     """Resolved items, held compactly: a local path is its bytes in one buffer plus an 8-byte offset (no object per
     row); other items (``Source``) are kept as objects. Indexing builds the item (a ``Path`` or the ``Source``);
@@ -460,7 +488,7 @@ class ItemList(Sequence):
 
     def append_path(self, path: str | os.PathLike) -> None:
         """Append a local path (as given: no normalisation)."""
-        entry = b"p" + os.fsencode(path)
+        entry = b"p" + (path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path))
         self._blob += entry
         self._ends.append(len(self._blob))
         self._hashes.append(hash(entry))
