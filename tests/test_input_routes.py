@@ -281,3 +281,23 @@ def test_a_large_manifest_is_held_compactly_and_read_fast(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak / n <= 200 + 200, f"{peak / n:.0f} bytes a row at the peak"
+
+
+def test_item_refs_give_the_ray_workers_the_real_item(tmp_path):
+    """``--engine ray`` sends each worker ``item_ref`` (the path's bytes, the member's place), not the displayed
+    name, which for ``mem<0xff>.png`` would name the other file."""
+    from memdetect.sources import from_ref, item_name, item_ref, read_item, resolve
+
+    d = tmp_path / "d"
+    d.mkdir()
+    try:
+        Path(os.fsdecode(os.fsencode(d) + b"/mem\xff.png")).write_bytes(MEM.read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system does not take undecodable names")
+    (d / "mem\\xff.png").write_bytes(GEN.read_bytes())
+    shard = _tar(tmp_path / "s.tar", [("a\\b.png", GEN.read_bytes(), None), ("a\\b.png", MEM.read_bytes(), None)])
+    items = resolve([d, shard])
+    names = [item_name(it) for it in items]
+    assert len(set(names)) == 4 and f"{shard}::a\\\\b.png#2" in names
+    for it in items:
+        assert read_item(from_ref(item_ref(it))) == read_item(it)
