@@ -301,3 +301,19 @@ def test_item_refs_give_the_ray_workers_the_real_item(tmp_path):
     assert len(set(names)) == 4 and f"{shard}::a\\\\b.png#2" in names
     for it in items:
         assert read_item(from_ref(item_ref(it))) == read_item(it)
+
+
+def test_a_resumed_row_keeps_the_frame_that_scored(tmp_path):
+    from memdetect import Detector
+    from memdetect.scan import scan
+
+    d = tmp_path / "d"
+    d.mkdir()
+    Image.open(GEN).convert("RGB").save(d / "anim.png", save_all=True, append_images=[Image.open(MEM).convert("RGB")],
+                                        duration=[10, 1000])
+    det = Detector.from_pretrained("demo", device="cpu")
+    first = scan(det, [d], output=tmp_path / "r.csv", num_workers=0)
+    again = scan(det, [d], output=tmp_path / "r.csv", num_workers=0, resume=True)
+    assert again.resumed == 1 and again.computed == 0
+    assert first.frame["frame"].tolist() == again.frame["frame"].tolist() == [1]
+    assert again.frame["std"].tolist() == first.frame["std"].tolist()
