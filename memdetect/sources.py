@@ -298,7 +298,8 @@ def _manifest_values(location: str):
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise UsageError("reading a .parquet manifest needs pyarrow: pip install 'memdetect[parquet]'") from None
+                raise UsageError("reading a .parquet manifest needs pyarrow: pip install "
+                                 "'memdetect[parquet]'") from None
             pf = pq.ParquetFile(f)
             columns = list(pf.schema_arrow.names)
             column = next((c for c in MANIFEST_COLUMNS if c in columns), None)

@@ -140,7 +140,8 @@ def test_action_run_sh_exit_codes(tmp_path):
     fake = tmp_path / "fake-memdetect"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > args.txt\n'
                     'while [ $# -gt 0 ]; do [ "$1" = --summary-json ] && out=$2; shift; done\n'
-                    '[ "$FAKE_RC" = 2 ] || echo "{\\"images\\": 3, \\"scored\\": 3, \\"errored\\": 0, \\"flagged\\": 1, '
+                    '[ "$FAKE_RC" = 2 ] || echo "{\\"images\\": 3, \\"scored\\": 3, \\"errored\\": 0, '
+                    '\\"flagged\\": 1, '
                     '\\"not_checked\\": ${FAKE_NOT_CHECKED:-[]}}" > "$out"\n'
                     'exit "$FAKE_RC"\n')
     fake.chmod(0o755)

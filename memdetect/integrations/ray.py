@@ -80,7 +80,8 @@ class Scorer:
                 if has_bytes:
                     data = batch["bytes"].iloc[j]
                 else:  # the driver's reference of what it resolved (a name cannot always be opened again)
-                    data = read_item(from_ref(str(batch["ref"].iloc[j])) if has_ref else open_source(path, allow_remote=True))
+                    item = from_ref(str(batch["ref"].iloc[j])) if has_ref else open_source(path, allow_remote=True)
+                    data = read_item(item)
                 if data is None:
                     raise ImageError("no bytes")
                 data = bytes(data)
