@@ -3,14 +3,18 @@ GitHub Actions annotations and step summary).
 
     from memdetect.ci import audit
     done = audit(detector_with_threshold, ["generated/"], junit="junit.xml", summary_json="summary.json")
-    done.exit_code                                     # 0: nothing flagged, 1: flagged
+    done.exit_code                                     # 0: all checked, nothing flagged; 1: flagged or not checked
 
 Why three: the JSON summary is for scripts (counts, exit code, flagged paths); JUnit XML is what most CI servers
 (GitLab, Jenkins, Azure, GitHub test reporters) render as a test list, one test case per image; GitHub reads
 ``::error file=...::`` lines from a step's output and pins them to the files in the pull request.
 
-The mapping is the exit-code contract's: a flagged image is a *failure*; an unreadable file is *skipped* with its
-reason (it does not fail the run, as it does not change the exit code); a scored, unflagged image passes.
+The mapping is the exit-code contract's: a flagged image is a *failure*; a scored, unflagged image passes. The audit
+fails closed: an input that could not be checked (an error row: unreadable, too large, not a regular file or tar
+member, undecodable, too many frames, a remote URL without ``--allow-remote``) is listed as *not checked* (a JUnit
+``<error>``, the summary's ``not_checked``, a GitHub ``::error``) and makes the exit code 1, as a flagged image does:
+an attacker who controls the inputs must not pass by making an image unreadable. ``allow_errors=True``
+(``--allow-errors``, or ``allow_errors = true`` in the config) restores reporting them as *skipped* without failing.
 
 The default report goes to ``.memdetect/report.csv``; a report folder named ``.memdetect`` gets a ``.gitignore``
 that keeps it out of git. The audit's journal is not there: it lives in the state directory (``memdetect.state``),
@@ -83,11 +87,14 @@ def _flagged_entry(r) -> dict:
 
 
 def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | None = None,
-            report: str | None = None, resumed: int = 0, resume: bool = False, rejected: int = 0) -> dict:
+            report: str | None = None, resumed: int = 0, resume: bool = False, rejected: int = 0,
+            allow_errors: bool = False) -> dict:
     """The machine-readable result of a run: counts, exit code, whether a journal was read (``resume``), how many
     rows it gave (``resumed``) and how many of its rows failed verification (``journal_rows_rejected``), flagged
-    images (highest first) and errors."""
+    images (highest first), errors, and ``not_checked``: the error rows that fail the audit (empty with
+    ``allow_errors``)."""
     flagged, errored = _flagged(df), _errored(df)
+    errors = [{"path": r["path"], "error": str(r["error"])} for _, r in errored.iterrows()]
     return {
         "memdetect": __version__,
         "exit_code": exit_code,
@@ -100,7 +107,9 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
         "config": config,
         "report": report,
         "flagged_images": [_flagged_entry(r) for _, r in flagged.iterrows()],
-        "errors": [{"path": r["path"], "error": str(r["error"])} for _, r in errored.iterrows()],
+        "errors": errors,
+        "allow_errors": bool(allow_errors),
+        "not_checked": [] if allow_errors else errors,
         "settings": settings,
     }
 
@@ -109,11 +118,14 @@ def write_json(doc: dict, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n"))
 
 
-def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit") -> bytes:
-    """One ``<testcase>`` per image: ``<failure>`` when flagged, ``<skipped>`` when unreadable."""
+def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit", allow_errors: bool = False) -> bytes:
+    """One ``<testcase>`` per image: ``<failure>`` when flagged; when unreadable, ``<error>`` ("not checked": it
+    fails the audit), or ``<skipped>`` with ``allow_errors``."""
     metric, threshold = settings.get("metric", "score"), settings.get("threshold")
     flagged, errored = _flagged(df), _errored(df)
-    counts = {"tests": str(len(df)), "failures": str(len(flagged)), "errors": "0", "skipped": str(len(errored))}
+    n_err = len(errored)
+    counts = {"tests": str(len(df)), "failures": str(len(flagged)), "errors": "0" if allow_errors else str(n_err),
+              "skipped": str(n_err) if allow_errors else "0"}
     root = ET.Element("testsuites", {"name": "memdetect", **counts})
     ts = ET.SubElement(root, "testsuite", {"name": suite, **counts})
     props = ET.SubElement(ts, "properties")
@@ -123,7 +135,10 @@ def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit
     for i, r in df.iterrows():
         tc = ET.SubElement(ts, "testcase", {"classname": "memdetect", "name": _xml_safe(str(r["path"])), "time": "0"})
         if pd.notna(r["error"]):
-            ET.SubElement(tc, "skipped", {"message": _xml_safe(f"not scored: {r['error']}")})
+            if allow_errors:
+                ET.SubElement(tc, "skipped", {"message": _xml_safe(f"not scored: {r['error']}")})
+            else:
+                ET.SubElement(tc, "error", {"type": "not checked", "message": _xml_safe(f"not checked: {r['error']}")})
         elif i in flagged_idx:
             f = ET.SubElement(tc, "failure", {"type": "memorized", "message": _xml_safe(_reason(r, metric, threshold))})
             f.text = _xml_safe(" ".join(f"{m}={r[m]:.6g}" for m in SCORES))
@@ -131,8 +146,8 @@ def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
-def write_junit(df: pd.DataFrame, path: str | os.PathLike, settings: dict) -> Path:
-    data = junit_xml(df, settings)
+def write_junit(df: pd.DataFrame, path: str | os.PathLike, settings: dict, allow_errors: bool = False) -> Path:
+    data = junit_xml(df, settings, allow_errors=allow_errors)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
@@ -163,16 +178,19 @@ def _repo_path(path: str, workspace: str | None) -> str:
     return path
 
 
-def github_annotations(df: pd.DataFrame, settings: dict, workspace: str | None = None) -> list[str]:
-    """Workflow commands: ``::error`` per flagged image, ``::warning`` per unreadable file."""
+def github_annotations(df: pd.DataFrame, settings: dict, workspace: str | None = None,
+                       allow_errors: bool = False) -> list[str]:
+    """Workflow commands: ``::error`` per flagged image and per file not checked (``::warning`` with
+    ``allow_errors``)."""
     metric, threshold = settings.get("metric", "score"), settings.get("threshold")
     workspace = workspace if workspace is not None else os.environ.get("GITHUB_WORKSPACE")
     lines = []
     for _, r in _flagged(df).iterrows():
         lines.append(f"::error file={_gh_prop(_repo_path(r['path'], workspace))},title=memdetect%3A memorized image::"
                      f"{_gh_data(_reason(r, metric, threshold))}")
+    level, title = ("warning", "not scored") if allow_errors else ("error", "not checked")
     for _, r in _errored(df).iterrows():
-        lines.append(f"::warning file={_gh_prop(_repo_path(r['path'], workspace))},title=memdetect%3A not scored::"
+        lines.append(f"::{level} file={_gh_prop(_repo_path(r['path'], workspace))},title=memdetect%3A {title}::"
                      f"{_gh_data(str(r['error']))}")
     return lines
 
@@ -197,6 +215,10 @@ def step_summary_markdown(doc: dict, limit: int = 50) -> str:
         md += [f"| `{_md_cell(f['path'])}` | {f['score']:.4g} |" for f in doc["flagged_images"][:limit]]
         if len(doc["flagged_images"]) > limit:
             md.append(f"\n... and {len(doc['flagged_images']) - limit} more (see the report).")
+    if doc.get("not_checked"):
+        md += ["", f"{len(doc['not_checked'])} images were not checked (this fails the audit):", "",
+               "| not checked | why |", "|---|---|"]
+        md += [f"| `{_md_cell(e['path'])}` | {_md_cell(e['error'])} |" for e in doc["not_checked"][:limit]]
     return "\n".join(md) + "\n"
 
 
@@ -245,26 +267,29 @@ def check_report_folder(report: str | os.PathLike) -> None:
 
 def write_ci_outputs(result: ScanResult, *, config: str | os.PathLike | None = None,
                      junit: str | os.PathLike | None = None, summary_json: str | os.PathLike | None = None,
-                     annotations: str = "auto", stream: TextIO | None = None) -> dict:
+                     annotations: str = "auto", stream: TextIO | None = None, allow_errors: bool = False) -> dict:
     """Everything a CI system reads from an audit's scan: the summary document (returned; also written to
     ``summary_json``), JUnit XML (``junit``), and under GitHub Actions (``annotations="auto"`` when
     ``GITHUB_ACTIONS=true``, or ``"github"``) the workflow annotations on ``stream`` (default stdout) and a Markdown
-    table appended to ``$GITHUB_STEP_SUMMARY``. A report folder named ``.memdetect`` gets its ``.gitignore``."""
+    table appended to ``$GITHUB_STEP_SUMMARY``. A report folder named ``.memdetect`` gets its ``.gitignore``. The exit
+    code is 1 when an image is flagged or, unless ``allow_errors``, when any row is an error (not checked)."""
     check_annotations(annotations)
     settings = result.settings_dict
     if result.output is not None:
         ignore_report_folder(result.output)
-    code = EXIT_FLAGGED if result.flagged else EXIT_OK
+    unchecked = not allow_errors and bool(result.frame["error"].notna().any())
+    code = EXIT_FLAGGED if result.flagged or unchecked else EXIT_OK
     doc = summary(result.frame, exit_code=code, settings=settings, config=str(config) if config else None,
                   report=str(result.output) if result.output else None, resumed=result.resumed,
-                  resume=result.resume, rejected=result.rejected)
+                  resume=result.resume, rejected=result.rejected, allow_errors=allow_errors)
     if summary_json is not None:
         write_json(doc, summary_json)
     if junit is not None:
-        write_junit(result.frame, junit, settings)
+        write_junit(result.frame, junit, settings, allow_errors=allow_errors)
     if annotations == "github" or (annotations == "auto" and running_on_github()):
         stream = stream or sys.stdout
-        stream.write("".join(line + "\n" for line in github_annotations(result.frame, settings)))
+        stream.write("".join(line + "\n" for line in github_annotations(result.frame, settings,
+                                                                         allow_errors=allow_errors)))
         stream.flush()
         if os.environ.get("GITHUB_STEP_SUMMARY"):
             with open(os.environ["GITHUB_STEP_SUMMARY"], "a", encoding="utf-8") as f:
@@ -274,7 +299,8 @@ def write_ci_outputs(result: ScanResult, *, config: str | os.PathLike | None = N
 
 @dataclass(frozen=True)
 class Audit:
-    """An audit's scan, its summary document (``summary``) and its exit code (0 nothing flagged, 1 flagged)."""
+    """An audit's scan, its summary document (``summary``) and its exit code (0: every image checked and none flagged;
+    1: flagged, or not checked)."""
 
     result: ScanResult
     summary: dict
@@ -290,12 +316,14 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           annotations: str = "auto", stream: TextIO | None = None, on_batch: Callable[[int], None] | None = None,
           num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None,
           reference=None, channels: dict | None = None, evidence_top: int = 20,
-          evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None) -> Audit:
+          evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
+          allow_errors: bool = False, allow_remote: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
     ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
     the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
-    evidence in the HTML page and JSON (``memdetect.scan.scan``).
+    evidence in the HTML page and JSON (``memdetect.scan.scan``). ``allow_errors``: error rows are reported as skipped
+    instead of failing the audit; ``allow_remote``: inputs and manifest rows may name URLs other than ``file://``.
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing, and only when the
@@ -316,9 +344,9 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
                   num_workers=num_workers, state_dir=state, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
-                  reference_dir=reference_dir)
+                  reference_dir=reference_dir, allow_remote=allow_remote, errors_fail=not allow_errors)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
-                           stream=stream)
+                           stream=stream, allow_errors=allow_errors)
     return Audit(result, doc)
 
 

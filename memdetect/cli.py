@@ -6,7 +6,8 @@ declared once, as ``Annotated`` aliases.
 
 Exit codes (every command):
   0    the scan finished and nothing was flagged
-  1    at least one image was flagged memorized (only possible with a threshold)
+  1    at least one image was flagged memorized (only possible with a threshold); for ``audit``, also when an input
+       could not be checked (an error row), unless ``--allow-errors``
   2    an error stopped the command: one line on stderr. A usage, config, model, input or system error says what to
        fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the
        traceback. SIGTERM also ends a command with 2 (after stopping its decoding workers; the journal keeps
@@ -46,7 +47,8 @@ EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Detect memorized images from diffusion models (one partial forward pass per image).\n\n"
-                       "Exit codes: 0 nothing flagged, 1 something flagged (needs a threshold), 2 error.")
+                       "Exit codes: 0 nothing flagged, 1 something flagged (needs a threshold; audit: or an input "
+                       "not checked), 2 error.")
 # no markup, no emoji codes, no highlighting: what is printed is the text given (names escaped with ``_p``)
 err = Console(stderr=True, markup=False, emoji=False, highlight=False)
 out = Console(markup=False, emoji=False, highlight=False)
@@ -248,6 +250,9 @@ Inputs = Annotated[List[str], typer.Argument(help="Image files, folders (searche
                                              "gs://, hf://, memory://, file://), .tar shards (one row per image "
                                              "member) and .csv / .parquet manifests (a path or url column).",
                                              show_default=False)]
+AllowRemote = Annotated[bool, typer.Option("--allow-remote", help="Read inputs and manifest rows that are URLs other "
+                        "than file:// (s3://, gs://, hf://, http://, ftp:// ...; off: such a manifest row is an error "
+                        "row, such an input a usage error). Config key: allow_remote.")]
 Html = Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (histogram, "
                                                              "evidence for the top flagged images, a sortable table "
                                                              "of every image, settings).")]
@@ -376,6 +381,7 @@ def scan(
                                         "one part per rank) or ray (a Ray Data actor pool).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
                                                        "(default: RAY_ADDRESS, else a local Ray).")] = None,
+    allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):
     """Score every image for memorization and write a report."""
@@ -385,7 +391,7 @@ def scan(
     from .sources import is_url, parse_shard
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote)
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
@@ -429,15 +435,18 @@ def scan(
                                    on_batch=progress, reference=s.get("reference"), layer=s["layer"],
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key)
+                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key,
+                                   allow_remote=s["allow_remote"])
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
-                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
+                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
+                                      allow_remote=s["allow_remote"])
         else:
             result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
-                              reference_dir=reference_dir, shard=part, shard_key=shard_key)
+                              reference_dir=reference_dir, shard=part, shard_key=shard_key,
+                              allow_remote=s["allow_remote"])
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
@@ -769,15 +778,21 @@ def audit(
     evidence_top: EvidenceTop = 20,
     evidence_json: EvidenceJson = None,
     reference_dir: ReferenceDir = None,
+    allow_errors: Annotated[bool, typer.Option("--allow-errors", help="Report inputs that could not be checked "
+                            "(unreadable, too large, not an image, too many frames) as skipped instead of failing "
+                            "the audit (exit 1). Config key: allow_errors.")] = False,
+    allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):
-    """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2."""
+    """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2 (1: an image
+    was flagged, or could not be checked)."""
     from . import ci
     from .io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
-                      timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+                      timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr,
+                      allow_errors=allow_errors, allow_remote=allow_remote)
     if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
         raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
                          "read unless given with --config)")
@@ -800,7 +815,8 @@ def audit(
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
                         state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
-                        evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
+                        evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
+                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"])
     if not quiet:
         render_audit(done.summary, top=top)
     raise typer.Exit(done.exit_code)
@@ -817,10 +833,14 @@ def render_audit(doc: dict, *, top: int) -> None:
         say(f"  flagged: {_p(f['path'])}  ({doc['metric']} {f['score']:.4g}{p})")
     if len(doc["flagged_images"]) > top:
         say(f"  ... and {len(doc['flagged_images']) - top} more flagged (see the report)")
+    what = "not scored" if doc.get("allow_errors") else "not checked"
     for e in doc["errors"][:5]:
-        err.print(f"  not scored: {_p(e['path'])}: {_p(e['error'])}", soft_wrap=True)
+        err.print(f"  {what}: {_p(e['path'])}: {_p(e['error'])}", soft_wrap=True)
     if len(doc["errors"]) > 5:
-        err.print(f"  ... and {len(doc['errors']) - 5} more not scored (see the report's error column)")
+        err.print(f"  ... and {len(doc['errors']) - 5} more {what} (see the report's error column)")
+    if doc.get("not_checked"):
+        err.print(f"  {len(doc['not_checked'])} images not checked: the audit fails (exit 1); --allow-errors reports "
+                  f"them without failing", soft_wrap=True)
     if doc.get("resume"):
         resumed = f" ({doc['resumed']} rows reused from its journal)" if doc["resumed"] else " (nothing reused)"
     else:

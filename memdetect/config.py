@@ -14,6 +14,8 @@ never picked up by itself (in CI it may come from the pull request under audit),
     seed = 0
     metric = "std"
     threshold = 0.6123                               # required: flag when score >= threshold
+    allow_errors = false                             # optional: audit reports unreadable inputs, not fails
+    allow_remote = false                             # optional: read URLs other than file:// (s3://, http:// ...)
 
     [calibration.thresholds]                         # the same rule applied to every metric (for --metric)
     std = 0.6123
@@ -61,7 +63,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
-            "seed": int, "metric": str, "threshold": float}
+            "seed": int, "metric": str, "threshold": float, "allow_errors": bool, "allow_remote": bool}
 TABLES = ("calibration", "versions", "guard")
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
@@ -86,6 +88,8 @@ class Config:
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
     references: dict[str, Reference] = field(default_factory=dict)
     channels: dict[str, tuple[float, ...]] | None = None
+    allow_errors: bool = False  # audit: error rows are reported, not failed (``--allow-errors``)
+    allow_remote: bool = False  # inputs and manifest rows may name URLs other than file:// (``--allow-remote``)
 
     def reference_for(self, metric: str) -> Reference | None:
         """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""
@@ -156,8 +160,8 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
             except OverflowError:
                 raise UsageError(f"{key} in {name} must be a finite number, got a {v.bit_length()}-bit integer") \
                     from None
-        if not isinstance(v, typ) or isinstance(v, bool):
-            kind = {float: "a number", int: "an integer", str: "a string"}[typ]
+        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+            kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}[typ]
             raise UsageError(f"{key} in {name} must be {kind}, got {_shown(v)}")
         _check_range(key, v, name)
         values[key] = v
@@ -196,7 +200,8 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
     return Config(model=values["model"], threshold=values.get("threshold"), metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
-                  channels=channels, guard=guard)
+                  channels=channels, guard=guard, allow_errors=values.get("allow_errors", False),
+                  allow_remote=values.get("allow_remote", False))
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -370,6 +375,9 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
             overridden.append(key)  # the command line wins, with its own threshold
             continue
         out[key] = value
+    for key in ("allow_errors", "allow_remote"):  # a flag given on the command line wins
+        if key not in given:
+            out[key] = getattr(config, key)
     if "model_path" not in given and config.model_path and "model" not in overridden:
         out["model_path"] = config.model_path
     if "metric" not in given:

@@ -31,8 +31,8 @@ from . import capture, runtime, winograd
 from ._version import __version__
 from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
-from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, image_seed, read_file
-from .journal import fingerprint, row_key
+from .io import PREPROCESS, ImageError, content_digest, decode_frames, discover, image_seed, read_file
+from .journal import FRAMES_FIELD, fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
@@ -362,9 +362,10 @@ class Detector:
         return self._weights
 
     def row(self, path: str, scores: dict[str, float] | None, *, error: str | None = None,
-            key: str | None = None) -> dict:
+            key: str | None = None, frames: dict[str, int] | None = None) -> dict:
         """A report row with this detector's metric and threshold (``memdetect.report.make_row``)."""
-        return make_row(path, scores, metric=self.metric, threshold=self.threshold, error=error, key=key)
+        return make_row(path, scores, metric=self.metric, threshold=self.threshold, error=error, key=key,
+                        frames=frames)
 
     # -- tensors -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -457,8 +458,10 @@ class Detector:
         """Yield the report rows of ``files`` batch by batch, in order (one row per file: scores, or an ``error``).
 
         Each file is read once; its row's ``key`` hashes the bytes that were decoded and scored
-        (``fingerprint``: the key's settings part, default ``self.fingerprint``). ``on_features``: called with each
-        batch's pooled activations ``[B, C]`` (the scored files only; calibration keeps their channel statistics).
+        (``fingerprint``: the key's settings part, default ``self.fingerprint``). Every frame of an animated file is
+        scored; its row keeps each score's highest over the frames (``frame_scores``). ``on_features``: called with
+        the pooled activations ``[B, C]`` of each group of at most ``batch_size`` frames scored (calibration keeps
+        their channel statistics).
         Closing the generator (or an exception, such as an interrupt, raised through it) stops the decoding workers
         at once.
         """
@@ -468,19 +471,26 @@ class Detector:
         try:
             for items in batches:
                 good = [it for it in items if it["error"] is None]
-                scores: dict[str, np.ndarray] = {}
-                if good:
-                    pixels = torch.from_numpy(np.stack([it["pixels"] for it in good]))
-                    feats = self.features(pixels, [image_seed(it["pixels"], self.seed) for it in good])
+                frames = [f for it in good for f in it["pixels"]]  # every frame of every image, in order
+                per_frame: dict[str, list[np.ndarray]] = {}
+                for start in range(0, len(frames), self.batch_size):
+                    chunk = frames[start:start + self.batch_size]
+                    feats = self.features(torch.from_numpy(np.stack(chunk)), [image_seed(f, self.seed) for f in chunk])
                     if on_features is not None:
                         on_features(feats)
-                    scores = {k: v.numpy() for k, v in compute_all(feats).items()}
+                    for k, v in compute_all(feats).items():
+                        per_frame.setdefault(k, []).append(v.numpy())
+                scores = {k: np.concatenate(v) for k, v in per_frame.items()}
                 rows, j = [], 0
                 for it in items:
                     key = row_key(it["digest"], fp)
                     if it["error"] is None:
-                        rows.append(self.row(it["path"], {k: float(v[j]) for k, v in scores.items()}, key=key))
-                        j += 1
+                        n = len(it["pixels"])
+                        best, where = frame_scores({k: v[j:j + n] for k, v in scores.items()})
+                        rows.append(self.row(it["path"], best, key=key, frames=where))
+                        if n > 1:
+                            rows[-1][FRAMES_FIELD] = where  # journaled with the scores (not a column)
+                        j += n
                     else:
                         rows.append(self.row(it["path"], None, error=it["error"], key=key))
                 if on_batch:
@@ -510,6 +520,14 @@ class Detector:
         return rows_to_frame(rows)
 
 
+def frame_scores(scores: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, int]]:
+    """One image's scores from its frames' (``{metric: [F]}``): each metric's highest over the frames (every score is
+    oriented higher = more likely memorized, so one memorized frame flags the image), and the frame it came from."""
+    best = {k: float(v.max()) for k, v in scores.items()}
+    where = {k: int(v.argmax()) for k, v in scores.items()}
+    return best, where
+
+
 def tensors_digest(modules: Sequence[torch.nn.Module]) -> str:
     """sha256 over the names, dtypes, shapes and bytes of the modules' state dicts (parameters and buffers)."""
     h = hashlib.sha256(b"memdetect-tensors-v1\n")
@@ -525,7 +543,7 @@ def tensors_digest(modules: Sequence[torch.nn.Module]) -> str:
 
 class _Images(torch.utils.data.Dataset):
     def __init__(self, files: Sequence[os.PathLike], resolution: int):
-        self.files = list(files)
+        self.files = files if isinstance(files, Sequence) else list(files)  # an ItemList builds items on demand
         self.resolution = resolution
 
     def __len__(self) -> int:
@@ -538,7 +556,7 @@ class _Images(torch.utils.data.Dataset):
             # read once: the key hashes exactly the bytes that are decoded (a Source: a URL or a tar member)
             data = read_item(path) if isinstance(path, Source) else read_file(path)
             item["digest"] = content_digest(data)
-            item["pixels"] = decode_image(data, self.resolution)
+            item["pixels"] = decode_frames(data, self.resolution)
         except ImageError as e:
             item["error"] = str(e)
         except Exception as e:  # never let one file stop the scan

@@ -261,11 +261,12 @@ def _table_rows(df: pd.DataFrame, limit: int) -> pd.DataFrame:
 
 def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.PathLike] | None = None,
                 title: str = "memdetect report", resumed: int | None = None, evidence: dict | None = None,
-                table_rows: int = TABLE_ROWS, top: int | None = None) -> str:
+                table_rows: int = TABLE_ROWS, top: int | None = None, not_checked: bool = False) -> str:
     """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its images from;
     ``resumed``: how many rows were taken from a journal (said under the counts); ``evidence``: the document of
     ``memdetect.evidence.collect`` (cards for its images); ``table_rows``: the table's row limit. ``top`` is
-    accepted for older callers and ignored (``evidence`` decides which images are shown)."""
+    accepted for older callers and ignored (``evidence`` decides which images are shown). ``not_checked``: error rows
+    fail the run (``memdetect audit``): they are said to be not checked, above the table and in their rows."""
     esc = _esc
     files = files or {}
     s = counts(df)
@@ -284,6 +285,9 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
         f"<th>{k}</th>" for k in ("images", "scored", "errored", "flagged", "rule")) + "</tr><tr>"
         + "".join(f"<td class='num'>{s[k]}</td>" for k in ("images", "scored", "errored"))
         + f"<td class='num{' bad' if s['flagged'] else ''}'>{s['flagged']}</td><td>{thr}</td></tr></table></div>")
+    if not_checked and s["errored"]:
+        parts.append(f"<p class='bad'>{s['errored']} images were not checked (unreadable, too large or not an image: "
+                     f"see the errors filter); an image that is not checked fails the audit.</p>")
     ref = (evidence or {}).get("reference")
     if has_p and ref:
         parts.append(f"<p class='meta'>p-values: conformal, against {ref['n']} reference images known to be novel "
@@ -358,7 +362,8 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
             cells.append(f"<td data-v='{ev[0]}'><a href='#ev-{ev[0]}'>{img} see</a></td>")
         else:
             cells.append("<td data-v=''></td>")
-        cells.append(f"<td data-v='{esc(err or '')}'>{esc(err) if err else ''}</td>")
+        shown_err = f"not checked: {err}" if err is not None and not_checked else err
+        cells.append(f"<td data-v='{esc(err or '')}'>{esc(shown_err) if err else ''}</td>")
         body.append(f"<tr class='{cls}'>{''.join(cells)}</tr>")
     parts.append(f"<div class='wrap'><table id='rows' data-filter='all'><thead><tr>{''.join(head)}</tr></thead>"
                  f"<tbody>{''.join(body)}</tbody></table></div>")

@@ -1,9 +1,10 @@
 """Images in, reports out: discovery, safe decoding, the preprocessing recipe, and report writers.
 
 Preprocessing recipe ``pil-fit-bicubic`` (written into every report): decode with Pillow, apply the EXIF
-orientation, take the first frame of animated / multi-page files, convert any mode to 8-bit RGB (16-bit and float
-images are rescaled from their full range, alpha is dropped), then scale the shorter side to the model's
-resolution with bicubic filtering and crop the centre square (``ImageOps.fit``).
+orientation, convert any mode to 8-bit RGB (16-bit and float images are rescaled from their full range, alpha is
+dropped), then scale the shorter side to the model's resolution with bicubic filtering and crop the centre square
+(``ImageOps.fit``). Every frame of an animated / multi-page file is decoded so (``decode_frames``; at most
+``MAX_FRAMES``, more is an error): a scan scores each and keeps, per score, the highest over the frames.
 
 Read once: ``read_file`` reads a file into memory once (at most ``MAX_FILE_BYTES``), and the scan hashes and decodes
 those same bytes (``content_digest``, ``decode_image``), so a row's key always names the bytes whose pixels were
@@ -47,6 +48,8 @@ MAX_FILE_BYTES = 256 * 2**20
 MAX_DECODED_BYTES = 256 * 2**20
 #: Bytes per pixel of Pillow's in-memory modes (others: 4).
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+#: Refuse animated / multi-page images with more frames than this (each frame is scored).
+MAX_FRAMES = 64
 #: Rows converted at a time from 16-bit / float images (bounds the temporaries).
 _ROW_BAND = 256
 
@@ -57,10 +60,23 @@ class ImageError(Exception):
     """A file could not be read as an image; the message is one line, for the report's ``error`` column."""
 
 
-def display_path(path: str | os.PathLike) -> str:
-    """A printable, UTF-8-safe form of a path (undecodable bytes become ``\\xNN``)."""
-    raw = os.fsencode(path)
+def display_bytes(raw: bytes) -> str:
+    """A UTF-8-safe form of a name's bytes that tells every two names apart: undecodable bytes become ``\\xNN`` and,
+    so that a name holding those four characters never prints the same, a backslash becomes ``\\\\`` (on POSIX,
+    where it is an ordinary character of a file name; Windows paths keep theirs as separators)."""
+    if os.sep == "/":
+        raw = raw.replace(b"\\", b"\\\\")
     return raw.decode("utf-8", errors="backslashreplace")
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A printable, UTF-8-safe form of a path that never equals another path's (``display_bytes``)."""
+    return display_bytes(os.fsencode(path))
+
+
+def display_name(name: str) -> str:
+    """``display_path`` for a name that is not a local path (a tar member's, a URL), given as text."""
+    return display_bytes(name.encode("utf-8", errors="surrogateescape"))
 
 
 def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -220,33 +236,53 @@ def content_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def decode_image(data: bytes, resolution: int) -> np.ndarray:
-    """Decode an image file's bytes into uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe."""
+def _check_frame(img: Image.Image) -> None:
+    """The pixel and decoded-size limits of the current frame, from its header (before any pixel is decoded)."""
+    w, h = img.size
+    if w * h > MAX_PIXELS:
+        raise ImageError(f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP > {MAX_PIXELS / 1e6:.0f} MP "
+                         f"limit; possible decompression bomb)")
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    decoded = w * h * _MODE_BYTES.get(img.mode, 4)
+    if decoded > MAX_DECODED_BYTES:
+        raise ImageError(f"image too large to decode ({w}x{h} {printable(img.mode, 20)} = "
+                         f"{_size(decoded)} > {_size(MAX_DECODED_BYTES)} limit)")
+
+
+def _fit(rgb: Image.Image, resolution: int) -> np.ndarray:
+    rgb = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+    arr = np.asarray(rgb if rgb.mode == "RGB" else rgb.convert("RGB"), dtype=np.uint8)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _decode(data: bytes, resolution: int, every_frame: bool) -> list[np.ndarray]:
     if not data:
         raise ImageError("empty file (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(_io.BytesIO(data)) as img:
-                w, h = img.size
-                if w * h > MAX_PIXELS:
-                    raise ImageError(f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP > {MAX_PIXELS / 1e6:.0f} MP "
-                                     f"limit; possible decompression bomb)")
-                if w < 1 or h < 1:
-                    raise ImageError(f"image has no pixels ({w}x{h})")
-                decoded = w * h * _MODE_BYTES.get(img.mode, 4)
-                if decoded > MAX_DECODED_BYTES:
-                    raise ImageError(f"image too large to decode ({w}x{h} {printable(img.mode, 20)} = "
-                                     f"{_size(decoded)} > {_size(MAX_DECODED_BYTES)} limit)")
-                if getattr(img, "n_frames", 1) > 1:
+                _check_frame(img)
+                n = getattr(img, "n_frames", 1)
+                if every_frame and n > MAX_FRAMES:
+                    raise ImageError(f"too many frames ({n} > {MAX_FRAMES} limit): not every frame can be checked")
+                if n > 1 and every_frame:
+                    out = []
+                    for k in range(n):  # each frame as the viewer shows it (Pillow composes GIF / APNG frames)
+                        img.seek(k)
+                        _check_frame(img)  # a page of a TIFF has its own size
+                        img.load()
+                        out.append(_fit(_to_rgb(ImageOps.exif_transpose(img)), resolution))
+                    return out
+                if n > 1:
                     img.seek(0)
                 img.load()
                 ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turning
                 rgb = _to_rgb(img)
                 if rgb is not img:
                     img.close()  # a converted frame's source goes before the resize allocates
-        rgb = ImageOps.fit(rgb, (resolution, resolution), method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
-        arr = np.asarray(rgb if rgb.mode == "RGB" else rgb.convert("RGB"), dtype=np.uint8)
+        return [_fit(rgb, resolution)]
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -260,7 +296,19 @@ def decode_image(data: bytes, resolution: int) -> np.ndarray:
         raise ImageError(f"corrupt or unreadable image: {printable(msg, 200)}") from None
     except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as e:
         raise ImageError(f"cannot decode image: {type(e).__name__}: {printable(e, 200)}") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def decode_image(data: bytes, resolution: int) -> np.ndarray:
+    """Decode an image file's bytes into uint8 ``[3, R, R]`` following the ``pil-fit-bicubic`` recipe (the first
+    frame of an animated / multi-page file: thumbnails, evidence, benchmarks; a scan uses ``decode_frames``)."""
+    return _decode(data, resolution, every_frame=False)[0]
+
+
+def decode_frames(data: bytes, resolution: int) -> np.ndarray:
+    """Every frame of an image file's bytes as uint8 ``[F, 3, R, R]`` (``F`` = 1 for a still image), each following
+    the ``pil-fit-bicubic`` recipe; ``ImageError`` for more than ``MAX_FRAMES`` frames (or any frame past the
+    limits)."""
+    return np.stack(_decode(data, resolution, every_frame=True))
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:

@@ -19,7 +19,8 @@ edited, or copied from another state directory) is dropped (``rejected``) and it
 is never opened through a symbolic link (``O_NOFOLLOW``) and must be a regular file with no other hard link. Without
 a secret (the benchmarks) records are neither signed nor checked.
 
-Scan records (``scan_record``): ``{"key", "path", <every score>, "mac"}``. The key of an image is a hash of its
+Scan records (``scan_record``): ``{"key", "path", <every score>, "mac"}``, plus ``"frames"`` (the frame each score
+came from) for an image with several frames. The key of an image is a hash of its
 file's bytes (sha256) and of everything that changes a score (``fingerprint``): the settings in ``KEY_SETTINGS``
 (model name and source, family, layer, timestep, sigma, pooling, seed, preprocessing recipe, resolution, dtype, the
 speed settings (Winograd convolutions, the allocator) and memdetect version) and, for a resumable scan, the
@@ -112,7 +113,22 @@ def scan_record(row: dict) -> dict | None:
     (an error row, or a file without a key)."""
     if row.get("key") is None or row.get("error") is not None:
         return None
-    return {"key": row["key"], "path": row["path"], **{m: row.get(m) for m in SCORES}}
+    rec = {"key": row["key"], "path": row["path"], **{m: row.get(m) for m in SCORES}}
+    if row.get(FRAMES_FIELD):
+        rec["frames"] = row[FRAMES_FIELD]
+    return rec
+
+
+#: A report row's private field (not a column) with the frame each score came from, for an image of several frames.
+FRAMES_FIELD = "_frames"
+
+
+def record_frames(record: dict) -> dict[str, int] | None:
+    """The frame each score of a scan record came from (None: a still image, or not recorded)."""
+    frames = record.get("frames")
+    if not isinstance(frames, dict):
+        return None
+    return {m: int(v) for m, v in frames.items() if m in SCORES and isinstance(v, int) and not isinstance(v, bool)}
 
 
 def record_scores(record: dict) -> dict[str, float] | None:

@@ -1,8 +1,10 @@
 """Report rows: one per file (its scores, or an error), their columns, the table, the counts, the written report.
 
-A row is ``path, score, <every score in scores.SCORES>, memorized, error, key``: ``score`` is the chosen metric's
-column and ``memorized`` is ``score >= threshold`` (empty without a threshold), both derived from the scores when
-the row is made, so a row rebuilt from a journal with another metric or threshold is flagged by the new rule.
+A row is ``path, score, <every score in scores.SCORES>, memorized, frame, error, key``: ``score`` is the chosen
+metric's column and ``memorized`` is ``score >= threshold`` (empty without a threshold), both derived from the scores
+when the row is made, so a row rebuilt from a journal with another metric or threshold is flagged by the new rule.
+An animated / multi-page image is one row: each score is the highest over its frames, and ``frame`` is the index
+(0-based) of the frame that gave the chosen metric's (0 for a still image; empty for an error row).
 ``key`` identifies the image's bytes and scoring settings (``memdetect.journal``). The written report adds the
 settings that produced the scores as constant columns (``SETTINGS_COLUMNS``); a JSON report carries all of them.
 A scan with a calibrated reference adds ``p_value`` and ``percentile`` after ``score`` (``add_p_values``).
@@ -21,19 +23,21 @@ from .io import write_report
 from .scores import SCORES
 
 METRIC_COLUMNS = list(SCORES)
-COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "error", "key"]
+COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "frame", "error", "key"]
 #: settings written into every CSV / Parquet report row
 SETTINGS_COLUMNS = ("model", "layer", "timestep", "seed", "metric")
 
 
 def make_row(path: str, scores: Mapping[str, float] | None, *, metric: str, threshold: float | None,
-             error: str | None = None, key: str | None = None) -> dict:
-    """One report row: ``scores`` (every metric) for a scored file, or ``error`` (then ``scores`` is None)."""
-    row = {"path": path, "score": None, **{m: None for m in METRIC_COLUMNS}, "memorized": None, "error": error,
-           "key": key}
+             error: str | None = None, key: str | None = None, frames: Mapping[str, int] | None = None) -> dict:
+    """One report row: ``scores`` (every metric) for a scored file, or ``error`` (then ``scores`` is None).
+    ``frames``: for each metric, the frame its score comes from (``frame`` is the chosen metric's; default 0)."""
+    row = {"path": path, "score": None, **{m: None for m in METRIC_COLUMNS}, "memorized": None, "frame": None,
+           "error": error, "key": key}
     if error is None:
         row.update({m: float(scores[m]) for m in METRIC_COLUMNS})
         row["score"] = row[metric]
+        row["frame"] = int((frames or {}).get(metric, 0))
         if threshold is not None:
             row["memorized"] = bool(row["score"] >= threshold)
     return row
@@ -45,6 +49,7 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
     for c in ["score", *METRIC_COLUMNS]:
         df[c] = df[c].astype("float64")
     df["memorized"] = df["memorized"].astype("boolean")
+    df["frame"] = df["frame"].astype("Int64")
     df["error"] = df["error"].astype("string")
     df["key"] = df["key"].astype("string")
     return df

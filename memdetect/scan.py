@@ -31,7 +31,7 @@ import os
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
@@ -42,7 +42,7 @@ from .errors import InputError
 from .html_report import write_html
 from .pvalues import Reference
 from .io import check_destinations, check_report_path, display_path, file_digest
-from .journal import Journal, fingerprint, journal_path, record_scores, row_key, scan_record
+from .journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
 from .sources import Source, inputs_digest, is_url, item_digest, item_name, resolve, shard as shard_of
 from .state import StateDir
 
@@ -57,7 +57,7 @@ class ScanResult(report.Counted):
     written."""
 
     frame: pd.DataFrame
-    files: tuple[Path, ...]
+    files: Sequence
     settings: Settings
     resumed: int
     computed: int
@@ -86,7 +86,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          channels: dict | None = None, evidence_top: int = _evidence.TOP,
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
-         shard: tuple[int, int] | None = None, shard_key: bytes | None = None) -> ScanResult:
+         shard: tuple[int, int] | None = None, shard_key: bytes | None = None, allow_remote: bool = False,
+         errors_fail: bool = False) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -99,7 +100,9 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     into the report one process would have written.
     ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
     ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
-    docstring; evidence images are read for local files only). Raises InputError when ``paths`` hold no image file
+    docstring; evidence images are read for local files only). ``allow_remote``: inputs and manifest rows may name
+    URLs other than ``file://`` (``memdetect.sources.resolve``). ``errors_fail``: the HTML page says error rows were not
+    checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read).
     """
     paths = list(paths)
@@ -113,7 +116,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         raise InputError(f"--reference-dir {display_path(reference_dir)} is not a folder")
     if evidence_top < 0:
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
-    everything = resolve(paths)
+    everything = resolve(paths, allow_remote=allow_remote)
     if not everything:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
     files = shard_of(everything, *shard) if shard is not None else everything
@@ -134,7 +137,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
             on_batch(done, len(files))
 
     rows: list[dict | None] = [None] * len(files)
-    todo = list(range(len(files)))
+    todo: Sequence[int] = range(len(files))  # no list, no item built, before the first image
     journal_cm = Journal(jpath, fresh=not resume, secret=state.secret()) if jpath is not None else nullcontext()
     with journal_cm as journal:
         if journal is not None and journal.done:
@@ -145,11 +148,13 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                 if scores is None:
                     todo.append(i)  # read, hashed and decoded again by the loader: keyed by what it scores
                 else:
-                    rows[i] = detector.row(item_name(f), scores, key=key)
+                    rows[i] = detector.row(item_name(f), scores, key=key, frames=record_frames(journal.done[key]))
             if len(files) > len(todo):
                 advance(len(files) - len(todo))
         pos = 0
-        batches = detector.iter_files([files[i] for i in todo], fingerprint=fp, num_workers=num_workers,
+        pending = files if len(todo) == len(files) else (
+            files.take(todo) if hasattr(files, "take") else [files[i] for i in todo])
+        batches = detector.iter_files(pending, fingerprint=fp, num_workers=num_workers,
                                       on_batch=advance, on_features=on_features)
         with closing(batches):  # an interrupt stops the decoding workers here, not at garbage collection
             for n, batch in enumerate(batches):
@@ -177,7 +182,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         else:
             written, written_settings = frame, settings_dict
         report.write_anywhere(written, output, written_settings)
-    by_name = {item_name(f): f for f in files if isinstance(f, Path)}
+    by_name = ({item_name(f): f for f in files if isinstance(f, Path)}
+               if html is not None or evidence_json is not None else {})
     ev = None
     if html is not None or evidence_json is not None:
         ev = _evidence.collect(detector, frame, by_name, top=evidence_top, reference=reference, channels=channels,
@@ -186,8 +192,9 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         evidence_json = _evidence.write_json(ev, evidence_json)
     html_path = None
     if html is not None:
-        html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev)
-    return ScanResult(frame, tuple(files), settings, resumed=resumed, computed=len(todo), output=output,
+        html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev,
+                               not_checked=errors_fail)
+    return ScanResult(frame, files, settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
                       weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs)
 

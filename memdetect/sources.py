@@ -8,15 +8,23 @@
 
 * a local file or folder: what ``memdetect.io.discover`` finds (``pathlib.Path`` items, read by ``io.read_file``);
   ``file://`` URLs are local paths;
-* any other fsspec URL (``s3://``, ``gs://``, ``hf://``, ``memory://`` ...): a file, a folder (searched
-  recursively for image suffixes, sorted) or a glob (sorted). Credentials come from fsspec's usual environment
-  variables and configuration files, never from a flag;
+* with ``allow_remote=True`` (``--allow-remote``) only, any other fsspec URL (``s3://``, ``gs://``, ``hf://``,
+  ``memory://``, ``http://``, ``ftp://`` ...): a file, a folder (searched recursively for image suffixes, sorted) or a
+  glob (sorted). Credentials come from fsspec's usual environment variables and configuration files, never from a
+  flag. Without it no connection is opened: such an input is a ``UsageError`` and such a manifest row an error row;
 * a ``.tar`` shard (local or URL; WebDataset layout): one item per member with an image suffix, in archive order,
-  named ``shard.tar::member``. Members that are not regular files, and the rest of a shard that is cut off or corrupt,
-  become error rows;
+  named ``shard.tar::member``, and ``shard.tar::member#K`` for the K-th member of that name (K >= 2: a tar may hold
+  several, and extracting it keeps the last). Members that are not regular files (links included), and the rest of a
+  shard that is cut off or corrupt, become error rows;
 * a manifest, ``.csv`` or ``.parquet`` (local or URL), with a ``path`` or ``url`` column: one item per row, each
   value a file, URL or ``shard.tar::member`` (relative paths are relative to the manifest's folder). An empty value
-  is an error row.
+  is an error row. Manifests are read in chunks, and local paths are held as their bytes (``ItemList``: about the
+  path's length plus 16 bytes a row), so a manifest of millions of rows costs little before the first image.
+
+Identity is the real location, never the displayed name: a local path by its bytes, a tar member by its place in
+the shard. Duplicates (the same identity twice) are removed, the first kept; names that merely print alike are two
+rows. Names are displayed with ``io.display_path``, which escapes backslashes and undecodable bytes, so two
+different names never print the same.
 
 An item that is not a local path is a ``Source``: its ``name`` is the report's ``path`` and ``read()`` returns its
 bytes (at most ``io.MAX_FILE_BYTES``) or raises ``ImageError`` with a one-line reason, so a bad remote file or tar
@@ -28,16 +36,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import posixpath
+import sys
 import tarfile
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from .errors import InputError, UsageError
-from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, ImageError, content_digest, discover, display_path, file_digest,
-                 read_file)
+from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, ImageError, content_digest, discover, display_name, display_path,
+                 file_digest, read_file)
 from .text import printable
 
 #: Separates a tar shard from a member in an item's name (``shard.tar::member``).
@@ -46,6 +59,8 @@ TAR_SUFFIXES = (".tar",)
 MANIFEST_SUFFIXES = (".csv", ".parquet")
 #: Manifest columns holding the image locations, in order of preference.
 MANIFEST_COLUMNS = ("path", "url")
+#: Manifest rows read at a time.
+MANIFEST_CHUNK = 1 << 16
 
 def is_url(value: str | os.PathLike) -> bool:
     """Whether ``value`` names an fsspec URL (``scheme://...``) rather than a local path."""
@@ -62,6 +77,18 @@ def _local_of(url: str) -> str | None:
         if url.startswith(prefix):
             return url[len(prefix):]
     return None
+
+
+def is_remote(value: str) -> bool:
+    """Whether ``value`` is a URL that is not a local path (``file://`` and ``local://`` are local)."""
+    return is_url(value) and _local_of(value) is None
+
+
+def remote_refused(url: str) -> str:
+    """The reason a remote URL is not read without ``allow_remote``."""
+    scheme = url.partition("://")[0]
+    return (f"remote URL not read: {printable(scheme, 20)}:// needs --allow-remote (memdetect reads local paths and "
+            f"file:// URLs only unless asked)")
 
 
 def _fsspec():
@@ -213,17 +240,25 @@ def item_name(item) -> str:
 
 # -- tar shards ----------------------------------------------------------------------------------------------------
 
+def _shown(location: str) -> str:
+    """A local path or URL as the report shows it (``io.display_path``)."""
+    return display_name(location) if is_url(location) else display_path(location)
+
+
 def tar_members(shard: str) -> list[Source]:
-    """One item per image member of a tar shard, in archive order (``shard::member``). A member with an image
-    suffix that is not a regular file is an error row; a shard that cannot be opened, or is cut off or corrupt part
-    way, adds one error row named after the shard (the members before the damage are kept)."""
+    """One item per image member of a tar shard, in archive order (``shard::member``, and ``shard::member#K`` for
+    the K-th member of a name). A member with an image suffix that is not a regular file is an error row; a shard
+    that cannot be opened, or is cut off or corrupt part way, adds one error row named after the shard (the members
+    before the damage are kept)."""
     items: list[Source] = []
+    seen: dict[str, int] = {}
     try:
         with _open_binary(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
                 if _suffix(m.name) not in IMAGE_EXTENSIONS:
                     continue  # captions, class labels, JSON metadata of a WebDataset sample
-                name = f"{shard}{MEMBER_SEP}{m.name}"
+                k = seen[m.name] = seen.get(m.name, 0) + 1
+                name = f"{_shown(shard)}{MEMBER_SEP}{display_name(m.name)}{f'#{k}' if k > 1 else ''}"
                 if not m.isfile():
                     items.append(Broken(name, reason="tar member is not a regular file"))
                 else:
@@ -232,69 +267,145 @@ def tar_members(shard: str) -> list[Source]:
         raise FileNotFoundError(f"path {printable(shard)} does not exist") from None
     except (tarfile.TarError, OSError, EOFError) as e:
         where = f" after {len(items)} image members" if items else ""
-        items.append(Broken(shard, reason=f"corrupt tar shard{where}: {printable(e, 200) or type(e).__name__}"))
+        items.append(Broken(_shown(shard), reason=f"corrupt tar shard{where}: "
+                                                  f"{printable(e, 200) or type(e).__name__}"))
     return items
 
 
 @functools.lru_cache(maxsize=64)
 def _tar_index(shard: str) -> dict[str, Source]:
-    return {it.name: it for it in tar_members(shard)}
+    """A shard's members by their displayed member name (``member``, ``member#K``)."""
+    prefix = _shown(shard) + MEMBER_SEP
+    return {it.name[len(prefix):]: it for it in tar_members(shard) if it.name.startswith(prefix)}
 
 
 # -- manifests -----------------------------------------------------------------------------------------------------
 
-def _read_manifest(location: str):
+def _manifest_values(location: str):
+    """``(column, values)``: the manifest's location column and an iterator over its values, read in chunks of
+    ``MANIFEST_CHUNK`` rows (a CSV's as text, a Parquet's as stored)."""
     import pandas as pd
 
+    name = printable(location)
     try:
-        with _open_binary(location) as f:
-            if _suffix(location) == ".parquet":
-                return pd.read_parquet(f)
-            return pd.read_csv(f, dtype=str, keep_default_na=False)
+        f = _open_binary(location)
     except FileNotFoundError:
-        raise FileNotFoundError(f"path {printable(location)} does not exist") from None
-    except ImportError:
-        raise UsageError("reading a .parquet manifest needs pyarrow: pip install 'memdetect[parquet]'") from None
+        raise FileNotFoundError(f"path {name} does not exist") from None
+    except OSError as e:
+        raise InputError(f"manifest {name} cannot be read: {printable(e, 200)}") from None
+    try:
+        if _suffix(location) == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise UsageError("reading a .parquet manifest needs pyarrow: pip install "
+                                 "'memdetect[parquet]'") from None
+            pf = pq.ParquetFile(f)
+            columns = list(pf.schema_arrow.names)
+            column = next((c for c in MANIFEST_COLUMNS if c in columns), None)
+            chunks = (b.column(0).to_pylist() for b in pf.iter_batches(batch_size=MANIFEST_CHUNK, columns=[column])) \
+                if column else iter(())
+        else:
+            columns = list(pd.read_csv(f, dtype=str, nrows=0).columns)  # the header, then only the one column
+            column = next((c for c in MANIFEST_COLUMNS if c in columns), None)
+            if f.seekable():
+                f.seek(0)
+            else:
+                f.close()
+                f = _open_binary(location)
+            reader = pd.read_csv(f, dtype=str, keep_default_na=False, usecols=[column] if column else None,
+                                 chunksize=MANIFEST_CHUNK)
+            chunks = (chunk[column].tolist() for chunk in reader)
+    except FileNotFoundError:
+        f.close()
+        raise FileNotFoundError(f"path {name} does not exist") from None
     except (ValueError, OSError) as e:
-        raise InputError(f"manifest {printable(location)} cannot be read: {printable(e, 200)}") from None
-
-
-def manifest_items(location: str) -> list:
-    """One item per row of a CSV / Parquet manifest's ``path`` (or ``url``) column, in row order."""
-    df = _read_manifest(location)
-    column = next((c for c in MANIFEST_COLUMNS if c in df.columns), None)
+        f.close()
+        raise InputError(f"manifest {name} cannot be read: {printable(e, 200)}") from None
+    except BaseException:
+        f.close()
+        raise
     if column is None:
-        raise InputError(f"manifest {printable(location)} has no {' or '.join(MANIFEST_COLUMNS)} column (columns: "
-                         f"{printable(', '.join(map(str, df.columns)), 200) or 'none'})")
-    base = posixpath.dirname(location) if is_url(location) else os.path.dirname(location)
-    items = []
-    for n, value in enumerate(df[column].tolist(), start=1):
+        f.close()
+        raise InputError(f"manifest {name} has no {' or '.join(MANIFEST_COLUMNS)} column (columns: "
+                         f"{printable(', '.join(map(str, columns)), 200) or 'none'})")
+
+    def values():
+        try:
+            for chunk in chunks:
+                yield from chunk
+        except (ValueError, OSError) as e:
+            raise InputError(f"manifest {name} cannot be read: {printable(e, 200)}") from None
+        finally:
+            f.close()
+
+    return column, values()
+
+
+def _manifest_into(location: str, out: "ItemList", allow_remote: bool = False) -> None:
+    """Append one item per row of a CSV / Parquet manifest to ``out``, in row order, streaming: a local path is
+    appended as its bytes, never as an object."""
+    column, values = _manifest_values(location)
+    remote_base = is_url(location)
+    base = posixpath.dirname(location) if remote_base else os.path.dirname(location)
+    shown = _shown(location)
+    # the common row (a plain local path on POSIX) takes a short way: no Path object, one string join
+    fast = os.sep == "/" and not remote_base
+    prefix = base + "/" if base and not base.endswith("/") else base
+    append_path = out.append_path
+    for n, value in enumerate(values, start=1):
         if value is None or (isinstance(value, float) and value != value) or str(value).strip() == "":
-            items.append(Broken(f"{location}#row{n}", reason=f"manifest row {n} has no {column}"))
+            out.append(Broken(f"{shown}#row{n}", reason=f"manifest row {n} has no {column}"))
             continue
         value = str(value)
-        if not is_url(value) and not os.path.isabs(value.split(MEMBER_SEP)[0]):
-            value = posixpath.join(base, value) if is_url(location) else os.path.join(base, value)
-        items.append(open_source(value))
-    return items
+        if fast and "://" not in value and MEMBER_SEP not in value:
+            local = value if value[0] == "/" else prefix + value
+            if _plain(local):
+                append_path(local)
+                continue
+        head, sep, _ = value.partition(MEMBER_SEP)
+        if not is_url(value) and not os.path.isabs(head):
+            value = posixpath.join(base, value) if remote_base else os.path.join(base, value)
+        if is_url(value) or (sep and _suffix(head) in TAR_SUFFIXES):
+            out.append(open_source(value, allow_remote=allow_remote))
+        else:
+            out.append_path(os.fspath(Path(value)))
+
+
+def _plain(path: str) -> bool:
+    """Whether ``pathlib`` would keep this POSIX path as it is (no ``//``, ``.`` component or trailing slash)."""
+    return ("//" not in path and "/./" not in path and not path.endswith(("/", "/.")) and not path.startswith("./")
+            and path != ".")
+
+
+def manifest_items(location: str, allow_remote: bool = False) -> "ItemList":
+    """One item per row of a CSV / Parquet manifest's ``path`` (or ``url``) column, in row order."""
+    out = ItemList()
+    _manifest_into(location, out, allow_remote)
+    return out
 
 
 # -- resolving inputs ----------------------------------------------------------------------------------------------
 
-def open_source(name: str):
-    """The item named ``name``: a local path, a URL, or ``shard.tar::member`` (error row if the member is absent).
-    A name is never expanded (no folder walk, no manifest): it is one image."""
+def open_source(name: str, allow_remote: bool = False):
+    """The item named ``name``: a local path, a URL, or ``shard.tar::member`` / ``shard.tar::member#K`` (error row
+    if the member is absent). A name is never expanded (no folder walk, no manifest): it is one image. A remote URL
+    (not ``file://``) is an error row unless ``allow_remote``: nothing is opened."""
     name = str(name)
     shard, sep, member = name.partition(MEMBER_SEP)
     if sep and _suffix(shard) in TAR_SUFFIXES:
+        if is_remote(shard) and not allow_remote:
+            return Broken(display_name(name), reason=remote_refused(shard))
         try:
-            found = _tar_index(shard).get(name)
+            found = _tar_index(shard).get(member)
         except FileNotFoundError:
             found = None
-        return found or Broken(name, reason="no such tar member")
+        return found or Broken(f"{_shown(shard)}{MEMBER_SEP}{display_name(member)}", reason="no such tar member")
     if is_url(name):
         local = _local_of(name)
-        return Path(local) if local is not None else RemoteFile(name)
+        if local is not None:
+            return Path(local)
+        return RemoteFile(name) if allow_remote else Broken(display_name(name), reason=remote_refused(name))
     return Path(name)
 
 
@@ -317,39 +428,174 @@ def _remote_listing(url: str) -> list[str]:
     return [url]
 
 
-def _expand(location: str) -> list:
+def _expand(location: str, out: "ItemList", allow_remote: bool) -> None:
     suffix = _suffix(location)
     if suffix in TAR_SUFFIXES:
-        return tar_members(location)
-    if suffix in MANIFEST_SUFFIXES:
-        return manifest_items(location)
-    return [open_source(location)]
+        out.extend(tar_members(location))
+    elif suffix in MANIFEST_SUFFIXES:
+        _manifest_into(location, out, allow_remote)
+    else:
+        out.append(open_source(location, allow_remote=allow_remote))
 
 
-def resolve(inputs: Iterable[str | os.PathLike]) -> list:
+def resolve(inputs: Iterable[str | os.PathLike], allow_remote: bool = False) -> "ItemList":
     """Every image named by ``inputs``, one item each, in input order (see the module docstring). Local folders are
-    searched as ``io.discover`` does; duplicates are removed, the first kept. FileNotFoundError for an input that
-    does not exist."""
-    out: list = []
-    seen: set[str] = set()
+    searched as ``io.discover`` does; duplicates (the same real path, the same tar member) are removed, the first
+    kept. FileNotFoundError for an input that does not exist; UsageError for a remote URL without
+    ``allow_remote``."""
+    out = ItemList()
     for arg in inputs:
         s = arg if isinstance(arg, str) else os.fspath(arg)
         if is_url(s) and _local_of(s) is not None:
             s = _local_of(s)
         if is_url(s):
-            found = [it for loc in _remote_listing(s) for it in _expand(loc)]
+            if not allow_remote:
+                raise UsageError(f"{printable(s)}: {remote_refused(s)}")
+            for loc in _remote_listing(s):
+                _expand(loc, out, allow_remote)
         else:
             p = Path(s)
             if p.is_file() and _suffix(s) in TAR_SUFFIXES + MANIFEST_SUFFIXES:
-                found = _expand(s)
+                _expand(s, out, allow_remote)
             else:
-                found = discover([p])
-        for it in found:
-            key = item_name(it)
-            if key not in seen:
-                seen.add(key)
-                out.append(it)
+                out.extend(discover([p]))
+    out.deduplicate()
     return out
+
+
+def item_identity(item) -> bytes:
+    """What makes two items the same image: a local path's bytes, a tar member's shard and offset, else the name."""
+    if isinstance(item, TarMember):
+        return b"t\0" + item.shard.encode("utf-8", "surrogateescape") + b"\0" + str(item.offset).encode()
+    if isinstance(item, Source):
+        return b"s\0" + item.name.encode("utf-8", "surrogateescape")
+    return b"p" + os.fsencode(item)
+
+
+_FS_ENCODING, _FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+class ItemList(Sequence):
+    """Resolved items, held compactly: a local path is its bytes in one buffer plus an 8-byte offset (no object per
+    row); other items (``Source``) are kept as objects. Indexing builds the item (a ``Path`` or the ``Source``);
+    slices and ``take`` are views that share the buffer."""
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("q")
+        self._objects: list = []
+        self._hashes: array | None = array("q")
+        self._rows: np.ndarray | None = None  # the entries a view holds (None: all)
+
+    def append_path(self, path: str | os.PathLike) -> None:
+        """Append a local path (as given: no normalisation)."""
+        entry = b"p" + (path.encode(_FS_ENCODING, _FS_ERRORS) if type(path) is str else os.fsencode(path))
+        self._blob += entry
+        self._ends.append(len(self._blob))
+        self._hashes.append(hash(entry))
+
+    def append(self, item) -> None:
+        if not isinstance(item, Source):
+            self.append_path(item)
+            return
+        self._blob += b"o" + str(len(self._objects)).encode()
+        self._ends.append(len(self._blob))
+        self._objects.append(item)
+        self._hashes.append(hash(item_identity(item)))
+
+    def extend(self, items: Iterable) -> None:
+        for it in items:
+            self.append(it)
+
+    def _entry(self, k: int) -> bytes:
+        return bytes(self._blob[self._ends[k - 1] if k else 0:self._ends[k]])
+
+    def _identity(self, k: int) -> bytes:
+        e = self._entry(k)
+        return e if e[:1] == b"p" else item_identity(self._objects[int(e[1:])])
+
+    def _item(self, k: int):
+        e = self._entry(k)
+        return Path(os.fsdecode(e[1:])) if e[:1] == b"p" else self._objects[int(e[1:])]
+
+    def deduplicate(self) -> None:
+        """Drop every entry whose identity (``item_identity``) an earlier one has; only equal hashes are compared."""
+        h = np.frombuffer(self._hashes, dtype=np.int64) if len(self._hashes) else np.zeros(0, np.int64)
+        self._hashes = None
+        order = np.argsort(h, kind="stable")  # equal hashes stay in input order
+        hs = h[order]
+        starts = np.flatnonzero(np.r_[True, hs[1:] != hs[:-1]]) if len(hs) else np.zeros(0, np.int64)
+        sizes = np.diff(np.r_[starts, len(hs)])
+        drop = []
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1]):
+            kept: set[bytes] = set()
+            for k in order[start:start + size]:
+                ident = self._identity(int(k))
+                if ident in kept:
+                    drop.append(int(k))
+                kept.add(ident)
+        if drop:
+            keep = np.ones(len(self._ends), dtype=bool)
+            keep[drop] = False
+            self._rows = np.flatnonzero(keep)
+
+    def _view(self, rows: np.ndarray) -> "ItemList":
+        v = ItemList.__new__(ItemList)
+        v._blob, v._ends, v._objects, v._hashes, v._rows = self._blob, self._ends, self._objects, None, rows
+        return v
+
+    def take(self, positions: Sequence[int]) -> "ItemList":
+        """A view of the items at ``positions``."""
+        pos = np.asarray(positions, dtype=np.int64)
+        return self._view(pos if self._rows is None else self._rows[pos])
+
+    def __len__(self) -> int:
+        return len(self._ends) if self._rows is None else len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(range(*i.indices(len(self))))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        i %= n
+        return self._item(i if self._rows is None else int(self._rows[i]))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def nbytes(self) -> int:
+        """Bytes held for the entries (buffer, offsets, view), not counting ``Source`` objects."""
+        return len(self._blob) + self._ends.itemsize * len(self._ends) + (0 if self._rows is None
+                                                                           else self._rows.nbytes)
+
+
+def item_ref(item) -> str:
+    """A text form of an item that ``from_ref`` turns back into the same item (a local path's bytes, a tar member's
+    place): what a Ray worker is given, as the displayed name cannot always be opened again."""
+    if isinstance(item, TarMember):
+        return "t" + json.dumps([item.name, item.shard, item.offset, item.size])
+    if isinstance(item, Broken):
+        return "b" + json.dumps([item.name, item.reason])
+    if isinstance(item, RemoteFile):
+        return "u" + json.dumps([item.name])
+    return "p" + os.fsencode(item).hex()
+
+
+def from_ref(ref: str):
+    """The item of ``item_ref``."""
+    kind, body = ref[:1], ref[1:]
+    if kind == "p":
+        return Path(os.fsdecode(bytes.fromhex(body)))
+    args = json.loads(body)
+    if kind == "t":
+        return TarMember(args[0], shard=args[1], offset=int(args[2]), size=int(args[3]))
+    if kind == "b":
+        return Broken(args[0], reason=args[1])
+    if kind == "u":
+        return RemoteFile(args[0])
+    raise ValueError(f"not an item reference: {printable(ref, 40)}")
 
 
 # -- shards of the work ----------------------------------------------------------------------------------------------
@@ -372,11 +618,11 @@ def shard_bounds(total: int, index: int, count: int) -> tuple[int, int]:
     return total * index // count, total * (index + 1) // count
 
 
-def shard(items: Sequence, index: int, count: int) -> list:
+def shard(items: Sequence, index: int, count: int) -> Sequence:
     """Part ``index`` (0-based) of ``count``: contiguous blocks in input order, disjoint, covering every item, so
-    concatenating the parts in order gives the items back."""
+    concatenating the parts in order gives the items back (a view of an ``ItemList``, else a list)."""
     start, stop = shard_bounds(len(items), index, count)
-    return list(items[start:stop])
+    return items[start:stop] if isinstance(items, ItemList) else list(items[start:stop])
 
 
 def inputs_digest(items: Sequence) -> str:
@@ -388,6 +634,7 @@ def inputs_digest(items: Sequence) -> str:
     return f"{len(items)}:{h.hexdigest()[:16]}"
 
 
-__all__ = ["Broken", "MEMBER_SEP", "RemoteFile", "Source", "TarMember", "inputs_digest", "is_url", "item_digest",
-           "item_name", "manifest_items", "open_source", "parse_shard", "read_item", "resolve", "shard",
-           "shard_bounds", "tar_members", "upload", "open_binary"]
+__all__ = ["Broken", "ItemList", "MEMBER_SEP", "RemoteFile", "Source", "TarMember", "from_ref", "inputs_digest",
+           "is_remote", "is_url", "item_digest", "item_identity", "item_name", "item_ref", "manifest_items",
+           "open_source", "parse_shard", "read_item", "remote_refused", "resolve", "shard", "shard_bounds",
+           "tar_members", "upload", "open_binary"]

@@ -123,7 +123,7 @@ def test_bad_file_corpus_every_file_accounted_for(tiny_ddpm, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, timeout=300, cwd=tmp_path, env=env)
     stderr = proc.stderr.decode("utf-8", "replace")
     assert "Traceback" not in stderr and "Traceback" not in proc.stdout.decode("utf-8", "replace")
-    assert proc.returncode == 1, stderr  # every scored image is flagged at -1e9; unreadable files do not count
+    assert proc.returncode == 1, stderr  # every scored image is flagged at -1e9 (and unreadable files fail too)
 
     records = json.loads(out.read_text())["rows"]
     rows = pd.DataFrame(records)
@@ -146,9 +146,9 @@ def test_bad_file_corpus_every_file_accounted_for(tiny_ddpm, tmp_path):
     suite = ET.parse(tmp_path / "j.xml").getroot().find("testsuite")
     assert len(suite.findall("testcase")) == len(expect)
     assert len(suite.findall("testcase/failure")) == len(expect) - n_bad
-    assert len(suite.findall("testcase/skipped")) == n_bad
+    assert len(suite.findall("testcase/error")) == n_bad  # not checked: fails the audit
     annotations = [line for line in proc.stdout.decode().splitlines() if line.startswith("::")]
-    assert len(annotations) == len(expect)  # one ::error per flagged, one ::warning per unreadable file
+    assert len(annotations) == len(expect)  # one ::error per flagged and per file not checked
     assert any("new%0Aline%2C comma %250A.png" in a for a in annotations)
     assert (tmp_path / "r.html").stat().st_size > 1000
 
@@ -206,14 +206,20 @@ def _frame():
 SETTINGS = {"model": "demo", "metric": "std", "threshold": 1.5, "layer": "x"}
 
 
-def test_junit_xml_maps_flagged_to_failures_and_errors_to_skipped():
+def test_junit_xml_maps_flagged_to_failures_and_errors_to_not_checked_errors():
     root = ET.fromstring(ci.junit_xml(_frame(), SETTINGS))
     suite = root.find("testsuite")
-    assert suite.get("tests") == "3" and suite.get("failures") == "1" and suite.get("skipped") == "1"
+    assert suite.get("tests") == "3" and suite.get("failures") == "1" and suite.get("errors") == "1"
+    assert suite.get("skipped") == "0"
     cases = {c.get("name"): c for c in suite.findall("testcase")}
     assert set(cases) == {"a.png", "b.png", "c\\x01d,e:f.png"}  # a control character is not valid XML 1.0
     assert cases["a.png"].find("failure").get("message") == "memorized: std 2 >= threshold 1.5"
     assert list(cases["b.png"]) == []
+    assert cases["c\\x01d,e:f.png"].find("error").get("message") == "not checked: not a recognised image format"
+    # --allow-errors: an unreadable file is skipped, as before the audit failed closed
+    suite = ET.fromstring(ci.junit_xml(_frame(), SETTINGS, allow_errors=True)).find("testsuite")
+    assert suite.get("errors") == "0" and suite.get("skipped") == "1"
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
     assert "not a recognised image format" in cases["c\\x01d,e:f.png"].find("skipped").get("message")
 
 
@@ -223,9 +229,11 @@ def test_github_annotations_are_escaped_and_relative_to_the_workspace(tmp_path):
     lines = ci.github_annotations(df, SETTINGS, workspace=str(tmp_path))
     assert lines[0] == ("::error file=imgs/a.png,title=memdetect%3A memorized image::"
                         "memorized: std 2 >= threshold 1.5")
-    assert lines[1] == ("::warning file=c\\x01d%2Ce%3Af.png,title=memdetect%3A not scored::"
+    assert lines[1] == ("::error file=c\\x01d%2Ce%3Af.png,title=memdetect%3A not checked::"
                         "not a recognised image format")  # a control character is written as an escape
     assert len(lines) == 2
+    assert ci.github_annotations(df, SETTINGS, workspace=str(tmp_path), allow_errors=True)[1] == (
+        "::warning file=c\\x01d%2Ce%3Af.png,title=memdetect%3A not scored::not a recognised image format")
     doc = ci.summary(df, exit_code=1, settings=SETTINGS)
     md = ci.step_summary_markdown(doc)
     assert "| 3 | 2 | 1 | 1 | 1 |" in md and "imgs/a.png" in md

@@ -131,7 +131,7 @@ def test_action_run_sh_locally(tiny_ddpm, tmp_path):
     assert sorted(p.name for p in ws.iterdir()) == ["generated", "memdetect-junit.xml", "memdetect-report.csv",
                                                     "memdetect-summary.json", "memdetect.toml", "report.html"]
     assert "::error file=generated/img_000.png,title=memdetect%3A memorized image::" in proc.stdout
-    assert "::warning file=generated/corrupt.png," in proc.stdout
+    assert "::error file=generated/corrupt.png,title=memdetect%3A not checked::" in proc.stdout
     assert "| 5 | 4 | 1 | 4 | 1 |" in (tmp_path / "summary.md").read_text()
 
 
@@ -141,15 +141,18 @@ def test_action_run_sh_exit_codes(tmp_path):
     fake = tmp_path / "fake-memdetect"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > args.txt\n'
                     'while [ $# -gt 0 ]; do [ "$1" = --summary-json ] && out=$2; shift; done\n'
-                    '[ "$FAKE_RC" = 2 ] || echo \'{"images": 3, "scored": 3, "errored": 0, "flagged": 1}\' > "$out"\n'
+                    '[ "$FAKE_RC" = 2 ] || echo "{\\"images\\": 3, \\"scored\\": 3, \\"errored\\": 0, '
+                    '\\"flagged\\": 1, '
+                    '\\"not_checked\\": ${FAKE_NOT_CHECKED:-[]}}" > "$out"\n'
                     'exit "$FAKE_RC"\n')
     fake.chmod(0o755)
     (tmp_path / "memdetect-summary.json").write_text('{"images": 99, "scored": 99, "errored": 0, "flagged": 99}')
-    cases = [("1", "true", 1), ("1", "false", 0), ("0", "true", 0), ("2", "false", 2)]
-    for rc, fail_on_flagged, expected in cases:
-        out = tmp_path / f"out-{rc}-{fail_on_flagged}"
+    cases = [("1", "true", 1, "[]"), ("1", "false", 0, "[]"), ("0", "true", 0, "[]"), ("2", "false", 2, "[]"),
+             ("1", "false", 1, '[{"path": "x.png", "error": "unreadable"}]')]  # not checked: never excused
+    for rc, fail_on_flagged, expected, not_checked in cases:
+        out = tmp_path / f"out-{rc}-{fail_on_flagged}-{len(not_checked)}"
         step = _step_env(paths="a b\n c d/e f.png \n", **{"fail-on-flagged": fail_on_flagged, "extra-args": "-b 8"})
-        env = _env(**step, MEMDETECT_BIN=str(fake), FAKE_RC=rc, GITHUB_OUTPUT=str(out))
+        env = _env(**step, MEMDETECT_BIN=str(fake), FAKE_RC=rc, GITHUB_OUTPUT=str(out), FAKE_NOT_CHECKED=not_checked)
         proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == expected, (rc, fail_on_flagged, proc.stderr)
         outputs = _outputs(out)

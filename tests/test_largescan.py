@@ -216,7 +216,7 @@ def test_memory_and_file_urls_for_inputs_and_reports(det, tmp_path):
     fs.pipe("/t16/shards/s.tar", make_tar(tmp_path / "s.tar", [("0.png", files[0].read_bytes())]).read_bytes())
     try:
         res = scan(det, ["memory://t16/imgs", "memory://t16/shards/*.tar", f"file://{files[2]}"],
-                   output="memory://t16/out/report.json")
+                   output="memory://t16/out/report.json", allow_remote=True)
         names = list(res.frame["path"])
         assert len(names) == 5 and names[-1] == str(files[2])
         assert names[0].startswith("memory://") and names[0].endswith("/t16/imgs/img_000.png")
@@ -228,29 +228,33 @@ def test_memory_and_file_urls_for_inputs_and_reports(det, tmp_path):
         doc = json.loads(fs.cat("/t16/out/report.json"))
         assert len(doc["rows"]) == 5 and doc["settings"]["family"] == "ddpm"
         # a rerun resumes from the journal (kept in the state directory for a report at a URL)
-        again = scan(det, ["memory://t16/imgs"], output="memory://t16/out/r2.csv")
+        again = scan(det, ["memory://t16/imgs"], output="memory://t16/out/r2.csv", allow_remote=True)
         assert again.computed == 3
-        again = scan(det, ["memory://t16/imgs"], output="memory://t16/out/r2.csv")
+        again = scan(det, ["memory://t16/imgs"], output="memory://t16/out/r2.csv", allow_remote=True)
         assert again.resumed == 3 and again.computed == 0
         # shards written to URLs merge from URLs
         for i in range(2):
-            scan(det, ["memory://t16/imgs"], output=f"memory://t16/out/p{i}.parquet", shard=(i, 2))
+            scan(det, ["memory://t16/imgs"], output=f"memory://t16/out/p{i}.parquet", shard=(i, 2), allow_remote=True)
         r = invoke("merge", "memory://t16/out/p0.parquet", "memory://t16/out/p1.parquet", "-o",
                    "memory://t16/out/m.csv")
         assert r.exit_code == 0, r.output
         merged = pd.read_csv(io.BytesIO(fs.cat("/t16/out/m.csv")))
         assert len(merged) == 3
         missing = invoke("scan", "memory://t16/nothing-here.png", "--model", "ddpm", "--model-path",
-                         det.adapter.source, "-q")
+                         det.adapter.source, "-q", "--allow-remote")
         assert missing.exit_code == 2 and "does not exist" in missing.output
+        refused = invoke("scan", "memory://t16/imgs", "--model", "ddpm", "--model-path", det.adapter.source, "-q")
+        assert refused.exit_code == 2 and "memory:// needs --allow-remote" in refused.output
     finally:
         fs.rm("/t16", recursive=True)
 
 
 def test_a_missing_remote_file_in_a_manifest_is_an_error_row(det, tmp_path):
     pd.DataFrame({"url": ["memory://t16b/none.png"]}).to_csv(tmp_path / "m.csv", index=False)
-    df = scan(det, [tmp_path / "m.csv"]).frame
+    df = scan(det, [tmp_path / "m.csv"], allow_remote=True).frame
     assert df["error"].tolist() == ["not found"]
+    df = scan(det, [tmp_path / "m.csv"]).frame  # without allow_remote: nothing is opened
+    assert df["error"].str.contains("memory:// needs --allow-remote").tolist() == [True]
 
 
 # -- torchrun ------------------------------------------------------------------------------------------------------

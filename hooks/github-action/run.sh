@@ -3,7 +3,8 @@
 # MEMDETECT_* environment variables, runs `memdetect audit`, and writes the step outputs to $GITHUB_OUTPUT.
 # It runs the same way outside GitHub, e.g.:
 #   MEMDETECT_PATHS=generated/ MEMDETECT_CONFIG=memdetect.toml bash hooks/github-action/run.sh
-# Exit status: memdetect's (0 nothing flagged, 1 flagged, 2 error), except 1 -> 0 when MEMDETECT_FAIL_ON_FLAGGED=false.
+# Exit status: memdetect's (0 nothing flagged, 1 flagged or an image not checked, 2 error), except 1 -> 0 when
+# MEMDETECT_FAIL_ON_FLAGGED=false and every image was checked (an image that could not be checked always fails).
 set -uo pipefail
 
 memdetect_bin="${MEMDETECT_BIN:-memdetect}"
@@ -62,7 +63,13 @@ for k in ("images", "scored", "errored", "flagged"):
 fi
 
 if [ "$rc" -eq 1 ] && [ "${MEMDETECT_FAIL_ON_FLAGGED:-true}" = "false" ]; then
-  echo "memdetect action: images were flagged, but fail-on-flagged is false" >&2
-  exit 0
+  python=$(command -v python || command -v python3)
+  unchecked=$("$python" -c 'import json, sys
+print(len(json.load(open(sys.argv[1])).get("not_checked", [])))' "$summary" 2>/dev/null || echo unknown)
+  if [ "$unchecked" = "0" ]; then
+    echo "memdetect action: images were flagged, but fail-on-flagged is false" >&2
+    exit 0
+  fi
+  echo "memdetect action: $unchecked images were not checked; fail-on-flagged=false does not excuse that" >&2
 fi
 exit "$rc"

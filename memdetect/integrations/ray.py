@@ -10,7 +10,10 @@ or from the command line, ``memdetect scan URI... --engine ray [--ray-address AD
 as a local scan (same rows, same order).
 
 The input dataset has a ``bytes`` column (image file bytes) and/or a ``path`` column (a local path readable on
-every worker, an fsspec URL or ``shard.tar::member``, opened with ``memdetect.sources.open_source``). Each row of
+every worker, an fsspec URL or ``shard.tar::member``, opened with ``memdetect.sources.open_source``, URLs allowed:
+the dataset is the caller's). ``memdetect scan --engine ray`` resolves the inputs on the driver (remote URLs only
+with ``--allow-remote``) and adds a ``ref`` column (``memdetect.sources.item_ref``: the real path's bytes, the tar
+member's place), which the workers open instead of the displayed name. Each row of
 the output has the report's columns (``memdetect.report.COLUMNS``) plus the input's other columns (``bytes``
 dropped); a bad image is an error row. Scoring is a ``map_batches`` over an actor pool of ``concurrency`` actors,
 each loading the model once, on a GPU when the cluster has GPUs (``num_gpus``, default: 1 per actor if the
@@ -61,27 +64,32 @@ class Scorer:
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         import torch
 
-        from ..io import ImageError, content_digest, decode_image, image_seed
+        from ..detector import frame_scores
+        from ..io import ImageError, content_digest, decode_frames, image_seed
         from ..journal import row_key
         from ..report import COLUMNS, METRIC_COLUMNS
-        from ..sources import open_source, read_item
+        from ..sources import from_ref, open_source, read_item
         from ..text import printable
 
         det = self.det
-        has_bytes, has_path = "bytes" in batch.columns, "path" in batch.columns
+        has_bytes, has_path, has_ref = "bytes" in batch.columns, "path" in batch.columns, "ref" in batch.columns
         items = []
         for j in range(len(batch)):
             path = str(batch["path"].iloc[j]) if has_path else None
             it = {"path": path, "pixels": None, "error": None, "digest": None}
             try:
-                data = batch["bytes"].iloc[j] if has_bytes else read_item(open_source(path))
+                if has_bytes:
+                    data = batch["bytes"].iloc[j]
+                else:  # the driver's reference of what it resolved (a name cannot always be opened again)
+                    item = from_ref(str(batch["ref"].iloc[j])) if has_ref else open_source(path, allow_remote=True)
+                    data = read_item(item)
                 if data is None:
                     raise ImageError("no bytes")
                 data = bytes(data)
                 it["digest"] = content_digest(data)
                 if it["path"] is None:
                     it["path"] = f"bytes:{it['digest'][:16]}"
-                it["pixels"] = decode_image(data, det.adapter.resolution)
+                it["pixels"] = decode_frames(data, det.adapter.resolution)
             except ImageError as e:
                 it["error"] = str(e)
             except Exception as e:  # one bad row never stops the batch
@@ -89,28 +97,30 @@ class Scorer:
             if it["path"] is None:
                 it["path"] = f"row:{j}"
             items.append(it)
-        good = [it for it in items if it["error"] is None]
+        frames = [f for it in items if it["error"] is None for f in it["pixels"]]  # every frame, as a local scan
         scores: dict[str, list[float]] = {}
-        for start in range(0, len(good), det.batch_size):
-            chunk = good[start:start + det.batch_size]
-            pixels = torch.from_numpy(np.stack([it["pixels"] for it in chunk]))
-            s = det.score_tensor(pixels, [image_seed(it["pixels"], det.seed) for it in chunk])
+        for start in range(0, len(frames), det.batch_size):
+            chunk = frames[start:start + det.batch_size]
+            s = det.score_tensor(torch.from_numpy(np.stack(chunk)), [image_seed(f, det.seed) for f in chunk])
             for k, v in s.items():
                 scores.setdefault(k, []).extend(float(x) for x in v)
         rows, n = [], 0
         for it in items:
             key = row_key(it["digest"], self.fp)
             if it["error"] is None:
-                rows.append(det.row(it["path"], {k: v[n] for k, v in scores.items()}, key=key))
-                n += 1
+                m = len(it["pixels"])
+                best, where = frame_scores({k: np.asarray(v[n:n + m]) for k, v in scores.items()})
+                rows.append(det.row(it["path"], best, key=key, frames=where))
+                n += m
             else:
                 rows.append(det.row(it["path"], None, error=it["error"], key=key))
         out = pd.DataFrame(rows, columns=COLUMNS)
         for c in ("score", *METRIC_COLUMNS):  # floats even in a batch of error rows only (all None)
             out[c] = out[c].astype("float64")
         out["memorized"] = out["memorized"].astype(object)
+        out["frame"] = out["frame"].astype(object)
         for c in batch.columns:
-            if c not in ("bytes", *COLUMNS):
+            if c not in ("bytes", "ref", *COLUMNS):
                 out[c] = batch[c].to_numpy()
         return out
 
@@ -139,7 +149,7 @@ def score_dataset(ds, model: str = "demo", model_path: str | None = None, *, con
 
 def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
                   address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
-                  shard_key: bytes | None = None, **detector_kwargs):
+                  shard_key: bytes | None = None, allow_remote: bool = False, **detector_kwargs):
     """``memdetect scan --engine ray``: resolve ``paths`` here (``memdetect.sources``), score them on Ray (joining
     ``address``, or ``RAY_ADDRESS``, else a local Ray), and write the report a local scan would write (rows in
     input order). ``det``: the driver's detector, loaded with the same options (its settings go into the report;
@@ -150,14 +160,14 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
     from ..html_report import write_html
     from ..io import check_destinations, check_report_path, display_path
     from ..scan import ScanResult
-    from ..sources import inputs_digest, is_url, item_name, resolve, shard as shard_of
+    from ..sources import inputs_digest, is_url, item_name, item_ref, resolve, shard as shard_of
     from ..state import StateDir
 
     ray = _ray()
     if output is not None:
         check_report_path(output)
     check_destinations({"report": None if output is None or is_url(str(output)) else output, "HTML report": html})
-    everything = resolve(paths)
+    everything = resolve(paths, allow_remote=allow_remote)
     if not everything:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
     items = shard_of(everything, *shard) if shard is not None else everything
@@ -167,7 +177,7 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
     if concurrency is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         concurrency = max(1, gpus) if gpus else 1
-    ds = ray.data.from_items([{"path": item_name(it), "index": i} for i, it in enumerate(items)])
+    ds = ray.data.from_items([{"path": item_name(it), "ref": item_ref(it), "index": i} for i, it in enumerate(items)])
     scored = score_dataset(ds, model=model, model_path=model_path, concurrency=concurrency,
                            retain_freed_memory=runtime.retained(), **detector_kwargs)
     frames, done = [], 0
