@@ -41,6 +41,8 @@ from ._version import __version__
 from .errors import MemdetectError, UsageError
 from .scores import SCORES
 from .text import printable
+from .progress import plural
+from .ux import require_model
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -111,15 +113,40 @@ def _terminate_cleanly():
         _SIGNALS.append(signum)
         _raise_for(signum)
 
+    def unraisable(info):
+        # an interrupt raised inside a finalizer (filelock's weakref callback, a __del__) is recorded in _SIGNALS
+        # and raised again at the next batch: not worth Python's 12-line "Exception ignored in ..." report
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            return
+        previous_hook(info)
+
     _SIGNALS.clear()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
         check_signals()  # a signal whose exception was swallowed after the last batch still ends the command
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
         _SIGNALS.clear()
+
+
+#: The running command's outputs by option (``{"--output": path}``), so that an error writing one names the option
+#: and the fix (``memdetect.ux.output_error``), and the files it has finished writing (an interrupt after the report
+#: was written says so).
+_OUTPUTS: dict[str, object] = {}
+_WRITTEN: list[str] = []
+
+
+def _outputs(**by_option) -> None:
+    """Record the command's outputs: ``_outputs(output=path, html=path)`` for --output, --html, ..."""
+    _OUTPUTS.update({f"--{k.replace('_', '-')}": v for k, v in by_option.items() if v is not None})
+
+
+def _written(*paths) -> None:
+    _WRITTEN.extend(_p(p) for p in paths if p is not None)
 
 
 def handle_errors(fn):
@@ -133,19 +160,32 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _OUTPUTS.clear()
+        _WRITTEN.clear()
         try:
             with _terminate_cleanly():
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Terminated:
+            if _WRITTEN:
+                _interrupted("error", f"terminated (SIGTERM) after the report was written ({', '.join(_WRITTEN)})",
+                             EXIT_ERROR)
             _interrupted("error", "terminated (SIGTERM); batches already scored are kept in the journal (with "
                                   "--output): rerun the command to continue", EXIT_ERROR)
         except KeyboardInterrupt:
+            if _WRITTEN:
+                _interrupted("interrupted", f"stopped by Ctrl-C (SIGINT) after the report was written "
+                                            f"({', '.join(_WRITTEN)}); only the summary was cut short",
+                             EXIT_INTERRUPTED)
             _interrupted("interrupted", "stopped by Ctrl-C (SIGINT); batches already scored are kept in the journal "
                                         "(with --output): rerun the command to continue", EXIT_INTERRUPTED)
-        except (MemdetectError, OSError) as e:
-            _fail("error", str(e) or type(e).__name__, "")
+        except MemdetectError as e:
+            _fail("error", str(e) or type(e).__name__, None)
+        except OSError as e:
+            from .ux import output_error
+
+            _fail("error", output_error(e, _OUTPUTS) or str(e) or type(e).__name__, None)
         except Exception as e:
             _fail("internal error", f"{type(e).__name__}: {e}".rstrip(": "),
                   "a bug in memdetect, please report it; ")
@@ -213,8 +253,9 @@ def _root(
 
 Paths = Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
                                              show_default=False)]
-Model = Annotated[str, typer.Option("--model", "-m", help="Preset (see `memdetect models`), family (with "
-                                                          "--model-path), hub id or local diffusers folder.")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Required: a preset (see `memdetect models`), "
+                                              "family (with --model-path), hub id or local diffusers folder (or a "
+                                              "--config that names one).", show_default=False)]
 ModelPath = Annotated[Optional[Path], typer.Option("--model-path", help="Local weights for the preset or family (a "
                                                                         "diffusers folder, or an EDM checkpoint).")]
 # help texts are rich markup: "\\[" is a literal bracket ("[@CALL]" alone would be read as a tag and vanish)
@@ -314,19 +355,13 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
                                         batch_size=batch_size, device=device, dtype=dtype, **kwargs)
 
 
-def progress_bar(what: str, *, quiet: bool = False):
-    """A progress bar on stderr and the (done, total) callback the library reports to."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def progress_bar(what: str, *, quiet: bool = False, unit: str = "images"):
+    """Progress on stderr and the (done, total) callback the library reports to: a rich bar with its total in a
+    terminal, plain lines every few seconds in a log (``memdetect.progress``); ``quiet``: nothing."""
+    from .progress import Progress
 
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=err, disable=quiet, transient=True)
-    task = bar.add_task(what, total=None)
-
-    def on_batch(done, total):
-        check_signals()
-        bar.update(task, completed=done, total=total)
-
-    return bar, on_batch
+    progress = Progress(what, console=err, unit=unit, quiet=quiet, on_update=check_signals)
+    return progress, progress
 
 
 # -- scan ------------------------------------------------------------------------------------------------------------
@@ -337,7 +372,7 @@ def scan(
     ctx: typer.Context,
     paths: Inputs,
     config: Config = None,
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     metric: Metric = "std",
     threshold: Threshold = None,
@@ -374,12 +409,14 @@ def scan(
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    require_model(s["model"])
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
     if ray_address is not None and engine != "ray":
         raise UsageError("--ray-address needs --engine ray")
     paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
+    _outputs(output=output, html=html, evidence_json=evidence_json)
     if output is not None:
         check_report_path(output)
         output = output if is_url(output) else Path(output)
@@ -418,6 +455,7 @@ def scan(
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
                               reference_dir=reference_dir, shard=part)
+    _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
@@ -438,10 +476,11 @@ def merge(
     different scans or settings, and missing or duplicate shards)."""
     from .merge import merge_reports
 
+    _outputs(output=output)
     res = merge_reports(reports, output)
     if not quiet:
         c = res.counts
-        out.print(f"merged {res.parts} shards: {c['images']} images: {c['scored']} scored, {c['errored']} errored, "
+        out.print(f"merged {res.parts} shards: {plural(c['images'], 'images')}: {c['scored']} scored, {c['errored']} errored, "
                   f"{c['flagged']} flagged memorized; report: {_p(res.output)}", soft_wrap=True)
     raise typer.Exit(EXIT_FLAGGED if res.flagged else EXIT_OK)
 
@@ -478,7 +517,7 @@ def render_scan(result, det, *, top: int) -> None:
     dest += f" ({result.resumed} rows reused from its journal)" if result.resumed else ""
     if result.rejected:
         dest += f"; {result.rejected} journal rows failed verification and were dropped"
-    out.print(f"{s['images']} images: {s['scored']} scored, {s['errored']} errored, "
+    out.print(f"{plural(s['images'], 'images')}: {s['scored']} scored, {s['errored']} errored, "
               f"{s['flagged']} flagged memorized{thr}{dest}", soft_wrap=True)
 
 
@@ -495,7 +534,7 @@ def calibrate(
                          "file, folder or quoted glob; repeatable): report the threshold's ROC point.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("memdetect.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     metric: Annotated[str, typer.Option("--metric", help="The metric the config flags with (thresholds are written "
                                                          "for every metric).")] = "std",
@@ -514,6 +553,8 @@ def calibrate(
     from .calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
+    require_model(model, config_hint=None)
+    _outputs(output=output)
     check_output(output, force)
     if guard:
         if reference or memorized:
@@ -521,13 +562,21 @@ def calibrate(
                              "not image paths")
         from .guarding import Guard, calibrate_guard
 
+        from .models import adapter_class
+        from .ux import count_steps, sampler
+
         pipe, spec = _load_pipeline(model, model_path, device, dtype)
+        family = adapter_class(spec.family)
+        steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
+        if not quiet:
+            err.print(f"sampler: {how}", soft_wrap=True)
         g = Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed)
         conditions = _conditions(prompts, classes, prompt_file)
-        with err.status(Text("generating the reference images ...")):
+        bar, progress = progress_bar("generating the reference images", quiet=quiet, unit="steps")
+        with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
             cal = calibrate_guard(g, conditions, num_images, fpr=fpr, steps=steps, guidance=guidance, seed=seed,
                                   output=output, force=force, model=model,
-                                  model_path=str(model_path.resolve()) if model_path else None)
+                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta)
         t = Table(title=f"guard thresholds at FPR <= {fpr:g} on {cal.n_reference} reference generations "
                         f"({_p(model)}, {_p(g.layer)}, step t={cal.document['guard']['timestep']})",
                   title_justify="left")
@@ -535,6 +584,7 @@ def calibrate(
             t.add_column(c, justify="left" if c == "metric" else "right")
         for _, r in cal.table.iterrows():
             t.add_row(r["metric"], f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']}")
+        _written(cal.path)
         out.print(t)
         from .io import display_path
         out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
@@ -548,6 +598,7 @@ def calibrate(
         cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
                               model=model, model_path=model_path, sigma=sigma, on_batch=progress,
                               num_workers=workers)
+    _written(cal.path)
     render_calibration(cal, det)
 
 
@@ -623,7 +674,7 @@ def _conditions(prompts, classes, prompt_file):
 def generate(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images and report.csv.")],
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None,
     guard: Annotated[bool, typer.Option("--guard", help="Score every image in-generation (no extra forward pass "
@@ -637,16 +688,28 @@ def generate(
     max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Regeneration rounds.")] = 2,
     seed: GenerationSeed = 0,
     device: Device = "auto", dtype: Dtype = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No sampler line or progress (the table and files "
+                                                              "are still written).")] = False,
 ):
     """Generate images with a diffusers pipeline, optionally guarded: writes DIR/*.png and DIR/report.csv.
     Exit 1 when a returned image is flagged."""
     from .guarding import Guard, generate as run, write_generated
+    from .io import display_path
 
     if on_memorized not in ("flag", "regenerate"):
         raise UsageError(f"--on-memorized must be flag or regenerate, got {_p(on_memorized)}")
     if (config or threshold is not None) and not guard:
         raise UsageError("--config and --threshold apply to --guard")
     conditions = _conditions(prompts, classes, prompt_file)
+    _outputs(output=output)
+    shipped = None
+    if guard and config is None and threshold is None:
+        # the model's shipped guard calibration where one exists, else a refusal naming the command that makes one
+        from .ux import no_guard_threshold, shipped_guard
+
+        config = shipped = shipped_guard(require_model(model), model_path)
+        if config is None:
+            raise no_guard_threshold(model)
     if guard and config:
         from .config import load_config
         cfg = load_config(config)
@@ -662,17 +725,31 @@ def generate(
         steps = steps or cfg.guard.get("steps")
         guidance = cfg.guard.get("guidance") if guidance is None else guidance
         threshold = cfg.guard["threshold"] if threshold is None else threshold
+        eta = cfg.guard.get("eta", 0.0 if shipped else None)  # the shipped calibrations sampled with DDIM, eta 0
+    else:
+        eta = None
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
+    require_model(model)
+    from .models import adapter_class
+    from .ux import count_steps, sampler
+
     pipe, spec = _load_pipeline(model, model_path, device, dtype)
+    family = adapter_class(spec.family)
+    steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps, eta)
+    if not quiet:
+        err.print(f"sampler: {how}" + (f"; guard calibration: {_p(display_path(config))}" if guard and config
+                                       else ""), soft_wrap=True)
     target = pipe
     if guard:
         target = Guard(pipe, threshold=threshold, layer=layer or spec.layer, step_t=step_t, metric=metric,
                        on_memorized=on_memorized, max_retries=max_retries, seed=seed)
-    with err.status(Text("generating ...")):
-        gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed)
+    bar, progress = progress_bar("generating", quiet=quiet, unit="steps")
+    with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
+        gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed, eta=eta)
     report = write_generated(gen, output)
-    t = Table(title=f"{len(gen.rows)} images in {gen.seconds:.1f} s -> {_p(output)}", title_justify="left")
+    _written(report)
+    t = Table(title=f"{plural(len(gen.rows), 'images')} in {gen.seconds:.1f} s -> {_p(output)}", title_justify="left")
     cols = ["file", "condition", "seed"] + ([metric, "flagged", "regenerated"] if gen.result else [])
     for c in cols:
         t.add_column(c)
@@ -716,7 +793,7 @@ def audit(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this "
                                                        "(overrides the config's).")] = None,
     metric: Metric = "std",
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     seed: Seed = 0,
     batch_size: BatchSize = None,
@@ -744,7 +821,9 @@ def audit(
         config = Path("memdetect.toml")
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+    require_model(s["model"], config_hint="--config memdetect.toml (or ./memdetect.toml)")
     ci.check_threshold(s["threshold"])
+    _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
     check_report_path(output)
     ci.check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
@@ -758,6 +837,7 @@ def audit(
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
                         state_dir=state_dir, reference=s.get("reference"), channels=s.get("channels"),
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
+    _written(output, junit, summary_json, html)
     if not quiet:
         render_audit(done.summary, top=top)
     raise typer.Exit(done.exit_code)
@@ -767,7 +847,7 @@ def render_audit(doc: dict, *, top: int) -> None:
     """The audit's short summary: counts, then the flagged images by name (paths printed escaped, never wrapped)."""
     say = functools.partial(out.print, soft_wrap=True)
     cfg = f", config {_p(doc['config'])}" if doc["config"] else ""
-    say(f"memdetect audit: {doc['images']} images: {doc['scored']} scored, {doc['errored']} errored, "
+    say(f"memdetect audit: {plural(doc['images'], 'images')}: {doc['scored']} scored, {doc['errored']} errored, "
         f"{doc['flagged']} flagged memorized ({doc['metric']} >= {doc['threshold']:.6g}{cfg})")
     for f in doc["flagged_images"][:top]:
         p = f"; p = {f['p_value']:.3g}" if "p_value" in f else ""
@@ -814,12 +894,13 @@ def models():
 @app.command()
 @handle_errors
 def layers(
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     contains: Annotated[Optional[str], typer.Option("--filter", help="Only names containing this text.")] = None,
     inputs: Annotated[bool, typer.Option("--inputs", help="Also list module inputs (NAME:in).")] = False,
     device: Device = "auto", dtype: Dtype = "auto",
 ):
     """List hookable layers with their output shape on a probe input and how often each fires per forward."""
+    require_model(model, config_hint=None)
     det = load_detector(model, model_path, device=device, dtype=dtype, prune=False)  # the full forward
     with err.status("probing one forward pass ..."):
         infos = det.layers(include_inputs=inputs)

@@ -146,6 +146,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     rows[i] = detector.row(item_name(f), scores, key=key)
             if len(files) > len(todo):
                 advance(len(files) - len(todo))
+        if on_batch and done == 0:
+            on_batch(0, len(files))  # the total, before the first batch (a progress bar knows it from the start)
         pos = 0
         batches = detector.iter_files([files[i] for i in todo], fingerprint=fp, num_workers=num_workers,
                                       on_batch=advance, on_features=on_features)
