@@ -290,12 +290,14 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           annotations: str = "auto", stream: TextIO | None = None, on_batch: Callable[[int], None] | None = None,
           num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None,
           reference=None, channels: dict | None = None, evidence_top: int = 20,
-          evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None) -> Audit:
+          evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
+          allow_empty: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
     ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
     the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
-    evidence in the HTML page and JSON (``memdetect.scan.scan``).
+    evidence in the HTML page and JSON (``memdetect.scan.scan``). ``allow_empty``: paths holding no image file pass
+    (exit 0, empty report and CI outputs) instead of raising InputError (a pull request that adds no images).
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing. Nothing is read
@@ -309,7 +311,7 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
                   num_workers=num_workers, state_dir=state_dir, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
-                  reference_dir=reference_dir)
+                  reference_dir=reference_dir, allow_empty=allow_empty)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream)
     return Audit(result, doc)

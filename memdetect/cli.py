@@ -401,7 +401,9 @@ def scan(
                                                        "(default: RAY_ADDRESS, else a local Ray).")] = None,
     quiet: Quiet = False,
 ):
-    """Score every image for memorization and write a report."""
+    """Score every image for memorization and write a report.
+
+    Example: memdetect scan examples/demo --model demo --output report.csv"""
     from .distributed import rank_device, scan_distributed, world
     from .io import check_destinations, check_report_path
     from .scan import scan as run_scan
@@ -473,7 +475,9 @@ def merge(
     quiet: Quiet = False,
 ):
     """Join the reports of a sharded scan into the report one process would have written (refuses parts of
-    different scans or settings, and missing or duplicate shards)."""
+    different scans or settings, and missing or duplicate shards).
+
+    Example: memdetect merge part-*.parquet --output report.parquet"""
     from .merge import merge_reports
 
     _outputs(output=output)
@@ -545,11 +549,13 @@ def calibrate(
     quiet: Quiet = False,
     guard: Annotated[bool, typer.Option("--guard", help="Calibrate the in-generation guard instead: generate "
                                                         "-n reference images per --prompt / --class (normal ones) and "
-                                                        "store a [guard] threshold.")] = False,
+                                                        "store a \\[guard] threshold.")] = False,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None, step_t: StepT = 50,
 ):
-    """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml."""
+    """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml.
+
+    Example: memdetect calibrate examples/demo-reference --model demo --fpr 0.01"""
     from .calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
@@ -679,7 +685,7 @@ def generate(
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None,
     guard: Annotated[bool, typer.Option("--guard", help="Score every image in-generation (no extra forward pass "
                                                         "with classifier-free guidance) and flag it.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml with a [guard] table "
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml with a \\[guard] table "
                                                    "(`memdetect calibrate --guard`): threshold, layer, step.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Guard threshold (instead of "
                                                        "--config's).")] = None,
@@ -692,7 +698,10 @@ def generate(
                                                               "are still written).")] = False,
 ):
     """Generate images with a diffusers pipeline, optionally guarded: writes DIR/*.png and DIR/report.csv.
-    Exit 1 when a returned image is flagged."""
+    Exit 1 when a returned image is flagged. --guard without --config or --threshold uses the model's shipped guard
+    calibration (demo, demo-sd).
+
+    Example: memdetect generate --model demo -n 8 --guard --output generated"""
     from .guarding import Guard, generate as run, write_generated
     from .io import display_path
 
@@ -806,13 +815,18 @@ def audit(
                                          "scored.")] = False,
     state_dir: StateDirOption = None,
     top: Annotated[int, typer.Option("--top", help="Flagged images listed in the summary (0: none).")] = 50,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Pass (exit 0, empty report and CI outputs) when "
+                                              "the paths hold no image file, e.g. a pull request that adds none "
+                                              "(default: exit 2).")] = False,
     fpr: Fpr = None,
     evidence_top: EvidenceTop = 20,
     evidence_json: EvidenceJson = None,
     reference_dir: ReferenceDir = None,
     quiet: Quiet = False,
 ):
-    """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2."""
+    """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2.
+
+    Example: memdetect audit generated/ --config memdetect.toml --junit junit.xml --allow-empty"""
     from . import ci
     from .io import check_destinations, check_report_path
 
@@ -836,10 +850,13 @@ def audit(
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
                         state_dir=state_dir, reference=s.get("reference"), channels=s.get("channels"),
-                        evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir)
+                        evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
+                        allow_empty=allow_empty)
     _written(output, junit, summary_json, html)
     if not quiet:
         render_audit(done.summary, top=top)
+        if done.summary["images"] == 0:
+            err.print("no image files under the paths: nothing to audit, passing (--allow-empty)")
     raise typer.Exit(done.exit_code)
 
 
@@ -873,21 +890,31 @@ def render_audit(doc: dict, *, top: int) -> None:
 @handle_errors
 def models():
     """List the model presets: family, weights, default layer and timestep, and the timestep's noise level sigma
-    under the preset's schedule."""
+    under the preset's schedule.
+
+    Example: memdetect models"""
     from .models import ADAPTERS, PRESETS
     from .models.presets import schedule_sigma
 
-    t = Table(title="presets (use with --model; --model-path overrides the weights)", title_justify="left")
+    title = "presets (use with --model; --model-path overrides the weights)"
+    t = Table(title=title, title_justify="left")
     for c in ("preset", "family", "weights", "layer", "t", "sigma (schedule)", "note"):
         t.add_column(c, overflow="fold")
+    rows = []
     for p in PRESETS.values():
         cls = ADAPTERS.get(p.family)
         layer = p.layer or (cls.layer_hint(p.options) if cls else "(family not installed)")
         schedule = p.noise_schedule()
         sigma = (f"{schedule_sigma(schedule, p.timestep):.3f} ({schedule.get('beta_schedule', '?')})" if schedule
                  else "-")
-        t.add_row(*map(_p, (p.name, p.family, p.source, layer, p.timestep, sigma, p.note)))
-    out.print(t)
+        rows.append(tuple(map(_p, (p.name, p.family, p.source, layer, p.timestep, sigma, p.note))))
+        t.add_row(*rows[-1])
+    if out.width >= 140:
+        out.print(t)
+    else:  # a table of seven columns folds into unreadable slivers: one block per preset instead
+        from .text_blocks import preset_blocks
+
+        out.print(preset_blocks(title, rows, out.width), soft_wrap=True)
     out.print(f"families (with --model-path DIR): {', '.join(map(_p, sorted(ADAPTERS)))}")
 
 
@@ -899,7 +926,9 @@ def layers(
     inputs: Annotated[bool, typer.Option("--inputs", help="Also list module inputs (NAME:in).")] = False,
     device: Device = "auto", dtype: Dtype = "auto",
 ):
-    """List hookable layers with their output shape on a probe input and how often each fires per forward."""
+    """List hookable layers with their output shape on a probe input and how often each fires per forward.
+
+    Example: memdetect layers --model demo --filter up_blocks.0"""
     require_model(model, config_hint=None)
     det = load_detector(model, model_path, device=device, dtype=dtype, prune=False)  # the full forward
     with err.status("probing one forward pass ..."):
@@ -980,7 +1009,9 @@ def bench_demo(
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
     bootstrap: Bootstrap = 1000,
 ):
-    """Ground truth: score a shipped memorizing model's labelled generations with every method that applies."""
+    """Ground truth: score a shipped memorizing model's labelled generations with every method that applies.
+
+    Example: memdetect bench demo --model demo --limit 100"""
     from .bench.demo import DEMO_MODELS, run_demo
 
     if model not in DEMO_MODELS:
@@ -1100,7 +1131,9 @@ def bench_laion(
     seed: GenerationSeed = 0,
 ):
     """Table-1-style LAION: memorized vs normal prompts on Stable Diffusion, per generated image (and per prompt),
-    ours against Wen, NeMo, Ross, Carlini, with 95% intervals."""
+    ours against Wen, NeMo, Ross, Carlini, with 95% intervals.
+
+    Example: memdetect bench laion --model sd14 --limit 20"""
     from .bench.paper import run_laion
 
     output = output or Path("bench-laion")
@@ -1197,12 +1230,14 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
 _samples_bench("imagenet", model="dit", model_help="A class-conditional (DiT) preset, family or folder.",
                doc="Table-1-style ImageNet: class-conditional samples labelled by their nearest training image; ours "
                    "against the baselines. The public DiT-XL/2 was trained on full data and rarely memorizes: pass "
-                   "--model-path for a model trained the paper's way.")
+                   "--model-path for a model trained the paper's way.\n\nExample: memdetect bench imagenet "
+                   "--model-path DIT_DIR --train-dir TRAIN_IMAGES -n 1000")
 _samples_bench("cifar10", model="edm-cifar10", model_help="An unconditional preset (edm-cifar10, ddpm-cifar10), or a "
                                                           "family with --model-path.",
                doc="Table-1-style CIFAR-10: unconditional samples labelled by their nearest training image. The "
                    "public checkpoints were trained on full data and rarely memorize: pass --model-path for a model "
-                   "trained the paper's way.")
+                   "trained the paper's way.\n\nExample: memdetect bench cifar10 --model edm-cifar10 --train-dir "
+                   "CIFAR10_TRAIN -n 1000")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,7 +49,9 @@ def plural(n: int, word: str) -> str:
 
 def status_line(what: str, done: int, total: Optional[int], elapsed: float, unit: str = "images") -> str:
     """One plain progress line: done/total, percentage, rate and ETA (what is known of them)."""
-    if total:
+    if total == 0:
+        line = f"{what}: no {unit}"
+    elif total:
         line = f"{what}: {done:,}/{plural(total, unit)} ({100.0 * done / total:.0f}%)"
     elif done:
         line = f"{what}: {plural(done, unit)}"

@@ -86,7 +86,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          channels: dict | None = None, evidence_top: int = _evidence.TOP,
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
-         shard: tuple[int, int] | None = None) -> ScanResult:
+         shard: tuple[int, int] | None = None, allow_empty: bool = False) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -99,7 +99,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
     ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
     docstring; evidence images are read for local files only). Raises InputError when ``paths`` hold no image file
-    and UsageError for a destination that cannot be written (before any image is read).
+    and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
+    image file is an empty result (and an empty report) instead.
     """
     paths = list(paths)
     remote_output = output is not None and is_url(str(output))
@@ -113,7 +114,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     if evidence_top < 0:
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
     everything = resolve(paths)
-    if not everything:
+    if not everything and not allow_empty:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
     files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
