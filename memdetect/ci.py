@@ -106,7 +106,9 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n"))
+    from .strict_json import dumps
+
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1, default=str) + "\n"))
 
 
 def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit") -> bytes:

@@ -355,12 +355,12 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
                                         batch_size=batch_size, device=device, dtype=dtype, **kwargs)
 
 
-def progress_bar(what: str, *, quiet: bool = False, unit: str = "images"):
+def progress_bar(what: str, *, quiet: bool = False, unit: str = "images", counted: bool = True):
     """Progress on stderr and the (done, total) callback the library reports to: a rich bar with its total in a
     terminal, plain lines every few seconds in a log (``memdetect.progress``); ``quiet``: nothing."""
     from .progress import Progress
 
-    progress = Progress(what, console=err, unit=unit, quiet=quiet, on_update=check_signals)
+    progress = Progress(what, console=err, unit=unit, quiet=quiet, on_update=check_signals, counted=counted)
     return progress, progress
 
 
@@ -931,13 +931,14 @@ def layers(
     Example: memdetect layers --model demo --filter up_blocks.0"""
     require_model(model, config_hint=None)
     det = load_detector(model, model_path, device=device, dtype=dtype, prune=False)  # the full forward
+    default = str(det.layer)
     with err.status("probing one forward pass ..."):
-        infos = det.layers(include_inputs=inputs)
+        # inputs too: the default layer is often a module input (NAME:in), and is listed, marked, without --inputs
+        infos = [i for i in det.layers(include_inputs=True) if inputs or ":in" not in i.spec or i.spec == default]
     t = Table(title=f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})",
               title_justify="left")
     for c in ("layer", "module", "shape", "calls/forward"):
         t.add_column(c, overflow="fold")
-    default = str(det.layer)
     for info in infos:
         if contains and contains not in info.spec:
             continue
@@ -1022,7 +1023,8 @@ def bench_demo(
     except ValueError:
         raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
     speed_settings(device)
-    with err.status(f"benchmarking on the {model} model's labelled generations ..."):
+    bar, _ = progress_bar(f"bench demo ({model}): scoring its labelled generations with every method", counted=False)
+    with bar:  # no count from run_demo: in a log, a line every few seconds with the time elapsed
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
                        sweep_timesteps=steps, n_boot=bootstrap)
@@ -1138,7 +1140,7 @@ def bench_laion(
 
     output = output or Path("bench-laion")
     speed_settings(device)
-    bar, progress = progress_bar("generating and scoring prompts")
+    bar, progress = progress_bar("generating and scoring prompts", unit="prompts")
     with bar:
         res = run_laion(output, model=model, model_path=str(model_path) if model_path else None, memorized=memorized,
                         normal=normal, memorized_filters=memorized_filter or (), limit=limit, generations=generations,
@@ -1208,7 +1210,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         rule = label_rule(memorized_at, generalized_below, lab_fn.rule)
         output = output or Path(f"bench-{bench}")
         speed_settings(device)
-        bar, progress = progress_bar("generating and scoring samples")
+        bar, progress = progress_bar("generating and scoring samples", unit="samples")
         with bar:
             res = run_samples(bench, output, model=model, model_path=str(model_path) if model_path else None,
                               train_dir=train_dir, num_samples=num_samples, classes=_parse_classes(classes),

@@ -69,15 +69,18 @@ class Progress:
     """The ``(done, total)`` callback of a long command, as a rich bar (terminal) or plain lines (logs).
 
     ``total`` may be given up front or with each call; ``on_update`` (e.g. a signal check) runs on every call.
+    ``counted=False``: a step that reports no count (a spinner and the time elapsed, never ``0/?``).
     """
 
     def __init__(self, what: str, *, console: Console, unit: str = "images", quiet: bool = False,
                  total: Optional[int] = None, interval: Optional[float] = None,
-                 on_update: Optional[Callable[[], None]] = None, terminal: Optional[bool] = None):
+                 on_update: Optional[Callable[[], None]] = None, terminal: Optional[bool] = None,
+                 counted: bool = True):
         self.what, self.console, self.unit, self.quiet = what, console, unit, quiet
         self.total, self.done = total, 0
         self.interval = interval_from_env() if interval is None else interval
         self.on_update = on_update
+        self.counted = counted
         self.terminal = console.is_terminal if terminal is None else terminal
         self._bar = None
         self._task = None
@@ -115,11 +118,13 @@ class Progress:
         if self.quiet:
             return self
         if self.terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, SpinnerColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
 
-            self._bar = Bar(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TimeRemainingColumn(), console=self.console, transient=True)
+            columns = ((TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn()) if self.counted
+                       else (SpinnerColumn(), TextColumn(self.what), TimeElapsedColumn()))
+            self._bar = Bar(*columns, console=self.console, transient=True)
             self._task = self._bar.add_task(self.what, total=self.total, completed=self.done)
             self._bar.__enter__()
         else:
