@@ -939,11 +939,12 @@ def layers(
               title_justify="left")
     for c in ("layer", "module", "shape", "calls/forward"):
         t.add_column(c, overflow="fold")
+    t.add_column("", no_wrap=True)  # the default layer's mark, apart: the layer's name stays whole
     for info in infos:
         if contains and contains not in info.spec:
             continue
-        spec = Text.assemble(_p(info.spec), (" <- default", "bold green")) if info.spec == default else _p(info.spec)
-        t.add_row(spec, _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls))
+        mark = Text("<- default", style="bold green") if info.spec == default else ""
+        t.add_row(_p(info.spec), _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls), mark)
     out.print(t)
 
 

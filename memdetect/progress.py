@@ -5,8 +5,8 @@
 
 In a terminal (``console.is_terminal``) this is a rich progress bar with its total (``done/total``, elapsed, ETA).
 Anywhere else (a CI log, a file, a pipe) a live bar prints nothing until the end, so ``Progress`` writes a plain line
-instead (``scanning: 120/1,000 images (12%), 3.4 images/s, ETA 4m 18s``) when it starts, every ``interval`` seconds
-while it runs (also when no batch finished since the last line: a slow first batch or a step without a count still
+instead (``scanning: 120/1,000 images (12%), 3.4 images/s, ETA 4m 18s``) when the total is known (or when it starts,
+for a step without a count), every ``interval`` seconds while it runs (also when no batch finished since the last line: a slow first batch or a step without a count still
 shows the command is alive) and when it ends. ``MEMDETECT_PROGRESS_INTERVAL`` sets the interval (seconds, default
 10). ``quiet=True`` prints nothing.
 """
@@ -65,6 +65,20 @@ def status_line(what: str, done: int, total: Optional[int], elapsed: float, unit
     return line + f", {duration(elapsed)} elapsed"
 
 
+def _count_column():
+    """``done/total``, and nothing until the total is known (rich's MofNCompleteColumn shows ``0/?``)."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Count(ProgressColumn):
+        def render(self, task) -> Text:
+            if task.total is None:
+                return Text("")
+            return Text(f"{int(task.completed):,}/{int(task.total):,}", style="progress.download")
+
+    return Count()
+
+
 class Progress:
     """The ``(done, total)`` callback of a long command, as a rich bar (terminal) or plain lines (logs).
 
@@ -95,11 +109,14 @@ class Progress:
         if self.on_update is not None:
             self.on_update()
         with self._lock:
+            first_total = total is not None and self.total is None
             self.done = int(done)
             if total is not None:
                 self.total = int(total)
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, total=self.total)
+        elif first_total and self._thread is not None:
+            self._line()  # the total is known: say it at once
 
     # -- plain lines -------------------------------------------------------------------------------------------------
     def _line(self) -> None:
@@ -118,17 +135,18 @@ class Progress:
         if self.quiet:
             return self
         if self.terminal:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, SpinnerColumn, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (BarColumn, Progress as Bar, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
-            columns = ((TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            columns = ((TextColumn(self.what), BarColumn(), _count_column(), TimeElapsedColumn(),
                         TimeRemainingColumn()) if self.counted
                        else (SpinnerColumn(), TextColumn(self.what), TimeElapsedColumn()))
             self._bar = Bar(*columns, console=self.console, transient=True)
             self._task = self._bar.add_task(self.what, total=self.total, completed=self.done)
             self._bar.__enter__()
         else:
-            self._line()
+            if not self.counted or self.total is not None:
+                self._line()
             self._thread = threading.Thread(target=self._beat, name="memdetect-progress", daemon=True)
             self._thread.start()
         return self

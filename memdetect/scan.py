@@ -115,7 +115,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
     everything = resolve(paths)
     if not everything and not allow_empty:
-        raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
+        raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)} (`memdetect "
+                         f"audit --allow-empty` passes when there are none)")
     files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     settings = detector.settings
