@@ -718,7 +718,7 @@ def generate(
 
         config = shipped = shipped_guard(require_model(model), model_path)
         if config is None:
-            raise no_guard_threshold(model)
+            raise no_guard_threshold(model, model_path)
     if guard and config:
         from .config import load_config
         cfg = load_config(config)

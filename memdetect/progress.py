@@ -103,6 +103,7 @@ class Progress:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.lines = 0  # plain lines printed (tests)
+        self._printed: Optional[tuple] = None  # (done, total) of the last plain line
 
     # -- the callback ------------------------------------------------------------------------------------------------
     def __call__(self, done: int, total: Optional[int] = None) -> None:
@@ -119,8 +120,11 @@ class Progress:
             self._line()  # the total is known: say it at once
 
     # -- plain lines -------------------------------------------------------------------------------------------------
-    def _line(self) -> None:
+    def _line(self, final: bool = False) -> None:
         with self._lock:
+            if final and self._printed == (self.done, self.total):
+                return  # the last line said it already
+            self._printed = (self.done, self.total)
             text = status_line(self.what, self.done, self.total, time.monotonic() - self._start, self.unit)
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
         self.lines += 1
@@ -160,7 +164,7 @@ class Progress:
             self._thread.join(timeout=5)
             self._thread = None
             if exc_type is None:
-                self._line()
+                self._line(final=True)
 
 
 __all__ = ["DEFAULT_INTERVAL", "Progress", "duration", "interval_from_env", "plural", "status_line"]

@@ -84,12 +84,21 @@ def shipped_guard(model: Optional[str], model_path) -> Optional[Path]:
     return path if path.is_file() else None
 
 
-def no_guard_threshold(model: str) -> UsageError:
-    """The refusal for ``generate --guard`` with no threshold: the command that makes one."""
+def no_guard_threshold(model: str, model_path=None) -> UsageError:
+    """The refusal for ``generate --guard`` with no threshold: the command that makes one (its reference
+    conditions as the model takes them: normal prompts, classes, or none)."""
+    conditioning = "text"
+    try:
+        from .models import adapter_class, resolve_model
+
+        conditioning = adapter_class(resolve_model(model, str(model_path) if model_path else None).family).conditioning
+    except Exception:  # an unknown model: the text form; loading it will say what is wrong
+        pass
+    conditions = {"text": " --prompt-file normal_prompts.txt", "class": " --class 0-9"}.get(conditioning, "")
+    path = f" --model-path {printable(str(model_path))}" if model_path else ""
     return UsageError(f"--guard needs a threshold and {printable(model)} ships no guard calibration: make one with "
-                      f"`memdetect calibrate --guard --model {printable(model)} --prompt-file normal_prompts.txt -n 8 "
-                      f"-o memdetect.toml` (--class for class models, nothing for unconditional ones), then pass "
-                      f"--config memdetect.toml (or --threshold X)")
+                      f"`memdetect calibrate --guard --model {printable(model)}{path}{conditions} -n 8 -o "
+                      f"memdetect.toml`, then pass --config memdetect.toml (or --threshold X)")
 
 
 def sampler(family_steps: int, family_eta: float, steps: Optional[int], eta: Optional[float] = None):
