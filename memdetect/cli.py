@@ -711,12 +711,11 @@ def generate(
         raise UsageError("--config and --threshold apply to --guard")
     conditions = _conditions(prompts, classes, prompt_file)
     _outputs(output=output)
-    shipped = None
     if guard and config is None and threshold is None:
         # the model's shipped guard calibration where one exists, else a refusal naming the command that makes one
         from .ux import no_guard_threshold, shipped_guard
 
-        config = shipped = shipped_guard(require_model(model), model_path)
+        config = shipped_guard(require_model(model), model_path)
         if config is None:
             raise no_guard_threshold(model, model_path)
     if guard and config:
@@ -734,9 +733,6 @@ def generate(
         steps = steps or cfg.guard.get("steps")
         guidance = cfg.guard.get("guidance") if guidance is None else guidance
         threshold = cfg.guard["threshold"] if threshold is None else threshold
-        eta = cfg.guard.get("eta", 0.0 if shipped else None)  # the shipped calibrations sampled with DDIM, eta 0
-    else:
-        eta = None
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
     require_model(model)
@@ -745,7 +741,7 @@ def generate(
 
     pipe, spec = _load_pipeline(model, model_path, device, dtype)
     family = adapter_class(spec.family)
-    steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps, eta)
+    steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
     if not quiet:
         err.print(f"sampler: {how}" + (f"; guard calibration: {_p(display_path(config))}" if guard and config
                                        else ""), soft_wrap=True)

@@ -101,18 +101,17 @@ def no_guard_threshold(model: str, model_path=None) -> UsageError:
                       f"memdetect.toml`, then pass --config memdetect.toml (or --threshold X)")
 
 
-def sampler(family_steps: int, family_eta: float, steps: Optional[int], eta: Optional[float] = None):
-    """``(steps, eta, description)`` for ``generate``: the given steps, else the family's, except where the family's
-    default is 1,000 ancestral DDPM steps: then DDIM (eta 0) over ``FAST_STEPS``. ``eta`` (e.g. a guard calibration's)
-    wins over both."""
-    if steps is None and family_steps >= SLOW_DEFAULT:
-        steps, chosen_eta = FAST_STEPS, 0.0
+def sampler(family_steps: int, family_eta: float, steps: Optional[int]):
+    """``(steps, eta, description)`` for ``generate`` and ``calibrate --guard`` (the same rule, so that a guard
+    calibration and the generations it guards sample alike): the given steps, else the family's, with the family's
+    eta; except where the family's default is 1,000 (or more) ancestral DDPM steps: fewer steps (``FAST_STEPS`` when
+    none are given) are DDIM steps with eta 0, as the shipped guard calibrations were made."""
+    if family_steps >= SLOW_DEFAULT and (steps is None or steps < family_steps):
+        steps, chosen_eta = steps or FAST_STEPS, 0.0
         why = f" (the pipeline's own default is {family_steps} ancestral DDPM steps; --steps {family_steps} for it)"
     else:
         steps, chosen_eta = steps or family_steps, family_eta
         why = ""
-    if eta is not None:
-        chosen_eta = float(eta)
     kind = "DDIM" if chosen_eta == 0.0 else f"DDIM eta {chosen_eta:g}" if chosen_eta < 1.0 else "ancestral DDPM"
     return steps, chosen_eta, f"{kind}, {steps} steps{why}"
 

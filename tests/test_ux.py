@@ -234,14 +234,16 @@ def test_sampler_choice():
     assert sampler(1000, 1.0, None) == (50, 0.0, "DDIM, 50 steps (the pipeline's own default is 1000 ancestral "
                                                   "DDPM steps; --steps 1000 for it)")
     assert sampler(1000, 1.0, 1000) == (1000, 1.0, "ancestral DDPM, 1000 steps")
-    assert sampler(1000, 1.0, 20, eta=0.0) == (20, 0.0, "DDIM, 20 steps")
+    assert sampler(1000, 1.0, 20)[:2] == (20, 0.0)  # fewer steps: DDIM, as the shipped guard calibrations sampled
     assert sampler(50, 0.0, None) == (50, 0.0, "DDIM, 50 steps")
+    assert sampler(18, 0.0, 40) == (40, 0.0, "DDIM, 40 steps")
 
 
 def test_generate_guard_uses_the_shipped_calibration(tmp_path):
     res = invoke("generate", "--model", "demo", "-n", 2, "--guard", "--output", tmp_path / "g", "--device", "cpu")
     assert res.exit_code in (0, 1), res.output
-    assert "sampler: DDIM, 20 steps; guard calibration: " in res.output and "demo_guard" in res.output
+    assert "sampler: DDIM, 20 steps (" in res.output and "guard calibration: " in res.output
+    assert "demo_guard" in res.output
     assert "generating: 20/20 steps (100%)" in res.output  # progress, in a log
     assert "no threshold" not in res.output and "flagged at std >= 0.659346" in res.output
     assert len(pd.read_csv(tmp_path / "g" / "report.csv")) == 2
