@@ -11,7 +11,9 @@ Exit codes (every command):
        fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the
        traceback. SIGTERM also ends a command with 2 (after stopping its decoding workers; the journal keeps
        every batch scored so far).
-  130  interrupted by SIGINT (Ctrl-C), after the same clean-up.
+  130  interrupted by SIGINT (Ctrl-C), after the same clean-up (after the report was written, the line says so).
+`audit --allow-empty` exits 0 when the paths hold no image file. User errors are one line; only internal errors add
+the MEMDETECT_DEBUG hint. An OSError writing an output names the option and the fix (``memdetect.ux.output_error``).
 
 Everything printed is plain text: the consoles parse no rich markup and no emoji codes, and every name taken from a
 file, a flag or a config (paths, model names, layer names, error messages) goes through ``memdetect.text.printable``
