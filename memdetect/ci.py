@@ -115,7 +115,9 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, default=str) + "\n"))
+    from .strict_json import dumps
+
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1, default=str) + "\n"))
 
 
 def junit_xml(df: pd.DataFrame, settings: dict, *, suite: str = "memdetect audit", allow_errors: bool = False) -> bytes:
@@ -317,13 +319,15 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None,
           reference=None, channels: dict | None = None, evidence_top: int = 20,
           evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
-          allow_errors: bool = False, allow_remote: bool = False) -> Audit:
+          allow_errors: bool = False, allow_remote: bool = False, allow_empty: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
     ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
     the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
     evidence in the HTML page and JSON (``memdetect.scan.scan``). ``allow_errors``: error rows are reported as skipped
     instead of failing the audit; ``allow_remote``: inputs and manifest rows may name URLs other than ``file://``.
+    ``allow_empty``: paths holding no image file pass
+    (exit 0, empty report and CI outputs) instead of raising InputError (a pull request that adds no images).
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing, and only when the
@@ -344,7 +348,8 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     result = scan(detector, paths, output=output, resume=resume, html=html, on_batch=on_batch,
                   num_workers=num_workers, state_dir=state, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
-                  reference_dir=reference_dir, allow_remote=allow_remote, errors_fail=not allow_errors)
+                  reference_dir=reference_dir, allow_remote=allow_remote, errors_fail=not allow_errors,
+                  allow_empty=allow_empty)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream, allow_errors=allow_errors)
     return Audit(result, doc)

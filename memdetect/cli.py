@@ -12,7 +12,9 @@ Exit codes (every command):
        fix; anything else is reported as an internal error (a bug in memdetect). MEMDETECT_DEBUG=1 adds the
        traceback. SIGTERM also ends a command with 2 (after stopping its decoding workers; the journal keeps
        every batch scored so far).
-  130  interrupted by SIGINT (Ctrl-C), after the same clean-up.
+  130  interrupted by SIGINT (Ctrl-C), after the same clean-up (after the report was written, the line says so).
+`audit --allow-empty` exits 0 when the paths hold no image file. User errors are one line; only internal errors add
+the MEMDETECT_DEBUG hint. An OSError writing an output names the option and the fix (``memdetect.ux.output_error``).
 
 Everything printed is plain text: the consoles parse no rich markup and no emoji codes, and every name taken from a
 file, a flag or a config (paths, model names, layer names, error messages) goes through ``memdetect.text.printable``
@@ -42,6 +44,8 @@ from ._version import __version__
 from .errors import MemdetectError, UsageError
 from .scores import SCORES
 from .text import printable
+from .progress import plural
+from .ux import require_model
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -113,15 +117,40 @@ def _terminate_cleanly():
         _SIGNALS.append(signum)
         _raise_for(signum)
 
+    def unraisable(info):
+        # an interrupt raised inside a finalizer (filelock's weakref callback, a __del__) is recorded in _SIGNALS
+        # and raised again at the next batch: not worth Python's 12-line "Exception ignored in ..." report
+        if info.exc_type is not None and issubclass(info.exc_type, KeyboardInterrupt):
+            return
+        previous_hook(info)
+
     _SIGNALS.clear()
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield
         check_signals()  # a signal whose exception was swallowed after the last batch still ends the command
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        sys.unraisablehook = previous_hook
         _SIGNALS.clear()
+
+
+#: The running command's outputs by option (``{"--output": path}``), so that an error writing one names the option
+#: and the fix (``memdetect.ux.output_error``), and the files it has finished writing (an interrupt after the report
+#: was written says so).
+_OUTPUTS: dict[str, object] = {}
+_WRITTEN: list[str] = []
+
+
+def _outputs(**by_option) -> None:
+    """Record the command's outputs: ``_outputs(output=path, html=path)`` for --output, --html, ..."""
+    _OUTPUTS.update({f"--{k.replace('_', '-')}": v for k, v in by_option.items() if v is not None})
+
+
+def _written(*paths) -> None:
+    _WRITTEN.extend(_p(p) for p in paths if p is not None)
 
 
 def handle_errors(fn):
@@ -135,19 +164,32 @@ def handle_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _OUTPUTS.clear()
+        _WRITTEN.clear()
         try:
             with _terminate_cleanly():
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except Terminated:
+            if _WRITTEN:
+                _interrupted("error", f"terminated (SIGTERM) after the report was written ({', '.join(_WRITTEN)})",
+                             EXIT_ERROR)
             _interrupted("error", "terminated (SIGTERM); batches already scored are kept in the journal (with "
                                   "--output): rerun the command to continue", EXIT_ERROR)
         except KeyboardInterrupt:
+            if _WRITTEN:
+                _interrupted("interrupted", f"stopped by Ctrl-C (SIGINT) after the report was written "
+                                            f"({', '.join(_WRITTEN)}); only the summary was cut short",
+                             EXIT_INTERRUPTED)
             _interrupted("interrupted", "stopped by Ctrl-C (SIGINT); batches already scored are kept in the journal "
                                         "(with --output): rerun the command to continue", EXIT_INTERRUPTED)
-        except (MemdetectError, OSError) as e:
-            _fail("error", str(e) or type(e).__name__, "")
+        except MemdetectError as e:
+            _fail("error", str(e) or type(e).__name__, None)
+        except OSError as e:
+            from .ux import output_error
+
+            _fail("error", output_error(e, _OUTPUTS) or str(e) or type(e).__name__, None)
         except Exception as e:
             _fail("internal error", f"{type(e).__name__}: {e}".rstrip(": "),
                   "a bug in memdetect, please report it; ")
@@ -215,8 +257,9 @@ def _root(
 
 Paths = Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
                                              show_default=False)]
-Model = Annotated[str, typer.Option("--model", "-m", help="Preset (see `memdetect models`), family (with "
-                                                          "--model-path), hub id or local diffusers folder.")]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help="Required: a preset (see `memdetect models`), "
+                                              "family (with --model-path), hub id or local diffusers folder (or a "
+                                              "--config that names one).", show_default=False)]
 ModelPath = Annotated[Optional[Path], typer.Option("--model-path", help="Local weights for the preset or family (a "
                                                                         "diffusers folder, or an EDM checkpoint).")]
 # help texts are rich markup: "\\[" is a literal bracket ("[@CALL]" alone would be read as a tag and vanish)
@@ -330,19 +373,13 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
                                         batch_size=batch_size, device=device, dtype=dtype, **kwargs)
 
 
-def progress_bar(what: str, *, quiet: bool = False):
-    """A progress bar on stderr and the (done, total) callback the library reports to."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def progress_bar(what: str, *, quiet: bool = False, unit: str = "images", counted: bool = True):
+    """Progress on stderr and the (done, total) callback the library reports to: a rich bar with its total in a
+    terminal, plain lines every few seconds in a log (``memdetect.progress``); ``quiet``: nothing."""
+    from .progress import Progress
 
-    bar = Progress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=err, disable=quiet, transient=True)
-    task = bar.add_task(what, total=None)
-
-    def on_batch(done, total):
-        check_signals()
-        bar.update(task, completed=done, total=total)
-
-    return bar, on_batch
+    progress = Progress(what, console=err, unit=unit, quiet=quiet, on_update=check_signals, counted=counted)
+    return progress, progress
 
 
 # -- scan ------------------------------------------------------------------------------------------------------------
@@ -353,7 +390,7 @@ def scan(
     ctx: typer.Context,
     paths: Inputs,
     config: Config = None,
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     metric: Metric = "std",
     threshold: Threshold = None,
@@ -384,7 +421,9 @@ def scan(
     allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):
-    """Score every image for memorization and write a report."""
+    """Score every image for memorization and write a report.
+
+    Example: memdetect scan examples/demo --model demo --output report.csv"""
     from .distributed import rank_device, scan_distributed, world
     from .io import check_destinations, check_report_path
     from .scan import scan as run_scan
@@ -392,6 +431,7 @@ def scan(
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote)
+    require_model(s["model"])
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
@@ -403,6 +443,7 @@ def scan(
     if ray_address is not None and engine != "ray":
         raise UsageError("--ray-address needs --engine ray")
     paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
+    _outputs(output=output, html=html, evidence_json=evidence_json)
     if output is not None:
         check_report_path(output)
         output = output if is_url(output) else Path(output)
@@ -447,6 +488,7 @@ def scan(
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
                               reference_dir=reference_dir, shard=part, shard_key=shard_key,
                               allow_remote=s["allow_remote"])
+    _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
     if not quiet:
@@ -466,17 +508,20 @@ def merge(
 ):
     """Join the reports of a sharded scan into the report one process would have written (refuses parts of
     different scans or settings, missing or duplicate shards, and edited marks; flags are recomputed from the
-    scores; with a shard key, every shard's MAC must verify)."""
+    scores; with a shard key, every shard's MAC must verify).
+
+    Example: memdetect merge part-*.parquet --output report.parquet"""
     from .merge import KEY_ENV, load_shard_key, merge_reports
 
+    _outputs(output=output)
     res = merge_reports(reports, output, key=load_shard_key(shard_key_file))
     if not res.verified:  # said even with --quiet: what the merged report rests on
         err.print(f"note: no shard key ({KEY_ENV} or --shard-key-file): the shards are trusted as given (their rows "
                   f"are checked against each other, not authenticated)", soft_wrap=True)
     if not quiet:
         c = res.counts
-        out.print(f"merged {res.parts} shards: {c['images']} images: {c['scored']} scored, {c['errored']} errored, "
-                  f"{c['flagged']} flagged memorized; report: {_p(res.output)}"
+        out.print(f"merged {res.parts} shards: {plural(c['images'], 'images')}: {c['scored']} scored, "
+                  f"{c['errored']} errored, {c['flagged']} flagged memorized; report: {_p(res.output)}"
                   + ("; every shard's MAC verified" if res.verified else ""), soft_wrap=True)
     raise typer.Exit(EXIT_FLAGGED if res.flagged else EXIT_OK)
 
@@ -513,7 +558,7 @@ def render_scan(result, det, *, top: int) -> None:
     dest += f" ({result.resumed} rows reused from its journal)" if result.resumed else ""
     if result.rejected:
         dest += f"; {result.rejected} journal rows failed verification and were dropped"
-    out.print(f"{s['images']} images: {s['scored']} scored, {s['errored']} errored, "
+    out.print(f"{plural(s['images'], 'images')}: {s['scored']} scored, {s['errored']} errored, "
               f"{s['flagged']} flagged memorized{thr}{dest}", soft_wrap=True)
 
 
@@ -530,7 +575,7 @@ def calibrate(
                          "file, folder or quoted glob; repeatable): report the threshold's ROC point.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("memdetect.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     metric: Annotated[str, typer.Option("--metric", help="The metric the config flags with (thresholds are written "
                                                          "for every metric).")] = "std",
@@ -541,14 +586,18 @@ def calibrate(
     quiet: Quiet = False,
     guard: Annotated[bool, typer.Option("--guard", help="Calibrate the in-generation guard instead: generate "
                                                         "-n reference images per --prompt / --class (normal ones) and "
-                                                        "store a [guard] threshold.")] = False,
+                                                        "store a \\[guard] threshold.")] = False,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None, step_t: StepT = 50,
 ):
-    """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml."""
+    """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml.
+
+    Example: memdetect calibrate examples/demo-reference --model demo --fpr 0.01"""
     from .calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
+    require_model(model, config_hint=None)
+    _outputs(output=output)
     check_output(output, force)
     if guard:
         if reference or memorized:
@@ -556,13 +605,21 @@ def calibrate(
                              "not image paths")
         from .guarding import Guard, calibrate_guard
 
+        from .models import adapter_class
+        from .ux import count_steps, sampler
+
         pipe, spec = _load_pipeline(model, model_path, device, dtype)
+        family = adapter_class(spec.family)
+        steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
+        if not quiet:
+            err.print(f"sampler: {how}", soft_wrap=True)
         g = Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed)
         conditions = _conditions(prompts, classes, prompt_file)
-        with err.status(Text("generating the reference images ...")):
+        bar, progress = progress_bar("generating the reference images", quiet=quiet, unit="steps")
+        with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
             cal = calibrate_guard(g, conditions, num_images, fpr=fpr, steps=steps, guidance=guidance, seed=seed,
                                   output=output, force=force, model=model,
-                                  model_path=str(model_path.resolve()) if model_path else None)
+                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta)
         t = Table(title=f"guard thresholds at FPR <= {fpr:g} on {cal.n_reference} reference generations "
                         f"({_p(model)}, {_p(g.layer)}, step t={cal.document['guard']['timestep']})",
                   title_justify="left")
@@ -570,6 +627,7 @@ def calibrate(
             t.add_column(c, justify="left" if c == "metric" else "right")
         for _, r in cal.table.iterrows():
             t.add_row(r["metric"], f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']}")
+        _written(cal.path)
         out.print(t)
         from .io import display_path
         out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
@@ -583,6 +641,7 @@ def calibrate(
         cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
                               model=model, model_path=model_path, sigma=sigma, on_batch=progress,
                               num_workers=workers)
+    _written(cal.path)
     render_calibration(cal, det)
 
 
@@ -658,12 +717,12 @@ def _conditions(prompts, classes, prompt_file):
 def generate(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the images and report.csv.")],
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None,
     guard: Annotated[bool, typer.Option("--guard", help="Score every image in-generation (no extra forward pass "
                                                         "with classifier-free guidance) and flag it.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml with a [guard] table "
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="memdetect.toml with a \\[guard] table "
                                                    "(`memdetect calibrate --guard`): threshold, layer, step.")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Guard threshold (instead of "
                                                        "--config's).")] = None,
@@ -672,16 +731,30 @@ def generate(
     max_retries: Annotated[int, typer.Option("--max-retries", min=0, help="Regeneration rounds.")] = 2,
     seed: GenerationSeed = 0,
     device: Device = "auto", dtype: Dtype = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No sampler line or progress (the table and files "
+                                                              "are still written).")] = False,
 ):
     """Generate images with a diffusers pipeline, optionally guarded: writes DIR/*.png and DIR/report.csv.
-    Exit 1 when a returned image is flagged."""
+    Exit 1 when a returned image is flagged. --guard without --config or --threshold uses the model's shipped guard
+    calibration (demo, demo-sd).
+
+    Example: memdetect generate --model demo -n 8 --guard --output generated"""
     from .guarding import Guard, generate as run, write_generated
+    from .io import display_path
 
     if on_memorized not in ("flag", "regenerate"):
         raise UsageError(f"--on-memorized must be flag or regenerate, got {_p(on_memorized)}")
     if (config or threshold is not None) and not guard:
         raise UsageError("--config and --threshold apply to --guard")
     conditions = _conditions(prompts, classes, prompt_file)
+    _outputs(output=output)
+    if guard and config is None and threshold is None:
+        # the model's shipped guard calibration where one exists, else a refusal naming the command that makes one
+        from .ux import no_guard_threshold, shipped_guard
+
+        config = shipped_guard(require_model(model), model_path)
+        if config is None:
+            raise no_guard_threshold(model, model_path)
     if guard and config:
         from .config import load_config
         cfg = load_config(config)
@@ -705,15 +778,26 @@ def generate(
         threshold = cfg.guard["threshold"] if threshold is None else threshold
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
+    require_model(model)
+    from .models import adapter_class
+    from .ux import count_steps, sampler
+
     pipe, spec = _load_pipeline(model, model_path, device, dtype)
+    family = adapter_class(spec.family)
+    steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
+    if not quiet:
+        err.print(f"sampler: {how}" + (f"; guard calibration: {_p(display_path(config))}" if guard and config
+                                       else ""), soft_wrap=True)
     target = pipe
     if guard:
         target = Guard(pipe, threshold=threshold, layer=layer or spec.layer, step_t=step_t, metric=metric,
                        on_memorized=on_memorized, max_retries=max_retries, seed=seed)
-    with err.status(Text("generating ...")):
-        gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed)
+    bar, progress = progress_bar("generating", quiet=quiet, unit="steps")
+    with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
+        gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed, eta=eta)
     report = write_generated(gen, output)
-    t = Table(title=f"{len(gen.rows)} images in {gen.seconds:.1f} s -> {_p(output)}", title_justify="left")
+    _written(report)
+    t = Table(title=f"{plural(len(gen.rows), 'images')} in {gen.seconds:.1f} s -> {_p(output)}", title_justify="left")
     cols = ["file", "condition", "seed"] + ([metric, "flagged", "regenerated"] if gen.result else [])
     for c in cols:
         t.add_column(c)
@@ -761,7 +845,7 @@ def audit(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this "
                                                        "(overrides the config's).")] = None,
     metric: Metric = "std",
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     seed: Seed = 0,
     batch_size: BatchSize = None,
@@ -774,6 +858,9 @@ def audit(
                                          "scored.")] = False,
     state_dir: StateDirOption = None,
     top: Annotated[int, typer.Option("--top", help="Flagged images listed in the summary (0: none).")] = 50,
+    allow_empty: Annotated[bool, typer.Option("--allow-empty", help="Pass (exit 0, empty report and CI outputs) when "
+                                              "the paths hold no image file, e.g. a pull request that adds none "
+                                              "(default: exit 2).")] = False,
     fpr: Fpr = None,
     evidence_top: EvidenceTop = 20,
     evidence_json: EvidenceJson = None,
@@ -785,7 +872,9 @@ def audit(
     quiet: Quiet = False,
 ):
     """CI entry point: scan with a calibrated threshold, write the report and CI outputs, exit 0 / 1 / 2 (1: an image
-    was flagged, or could not be checked)."""
+    was flagged, or could not be checked).
+
+    Example: memdetect audit generated/ --config memdetect.toml --junit junit.xml --allow-empty"""
     from . import ci
     from .io import check_destinations, check_report_path
 
@@ -796,7 +885,9 @@ def audit(
     if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
         raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
                          "read unless given with --config)")
+    require_model(s["model"], config_hint="--config memdetect.toml")
     ci.check_threshold(s["threshold"])
+    _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
     check_report_path(output)
     ci.check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
@@ -816,9 +907,12 @@ def audit(
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
                         state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
-                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"])
+                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"], allow_empty=allow_empty)
+    _written(output, junit, summary_json, html)
     if not quiet:
         render_audit(done.summary, top=top)
+        if done.summary["images"] == 0:
+            err.print("no image files under the paths: nothing to audit, passing (--allow-empty)")
     raise typer.Exit(done.exit_code)
 
 
@@ -826,7 +920,7 @@ def render_audit(doc: dict, *, top: int) -> None:
     """The audit's short summary: counts, then the flagged images by name (paths printed escaped, never wrapped)."""
     say = functools.partial(out.print, soft_wrap=True)
     cfg = f", config {_p(doc['config'])}" if doc["config"] else ""
-    say(f"memdetect audit: {doc['images']} images: {doc['scored']} scored, {doc['errored']} errored, "
+    say(f"memdetect audit: {plural(doc['images'], 'images')}: {doc['scored']} scored, {doc['errored']} errored, "
         f"{doc['flagged']} flagged memorized ({doc['metric']} >= {doc['threshold']:.6g}{cfg})")
     for f in doc["flagged_images"][:top]:
         p = f"; p = {f['p_value']:.3g}" if "p_value" in f else ""
@@ -856,46 +950,61 @@ def render_audit(doc: dict, *, top: int) -> None:
 @handle_errors
 def models():
     """List the model presets: family, weights, default layer and timestep, and the timestep's noise level sigma
-    under the preset's schedule."""
+    under the preset's schedule.
+
+    Example: memdetect models"""
     from .models import ADAPTERS, PRESETS
     from .models.presets import schedule_sigma
 
-    t = Table(title="presets (use with --model; --model-path overrides the weights)", title_justify="left")
+    title = "presets (use with --model; --model-path overrides the weights)"
+    t = Table(title=title, title_justify="left")
     for c in ("preset", "family", "weights", "layer", "t", "sigma (schedule)", "note"):
         t.add_column(c, overflow="fold")
+    rows = []
     for p in PRESETS.values():
         cls = ADAPTERS.get(p.family)
         layer = p.layer or (cls.layer_hint(p.options) if cls else "(family not installed)")
         schedule = p.noise_schedule()
         sigma = (f"{schedule_sigma(schedule, p.timestep):.3f} ({schedule.get('beta_schedule', '?')})" if schedule
                  else "-")
-        t.add_row(*map(_p, (p.name, p.family, p.source, layer, p.timestep, sigma, p.note)))
-    out.print(t)
+        rows.append(tuple(map(_p, (p.name, p.family, p.source, layer, p.timestep, sigma, p.note))))
+        t.add_row(*rows[-1])
+    if out.width >= 140:
+        out.print(t)
+    else:  # a table of seven columns folds into unreadable slivers: one block per preset instead
+        from .text_blocks import preset_blocks
+
+        out.print(preset_blocks(title, rows, out.width), soft_wrap=True)
     out.print(f"families (with --model-path DIR): {', '.join(map(_p, sorted(ADAPTERS)))}")
 
 
 @app.command()
 @handle_errors
 def layers(
-    model: Model = "demo", model_path: ModelPath = None,
+    model: Model = None, model_path: ModelPath = None,
     contains: Annotated[Optional[str], typer.Option("--filter", help="Only names containing this text.")] = None,
     inputs: Annotated[bool, typer.Option("--inputs", help="Also list module inputs (NAME:in).")] = False,
     device: Device = "auto", dtype: Dtype = "auto",
 ):
-    """List hookable layers with their output shape on a probe input and how often each fires per forward."""
+    """List hookable layers with their output shape on a probe input and how often each fires per forward.
+
+    Example: memdetect layers --model demo --filter up_blocks.0"""
+    require_model(model, config_hint=None)
     det = load_detector(model, model_path, device=device, dtype=dtype, prune=False)  # the full forward
+    default = str(det.layer)
     with err.status("probing one forward pass ..."):
-        infos = det.layers(include_inputs=inputs)
+        # inputs too: the default layer is often a module input (NAME:in), and is listed, marked, without --inputs
+        infos = [i for i in det.layers(include_inputs=True) if inputs or ":in" not in i.spec or i.spec == default]
     t = Table(title=f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})",
               title_justify="left")
     for c in ("layer", "module", "shape", "calls/forward"):
         t.add_column(c, overflow="fold")
-    default = str(det.layer)
+    t.add_column("", no_wrap=True)  # the default layer's mark, apart: the layer's name stays whole
     for info in infos:
         if contains and contains not in info.spec:
             continue
-        spec = Text.assemble(_p(info.spec), (" <- default", "bold green")) if info.spec == default else _p(info.spec)
-        t.add_row(spec, _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls))
+        mark = Text("<- default", style="bold green") if info.spec == default else ""
+        t.add_row(_p(info.spec), _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls), mark)
     out.print(t)
 
 
@@ -962,7 +1071,9 @@ def bench_demo(
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
     bootstrap: Bootstrap = 1000,
 ):
-    """Ground truth: score a shipped memorizing model's labelled generations with every method that applies."""
+    """Ground truth: score a shipped memorizing model's labelled generations with every method that applies.
+
+    Example: memdetect bench demo --model demo --limit 100"""
     from .bench.demo import DEMO_MODELS, run_demo
 
     if model not in DEMO_MODELS:
@@ -973,7 +1084,8 @@ def bench_demo(
     except ValueError:
         raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
     speed_settings(device)
-    with err.status(f"benchmarking on the {model} model's labelled generations ..."):
+    bar, _ = progress_bar(f"bench demo ({model}): scoring its labelled generations with every method", counted=False)
+    with bar:  # no count from run_demo: in a log, a line every few seconds with the time elapsed
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
                        sweep_timesteps=steps, n_boot=bootstrap)
@@ -1082,12 +1194,14 @@ def bench_laion(
     seed: GenerationSeed = 0,
 ):
     """Table-1-style LAION: memorized vs normal prompts on Stable Diffusion, per generated image (and per prompt),
-    ours against Wen, NeMo, Ross, Carlini, with 95% intervals."""
+    ours against Wen, NeMo, Ross, Carlini, with 95% intervals.
+
+    Example: memdetect bench laion --model sd14 --limit 20"""
     from .bench.paper import run_laion
 
     output = output or Path("bench-laion")
     speed_settings(device)
-    bar, progress = progress_bar("generating and scoring prompts")
+    bar, progress = progress_bar("generating and scoring prompts", unit="prompts")
     with bar:
         res = run_laion(output, model=model, model_path=str(model_path) if model_path else None, memorized=memorized,
                         normal=normal, memorized_filters=memorized_filter or (), limit=limit, generations=generations,
@@ -1157,7 +1271,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         rule = label_rule(memorized_at, generalized_below, lab_fn.rule)
         output = output or Path(f"bench-{bench}")
         speed_settings(device)
-        bar, progress = progress_bar("generating and scoring samples")
+        bar, progress = progress_bar("generating and scoring samples", unit="samples")
         with bar:
             res = run_samples(bench, output, model=model, model_path=str(model_path) if model_path else None,
                               train_dir=train_dir, num_samples=num_samples, classes=_parse_classes(classes),
@@ -1179,12 +1293,14 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
 _samples_bench("imagenet", model="dit", model_help="A class-conditional (DiT) preset, family or folder.",
                doc="Table-1-style ImageNet: class-conditional samples labelled by their nearest training image; ours "
                    "against the baselines. The public DiT-XL/2 was trained on full data and rarely memorizes: pass "
-                   "--model-path for a model trained the paper's way.")
+                   "--model-path for a model trained the paper's way.\n\nExample: memdetect bench imagenet "
+                   "--model-path DIT_DIR --train-dir TRAIN_IMAGES -n 1000")
 _samples_bench("cifar10", model="edm-cifar10", model_help="An unconditional preset (edm-cifar10, ddpm-cifar10), or a "
                                                           "family with --model-path.",
                doc="Table-1-style CIFAR-10: unconditional samples labelled by their nearest training image. The "
                    "public checkpoints were trained on full data and rarely memorize: pass --model-path for a model "
-                   "trained the paper's way.")
+                   "trained the paper's way.\n\nExample: memdetect bench cifar10 --model edm-cifar10 --train-dir "
+                   "CIFAR10_TRAIN -n 1000")
 
 
 def main(argv: list[str] | None = None) -> int:

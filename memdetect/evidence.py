@@ -177,11 +177,10 @@ def _nearest(det: Detector, doc: dict, pooled: torch.Tensor, pixels: np.ndarray,
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    import json
-
     from .io import atomic_write
+    from .strict_json import dumps
 
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1) + "\n", encoding="utf-8"))
 
 
 __all__ = ["K", "NEAREST", "TOP", "collect", "reference_features", "select", "write_json"]

@@ -374,13 +374,16 @@ class Generated:
 
 
 def generate(guard_or_pipe, conditions: Sequence | None, n: int, *, steps: int | None = None,
-             guidance: float | None = None, seed: int = 0) -> Generated:
+             guidance: float | None = None, seed: int = 0, eta: float | None = None) -> Generated:
     """``n`` images per condition (prompt, class; None: unconditional) from a ``Guard`` or a bare pipeline, with
-    one seed per image (``generation_seed(seed, "generate", k)``, recorded in the rows)."""
+    one seed per image (``generation_seed(seed, "generate", k)``, recorded in the rows). ``eta``: the DDIM eta of
+    pipelines that take one (default: the family's)."""
     g = guard_or_pipe if isinstance(guard_or_pipe, Guard) else None
     pipe = g.pipe if g else guard_or_pipe
     adapter = g.adapter if g else adapter_for_pipeline(pipe)
     call = adapter.pipeline_call(list(conditions) if conditions else None, n, steps=steps, guidance=guidance)
+    if eta is not None and "eta" in call:
+        call["eta"] = float(eta)
     total = n * (len(conditions) if conditions else 1)
     seeds = [generation_seed(seed, "generate", k) for k in range(total)]
     call["generator"] = [torch.Generator().manual_seed(s) for s in seeds]
@@ -436,7 +439,7 @@ class GuardCalibration:
 
 def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float = 0.01, steps: int | None = None,
                     guidance: float | None = None, seed: int = 0, output="memdetect.toml", force: bool = False,
-                    model: str = "", model_path: str | None = None) -> GuardCalibration:
+                    model: str = "", model_path: str | None = None, eta: float | None = None) -> GuardCalibration:
     """Generate ``n`` reference images per condition (normal prompts or classes; an unconditional model: ``n``
     generations, which include any memorized ones it makes) under ``g`` and choose each metric's guard threshold at
     ``fpr`` with ``calibrate.fpr_threshold``; write them to ``output`` as a ``[guard]`` table keyed by the settings
@@ -457,7 +460,7 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
     check_output(output, force)
     if g.on_memorized != "flag" or g.threshold is not None:
         g = Guard(g.pipe, threshold=None, layer=str(g.layer), step_t=g.step_t, metric=g.metric, seed=g.seed)
-    gen = generate(g, conditions, n, steps=steps, guidance=guidance, seed=seed)
+    gen = generate(g, conditions, n, steps=steps, guidance=guidance, seed=seed, eta=eta)
     scores = gen.result.scores
     rows = []
     for m, v in scores.items():
@@ -466,10 +469,13 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
                      "flagged_reference": int((v >= t).sum()), "n_reference": int(v.size)})
     table = pd.DataFrame(rows).set_index("metric")
     call = g.adapter.pipeline_call(list(conditions) if conditions else None, n, steps=steps, guidance=guidance)
+    if eta is not None and "eta" in call:
+        call["eta"] = float(eta)
     doc = {"version": CONFIG_VERSION, "model": model or g.adapter.source, "model_path": model_path,
            "guard": {"threshold": float(table.loc[g.metric, "threshold"]), "metric": g.metric, "layer": str(g.layer),
                      "step_t": g.step_t, "timestep": gen.result.timestep,
                      "steps": int(call.get("num_inference_steps", 0)),
+                     "eta": float(call["eta"]) if "eta" in call else None,
                      "guidance": float(call["guidance_scale"]) if "guidance_scale" in call else None,
                      "extra_forward": gen.result.extra_forward, "fpr": fpr, "rule": RULE,
                      "n_reference": int(gen.images.shape[0]), "seed": seed,

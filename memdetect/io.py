@@ -444,7 +444,9 @@ def write_report(df, path: str | os.PathLike, settings: dict | None = None) -> P
     elif suffix == ".json":
         rows = json.loads(df.to_json(orient="records"))
         doc = {"settings": settings or {}, "rows": rows}
-        atomic_write(p, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+        from .strict_json import dumps
+
+        atomic_write(p, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1)))
     else:
         try:
             import pyarrow  # noqa: F401

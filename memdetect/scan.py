@@ -87,7 +87,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
          shard: tuple[int, int] | None = None, shard_key: bytes | None = None, allow_remote: bool = False,
-         errors_fail: bool = False) -> ScanResult:
+         errors_fail: bool = False, allow_empty: bool = False) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -103,7 +103,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     docstring; evidence images are read for local files only). ``allow_remote``: inputs and manifest rows may name
     URLs other than ``file://`` (``memdetect.sources.resolve``). ``errors_fail``: the HTML page says error rows were not
     checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
-    and UsageError for a destination that cannot be written (before any image is read).
+    and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
+    image file is an empty result (and an empty report) instead.
     """
     paths = list(paths)
     remote_output = output is not None and is_url(str(output))
@@ -117,8 +118,9 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     if evidence_top < 0:
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
     everything = resolve(paths, allow_remote=allow_remote)
-    if not everything:
-        raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
+    if not everything and not allow_empty:
+        raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)} (`memdetect "
+                         f"audit --allow-empty` passes when there are none)")
     files = shard_of(everything, *shard) if shard is not None else everything
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     state.check_outside(paths)  # its secret must not sit in the tree under scan
@@ -151,6 +153,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     rows[i] = detector.row(item_name(f), scores, key=key, frames=record_frames(journal.done[key]))
             if len(files) > len(todo):
                 advance(len(files) - len(todo))
+        if on_batch and done == 0:
+            on_batch(0, len(files))  # the total, before the first batch (a progress bar knows it from the start)
         pos = 0
         pending = files if len(todo) == len(files) else (
             files.take(todo) if hasattr(files, "take") else [files[i] for i in todo])

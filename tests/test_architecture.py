@@ -16,13 +16,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "text"),                                      # words: exceptions, version, escaping
     ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle", "pvalues",
-     "similarity", "sources"),  # tools that know no model family (sources: where inputs live)
+     "similarity", "sources", "strict_json", "progress", "text_blocks"),  # tools that know no model family (sources:
+    # where inputs live; strict_json: JSON out; progress, text_blocks: what a terminal or a log shows)
     ("models", "report", "journal", "state", "config", "html_report", "merge"),  # families; rows; journal; ...
     ("detector",),                                                        # the library API: images -> rows
     ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
     ("calibrate", "ci", "guarding", "distributed", "integrations"),  # thresholds; CI audit; guard; past one process
     ("bench",),                                                           # benchmarks
-    ("cli", "__main__", "memdetect"),                                     # entry points and the package's facade
+    ("cli", "ux", "__main__", "memdetect"),  # entry points (ux: the CLI's messages and choices) and the facade
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -257,10 +257,12 @@ def test_audit_uses_the_memdetect_toml_it_is_given(tiny_ddpm, images_dir, tmp_pa
     assert res.exit_code == 0, res.output
     assert "5 images: 5 scored, 0 errored, 0 flagged memorized (std >= 1e+09, config memdetect.toml)" in res.output
     assert "| 5 | 5 | 0 | 0 | 0 |" in Path("s.md").read_text()
-    res = invoke("audit", images_dir, "--threshold", "-1", "--workers", 0, env={"GITHUB_ACTIONS": "true"})
+    res = invoke("audit", images_dir, "--config", "memdetect.toml", "--threshold", "-1", "--workers", 0,
+                 env={"GITHUB_ACTIONS": "true"})
     assert res.exit_code == 1 and "(no journal read: every image scored)" in res.output  # resuming is opt-in
     assert res.output.count("::error file=") == 5
-    res = invoke("audit", images_dir, "--threshold", "-1", "--workers", 0, "--resume", env={"GITHUB_ACTIONS": "true"})
+    res = invoke("audit", images_dir, "--config", "memdetect.toml", "--threshold", "-1", "--workers", 0, "--resume",
+                 env={"GITHUB_ACTIONS": "true"})
     assert res.exit_code == 1 and "5 rows reused from its journal" in res.output
     assert res.output.count("::error file=") == 5
     assert sorted(os.listdir(".memdetect")) == [".gitignore", "report.csv"]  # the journal is in the state dir

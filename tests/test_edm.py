@@ -373,6 +373,31 @@ def test_safetensors_with_full_or_minimal_sidecar(tmp_path):
         edm.load_network(path)
 
 
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("precond", ["EDMPrecond", "VPPrecond", "VEPrecond"])
+def test_safetensors_sidecar_is_strict_json_and_the_old_form_still_loads(precond, tmp_path):
+    """EDMPrecond's sigma_max is infinite: the sidecar must not hold ``Infinity`` (strict parsers reject it)."""
+    net = small_net(precond)
+    path = edm.save_safetensors(net, tmp_path / "net.safetensors")
+    text = path.with_suffix(".json").read_text()
+    doc = _strict_json(text)  # raises on Infinity / NaN
+    assert "Infinity" not in text and doc["class_name"] == precond
+    x, sigma = inputs()
+    loaded = edm.load_network(path)
+    assert loaded.sigma_max == net.sigma_max and torch.equal(loaded(x, sigma), net(x, sigma))
+    # a sidecar an older memdetect wrote, with "sigma_max": Infinity, loads the same network
+    old = {"class_name": precond, "init_kwargs": dict(net.init_kwargs)}
+    path.with_suffix(".json").write_text(json.dumps(old, indent=1))
+    if precond == "EDMPrecond":
+        assert "Infinity" in path.with_suffix(".json").read_text()
+    assert torch.equal(edm.load_network(path)(x, sigma), net(x, sigma))
+
+
 # -- downloads -------------------------------------------------------------------------------------------------------
 
 def test_preset_and_offline_download(tmp_path, monkeypatch):

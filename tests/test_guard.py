@@ -238,7 +238,9 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
     assert conf.threshold is None and conf.guard["steps"] == 3 and conf.guard["metric"] == "std"
     # 1% of 4 reference generations < 1: the threshold sits just above the largest reference score
     ref = memdetect.guard(memdetect.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)
-    again = memdetect.guarding.generate(ref, None, 4, steps=3, seed=0)
+    # fewer steps than the family's 1,000 ancestral ones: the command samples with DDIM, eta 0 (and records it)
+    assert doc["guard"]["eta"] == 0.0
+    again = memdetect.guarding.generate(ref, None, 4, steps=3, seed=0, eta=0.0)
     assert conf.guard["threshold"] == pytest.approx(float(np.nextafter(again.result.scores["std"].max(), np.inf)),
                                                     rel=1e-5)
 

@@ -167,3 +167,107 @@ def test_action_run_sh_rejects_empty_paths(tmp_path):
     proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=_env(**_step_env(paths="  ")),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "the 'paths' input is empty" in proc.stderr
+
+
+# -- the action's inputs, the snippets' tags and references, actionlint ------------------------------------------------
+
+#: Inputs that set up the job rather than pass a flag of `memdetect audit`.
+JOB_INPUTS = {"paths", "fail-on-flagged", "extra-args", "python-version", "torch", "torch-index-url", "install"}
+
+
+def test_action_inputs_mirror_the_audit_flags():
+    import typer.main
+
+    from memdetect.cli import app
+
+    audit = typer.main.get_command(app).commands["audit"]
+    flags = {o for p in audit.params for o in getattr(p, "opts", []) if o.startswith("--")}
+    inputs = set(_action()["inputs"])
+    assert {"model", "allow-empty", "config", "threshold"} <= inputs
+    missing = sorted(f"--{i}" for i in inputs - JOB_INPUTS if f"--{i}" not in flags)
+    assert not missing, f"action inputs that are no `memdetect audit` flag: {missing}"
+    script = RUN_SH.read_text()
+    for name in inputs - JOB_INPUTS:  # each reaches the command line as its own flag
+        assert f"--{name}" in script, name
+
+
+def test_action_allow_empty(tmp_path):
+    fake = tmp_path / "fake-memdetect"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > args.txt\nexit 0\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = _env(**_step_env(paths="  ", **{"allow-empty": "true"}), MEMDETECT_BIN=str(fake), GITHUB_OUTPUT=str(out))
+    proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "nothing to audit" in proc.stderr, proc.stderr
+    assert _outputs(out)["exit-code"] == "0" and _outputs(out)["images"] == "0"
+    assert not (tmp_path / "args.txt").exists()  # no paths: memdetect is not run at all
+    env = _env(**_step_env(paths="generated/", model="demo", **{"allow-empty": "true"}), MEMDETECT_BIN=str(fake))
+    proc = subprocess.run(["bash", str(RUN_SH)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    args = (tmp_path / "args.txt").read_text().splitlines()
+    assert "--allow-empty" in args and args[args.index("--model") + 1] == "demo"
+
+
+def _readme() -> str:
+    return (REPO / "README.md").read_text()
+
+
+def test_snippets_name_the_tag_of_this_version():
+    """The tag scheme: releases are tagged v<version>; the README's snippets name this version's tag."""
+    from memdetect import __version__
+
+    readme = _readme()
+    revs = re.findall(r"^\s*rev:\s*(\S+)", readme, re.M)
+    refs = re.findall(r"uses:\s*\S*memdetect/hooks/github-action@(\S+)", readme)
+    assert revs and refs
+    assert set(revs) | set(refs) == {f"v{__version__}"}
+    assert f"`v` + the package version" in readme  # the scheme is written down
+
+
+def _headings(markdown: str) -> set[str]:
+    return {m.strip() for m in re.findall(r"^#+\s+(.*)$", markdown, re.M)}
+
+
+def test_references_to_readme_sections_exist():
+    headings = _headings(_readme())
+    anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+    files = [REPO / ".pre-commit-hooks.yaml", ACTION, RUN_SH, REPO / "hooks" / "pre-commit" / "README.md",
+             REPO / "Dockerfile"]
+    seen = 0
+    for f in files:
+        text = f.read_text()
+        for section in re.findall(r'README(?:\.md)?(?:\'s)?,? \W?"([^"]+)"', text):
+            assert section in headings, f"{f.name} points to README section {section!r}, which does not exist"
+            seen += 1
+        for anchor in re.findall(r"README\.md#([\w\-]+)", text):
+            assert anchor in anchors, f"{f.name} links to #{anchor}, which does not exist"
+            seen += 1
+    assert seen >= 3
+
+
+def _actionlint() -> str | None:
+    found = shutil.which("actionlint")
+    beside = Path(sys.executable).with_name("actionlint")
+    return found or (str(beside) if beside.is_file() else None)
+
+
+@pytest.mark.skipif(_actionlint() is None, reason="actionlint not installed (the test extra installs it on x86-64 "
+                                                  "Linux)")
+def test_actionlint_on_the_readme_workflow_with_this_action(tmp_path):
+    """The README's workflow, with the action used from this checkout: actionlint checks the workflow and the
+    inputs it passes against action.yml."""
+    block = re.search(r"```yaml\n# \.github/workflows/memdetect\.yml\n(.*?)```", _readme(), re.S).group(1)
+    workflow = re.sub(r"uses: \S*memdetect/hooks/github-action@\S+", "uses: ./hooks/github-action", block)
+    assert "uses: ./hooks/github-action" in workflow
+    (tmp_path / ".github" / "workflows").mkdir(parents=True)
+    (tmp_path / ".github" / "workflows" / "memdetect.yml").write_text(workflow)
+    shutil.copytree(REPO / "hooks" / "github-action", tmp_path / "hooks" / "github-action")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    proc = subprocess.run([_actionlint(), "-no-color", "-shellcheck=", "-pyflakes="], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # and it does check the inputs: an unknown one is reported
+    (tmp_path / ".github" / "workflows" / "memdetect.yml").write_text(
+        workflow.replace("allow-empty: true", "allow-emptyy: true"))
+    proc = subprocess.run([_actionlint(), "-no-color", "-shellcheck=", "-pyflakes="], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "allow-emptyy" in proc.stdout, proc.stdout + proc.stderr

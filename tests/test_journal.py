@@ -162,12 +162,12 @@ def test_a_crash_after_k_batches_leaves_exactly_k_batches(det, tmp_path):
 
     def boom(done, total):
         seen.append(done)
-        if len(seen) == 3 + 1:  # called as batch 4 finishes scoring, before it is journaled
+        if len(seen) == 1 + 3 + 1:  # called with the total, then as batch 4 finishes scoring, before it is journaled
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         scan(det, files, output=out, num_workers=0, on_batch=boom)
-    assert seen == [4, 8, 12, 14] and not out.exists()
+    assert seen == [0, 4, 8, 12, 14] and not out.exists()
     assert len(_lines(journal_path(out))) == 3 * det.batch_size  # batches 1-3 are on disk; only batch 4 is lost
     res = scan(det, files, output=out, num_workers=0)
     assert (res.resumed, res.computed) == (12, 2)
@@ -242,6 +242,6 @@ def test_memory_stays_bounded_while_streaming(tiny_ddpm, tmp_path, one_thread):
     det = Detector.from_pretrained("ddpm", str(tiny_ddpm), batch_size=24)
     samples = []
     res = scan(det, [d], output=tmp_path / "r.csv", num_workers=0, on_batch=lambda done, total: samples.append(rss_mb()))
-    assert len(res.frame) == 600 and len(samples) == 600 // det.batch_size
+    assert len(res.frame) == 600 and len(samples) == 1 + 600 // det.batch_size  # the total, then each batch
     growth = samples[-1] - samples[len(samples) // 4]
     assert growth < 30, f"RSS grew {growth:.0f} MB over 450 images"

@@ -565,7 +565,7 @@ def test_a_hostile_model_name_in_a_config_is_one_escaped_line(images_dir, tmp_pa
 def test_an_empty_folder_with_a_hostile_name_is_one_line(tmp_path):
     d = tmp_path / "a\nmemdetect: scan OK\x1b[2J"
     d.mkdir()
-    res = invoke("scan", d)
+    res = invoke("scan", d, "--model", "demo")
     assert res.exit_code == 2
     _safe(res.output)
     assert "no image files found under" in one_error_line(res.output)

@@ -5,6 +5,7 @@
 #   MEMDETECT_PATHS=generated/ MEMDETECT_CONFIG=memdetect.toml bash hooks/github-action/run.sh
 # Exit status: memdetect's (0 nothing flagged, 1 flagged or an image not checked, 2 error), except 1 -> 0 when
 # MEMDETECT_FAIL_ON_FLAGGED=false and every image was checked (an image that could not be checked always fails).
+# With MEMDETECT_ALLOW_EMPTY=true, no paths (or none holding an image) pass with exit 0.
 set -uo pipefail
 
 memdetect_bin="${MEMDETECT_BIN:-memdetect}"
@@ -25,7 +26,14 @@ else
   read -r -a paths <<< "$raw"
 fi
 if [ "${#paths[@]}" -eq 0 ]; then
-  echo "memdetect action: error: the 'paths' input is empty" >&2
+  if [ "${MEMDETECT_ALLOW_EMPTY:-false}" = "true" ]; then
+    echo "memdetect action: the 'paths' input is empty: nothing to audit, passing (allow-empty)" >&2
+    if [ -n "${GITHUB_OUTPUT:-}" ]; then
+      printf '%s\n' "exit-code=0" "images=0" "scored=0" "errored=0" "flagged=0" >> "$GITHUB_OUTPUT"
+    fi
+    exit 0
+  fi
+  echo "memdetect action: error: the 'paths' input is empty (set allow-empty: true to pass without images)" >&2
   exit 2
 fi
 
@@ -33,10 +41,12 @@ args=(audit "${paths[@]}" --output "$output" --summary-json "$summary"
       --annotations "${MEMDETECT_ANNOTATIONS:-auto}")
 [ -n "${MEMDETECT_CONFIG:-}" ] && args+=(--config "$MEMDETECT_CONFIG")
 [ -n "${MEMDETECT_CONFIG_SHA256:-}" ] && args+=(--config-sha256 "$MEMDETECT_CONFIG_SHA256")
+[ -n "${MEMDETECT_MODEL:-}" ] && args+=(--model "$MEMDETECT_MODEL")
 [ -n "${MEMDETECT_MODEL_PATH:-}" ] && args+=(--model-path "$MEMDETECT_MODEL_PATH")
 [ -n "${MEMDETECT_THRESHOLD:-}" ] && args+=(--threshold "$MEMDETECT_THRESHOLD")
 [ -n "$junit" ] && args+=(--junit "$junit")
 [ -n "${MEMDETECT_HTML:-}" ] && args+=(--html "$MEMDETECT_HTML")
+[ "${MEMDETECT_ALLOW_EMPTY:-false}" = "true" ] && args+=(--allow-empty)
 if [ -n "${MEMDETECT_EXTRA_ARGS:-}" ]; then
   read -r -a extra <<< "$MEMDETECT_EXTRA_ARGS"
   args+=("${extra[@]}")

@@ -57,6 +57,7 @@ from ..errors import LayerError, UnsupportedModelError, UsageError
 from ..io import image_seed
 from ..models.presets import packaged
 from ..scores import SCORES, centre, standardise, std
+from .. import strict_json
 from . import baselines
 from .labels import LabelRule
 from .metrics import bootstrap_metrics, paired_difference, recall_by_group, roc_metrics, threshold_at_fpr
@@ -533,6 +534,6 @@ def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_s
         plot_sweep(sw, output / "sweep.png", str(det.layer))
         proof = layer_proof(sw, kept, labels, sel, held, str(det.layer), det.timestep, n_boot=n_boot)
         proof["model"] = model
-        (output / "layer_proof.json").write_text(json.dumps(proof, indent=1))
+        (output / "layer_proof.json").write_text(strict_json.dumps(proof, indent=1))
         out["sweep"], out["proof"] = sw, proof
     return out

@@ -73,6 +73,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import strict_json
 from .._version import __version__
 from ..detector import Detector
 from ..errors import InputError, UsageError
@@ -175,7 +176,7 @@ def check_settings(output: Path, settings: dict, write: bool) -> None:
     if write:
         output.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name("settings.json.part")
-        tmp.write_text(json.dumps(settings, indent=1, default=str) + "\n")
+        tmp.write_text(strict_json.dumps(settings, indent=1, default=str) + "\n")
         tmp.replace(path)
 
 

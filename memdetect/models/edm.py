@@ -739,14 +739,32 @@ def network_from_safetensors(path: str | os.PathLike) -> _Precond:
     return load_state(net, state, name)
 
 
+def _strict_kwargs(net: _Precond) -> dict:
+    """``net.init_kwargs`` as strict JSON can hold them: a non-finite float (EDMPrecond's ``sigma_max = inf``) is
+    left out when it is the class's own default, which restores it on loading; any other one is refused."""
+    import inspect
+
+    defaults = {n: p.default for n, p in inspect.signature(type(net).__init__).parameters.items()}
+    kwargs = {}
+    for k, v in net.init_kwargs.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            if k in defaults and isinstance(defaults[k], (int, float)) and float(defaults[k]) == v:
+                continue
+            raise ValueError(f"{type(net).__name__} argument {k} = {v} has no strict-JSON form")
+        kwargs[k] = v
+    return kwargs
+
+
 def save_safetensors(net: _Precond, path: str | os.PathLike) -> Path:
-    """Write ``net``'s state dict to ``path`` (.safetensors) and its constructor arguments to the .json sidecar."""
+    """Write ``net``'s state dict to ``path`` (.safetensors) and its constructor arguments to the .json sidecar,
+    in strict JSON (no ``Infinity``: an infinite default is left out; older sidecars holding it still load)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, str(path))
     path.with_suffix(".json").write_text(json.dumps({"class_name": type(net).__name__,
-                                                     "init_kwargs": net.init_kwargs}, indent=1))
+                                                     "init_kwargs": _strict_kwargs(net)}, indent=1,
+                                                    allow_nan=False))
     return path
 
 
