@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UnsupportedModelError, UsageError
 from ..hub import read_json
-from . import ddpm, dit, edm, sd  # noqa: F401  (each registers its adapter)
+from . import ddpm, dit, edm, sd, sd3  # noqa: F401  (each registers its adapter)
 from .base import ADAPTERS, Adapter, register_adapter
 from .presets import PRESETS, Preset, register_preset
 
