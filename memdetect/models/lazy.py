@@ -103,18 +103,22 @@ class LazyModule:
     def tensor_names(self) -> list[str]:
         return [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]
 
-    def needed_for(self, run: Callable[[], None]) -> set[str]:
-        """Names of the parameters and buffers ``run()`` (a ``meta`` forward, typically stopped early) reads."""
+    def needed_for(self, run: Callable[[], None]) -> tuple[set[str], set[str]]:
+        """The names of the parameters and buffers ``run()`` (a ``meta`` forward, typically stopped early) reads, and
+        of the modules it calls."""
         from ..capture import trace_usage
 
         usage = trace_usage([self.module], run)
         names = {id(t): n for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]}
-        return {names[i] for i in usage.tensors if i in names}
+        modules = {m: n for n, m in self.module.named_modules()}
+        return {names[i] for i in usage.tensors if i in names}, {modules[m] for m in usage.fired if m in modules}
 
     def materialise(self, names: Iterable[str] | None, device: torch.device, dtype: torch.dtype,
-                    reason: str = "") -> int:
+                    reason: str = "", called: Iterable[str] = ()) -> int:
         """Read ``names`` (None: every tensor) into place on ``device`` (floating tensors in ``dtype``); returns the
-        bytes read. Modules whose own tensors are all still ``meta`` get a pre-hook raising ``PrunedModuleError`` (``reason``)."""
+        bytes read. Modules whose own tensors are all still ``meta`` get a pre-hook raising ``PrunedModuleError``
+        (``reason``), except those in ``called`` (modules the scan enters: a layer hooked on its input stops the
+        forward in its own pre-hook, registered later than this guard)."""
         from safetensors import safe_open
 
         self.require_weights()
@@ -140,7 +144,7 @@ class LazyModule:
                     read += t.numel() * t.element_size()
                     self._put(key, t, device, dtype)
         self.materialised = True
-        self._guard(reason)
+        self._guard(reason, set(called))
         log.debug("read %d tensors (%.0f MB) of %s", len(wanted), read / 1e6, self.folder)
         return read
 
@@ -159,13 +163,13 @@ class LazyModule:
             mod._buffers[key] = value
         self.loaded.add(name)
 
-    def _guard(self, reason: str) -> None:
+    def _guard(self, reason: str, called: set[str]) -> None:
         for name, m in self.module.named_modules():
             if getattr(m, "_memdetect_lazy_guard", None) is not None:
                 m._memdetect_lazy_guard.remove()
                 m._memdetect_lazy_guard = None
             own = [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-            if own and all(t.is_meta for t in own):
+            if own and all(t.is_meta for t in own) and name not in called:
                 def guard(mod, args, name=name):
                     raise PrunedModuleError(f"{name or type(mod).__name__} was never read from the checkpoint: "
                                             f"{reason or 'only the modules before the hooked layer are loaded'}")

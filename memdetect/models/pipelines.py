@@ -102,11 +102,11 @@ class PipelineAdapter(Adapter):
         if self._placed:
             return self
         if not is_meta(self.device) and self.lazy.pending:
-            names = None
+            names, called = None, set()
             if self.pruned_for is not None:
-                names = self.lazy.needed_for(lambda: self._meta_forward(self.pruned_for))
+                names, called = self.lazy.needed_for(lambda: self._meta_forward(self.pruned_for))
             read = self.lazy.materialise(
-                names, self.device, self.dtype,
+                names, self.device, self.dtype, called=called,
                 reason=f"this model was loaded for a scan of {self.pruned_for}; load it with prune=False for a "
                        f"full forward" if self.pruned_for else "")
             log.info("read %.0f MB of %s weights%s", read / 1e6, self.family,
