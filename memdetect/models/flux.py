@@ -52,6 +52,8 @@ class FluxAdapter(FlowMatchAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
         lazy = LazyModule(FluxTransformer2DModel, source, "transformer")
+        if not is_meta(device):
+            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
         cfg = lazy.module.config
         if is_meta(device):
             cond = meta_condition({"prompt_embeds": (1, max_sequence_length, cfg.joint_attention_dim),

@@ -98,7 +98,7 @@ class LazyModule:
     def require_weights(self) -> None:
         if not self.weights:
             raise ModelNotFoundError(f"{self.folder} has no {WEIGHTS_NAME} (or sharded index): the weights are needed "
-                                     f"to scan; with a config-only folder use --device meta to list layers and shapes")
+                                     f"to scan; a config-only folder lists its layers and shapes with --device meta")
 
     def tensor_names(self) -> list[str]:
         return [n for n, _ in self.module.named_parameters()] + [n for n, _ in self.module.named_buffers()]

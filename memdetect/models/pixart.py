@@ -37,6 +37,8 @@ class PixArtAdapter(PipelineAdapter):
         from diffusers import DDPMScheduler, PixArtTransformer2DModel
 
         lazy = LazyModule(PixArtTransformer2DModel, source, "transformer")
+        if not is_meta(device):
+            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
         cfg = lazy.module.config
         pipe_class = pipeline_config(source).get("_class_name", "PixArtSigmaPipeline")
         n = int(max_sequence_length or MAX_LENGTH.get(pipe_class, 300))

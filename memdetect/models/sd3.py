@@ -36,6 +36,8 @@ class SD3Adapter(FlowMatchAdapter):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
         lazy = LazyModule(SD3Transformer2DModel, source, "transformer")
+        if not is_meta(device):
+            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
         cfg = lazy.module.config
         if is_meta(device):
             cond = meta_condition({"prompt_embeds": (1, 77 + max_sequence_length, cfg.joint_attention_dim),

@@ -42,6 +42,8 @@ class SDXLAdapter(PipelineAdapter):
         from diffusers import DDPMScheduler, UNet2DConditionModel
 
         lazy = LazyModule(UNet2DConditionModel, source, "unet")
+        if not is_meta(device):
+            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
         cfg = lazy.module.config
         pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
         shapes = {"prompt_embeds": (1, 77, int(cfg.cross_attention_dim)), "pooled_prompt_embeds": (1, pooled)}
