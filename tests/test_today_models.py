@@ -225,7 +225,7 @@ def test_real_config_lists_layers_on_meta(folder, family, layer, shape, billions
     res = invoke("layers", "--model", family, "--model-path", src, "--device", "meta", "--filter", layer.split(":")[0],
                  "--inputs")
     assert res.exit_code == 0, res.output
-    assert f"default: {layer})" in res.output
+    assert re.search(rf"default:\s+{re.escape(layer)}\)", res.output), res.output
     row = next(line for line in res.output.splitlines() if f"{layer} <- default" in line)
     assert shape in row, row
     det = Detector.from_pretrained(family, str(src), device="meta", prune=False)
