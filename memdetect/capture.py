@@ -16,7 +16,6 @@ This module knows no model family: it sees an ``nn.Module`` and names.
 from __future__ import annotations
 
 import difflib
-
 import re
 from collections import defaultdict
 from dataclasses import dataclass

@@ -17,8 +17,8 @@ the image, so a is sqrt(pixel-count ratio) in theory; the models ship it as ``sh
 ``base_image_seq_len`` to ``max_shift`` at ``max_image_seq_len``). We apply the model's own shift to s0 (``shift``):
 the scan noises to where the model's sampler puts "t = 50 of 1000 on SD's schedule" at the scan's resolution, which is
 the noise level the model itself treats as equivalent (SD3 and SD3.5, a = 3: s = 0.404; Flux.1-dev at 1024 px,
-a = 3.16: s = 0.416; at 512 px, a = 1.88: s = 0.298). ``--sigma S`` sets s directly (no shift); ``--timestep T`` moves the DDPM
-reference timestep (then matched and shifted the same way).
+a = 3.16: s = 0.416; at 512 px, a = 1.88: s = 0.298). ``--sigma S`` sets s directly (no shift); ``--timestep T``
+moves the DDPM reference timestep (then matched and shifted the same way).
 """
 
 from __future__ import annotations

@@ -161,6 +161,7 @@ class LazyModule:
             mod._parameters[key] = nn.Parameter(value, requires_grad=False)
         else:
             mod._buffers[key] = value
+        self._constructed.pop(name, None)
         self.loaded.add(name)
 
     def _guard(self, reason: str, called: set[str]) -> None:

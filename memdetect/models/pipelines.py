@@ -23,8 +23,10 @@ from typing import ClassVar, Sequence
 import torch
 
 from ..capture import Trace
+from ..errors import UnsupportedModelError, UsageError
 from ..hub import component_files, load_component, read_json
 from .base import Adapter, to_uint8, to_unit_range
+from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty
 
 log = logging.getLogger(__name__)
@@ -66,8 +68,6 @@ def pipeline_config(source: str) -> dict:
 
 def token_grid(x: torch.Tensor) -> torch.Tensor:
     """``[B, T, C]`` patch tokens in raster order -> ``[B, C, g, g]``."""
-    from ..errors import UsageError
-
     b, t, c = x.shape
     g = int(round(t ** 0.5))
     if g * g != t:
@@ -158,14 +158,10 @@ class PipelineAdapter(Adapter):
         return {**super().describe(), "weights_read": "lazily, by name" if not is_meta(self.device) else "none (meta)"}
 
     def encode_condition(self, values: Sequence[str]):
-        from ..errors import UsageError
-
         raise UsageError(f"{self.family} scans are prompt-free (the empty prompt's condition is cached); prompts are "
                          f"not supported for this family yet")
 
     def sample(self, seeds, *, cond=None, steps=None, guidance=1.0):
-        from ..errors import UnsupportedModelError
-
         raise UnsupportedModelError(f"memdetect does not generate with {self.family} models (scanning only)")
 
 
@@ -179,8 +175,6 @@ class FlowMatchAdapter(PipelineAdapter):
 
     def __init__(self, *args, sigma: float | None = None, shift: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        from ..errors import UsageError
-        from .flow import scheduler_shift
 
         if sigma is not None and not (isinstance(sigma, (int, float)) and 0 < float(sigma) < 1):
             raise UsageError(f"--sigma for a flow-matching model is the s of x_t = (1 - s) x0 + s eps, in (0, 1); "
@@ -195,8 +189,6 @@ class FlowMatchAdapter(PipelineAdapter):
         return (r // p) ** 2
 
     def sigma(self, t: int) -> float:
-        from .flow import flow_sigma
-
         return self.sigma_override if self.sigma_override is not None else flow_sigma(int(t), self.shift)
 
     def noise_std(self, t: int) -> float:
