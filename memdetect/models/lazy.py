@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelNotFoundError, PrunedModuleError
-from ..hub import local_root, not_found
+from ..hub import local_root, not_found, offline
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,29 @@ def weight_map(folder: Path) -> dict[str, Path]:
     return {}
 
 
+def component_folder(source: str, subfolder: str, what: str) -> Path:
+    """The local folder of a component: of a local model, or of a hub repo's snapshot (that component and
+    model_index.json downloaded when missing, unless offline). ModelNotFoundError when it cannot be had."""
+    root = local_root(source)
+    if root is None and not Path(source).expanduser().exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(source, allow_patterns=[f"{subfolder}/*", "model_index.json"],
+                                          local_files_only=offline()))
+        except Exception as e:  # no network, no such repo, gated: one sentence from not_found
+            raise not_found(source, what, e) from None
+    if root is None:
+        raise not_found(source, what)
+    return root / subfolder
+
+
 class LazyModule:
     """A diffusers model built on ``meta`` from ``source/subfolder/config.json``, with its safetensors weights read
     on demand (see the module docstring). ``weights`` may be empty only for a shape-only (``meta``) run."""
 
     def __init__(self, cls, source: str, subfolder: str):
-        root = local_root(source)
-        if root is None:
-            raise not_found(source, f"{subfolder} ({cls.__name__})")
-        folder = root / subfolder
+        folder = component_folder(source, subfolder, f"{subfolder} ({cls.__name__})")
         try:
             config = cls.load_config(str(folder))
         except (OSError, ValueError) as e:

@@ -27,7 +27,7 @@ from ..errors import UnsupportedModelError, UsageError
 from ..hub import component_files, load_component, read_json
 from .base import Adapter, to_uint8, to_unit_range
 from .flow import flow_sigma, scheduler_shift
-from .lazy import LazyModule, build_empty
+from .lazy import LazyModule, build_empty, component_folder
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,9 @@ def load_vae(source: str, device: torch.device):
     from diffusers import AutoencoderKL
 
     if is_meta(device):
-        return build_empty(AutoencoderKL, AutoencoderKL.load_config(str(model_root(source) / "vae"))).to(META)
+        folder = component_folder(source, "vae", "vae (AutoencoderKL)")
+        return build_empty(AutoencoderKL, AutoencoderKL.load_config(str(folder))).to(META)
     return load_component(AutoencoderKL, source, "vae")
-
-
-def model_root(source: str):
-    """The local folder of a model (a hub repo's cached snapshot); ModelNotFoundError when there is none."""
-    from ..hub import local_root, not_found
-
-    root = local_root(source)
-    if root is None:
-        raise not_found(source, "model folder")
-    return root
 
 
 def meta_condition(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:

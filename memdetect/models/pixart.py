@@ -19,7 +19,7 @@ from ..hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
 from .lazy import LazyModule
-from .pipelines import PipelineAdapter, is_meta, load_vae, meta_condition, model_root, pipeline_config
+from .pipelines import PipelineAdapter, is_meta, load_vae, meta_condition, pipeline_config
 
 LAYER = "transformer_blocks.{k}.ff.net.0"
 MAX_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
@@ -89,7 +89,6 @@ def _encode_empty(source: str, pipe_class: str, n: int) -> dict[str, torch.Tenso
     import diffusers
 
     cls = getattr(diffusers, pipe_class if pipe_class in MAX_LENGTH else "PixArtSigmaPipeline")
-    model_root(source)
     pipe = load_component(cls, source, None, transformer=None, vae=None, torch_dtype=torch.bfloat16)
     embeds, mask, _, _ = pipe.encode_prompt(prompt="", do_classifier_free_guidance=False, device=torch.device("cpu"),
                                             max_sequence_length=n)

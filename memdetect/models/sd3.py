@@ -19,7 +19,7 @@ from ..hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
 from .lazy import LazyModule
-from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, model_root
+from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, pipeline_config
 
 LAYER = "transformer_blocks.{k}.ff.net.0"
 
@@ -74,8 +74,7 @@ def _encode_empty(source: str, max_sequence_length: int) -> dict[str, torch.Tens
     """The empty prompt through ``StableDiffusion3Pipeline.encode_prompt``, text components only (T5 in bf16)."""
     from diffusers import StableDiffusion3Pipeline
 
-    root = model_root(source)
-    t5 = (root / "text_encoder_3").is_dir()
+    t5 = any(pipeline_config(source).get("text_encoder_3") or [None])  # [null, null] when saved without T5
     pipe = load_component(StableDiffusion3Pipeline, source, None, transformer=None, vae=None,
                           torch_dtype=torch.bfloat16 if t5 else torch.float32,
                           **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
