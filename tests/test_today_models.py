@@ -40,6 +40,35 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "250"})
 
 
+def spy_reads(monkeypatch) -> list[str]:
+    """Record the names of the tensors read through ``safetensors.safe_open`` (headers and key lists are free)."""
+    import safetensors
+
+    read: list[str] = []
+    real_open = safetensors.safe_open
+
+    class Spy:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    return read
+
+
 # -- noise level ---------------------------------------------------------------------------------------------------
 
 def test_flow_sigma_matches_the_snr_of_ddpm_t50_on_sd_schedule():
@@ -99,6 +128,15 @@ def test_bad_layer_names_the_nearest_layers(family, tiny, tmp_path):
     assert "Traceback" not in res.output
 
 
+@pytest.mark.parametrize("family", list(MAKERS))
+def test_meta_device_lists_layers_without_reading_weights(family, tiny, monkeypatch):
+    read = spy_reads(monkeypatch)
+    res = invoke("layers", "--model", family, "--model-path", tiny[family], "--device", "meta", "--inputs")
+    assert res.exit_code == 0, res.output
+    assert "<- default" in res.output
+    assert read == []
+
+
 def test_sigma_override_for_flow_models(tiny, tmp_path):
     from memdetect.detector import Detector
 
@@ -119,32 +157,9 @@ def test_sigma_override_for_flow_models(tiny, tmp_path):
 def test_blocks_after_the_hook_are_never_read(family, tiny, monkeypatch):
     """Only the tensors a forward up to the hooked layer reads come out of the safetensors file; the later blocks
     stay on ``meta``, and the scores equal those of the fully loaded model."""
-    import safetensors
-
     from memdetect.detector import Detector
 
-    read: list[str] = []
-    real_open = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real_open(*a, **k)
-
-        def __enter__(self):
-            self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.f.get_tensor(name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Spy)
+    read = spy_reads(monkeypatch)
     layer = {"sdxl": None, "sd3": "transformer_blocks.0.ff.net.0", "flux": "transformer_blocks.0.ff.net.0",
              "pixart": "transformer_blocks.0.ff.net.0"}[family]
     det = Detector.from_pretrained(family, str(tiny[family]), layer=layer)
