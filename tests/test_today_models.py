@@ -271,9 +271,10 @@ def test_family_detection_from_model_index():
 def test_pixart_sigma_real_config_scans_reading_half_the_transformer(tmp_path):
     """PixArt-Σ's real transformer (0.61 B parameters, random bf16 weights) and VAE configs, with a T5 of PixArt's
     width (4096) but one small layer, scanned through the CLI in a subprocess at 1024 px: the scan reads only the
-    blocks up to its layer and gives a finite score. Measured 2026-12-07 (2 shared cores): peak RSS 4.7 GB, of which
-    about 2.5 GB is the VAE encoder at 1024 px (its mid-block attention over 128x128 positions); 1.96 GB resident
-    after loading (616 MB of bf16 transformer weights read, half the file)."""
+    blocks up to its layer and gives a finite score. Measured 2026-12-07 (2 shared cores): this command 205 s and
+    5.14 GB peak RSS; the library scan 4.74 GB, of which about 2.5 GB is the VAE encoder at 1024 px (its mid-block
+    attention over 128x128 positions), 1.96 GB resident after loading (616 MB of bf16 transformer weights read, half
+    the file)."""
     import json
     import subprocess
     import sys
