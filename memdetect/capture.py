@@ -15,6 +15,7 @@ This module knows no model family: it sees an ``nn.Module`` and names.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -52,7 +53,9 @@ def resolve(model: nn.Module, spec: LayerSpec) -> nn.Module:
     try:
         module = model.get_submodule(spec.name)
     except AttributeError:
-        close = [n for n, _ in model.named_modules() if n and n.endswith(spec.name.split(".")[-1])][:5]
+        names = [n for n, _ in model.named_modules() if n]
+        close = [n for n in names if n.endswith(spec.name.split(".")[-1])][:5] or difflib.get_close_matches(
+            spec.name, names, n=5, cutoff=0.6)  # the nearest names when none ends like the typed one
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise LayerError(f"layer {spec.name!r} is not a module of {type(model).__name__}{hint}; "
                          f"run `memdetect layers` to list them") from None

@@ -29,7 +29,6 @@ a workflow command.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys

@@ -266,14 +266,16 @@ ModelPath = Annotated[Optional[Path], typer.Option("--model-path", help="Local w
 Layer = Annotated[Optional[str], typer.Option("--layer", help="NAME[:in]\\[@CALL]; default: the model's paper "
                                                                "layer.")]
 Timestep = Annotated[Optional[int], typer.Option("--timestep", "-t", help="DDPM timestep to noise to (default: 50).")]
-Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM only: noise level sigma, instead of the "
-                                                                "--timestep's (t=50 is sigma 0.176).")]
+Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM, SD3, Flux: noise level sigma instead of the "
+                                                                "--timestep's (EDM: t=50 is 0.176; flow models: s in "
+                                                                "(0, 1), see `memdetect models`).")]
 Metric = Annotated[str, typer.Option("--metric", help=f"Score column: {', '.join(SCORES)}.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this.")]
 Seed = Annotated[int, typer.Option("--seed", help="Noise seed (an image's noise depends on this and its pixels).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass (default: per "
                                                                              "model and device).")]
-Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (meta: shapes only, for `layers` "
+                                                      "of sdxl/sd3/flux/pixart configs without weights).")]
 Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on GPU), float32, float16, "
                                                     "bfloat16.")]
 Workers = Annotated[Optional[int], typer.Option("--workers", help="Image-decoding worker processes.")]

@@ -33,7 +33,7 @@ from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
 from .io import PREPROCESS, ImageError, content_digest, decode_frames, discover, image_seed, read_file
 from .journal import FRAMES_FIELD, fingerprint, row_key
-from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
+from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
 from .scores import SCORES, compute_all
 from .sources import Source, item_name, read_item
@@ -56,8 +56,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "meta":  # shapes only, no weights read (``memdetect layers --device meta``; sdxl/sd3/flux/pixart)
+        return torch.device("meta")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}; choose auto, cpu, cuda or cuda:N")
+        raise UsageError(f"unknown device {device!r}; choose auto, cpu, cuda, cuda:N or meta")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
     return torch.device(device)
@@ -326,7 +328,9 @@ class Detector:
         spec: ModelSpec = resolve_model(model, model_path)
         if sigma is not None:
             if not adapter_class(spec.family).accepts_sigma:
-                raise UsageError(f"--sigma applies to EDM models only; {spec.family} models take --timestep")
+                takes = sorted(f for f, c in ADAPTERS.items() if c.accepts_sigma)
+                raise UsageError(f"--sigma applies to {', '.join(takes)} models only; {spec.family} models take "
+                                 f"--timestep")
             if not 0 < float(sigma) < float("inf"):
                 raise UsageError(f"--sigma must be a positive number, got {sigma}")
             spec = replace(spec, options={**spec.options, "sigma": float(sigma)})

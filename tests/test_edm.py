@@ -445,4 +445,4 @@ def test_cli_refuses_malicious_pickle(tmp_path, images_dir):
 def test_cli_sigma_needs_an_edm_model(tiny_ddpm, images_dir):
     res = runner.invoke(app, ["scan", str(images_dir), "--model", "ddpm", "--model-path", str(tiny_ddpm),
                               "--sigma", "0.3"])
-    assert res.exit_code == 2 and "EDM models only" in res.output
+    assert res.exit_code == 2 and "--sigma applies to edm, flux, sd3 models only" in " ".join(res.output.split())

@@ -220,7 +220,7 @@ def test_snippets_name_the_tag_of_this_version():
     refs = re.findall(r"uses:\s*\S*memdetect/hooks/github-action@(\S+)", readme)
     assert revs and refs
     assert set(revs) | set(refs) == {f"v{__version__}"}
-    assert f"`v` + the package version" in readme  # the scheme is written down
+    assert "`v` + the package version" in readme  # the scheme is written down
 
 
 def _headings(markdown: str) -> set[str]:

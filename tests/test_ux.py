@@ -4,6 +4,8 @@ calibration and fast sampler, Ctrl-C."""
 
 from __future__ import annotations
 
+import re
+
 import errno
 import io
 import json
@@ -22,7 +24,6 @@ from memdetect.models import PRESETS
 from memdetect.progress import Progress, status_line
 from memdetect.ux import output_error, sampler
 
-from .conftest import REPO, write_images
 
 runner = CliRunner()
 
@@ -178,7 +179,8 @@ def test_user_errors_are_one_line_without_the_debug_hint(tiny_ddpm, images_dir):
 
 def test_one_image_is_singular(tiny_ddpm, images_dir):
     res = invoke("scan", images_dir / "img_000.png", "--model", "ddpm", "--model-path", tiny_ddpm, "--workers", 0)
-    assert res.exit_code == 0 and "1 image: 1 scored" in res.output and "1 images" not in res.output
+    assert res.exit_code == 0 and "1 image: 1 scored" in res.output
+    assert not re.search(r"(?<![\d.])1 images", res.output)  # "36.1 images/s" is a rate, not a count
 
 
 def test_json_reports_are_strict(tiny_ddpm, images_dir, tmp_path):
@@ -218,7 +220,7 @@ def test_models_reads_at_80_columns():
     assert res.exit_code == 0 and max(map(len, lines)) <= 80
     for name in PRESETS:  # each preset starts its own block, its name whole
         assert any(line.startswith(f"{name}: ") for line in lines), name
-    assert len(lines) < 100
+    assert len(lines) < 8 * len(PRESETS)  # a few lines a preset (was ~180 broken lines for 10 presets)
 
 
 def test_layers_marks_the_default_layer():

@@ -1,6 +1,6 @@
 """Model adapters: the family table, presets, family detection and loading.
 
-The built-in families (``sd``, ``dit``, ``ddpm``, ``edm``) register themselves when their files are imported here;
+The built-in families (``sd``, ``dit``, ``ddpm``, ``edm``, ``sdxl``, ``sd3``, ``flux``, ``pixart``) register themselves when their files are imported here;
 other packages add theirs through the ``memdetect.adapters`` entry-point group (objects: ``Adapter`` subclasses).
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UnsupportedModelError, UsageError
 from ..hub import read_json
-from . import ddpm, dit, edm, sd  # noqa: F401  (each registers its adapter)
+from . import ddpm, dit, edm, flux, pixart, sd, sd3, sdxl  # noqa: F401  (each registers its adapter)
 from .base import ADAPTERS, Adapter, register_adapter
 from .presets import PRESETS, Preset, register_preset
 

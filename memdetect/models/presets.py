@@ -15,6 +15,10 @@ from pathlib import Path
 #: between them (``schedule_sigma``), which ``memdetect models`` shows.
 SCALED_LINEAR = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
 LINEAR = {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_train_timesteps": 1000}
+#: Flow-matching models (``models/flow.py``): the SNR of DDPM t on SD's schedule, times the model's shift (SD3 and
+#: SD3.5: ``shift`` 3.0; Flux.1-dev at 1024 px: exp(max_shift 1.15), its dynamic shift at 4096 image tokens).
+FLOW_SD3 = {"beta_schedule": "flow, shift 3.0", "flow_shift": 3.0}
+FLOW_FLUX_1024 = {"beta_schedule": "flow, shift 3.16 at 1024 px", "flow_shift": math.exp(1.15)}
 
 
 def packaged(name: str) -> str:
@@ -41,13 +45,23 @@ class Preset:
         if not config.is_file():
             return None
         cfg = json.loads(config.read_text())
+        if cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler":
+            shift = float(cfg.get("shift", 1.0) or 1.0)
+            return None if cfg.get("use_dynamic_shifting") else {"beta_schedule": f"flow, shift {shift:g}",
+                                                                   "flow_shift": shift}
         return {k: cfg[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps") if k in cfg}
 
 
 def schedule_sigma(schedule: dict, t: int) -> float:
     """Noise-to-signal ratio sqrt((1 - abar_t) / abar_t) of timestep ``t`` under a DDPM ``schedule`` (the
-    ``DDPMScheduler`` keywords of ``SCALED_LINEAR`` / ``LINEAR``): what ``Adapter.sigma`` gives for loaded weights."""
+    ``DDPMScheduler`` keywords of ``SCALED_LINEAR`` / ``LINEAR``): what ``Adapter.sigma`` gives for loaded weights.
+    For a flow-matching schedule (``flow_shift``) it is the s of x_t = (1 - s) x0 + s eps (``models/flow.py``)."""
     from diffusers import DDPMScheduler
+
+    if "flow_shift" in schedule:
+        from .flow import flow_sigma
+
+        return flow_sigma(int(t), float(schedule["flow_shift"]))
 
     abar = float(DDPMScheduler(**schedule).alphas_cumprod[int(t)])
     return math.sqrt((1 - abar) / abar)
@@ -72,6 +86,23 @@ PRESETS: dict[str, Preset] = {
                "model.enc.8x8_block3.norm0",
                note="EDM DDPM++ CIFAR-10 (NVlabs .pkl, read as data; sha256-checked download); --timestep maps to "
                     "sigma through the DDPM linear schedule; decoder: model.dec.8x8_block3.norm0", schedule=LINEAR),
+        Preset("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", None,
+               note="SDXL base 1.0 at 1024 px: paper's SD layer at the lowest-resolution up block "
+                    "(up_blocks.0.resnets.2.conv2:in, 1280 ch); empty prompt = zeros (force_zeros_for_empty_prompt); "
+                    "not validated on ground truth", schedule=SCALED_LINEAR),
+        Preset("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None,
+               note="SD3 medium (MMDiT, 24 blocks): image MLP of block 12 (transformer_blocks.11.ff.net.0); "
+                    "flow matching at the SNR of SD's t, shift 3; not validated on ground truth", schedule=FLOW_SD3),
+        Preset("sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large", None,
+               note="SD3.5 large (MMDiT, 38 blocks): image MLP of block 19 (transformer_blocks.18.ff.net.0); "
+                    "as sd3-medium", schedule=FLOW_SD3),
+        Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", None,
+               note="Flux.1-dev (19 double + 38 single blocks): image MLP of the last double block "
+                    "(transformer_blocks.18.ff.net.0); guidance 3.5; dynamic shift at 1024 px; not validated on "
+                    "ground truth", schedule=FLOW_FLUX_1024),
+        Preset("pixart-sigma", "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", None,
+               note="PixArt-Σ XL/2 1024 (28 blocks, T5 300 tokens): MLP of block 14 (transformer_blocks.13.ff.net.0), "
+                    "the DiT-XL reading; not validated on ground truth", schedule=LINEAR),
         Preset("demo", "ddpm", packaged("demo"), None,
                note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
         Preset("demo-sd", "sd", packaged("demo-sd"), "up_blocks.0.resnets.2.conv2:in",

@@ -1,0 +1,207 @@
+"""Shared part of the adapters for today's diffusers pipelines (``sdxl``, ``sd3``, ``flux``, ``pixart``).
+
+* The denoiser is a ``lazy.LazyModule``: built on ``meta`` from its config, its weights read from safetensors by
+  name in ``place()``. When the ``Detector`` pruned for a layer (``pruned_for``), only the tensors a forward up to that
+  layer reads are read; otherwise all of them. Before that the denoiser runs on ``meta`` inputs (shapes only), which is
+  what the ``Detector``'s probe needs. The VAE is read as usual (diffusers maps the file; the ``Detector`` drops its
+  decoder).
+* ``--device meta``: nothing is read at all (config-only folders work): every network is built on ``meta`` and the
+  empty condition is a ``meta`` tensor of its shape. ``memdetect layers --device meta`` lists a real architecture's
+  layers and shapes with no weights and no memory.
+* x0 = (VAE posterior mean - ``shift_factor``) x ``scaling_factor`` (SD3 and Flux have a shift factor; SDXL and
+  PixArt do not).
+* The empty prompt's condition comes from ``conditions.empty_condition`` (encoded once per model, cached on disk).
+
+Flow-matching noise (SD3, Flux): ``flow.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import ClassVar, Sequence
+
+import torch
+
+from ..capture import Trace
+from ..errors import UnsupportedModelError, UsageError
+from ..hub import component_files, load_component, read_json
+from .base import Adapter, to_uint8, to_unit_range
+from .flow import flow_sigma, scheduler_shift
+from .lazy import LazyModule, build_empty, component_folder
+
+log = logging.getLogger(__name__)
+
+META = torch.device("meta")
+
+
+def is_meta(device: torch.device) -> bool:
+    return torch.device(device).type == "meta"
+
+
+def load_vae(source: str, device: torch.device):
+    """The pipeline's ``AutoencoderKL`` (on ``meta`` from its config when ``device`` is meta)."""
+    from diffusers import AutoencoderKL
+
+    if is_meta(device):
+        folder = component_folder(source, "vae", "vae (AutoencoderKL)")
+        return build_empty(AutoencoderKL, AutoencoderKL.load_config(str(folder))).to(META)
+    return load_component(AutoencoderKL, source, "vae")
+
+
+def meta_condition(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A condition of the given shapes on ``meta`` (``--device meta``: shapes only)."""
+    return {k: torch.empty(s, device=META) for k, s in shapes.items()}
+
+
+def pipeline_config(source: str) -> dict:
+    return read_json(source, "model_index.json") or {}
+
+
+def token_grid(x: torch.Tensor) -> torch.Tensor:
+    """``[B, T, C]`` patch tokens in raster order -> ``[B, C, g, g]``."""
+    b, t, c = x.shape
+    g = int(round(t ** 0.5))
+    if g * g != t:
+        raise UsageError(f"cannot lay {t} tokens out on a square patch grid")
+    return x.transpose(1, 2).reshape(b, c, g, g)
+
+
+class PipelineAdapter(Adapter):
+    """A latent adapter over a lazily read denoiser and an ``AutoencoderKL`` (see the module docstring)."""
+
+    conditioning = "text"
+    #: the denoiser's component folder and the text components (hashed into the condition cache's key)
+    denoiser_folder: ClassVar[str] = "transformer"
+    text_components: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, lazy: LazyModule, vae, scheduler, cond: dict[str, torch.Tensor], *, resolution: int,
+                 device: torch.device, dtype: torch.dtype, source: str = ""):
+        super().__init__(lazy.module, scheduler, resolution=resolution, device=device, dtype=dtype, source=source)
+        self.lazy = lazy
+        self.vae = vae.eval().requires_grad_(False)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.cond = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in cond.items()}
+        if not is_meta(device):
+            lazy.require_weights()  # a config-only folder fails at load, not in the middle of a scan
+
+    # -- loading -------------------------------------------------------------------------------------------------
+    def place(self) -> "PipelineAdapter":
+        """Read the denoiser's weights (only those a forward up to ``pruned_for`` reads, when pruned), then place
+        every network (``Adapter.place``)."""
+        if self._placed:
+            return self
+        if not is_meta(self.device) and self.lazy.pending:
+            names, called = None, set()
+            if self.pruned_for is not None:
+                names, called = self.lazy.needed_for(lambda: self._meta_forward(self.pruned_for))
+            read = self.lazy.materialise(
+                names, self.device, self.dtype, called=called,
+                reason=f"this model was loaded for a scan of {self.pruned_for}; load it with prune=False for a "
+                       f"full forward" if self.pruned_for else "")
+            log.info("read %.0f MB of %s weights%s", read / 1e6, self.family,
+                     f" (the modules up to {self.pruned_for})" if names is not None else "")
+        return super().place()
+
+    def _meta_forward(self, layer: str) -> None:
+        x = torch.zeros(1, *self.latent_shape(), device=META)
+        with Trace(self.denoiser, [layer], stop=True):
+            self.forward(x, 0)
+
+    def _run_device(self) -> torch.device:
+        """Where the denoiser's inputs go: ``meta`` until its weights are read (shapes only)."""
+        return META if self.lazy.pending else self.device
+
+    def _condition(self, batch: int) -> dict[str, torch.Tensor]:
+        dev = self._run_device()
+        return {k: v.to(dev).expand(batch, *v.shape[1:]) for k, v in self.cond.items()}
+
+    def weight_files(self):
+        return component_files(self.source, (self.denoiser_folder, "vae", "scheduler", *self.text_components))
+
+    # -- the scan's stages ---------------------------------------------------------------------------------------
+    def encode(self, images):
+        x = to_unit_range(images).to(self.device, self.dtype)
+        with self.autocast():
+            mean = self.vae.encode(x).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor
+
+    def latent_shape(self):
+        r = self.resolution // self.vae_scale
+        return (self.vae.config.latent_channels, r, r)
+
+    @torch.no_grad()
+    def decode(self, x0):
+        with self.autocast():
+            pixels = self.vae.decode((x0 / self.scaling_factor + self.shift_factor).to(self.dtype)).sample
+        return to_uint8(pixels)
+
+    def activation_grid(self, x):
+        if x.ndim == 3:
+            return token_grid(x)
+        return super().activation_grid(x)
+
+    def default_batch_size(self):
+        return 8 if self.device.type == "cuda" else 1
+
+    def describe(self):
+        return {**super().describe(), "weights_read": "lazily, by name" if not is_meta(self.device) else "none (meta)"}
+
+    def encode_condition(self, values: Sequence[str]):
+        raise UsageError(f"{self.family} scans are prompt-free (the empty prompt's condition is cached); prompts are "
+                         f"not supported for this family yet")
+
+    def sample(self, seeds, *, cond=None, steps=None, guidance=1.0):
+        raise UnsupportedModelError(f"memdetect does not generate with {self.family} models (scanning only)")
+
+
+class FlowMatchAdapter(PipelineAdapter):
+    """Rectified-flow families (SD3, Flux): x_t = (1 - s) x0 + s eps with s from ``flow.py`` (the SNR of DDPM t on
+    SD's schedule, shifted by the model's own resolution shift), or ``sigma`` when given. ``sigma(t)`` is that s (the
+    scheduler's sigma; the model's timestep is 1000 s); ``predict_noise`` turns the velocity v = eps - x0 the model
+    predicts into eps = x_t + (1 - s) v."""
+
+    accepts_sigma = True
+
+    def __init__(self, *args, sigma: float | None = None, shift: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+
+        if sigma is not None and not (isinstance(sigma, (int, float)) and 0 < float(sigma) < 1):
+            raise UsageError(f"--sigma for a flow-matching model is the s of x_t = (1 - s) x0 + s eps, in (0, 1); "
+                             f"got {sigma!r}")
+        self.sigma_override = float(sigma) if sigma is not None else None
+        self.shift = scheduler_shift(self.scheduler.config, self.image_seq_len()) if shift else 1.0
+
+    def image_seq_len(self) -> int:
+        """Image tokens at the scan's resolution (what Flux's dynamic shift is a function of)."""
+        r = self.resolution // self.vae_scale
+        p = int(getattr(self.denoiser.config, "patch_size", 2) or 1)
+        return (r // p) ** 2
+
+    def sigma(self, t: int) -> float:
+        return self.sigma_override if self.sigma_override is not None else flow_sigma(int(t), self.shift)
+
+    def noise_std(self, t: int) -> float:
+        return self.sigma(t)
+
+    def apply_noise(self, x0, t, eps):
+        s = self.sigma(t)
+        return ((1 - s) * x0.float() + s * eps.float()).to(self.dtype)
+
+    def forward(self, x_t, t):
+        self.velocity(x_t, self.sigma(t))
+
+    def predict_noise(self, x_t, t, cond=None):
+        if cond is not None:
+            self.encode_condition([])
+        s = self.sigma(t)
+        v = self.velocity(x_t, s)
+        return (x_t.float() + (1 - s) * v.float().to(x_t.device)).to(x_t.dtype)
+
+    def velocity(self, x_t: torch.Tensor, s: float) -> torch.Tensor:
+        """The model's velocity prediction at noise level ``s`` with the empty prompt's condition."""
+        raise NotImplementedError
+
+    def describe(self):
+        return {**super().describe(), "sigma": self.sigma_override, "shift": round(self.shift, 4)}
