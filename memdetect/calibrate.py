@@ -155,7 +155,8 @@ def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: fl
         cal["channels"] = {k: [float(v) for v in channels[k]] for k in ("mean", "std")}
     return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": settings["layer"],
             "timestep": settings["timestep"], "sigma": sigma,
-            "seed": settings["seed"], "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
+            "seed": settings["seed"], "draws": settings.get("draws", 1) if settings.get("draws", 1) != 1 else None,
+            "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
             "calibration": cal,
             "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}

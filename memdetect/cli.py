@@ -226,6 +226,8 @@ Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM only: noise
 Metric = Annotated[str, typer.Option("--metric", help=f"Score column: {', '.join(SCORES)}.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this.")]
 Seed = Annotated[int, typer.Option("--seed", help="Noise seed (an image's noise depends on this and its pixels).")]
+Draws = Annotated[int, typer.Option("--draws", help="Noise draws per image: the score is the mean over this many "
+                                    "seeded draws (1 to 64; each costs one more denoiser pass per image).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass (default: per "
                                                                              "model and device).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
@@ -285,7 +287,7 @@ def _given(ctx: typer.Context) -> set[str]:
 
 
 def scan_settings(ctx: typer.Context, config: Optional[Path], **flags) -> dict:
-    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config``."""
+    """Model, layer, timestep, sigma, seed, draws, metric, threshold, model_path: flags merged with ``--config``."""
     from .config import load_config, merge
 
     return merge(load_config(config) if config else None, flags, _given(ctx))
@@ -306,7 +308,7 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
 
     # a typo or an out-of-range number in a flag must not cost a model load
     check_options(metric=metric, batch_size=batch_size, num_workers=num_workers,
-                  **{k: kwargs[k] for k in ("threshold", "seed", "timestep", "sigma") if k in kwargs})
+                  **{k: kwargs[k] for k in ("threshold", "seed", "timestep", "sigma", "draws") if k in kwargs})
     resolve_dtype(dtype, resolve_device(device))
     speed_settings(device)
     with err.status(Text(f"loading {_p(model)}{' from ' + _p(model_path) if model_path else ''} ...")):
@@ -344,6 +346,7 @@ def scan(
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: Seed = 0,
+    draws: Draws = 1,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report file: .csv, .json or .parquet (a "
                                                                          "path or an fsspec URL).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows in the terminal table of highest scores (0: none).")] = 10,
@@ -373,7 +376,7 @@ def scan(
     from .sources import is_url, parse_shard
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, draws=draws)
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
@@ -398,7 +401,7 @@ def scan(
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
+                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"])
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -409,7 +412,7 @@ def scan(
                                    on_batch=progress, reference=s.get("reference"), layer=s["layer"],
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"])
+                                   early_exit=not no_early_exit, sigma=s["sigma"], draws=s["draws"])
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
@@ -500,6 +503,7 @@ def calibrate(
     metric: Annotated[str, typer.Option("--metric", help="The metric the config flags with (thresholds are written "
                                                          "for every metric).")] = "std",
     seed: Seed = 0,
+    draws: Draws = 1,
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
@@ -542,7 +546,7 @@ def calibrate(
     if not reference:
         raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
-                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma)
+                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma, draws=draws)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
@@ -719,6 +723,7 @@ def audit(
     model: Model = "demo", model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     seed: Seed = 0,
+    draws: Draws = 1,
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
@@ -743,7 +748,7 @@ def audit(
     if config is None and Path("memdetect.toml").is_file():
         config = Path("memdetect.toml")
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, draws=draws)
     ci.check_threshold(s["threshold"])
     check_report_path(output)
     ci.check_report_folder(output)
@@ -751,7 +756,7 @@ def audit(
                         "evidence JSON": evidence_json})
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"], num_workers=workers)
+                        sigma=s["sigma"], num_workers=workers, draws=s["draws"])
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,

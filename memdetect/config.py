@@ -10,6 +10,7 @@ silently change those settings.
     layer = "up_blocks.0.resnets.2.conv2:in"         # optional: the model's default layer
     timestep = 50                                    # optional: the model's default timestep
     seed = 0
+    draws = 4                                        # optional: noise draws averaged per score (absent: 1)
     metric = "std"
     threshold = 0.6123                               # required: flag when score >= threshold
 
@@ -54,7 +55,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
     import tomli as tomllib
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
-            "seed": int, "metric": str, "threshold": float}
+            "seed": int, "metric": str, "threshold": float, "draws": int}
 TABLES = ("calibration", "versions", "guard")
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
@@ -74,6 +75,7 @@ class Config:
     timestep: int | None = None
     sigma: float | None = None
     seed: int = 0
+    draws: int = 1  # noise draws averaged per score (``--draws``); a file without the key was calibrated with 1
     thresholds: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
@@ -172,7 +174,7 @@ def load_config(path: str | os.PathLike) -> Config:
     return Config(model=values["model"], threshold=values.get("threshold"), metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
-                  channels=channels, guard=guard)
+                  channels=channels, guard=guard, draws=values.get("draws", 1))
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -271,12 +273,15 @@ def _check_range(key: str, v: Any, name: str, *, key_name: str | None = None) ->
     if key == "seed" and not 0 <= v < 2**64:
         raise UsageError(f"{where} must be an integer in [0, 2**64), got "
                          f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
+    if key == "draws" and not 1 <= v <= 64:  # detector.MAX_DRAWS
+        raise UsageError(f"{where} must be an integer from 1 to 64, got "
+                         f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
     if key == "version" and v < 1:
         raise UsageError(f"{where} must be a positive integer, got {v}")
 
 
 #: Settings a calibrated threshold depends on: a command-line flag may not change them behind the config's back.
-PINNED = ("model", "layer", "timestep", "sigma", "seed")
+PINNED = ("model", "layer", "timestep", "sigma", "seed", "draws")
 
 
 def _same(name: str, a: Any, b: Any) -> bool:
@@ -295,7 +300,7 @@ def _same(name: str, a: Any, b: Any) -> bool:
 def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     """The scan settings from a config and the command line (``given``: the flags typed explicitly).
 
-    The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path. An explicit flag that
+    The config supplies model, layer, timestep, sigma, seed, draws, metric, threshold and model path. An explicit flag that
     contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything. Allowed
     on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
     calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and ``--fpr``
