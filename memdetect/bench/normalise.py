@@ -86,10 +86,14 @@ def variants(feats: torch.Tensor, reference: np.ndarray, *, pool: torch.Tensor |
 
 def study(feats: torch.Tensor, labels: np.ndarray, sel: np.ndarray, held: np.ndarray, *,
           pool: torch.Tensor | None = None, classes: np.ndarray | None = None, n_boot: int = 1000,
-          seed: int = 0) -> pd.DataFrame:
+          seed: int = 0, reference_size: int | None = None) -> pd.DataFrame:
     """Each variant on the held-out half (``held``), statistics from the generalized rows of ``sel``: AUROC and
-    TPR@1%FPR with bootstrap intervals, and the paired difference to the raw ``std`` on the same samples."""
+    TPR@1%FPR with bootstrap intervals, and the paired difference to the raw ``std`` on the same samples.
+    ``reference_size``: a seeded random subset of that many reference rows (how many novel images the statistics
+    need)."""
     reference = sel[labels[sel] == 0]
+    if reference_size is not None and reference_size < len(reference):
+        reference = np.sort(np.random.default_rng(seed).choice(reference, reference_size, replace=False))
     scores = variants(feats, reference, pool=pool, classes=classes)
     y = labels[held]
     rows = []
