@@ -293,6 +293,11 @@ def scan_settings(ctx: typer.Context, config: Optional[Path], **flags) -> dict:
     return merge(load_config(config) if config else None, flags, _given(ctx))
 
 
+def _reference_stats(settings: dict) -> dict | None:
+    """The config's reference channel statistics when it says ``normalise = "reference"`` (else None)."""
+    return settings.get("channels") if settings.get("normalise") == "reference" else None
+
+
 def speed_settings(device: str) -> None:
     """The process-wide setting a command-line scan opts into: freed memory kept for reuse on a CPU."""
     from . import runtime
@@ -401,7 +406,8 @@ def scan(
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"])
+                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
+                        normalise=_reference_stats(s))
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -412,7 +418,8 @@ def scan(
                                    on_batch=progress, reference=s.get("reference"), layer=s["layer"],
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"], draws=s["draws"])
+                                   early_exit=not no_early_exit, sigma=s["sigma"], draws=s["draws"],
+                                   normalise=_reference_stats(s))
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.get("reference"))
@@ -504,6 +511,9 @@ def calibrate(
                                                          "for every metric).")] = "std",
     seed: Seed = 0,
     draws: Draws = 1,
+    normalise: Annotated[str, typer.Option("--normalise", help="none, or reference: score the pooled activations "
+                         "standardised per channel with statistics of half the reference images (the other half "
+                         "sets the threshold; needs 20 or more).")] = "none",
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
@@ -519,6 +529,8 @@ def calibrate(
 
     check_fpr(fpr)
     check_output(output, force)
+    if normalise not in ("none", "reference"):
+        raise UsageError(f"--normalise must be none or reference, got {_p(normalise)}")
     if guard:
         if reference or memorized:
             raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
@@ -551,7 +563,7 @@ def calibrate(
     with bar:
         cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
                               model=model, model_path=model_path, sigma=sigma, on_batch=progress,
-                              num_workers=workers)
+                              num_workers=workers, normalise=normalise)
     render_calibration(cal, det)
 
 
@@ -756,7 +768,7 @@ def audit(
                         "evidence JSON": evidence_json})
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"], num_workers=workers, draws=s["draws"])
+                        sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,

@@ -11,6 +11,8 @@ silently change those settings.
     timestep = 50                                    # optional: the model's default timestep
     seed = 0
     draws = 4                                        # optional: noise draws averaged per score (absent: 1)
+    normalise = "reference"                          # optional: scores of (v - mean) / std with the reference
+                                                     # images' [calibration.channels] (absent: "none")
     metric = "std"
     threshold = 0.6123                               # required: flag when score >= threshold
 
@@ -55,7 +57,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
     import tomli as tomllib
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
-            "seed": int, "metric": str, "threshold": float, "draws": int}
+            "seed": int, "metric": str, "threshold": float, "draws": int, "normalise": str}
+#: ``normalise``: how the pooled vector is normalised before a score (``Detector(normalise=...)``)
+NORMALISE = ("none", "reference")
 TABLES = ("calibration", "versions", "guard")
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
@@ -76,6 +80,7 @@ class Config:
     sigma: float | None = None
     seed: int = 0
     draws: int = 1  # noise draws averaged per score (``--draws``); a file without the key was calibrated with 1
+    normalise: str = "none"  # "reference": scores standardise with ``channels`` (``calibrate --normalise``)
     thresholds: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
@@ -168,13 +173,19 @@ def load_config(path: str | os.PathLike) -> Config:
         thresholds[m] = float(v)
     references = _references(calibration.get("reference_scores"), name)
     channels = _channels(calibration.get("channels"), name)
+    normalise = values.get("normalise", "none")
+    if normalise not in NORMALISE:
+        raise UsageError(f"normalise in {name} must be one of {', '.join(NORMALISE)}, got {_shown(normalise)}")
+    if normalise == "reference" and channels is None:
+        raise UsageError(f"normalise = \"reference\" in {name} needs the reference statistics in "
+                         f"[calibration.channels]; recalibrate with --normalise reference")
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
     return Config(model=values["model"], threshold=values.get("threshold"), metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
-                  channels=channels, guard=guard, draws=values.get("draws", 1))
+                  channels=channels, guard=guard, draws=values.get("draws", 1), normalise=normalise)
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -320,6 +331,7 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     if config is None:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
+    out["normalise"] = config.normalise  # "reference": every score standardises with those statistics
     name = display_path(config.path) if config.path else "the config"
     for key in PINNED:
         value = getattr(config, key)

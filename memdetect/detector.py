@@ -21,7 +21,7 @@ import operator
 import os
 import signal
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -35,7 +35,7 @@ from .io import PREPROCESS, ImageError, content_digest, decode_image, discover, 
 from .journal import fingerprint, row_key
 from .models import Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
-from .scores import SCORES, compute_all
+from .scores import SCORES, compute_all, standardise
 from .sources import Source, item_name, read_item
 from .state import StateDir
 from .text import printable
@@ -155,7 +155,9 @@ class Settings:
 
     ``winograd``: whether the wide 3x3 convolutions ran with Winograd's algorithm (CPU float32; scores differ by
     float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.runtime``);
-    ``draws``: noise draws per image whose scores are averaged (``Detector``; in the journal key when not 1).
+    ``draws``: noise draws per image whose scores are averaged (``Detector``; in the journal key when not 1);
+    ``normalise``: ``"none"``, or ``"reference:<digest>"`` when the pooled vector is standardised per channel with a
+    reference set's statistics before every score (the digest hashes them; in the journal key when not none).
     """
 
     model: str
@@ -176,6 +178,7 @@ class Settings:
     allocator: str
     memdetect: str = __version__
     draws: int = 1
+    normalise: str = "none"
 
 
 class Detector:
@@ -203,12 +206,16 @@ class Detector:
     the image's own seed, so K = 1 is the one-draw score; draw k's seed is ``io.draw_seed(image seed, k)``. The K
     noised copies go through the denoiser together, at most ``batch_size`` inputs per forward pass (the images of a
     batch are split so that images x K stays within it): memory stays that of ``batch_size``, time grows K-fold.
+
+    ``normalise``: per-channel ``mean`` and ``std`` of known-novel reference images' pooled activations (what
+    ``memdetect calibrate --normalise reference`` writes to ``[calibration.channels]``): every score is then taken
+    of (v - mean) / std (``scores.standardise``) instead of v. ``features`` stay the raw pooled activations.
     """
 
     def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
                  early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None,
-                 draws: int = 1):
+                 draws: int = 1, normalise: Mapping[str, Sequence[float]] | None = None):
         check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep,
                       draws=draws)
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
@@ -220,6 +227,7 @@ class Detector:
         self.threshold = threshold
         self.seed = int(seed)
         self.draws = int(draws)
+        self.normalise = normalise
         self.name = name or adapter.source
         self._weights: str | None = None
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
@@ -364,7 +372,28 @@ class Detector:
                         timestep=self.timestep, sigma=round(a.sigma(self.timestep), 6), pooling=a.pooling,
                         metric=self.metric, threshold=self.threshold, seed=self.seed, preprocess=PREPROCESS,
                         resolution=a.resolution, dtype=str(a.dtype).replace("torch.", ""), device=str(a.device),
-                        winograd=self.winograd, allocator=runtime.allocator_state(), draws=self.draws)
+                        winograd=self.winograd, allocator=runtime.allocator_state(), draws=self.draws,
+                        normalise=self._normalise_name)
+
+    @property
+    def normalise(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference channel statistics (mean, std) every score standardises with, or None."""
+        return self._normalise
+
+    @normalise.setter
+    def normalise(self, stats: Mapping[str, Sequence[float]] | None) -> None:
+        if stats is None:
+            self._normalise, self._normalise_name = None, "none"
+            return
+        try:
+            mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
+        if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
+                or not torch.isfinite(scale).all() or (scale < 0).any():
+            raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
+        digest = hashlib.sha256(mean.numpy().tobytes() + scale.numpy().tobytes()).hexdigest()[:16]
+        self._normalise, self._normalise_name = (mean, scale), f"reference:{digest}"
 
     @property
     def fingerprint(self) -> str:
@@ -431,6 +460,12 @@ class Detector:
     def scores_of(self, draw_feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every metric of ``draw_features``' output ``[B, K, C]``: each draw's score, averaged over the K draws."""
         b, k, c = draw_feats.shape
+        if self._normalise is not None:
+            mean, scale = self._normalise
+            if c != len(mean):
+                raise UsageError(f"the reference channel statistics hold {len(mean)} channels, but {self.layer} gives "
+                                 f"{c}: they were made for another model or layer; recalibrate")
+            draw_feats = standardise(draw_feats.reshape(b * k, c), mean, scale).reshape(b, k, c)
         if k == 1:
             return compute_all(draw_feats[:, 0])
         return {name: v.reshape(b, k).mean(dim=1) for name, v in compute_all(draw_feats.reshape(b * k, c)).items()}

@@ -89,6 +89,8 @@ def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
     columns = {k: settings[k] for k in SETTINGS_COLUMNS}
     if settings.get("draws", 1) != 1:  # scores averaged over several noise draws (``--draws``): say so in every row
         columns["draws"] = settings["draws"]
+    if settings.get("normalise", "none") != "none":  # scores of reference-standardised activations
+        columns["normalise"] = settings["normalise"]
     return write_report(df.assign(**columns), path, settings=dict(settings))
 
 
