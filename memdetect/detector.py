@@ -444,8 +444,9 @@ class Detector:
         out, i = [], 0
         while i < len(images):
             # inputs per forward pass: the images given (one draw each), at most the batch size with more draws
+            # (then every image is encoded once, and its noised copies go through ``rows`` at a time)
             rows = self._oom_limit or (len(images) if self.draws == 1 else max(self.batch_size, len(images)))
-            n = min(len(images) - i, max(1, rows // self.draws))
+            n = min(len(images) - i, rows) if self.draws == 1 else len(images) - i
             try:
                 out.append(self._features(images[i:i + n], seeds[i:i + n], rows))
                 i += n

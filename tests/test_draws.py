@@ -154,3 +154,21 @@ def test_config_draws_round_trip_and_pin(ddpm, tmp_path):
         cfg.write_text(f'model = "demo"\nthreshold = 0.5\ndraws = {bad}\n')
         with pytest.raises(UsageError, match="draws in"):
             load_config(cfg)
+
+
+def test_out_of_memory_halves_the_noised_copies_per_pass(ddpm, monkeypatch):
+    det = Detector.from_pretrained("ddpm", ddpm, draws=4, batch_size=8)
+    x = pixels(4, det.adapter.resolution, seed=4)
+    want = det.draw_features(x)
+    forward, sizes = det.adapter.forward, []
+
+    def small_only(x_t, t):
+        sizes.append(x_t.shape[0])
+        if x_t.shape[0] > 2:
+            raise torch.OutOfMemoryError("simulated")
+        return forward(x_t, t)
+
+    monkeypatch.setattr(det.adapter, "forward", small_only)
+    got = det.draw_features(x)
+    assert sizes[:3] == [8, 4, 2] and set(sizes[3:]) == {2} and det.batch_size == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
