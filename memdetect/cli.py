@@ -513,7 +513,7 @@ def calibrate(
     draws: Draws = 1,
     normalise: Annotated[str, typer.Option("--normalise", help="none, or reference: score the pooled activations "
                          "standardised per channel with statistics of half the reference images (the other half "
-                         "sets the threshold; needs 20 or more).")] = "none",
+                         "sets the threshold; needs 200 or more).")] = "none",
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,

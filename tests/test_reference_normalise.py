@@ -39,16 +39,19 @@ def test_the_detector_scores_standardised_activations_and_keys_them(tiny_ddpm):
     assert det.fingerprint == plain_key
 
 
-def test_the_reference_halves_are_seeded_disjoint_and_whole(tmp_path):
+def test_the_reference_halves_are_seeded_disjoint_and_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("memdetect.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
     files = write_images(tmp_path / "ref", 25)
     a, b = split_reference([tmp_path / "ref"])
     assert (a, b) == split_reference([tmp_path / "ref"])
     assert not set(a) & set(b) and sorted(a + b) == sorted(files) and len(a) == 12
-    with pytest.raises(UsageError, match=f"at least {MIN_NORMALISE}"):
-        split_reference(files[:MIN_NORMALISE - 1])
+    with pytest.raises(UsageError, match="at least 20 reference images"):
+        split_reference(files[:19])
+    assert MIN_NORMALISE == 200
 
 
-def test_calibrate_normalise_reference_end_to_end(tiny_ddpm, tmp_path):
+def test_calibrate_normalise_reference_end_to_end(tiny_ddpm, tmp_path, monkeypatch):
+    monkeypatch.setattr("memdetect.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
     write_images(tmp_path / "ref", 24)
     cfg = tmp_path / "memdetect.toml"
     res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--model", "ddpm", "--model-path",
