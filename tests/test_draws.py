@@ -172,3 +172,18 @@ def test_out_of_memory_halves_the_noised_copies_per_pass(ddpm, monkeypatch):
     got = det.draw_features(x)
     assert sizes[:3] == [8, 4, 2] and set(sizes[3:]) == {2} and det.batch_size == 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_evidence_recomputes_the_score_the_scan_gave(ddpm, tmp_path):
+    """Evidence maps are one draw's raw activations; the recomputed score must still be the scan's (K draws and a
+    reference normalisation included), or every flagged image would be noted as changed since the scan."""
+    from memdetect.scan import scan
+
+    write_images(tmp_path / "imgs", 4, size=(16, 16), seed=7)
+    det = Detector.from_pretrained("ddpm", ddpm, threshold=-1e9, draws=3)
+    raw = det.features(pixels(8, det.adapter.resolution, seed=9))
+    det.normalise = {"mean": raw.mean(0).tolist(), "std": (raw.std(0) + 0.05).tolist()}
+    res = scan(det, [tmp_path / "imgs"], evidence_json=tmp_path / "e.json", evidence_top=4, num_workers=0)
+    assert len(res.evidence["images"]) == 4
+    for ev in res.evidence["images"]:
+        assert ev["score_recomputed"] == pytest.approx(ev["score"], rel=1e-4) and "note" not in ev
