@@ -311,12 +311,13 @@ def _same(name: str, a: Any, b: Any) -> bool:
 def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     """The scan settings from a config and the command line (``given``: the flags typed explicitly).
 
-    The config supplies model, layer, timestep, sigma, seed, draws, metric, threshold and model path. An explicit flag
-    that contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything.
-    Allowed on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
+    The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path. An explicit flag that
+    contradicts a pinned setting (``PINNED``) is refused: the threshold would silently stop meaning anything. Allowed
+    on top of a config: ``--model-path`` (where the weights are on this machine), ``--metric`` (uses that metric's
     calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and ``--fpr``
     (the threshold that flags at most that fraction of the config's reference images, from
-    ``[calibration.reference_scores]``; not together with ``--threshold``).
+    ``[calibration.reference_scores]``; not together with ``--threshold``). ``draws`` and ``normalise`` come from the
+    config too (``draws`` is pinned; ``normalise`` has no scan flag).
     """
     out = dict(flags)
     fpr = flags.get("fpr")
