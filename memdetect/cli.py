@@ -272,6 +272,8 @@ Sigma = Annotated[Optional[float], typer.Option("--sigma", help="EDM, SD3, Flux:
 Metric = Annotated[str, typer.Option("--metric", help=f"Score column: {', '.join(SCORES)}.")]
 Threshold = Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this.")]
 Seed = Annotated[int, typer.Option("--seed", help="Noise seed (an image's noise depends on this and its pixels).")]
+Draws = Annotated[int, typer.Option("--draws", help="Noise draws per image: the score is the mean over this many "
+                                    "seeded draws (1 to 64; each costs one more denoiser pass per image).")]
 BatchSize = Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Images per forward pass (default: per "
                                                                              "model and device).")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (meta: shapes only, for `layers` "
@@ -341,7 +343,7 @@ def _given(ctx: typer.Context) -> set[str]:
 
 def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: Optional[str] = None,
                   **flags) -> dict:
-    """Model, layer, timestep, sigma, seed, metric, threshold, model_path: flags merged with ``--config`` (read only
+    """Model, layer, timestep, sigma, seed, draws, metric, threshold, model_path: flags merged with ``--config`` (read only
     when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
     from .config import check_sha256, load_config, merge
 
@@ -350,6 +352,11 @@ def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: 
         if not config:
             raise UsageError("--config-sha256 needs --config: it pins the config file's bytes")
     return merge(load_config(config, sha256=config_sha256) if config else None, flags, _given(ctx))
+
+
+def _reference_stats(settings: dict) -> dict | None:
+    """The config's reference channel statistics when it says ``normalise = "reference"`` (else None)."""
+    return settings.get("channels") if settings.get("normalise") == "reference" else None
 
 
 def speed_settings(device: str) -> None:
@@ -367,7 +374,7 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
 
     # a typo or an out-of-range number in a flag must not cost a model load
     check_options(metric=metric, batch_size=batch_size, num_workers=num_workers,
-                  **{k: kwargs[k] for k in ("threshold", "seed", "timestep", "sigma") if k in kwargs})
+                  **{k: kwargs[k] for k in ("threshold", "seed", "timestep", "sigma", "draws") if k in kwargs})
     resolve_dtype(dtype, resolve_device(device))
     speed_settings(device)
     with err.status(Text(f"loading {_p(model)}{' from ' + _p(model_path) if model_path else ''} ...")):
@@ -399,6 +406,7 @@ def scan(
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: Seed = 0,
+    draws: Draws = 1,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report file: .csv, .json or .parquet (a "
                                                                          "path or an fsspec URL).")] = None,
     top: Annotated[int, typer.Option("--top", help="Rows in the terminal table of highest scores (0: none).")] = 10,
@@ -432,7 +440,8 @@ def scan(
     from .sources import is_url, parse_shard
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
-                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote)
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote,
+                      draws=draws)
     require_model(s["model"])
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
@@ -467,7 +476,8 @@ def scan(
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
+                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
+                        normalise=_reference_stats(s))
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -479,7 +489,8 @@ def scan(
                                    timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
                                    seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                                    early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key,
-                                   allow_remote=s["allow_remote"])
+                                   allow_remote=s["allow_remote"], draws=s["draws"],
+                                   normalise=_reference_stats(s))
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
@@ -582,6 +593,10 @@ def calibrate(
     metric: Annotated[str, typer.Option("--metric", help="The metric the config flags with (thresholds are written "
                                                          "for every metric).")] = "std",
     seed: Seed = 0,
+    draws: Draws = 1,
+    normalise: Annotated[str, typer.Option("--normalise", help="none, or reference: score the pooled activations "
+                         "standardised per channel with statistics of half the reference images (the other half "
+                         "sets the threshold; needs 200 or more).")] = "none",
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
@@ -601,6 +616,8 @@ def calibrate(
     require_model(model, config_hint=None)
     _outputs(output=output)
     check_output(output, force)
+    if normalise not in ("none", "reference"):
+        raise UsageError(f"--normalise must be none or reference, got {_p(normalise)}")
     if guard:
         if reference or memorized:
             raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
@@ -637,12 +654,12 @@ def calibrate(
     if not reference:
         raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
-                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma)
+                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma, draws=draws)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         cal = calibrate_paths(det, reference, fpr=fpr, memorized=memorized or (), output=output, force=force,
                               model=model, model_path=model_path, sigma=sigma, on_batch=progress,
-                              num_workers=workers)
+                              num_workers=workers, normalise=normalise)
     _written(cal.path)
     render_calibration(cal, det)
 
@@ -850,6 +867,7 @@ def audit(
     model: Model = None, model_path: ModelPath = None,
     layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
     seed: Seed = 0,
+    draws: Draws = 1,
     batch_size: BatchSize = None,
     device: Device = "auto", dtype: Dtype = "auto",
     workers: Workers = None,
@@ -883,7 +901,7 @@ def audit(
     ci.check_annotations(annotations)
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
                       timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr,
-                      allow_errors=allow_errors, allow_remote=allow_remote)
+                      allow_errors=allow_errors, allow_remote=allow_remote, draws=draws)
     if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
         raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
                          "read unless given with --config)")
@@ -902,7 +920,7 @@ def audit(
         state.check_trusted(paths)
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"], num_workers=workers)
+                        sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,

@@ -12,6 +12,9 @@ never picked up by itself (in CI it may come from the pull request under audit),
     layer = "up_blocks.0.resnets.2.conv2:in"         # optional: the model's default layer
     timestep = 50                                    # optional: the model's default timestep
     seed = 0
+    draws = 4                                        # optional: noise draws averaged per score (absent: 1)
+    normalise = "reference"                          # optional: scores of (v - mean) / std with the reference
+                                                     # images' [calibration.channels] (absent: "none")
     metric = "std"
     threshold = 0.6123                               # required: flag when score >= threshold
     allow_errors = false                             # optional: audit reports unreadable inputs, not fails
@@ -63,7 +66,10 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
 log = logging.getLogger(__name__)
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
-            "seed": int, "metric": str, "threshold": float, "allow_errors": bool, "allow_remote": bool}
+            "seed": int, "metric": str, "threshold": float, "allow_errors": bool, "allow_remote": bool,
+            "draws": int, "normalise": str}
+#: ``normalise``: how the pooled vector is normalised before a score (``Detector(normalise=...)``)
+NORMALISE = ("none", "reference")
 TABLES = ("calibration", "versions", "guard")
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
@@ -83,6 +89,8 @@ class Config:
     timestep: int | None = None
     sigma: float | None = None
     seed: int = 0
+    draws: int = 1  # noise draws averaged per score (``--draws``); a file without the key was calibrated with 1
+    normalise: str = "none"  # "reference": scores standardise with ``channels`` (``calibrate --normalise``)
     thresholds: dict[str, float] = field(default_factory=dict)
     path: Path | None = None
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
@@ -194,6 +202,12 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
         thresholds[m] = float(v)
     references = _references(calibration.get("reference_scores"), name)
     channels = _channels(calibration.get("channels"), name)
+    normalise = values.get("normalise", "none")
+    if normalise not in NORMALISE:
+        raise UsageError(f"normalise in {name} must be one of {', '.join(NORMALISE)}, got {_shown(normalise)}")
+    if normalise == "reference" and channels is None:
+        raise UsageError(f"normalise = \"reference\" in {name} needs the reference statistics in "
+                         f"[calibration.channels]; recalibrate with --normalise reference")
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
@@ -201,7 +215,7 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
                   channels=channels, guard=guard, allow_errors=values.get("allow_errors", False),
-                  allow_remote=values.get("allow_remote", False))
+                  allow_remote=values.get("allow_remote", False), draws=values.get("draws", 1), normalise=normalise)
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -315,12 +329,15 @@ def _check_range(key: str, v: Any, name: str, *, key_name: str | None = None) ->
     if key == "seed" and not 0 <= v < 2**64:
         raise UsageError(f"{where} must be an integer in [0, 2**64), got "
                          f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
+    if key == "draws" and not 1 <= v <= 64:  # detector.MAX_DRAWS
+        raise UsageError(f"{where} must be an integer from 1 to 64, got "
+                         f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
     if key == "version" and v < 1:
         raise UsageError(f"{where} must be a positive integer, got {v}")
 
 
 #: Settings a calibrated threshold depends on: a command-line flag may not change them behind the config's back.
-PINNED = ("model", "layer", "timestep", "sigma", "seed")
+PINNED = ("model", "layer", "timestep", "sigma", "seed", "draws")
 
 
 def _same(name: str, a: Any, b: Any) -> bool:
@@ -347,6 +364,7 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     metric's calibrated threshold from ``[calibration.thresholds]``), ``--threshold`` (an explicit override) and
     ``--fpr`` (the threshold that flags at most that fraction of the config's reference images, from
     ``[calibration.reference_scores]``; not together with ``--threshold``).
+    ``draws`` and ``normalise`` come from the config too (``draws`` is pinned; ``normalise`` has no scan flag).
     """
     out = dict(flags)
     fpr = flags.get("fpr")
@@ -361,6 +379,7 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     if config is None:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
+    out["normalise"] = config.normalise  # "reference": every score standardises with those statistics
     name = display_path(config.path) if config.path else "the config"
     explicit_threshold = "threshold" in given and flags.get("threshold") is not None
     overridden = []

@@ -21,7 +21,7 @@ import operator
 import os
 import signal
 from dataclasses import asdict, dataclass, replace
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,11 +31,11 @@ from . import capture, runtime, winograd
 from ._version import __version__
 from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
-from .io import PREPROCESS, ImageError, content_digest, decode_frames, discover, image_seed, read_file
+from .io import PREPROCESS, ImageError, content_digest, decode_frames, discover, draw_seed, image_seed, read_file
 from .journal import FRAMES_FIELD, fingerprint, row_key
 from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .report import make_row, rows_to_frame
-from .scores import SCORES, compute_all
+from .scores import SCORES, compute_all, standardise
 from .sources import Source, item_name, read_item
 from .state import StateDir
 from .text import printable
@@ -88,6 +88,8 @@ def batch_for_memory(free_bytes: int, per_image_bytes: int, *, fraction: float =
 
 #: Seeds are unsigned 64-bit integers (``io.image_seed`` hashes 8 bytes of it).
 MAX_SEED = 2**64 - 1
+#: ``--draws``: at most this many noise draws per image (each is one more denoiser pass per image)
+MAX_DRAWS = 64
 
 
 def check_threshold(threshold: float | None) -> None:
@@ -119,9 +121,18 @@ def check_seed(seed: int) -> None:
         raise UsageError(f"the seed must be an integer in [0, 2**64), got {shown}")
 
 
+def check_draws(draws: int) -> None:
+    """``draws`` (noise draws averaged per image) must be an integer in [1, ``MAX_DRAWS``]."""
+    k = _integer(draws)
+    if k is None or not 1 <= k <= MAX_DRAWS:
+        shown = f"a {k.bit_length()}-bit integer" if k is not None and k.bit_length() > 64 else printable(draws, 40)
+        raise UsageError(f"--draws must be an integer from 1 to {MAX_DRAWS} (noise draws averaged per image; each "
+                         f"costs one more denoiser pass), got {shown}")
+
+
 def check_options(*, metric: str = "std", batch_size: int | None = None, threshold: float | None = None,
                   seed: int = 0, timestep: int | None = None, sigma: float | None = None,
-                  num_workers: int | None = None) -> None:
+                  num_workers: int | None = None, draws: int = 1) -> None:
     """The checks that need no model: a typo in an option fails before the (slow) model load. Numbers must be
     finite and in range (the timestep's upper bound is the model's, checked when it is loaded)."""
     if metric not in SCORES:
@@ -137,6 +148,7 @@ def check_options(*, metric: str = "std", batch_size: int | None = None, thresho
         raise UsageError(f"--sigma must be a positive finite number, got {printable(sigma, 40)}")
     if num_workers is not None and num_workers < 0:
         raise UsageError("the number of workers must be 0 or more")
+    check_draws(draws)
 
 
 @dataclass(frozen=True)
@@ -144,7 +156,10 @@ class Settings:
     """Everything that determines a score (written into reports, journals' keys and calibration files).
 
     ``winograd``: whether the wide 3x3 convolutions ran with Winograd's algorithm (CPU float32; scores differ by
-    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.runtime``).
+    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.runtime``);
+    ``draws``: noise draws per image whose scores are averaged (``Detector``; in the journal key when not 1);
+    ``normalise``: ``"none"``, or ``"reference:<digest>"`` when the pooled vector is standardised per channel with a
+    reference set's statistics before every score (the digest hashes them; in the journal key when not none).
     """
 
     model: str
@@ -164,6 +179,8 @@ class Settings:
     winograd: bool
     allocator: str
     memdetect: str = __version__
+    draws: int = 1
+    normalise: str = "none"
 
 
 class Detector:
@@ -186,12 +203,23 @@ class Detector:
 
     ``batch_size``: None picks the adapter's CPU default, or on a GPU as many images as fit in the free device
     memory (``batch_for_memory``). On an out-of-memory error the batch is halved and retried (logged once).
+
+    ``draws``: K noise draws per image (``--draws``): every score is the mean of the K draws' scores. Draw 0 uses
+    the image's own seed, so K = 1 is the one-draw score; draw k's seed is ``io.draw_seed(image seed, k)``. The K
+    noised copies go through the denoiser together, at most ``batch_size`` inputs per forward pass (the images of a
+    batch are split so that images x K stays within it): memory stays that of ``batch_size``, time grows K-fold.
+
+    ``normalise``: per-channel ``mean`` and ``std`` of known-novel reference images' pooled activations (what
+    ``memdetect calibrate --normalise reference`` writes to ``[calibration.channels]``): every score is then taken
+    of (v - mean) / std (``scores.standardise``) instead of v. ``features`` stay the raw pooled activations.
     """
 
     def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
-                 early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None):
-        check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep)
+                 early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None,
+                 draws: int = 1, normalise: Mapping[str, Sequence[float]] | None = None):
+        check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep,
+                      draws=draws)
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
         self.adapter = adapter
@@ -200,6 +228,8 @@ class Detector:
         self.metric = metric
         self.threshold = threshold
         self.seed = int(seed)
+        self.draws = int(draws)
+        self.normalise = normalise
         self.name = name or adapter.source
         self._weights: str | None = None
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
@@ -346,7 +376,28 @@ class Detector:
                         timestep=self.timestep, sigma=round(a.sigma(self.timestep), 6), pooling=a.pooling,
                         metric=self.metric, threshold=self.threshold, seed=self.seed, preprocess=PREPROCESS,
                         resolution=a.resolution, dtype=str(a.dtype).replace("torch.", ""), device=str(a.device),
-                        winograd=self.winograd, allocator=runtime.allocator_state())
+                        winograd=self.winograd, allocator=runtime.allocator_state(), draws=self.draws,
+                        normalise=self._normalise_name)
+
+    @property
+    def normalise(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The reference channel statistics (mean, std) every score standardises with, or None."""
+        return self._normalise
+
+    @normalise.setter
+    def normalise(self, stats: Mapping[str, Sequence[float]] | None) -> None:
+        if stats is None:
+            self._normalise, self._normalise_name = None, "none"
+            return
+        try:
+            mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
+        if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
+                or not torch.isfinite(scale).all() or (scale < 0).any():
+            raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
+        digest = hashlib.sha256(mean.numpy().tobytes() + scale.numpy().tobytes()).hexdigest()[:16]
+        self._normalise, self._normalise_name = (mean, scale), f"reference:{digest}"
 
     @property
     def fingerprint(self) -> str:
@@ -374,13 +425,21 @@ class Detector:
     # -- tensors -------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def features(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
-        """uint8 ``[B, 3, R, R]`` -> pooled activations ``[B, C]`` (float32, CPU).
+        """uint8 ``[B, 3, R, R]`` -> pooled activations ``[B, C]`` (float32, CPU); with ``draws`` > 1, the mean over
+        the draws of each draw's pooled activations (the scores are the mean of each draw's scores:
+        ``draw_features`` and ``scores_of``).
 
         ``seeds``: one noise seed per image; by default derived from the run seed and the pixels (``image_seed``).
         The images go through in one batch; after an out-of-memory error, in batches of half the size that failed
         (the smaller size is kept for later calls and ``batch_size``; each image's score does not depend on its
         batch).
         """
+        f = self.draw_features(images, seeds)
+        return f[:, 0] if f.shape[1] == 1 else f.mean(dim=1)
+
+    @torch.inference_mode()
+    def draw_features(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """uint8 ``[B, 3, R, R]`` -> pooled activations of every noise draw, ``[B, draws, C]`` (float32, CPU)."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         if seeds is None:
@@ -389,17 +448,33 @@ class Detector:
         seeds = list(seeds)
         out, i = [], 0
         while i < len(images):
-            n = min(len(images) - i, self._oom_limit or len(images))
+            # inputs per forward pass: the images given (one draw each), at most the batch size with more draws
+            # (then every image is encoded once, and its noised copies go through ``rows`` at a time)
+            rows = self._oom_limit or (len(images) if self.draws == 1 else max(self.batch_size, len(images)))
+            n = min(len(images) - i, rows) if self.draws == 1 else len(images) - i
             try:
-                out.append(self._features(images[i:i + n], seeds[i:i + n]))
+                out.append(self._features(images[i:i + n], seeds[i:i + n], rows))
                 i += n
                 runtime.bound_heap()
                 continue
             except torch.OutOfMemoryError:
-                if n == 1:
+                if min(rows, n * self.draws) == 1:
                     raise
-            self._out_of_memory(n)  # outside the except block: the failed batch's tensors are gone by now
+            self._out_of_memory(min(rows, n * self.draws))  # outside the except block: the batch's tensors are gone
         return torch.cat(out) if len(out) != 1 else out[0]
+
+    def scores_of(self, draw_feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every metric of ``draw_features``' output ``[B, K, C]``: each draw's score, averaged over the K draws."""
+        b, k, c = draw_feats.shape
+        if self._normalise is not None:
+            mean, scale = self._normalise
+            if c != len(mean):
+                raise UsageError(f"the reference channel statistics hold {len(mean)} channels, but {self.layer} gives "
+                                 f"{c}: they were made for another model or layer; recalibrate")
+            draw_feats = standardise(draw_feats.reshape(b * k, c), mean, scale).reshape(b, k, c)
+        if k == 1:
+            return compute_all(draw_feats[:, 0])
+        return {name: v.reshape(b, k).mean(dim=1) for name, v in compute_all(draw_feats.reshape(b * k, c)).items()}
 
     def _out_of_memory(self, n: int) -> None:
         half = max(1, n // 2)
@@ -413,19 +488,29 @@ class Detector:
         if self.adapter.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _features(self, images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    def _features(self, images: torch.Tensor, seeds: Sequence[int], rows: int) -> torch.Tensor:
+        """``[n, draws, C]``; the n x draws noised inputs go through the denoiser ``rows`` at a time."""
         a = self.adapter
         k = self.encode_batch or len(images)
         x0 = a.encode(images) if k >= len(images) else torch.cat([a.encode(images[i:i + k])
                                                                  for i in range(0, len(images), k)])
+        if self.draws == 1:
+            return self._forward(x0, seeds)[:, None]
+        x0 = x0.repeat_interleave(self.draws, dim=0)  # image-major: image i's draws are rows i*K ... i*K + K-1
+        row_seeds = [draw_seed(s, j) for s in seeds for j in range(self.draws)]
+        out = [self._forward(x0[r:r + rows], row_seeds[r:r + rows]) for r in range(0, len(row_seeds), rows)]
+        return torch.cat(out).reshape(len(images), self.draws, -1)
+
+    def _forward(self, x0: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        a = self.adapter
         x_t = a.noise(x0, self.timestep, seeds)
         with Trace(a.denoiser, [self.layer], stop=self.early_exit) as tr:
             a.forward(x_t, self.timestep)
         return pool(tr[self.layer], a.pooling).float().cpu()
 
     def score_tensor(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Every metric for a batch of uint8 images."""
-        return {k: v.numpy() for k, v in compute_all(self.features(images, seeds)).items()}
+        """Every metric for a batch of uint8 images (with ``draws`` > 1: the mean over the draws)."""
+        return {k: v.numpy() for k, v in self.scores_of(self.draw_features(images, seeds)).items()}
 
     @torch.inference_mode()
     def activation_maps(self, images: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
@@ -479,10 +564,11 @@ class Detector:
                 per_frame: dict[str, list[np.ndarray]] = {}
                 for start in range(0, len(frames), self.batch_size):
                     chunk = frames[start:start + self.batch_size]
-                    feats = self.features(torch.from_numpy(np.stack(chunk)), [image_seed(f, self.seed) for f in chunk])
+                    drawn = self.draw_features(torch.from_numpy(np.stack(chunk)),
+                                               [image_seed(f, self.seed) for f in chunk])
                     if on_features is not None:
-                        on_features(feats)
-                    for k, v in compute_all(feats).items():
+                        on_features(drawn[:, 0] if drawn.shape[1] == 1 else drawn.mean(dim=1))
+                    for k, v in self.scores_of(drawn).items():
                         per_frame.setdefault(k, []).append(v.numpy())
                 scores = {k: np.concatenate(v) for k, v in per_frame.items()}
                 rows, j = [], 0
@@ -605,5 +691,5 @@ def _loader(files, resolution: int, batch_size: int, num_workers: int | None):
                                        if num_workers else None)
 
 
-__all__ = ["DTYPES", "MAX_SEED", "Detector", "Settings", "check_options", "check_seed", "check_threshold",
-           "resolve_device", "resolve_dtype", "tensors_digest"]
+__all__ = ["DTYPES", "MAX_DRAWS", "MAX_SEED", "Detector", "Settings", "check_draws", "check_options", "check_seed",
+           "check_threshold", "resolve_device", "resolve_dtype", "tensors_digest"]

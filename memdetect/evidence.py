@@ -119,6 +119,8 @@ def collect(det: Detector, frame: pd.DataFrame, files: Mapping[str, os.PathLike]
     grids = torch.cat([det.activation_maps(x, s) for x, s in _batches(det, pixels)])  # [N, C, h, w]
     pooled = grids.flatten(2).amax(dim=2)  # = the scan's pooled features (spatial-max / token-max)
     recomputed = SCORES[det.metric](pooled).numpy()
+    if det.draws != 1 or det.normalise is not None:  # the maps are one draw's raw activations; the score is not
+        recomputed = np.concatenate([det.score_tensor(x, s)[det.metric] for x, s in _batches(det, pixels)])
     mean = np.asarray(channels["mean"], np.float64) if channels is not None else None
     std = np.asarray(channels["std"], np.float64) if channels is not None else None
     if mean is not None and mean.size != pooled.shape[1]:

@@ -330,6 +330,17 @@ def image_seed(pixels: np.ndarray, seed: int) -> int:
     return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def draw_seed(seed: int, k: int) -> int:
+    """The noise seed of an image's ``k``-th draw (``--draws``): draw 0 is the image's own seed (``image_seed``), so
+    one draw scores as before; draw k > 0 hashes the seed with k (deterministic, independent of batch and position)."""
+    if k == 0:
+        return int(seed)
+    h = hashlib.blake2b(digest_size=8, person=b"memdetect-draw")
+    h.update(int(seed).to_bytes(8, "little"))
+    h.update(int(k).to_bytes(4, "little"))
+    return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
 def file_digest(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> str | None:
     """sha256 of a file's bytes, read in chunks (None if it cannot be read, is not a regular file, or is larger than
     ``limit``: such a file is an error row, never a journaled one). A FIFO is opened non-blocking and refused."""

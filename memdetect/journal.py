@@ -23,8 +23,9 @@ Scan records (``scan_record``): ``{"key", "path", <every score>, "mac"}``, plus 
 came from) for an image with several frames. The key of an image is a hash of its
 file's bytes (sha256) and of everything that changes a score (``fingerprint``): the settings in ``KEY_SETTINGS``
 (model name and source, family, layer, timestep, sigma, pooling, seed, preprocessing recipe, resolution, dtype, the
-speed settings (Winograd convolutions, the allocator) and memdetect version) and, for a resumable scan, the
-content hash of the model's weights (``memdetect.state``). Deliberately *not* in the key:
+speed settings (Winograd convolutions, the allocator), memdetect version, the number of noise draws when not 1 and
+the reference normalisation when there is one) and, for a resumable scan, the content hash of the model's weights
+(``memdetect.state``). Deliberately *not* in the key:
 
 * metric and threshold: records keep every metric; ``score`` and ``memorized`` are re-derived on reuse, so a
   recalibrated threshold reuses the journal;
@@ -77,6 +78,10 @@ def fingerprint(settings: dict, weights: str | None = None) -> str:
     """A short hash of the score-determining settings (``Detector.settings`` as a dict) and, when given, of the
     weights' content hash (``memdetect.state``)."""
     keep = {k: settings.get(k) for k in KEY_SETTINGS}
+    if settings.get("draws", 1) != 1:  # noise draws averaged per score (``--draws``); one draw keeps the old keys
+        keep["draws"] = settings["draws"]
+    if settings.get("normalise", "none") != "none":  # reference channel statistics (``normalise``), by digest
+        keep["normalise"] = settings["normalise"]
     if weights is not None:
         keep["weights"] = weights
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -91,7 +91,12 @@ def counts(df: pd.DataFrame) -> dict:
 
 def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
     """Write the report (format from the suffix, atomically) with the settings columns added."""
-    return write_report(df.assign(**{k: settings[k] for k in SETTINGS_COLUMNS}), path, settings=dict(settings))
+    columns = {k: settings[k] for k in SETTINGS_COLUMNS}
+    if settings.get("draws", 1) != 1:  # scores averaged over several noise draws (``--draws``): say so in every row
+        columns["draws"] = settings["draws"]
+    if settings.get("normalise", "none") != "none":  # scores of reference-standardised activations
+        columns["normalise"] = settings["normalise"]
+    return write_report(df.assign(**columns), path, settings=dict(settings))
 
 
 __all__ = ["COLUMNS", "METRIC_COLUMNS", "SETTINGS_COLUMNS", "add_p_values", "counts", "make_row", "rows_to_frame",

@@ -27,7 +27,7 @@ def test_bench_demo_cli_subset_with_sweep(tmp_path):
     results = pd.read_csv(out / "results.csv")
     assert list(results.columns) == [*DEMO_COLUMNS, "timing"]
     ours = {"ours_std", "ours_l4l2", "ours_entropy", "ours_maxmin", "ours_l4l2_centred", "ours_entropy_centred",
-            "ours_l4l2_standardised", "ours_entropy_standardised"}
+            "ours_l4l2_standardised", "ours_entropy_standardised", "ours_std_2", "ours_std_4"}
     # the demo model is unconditional: no conditional FLIPD, Wen or NeMo
     assert set(results["method"]) == ours | {"denoising_loss", "flipd", "nearest_generation"}
     assert (results["auroc_lo"] <= results["auroc"]).all() and (results["auroc"] <= results["auroc_hi"]).all()
@@ -49,6 +49,10 @@ def test_bench_demo_cli_subset_with_sweep(tmp_path):
     assert (results["n_memorized"] + results["n_generalized"] == 48).all()
     std = results.set_index("method").loc["ours_std"]
     assert std["auroc"] >= 0.9  # the shipped model memorizes its duplicated images: a real regression check
+    by = results.set_index("method")
+    # K draws cost K forward passes: the K = 4 row is timed slower than the one-draw score
+    assert by.loc["ours_std_4", "seconds_per_sample"] > by.loc["ours_std", "seconds_per_sample"]
+    assert "4 seeded noise draws" in by.loc["ours_std_4", "timing"]
     for name in ("roc.png", "scores.csv", "sweep.csv", "sweep.png"):
         assert (out / name).stat().st_size > 0
     sweep = pd.read_csv(out / "sweep.csv")

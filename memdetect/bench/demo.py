@@ -18,7 +18,8 @@ Methods, all on the same device, batch size and labelled samples, each timed ove
 apply is read from the model's adapter (``Adapter.conditioning``, ``Adapter.cross_attention_values``), never from
 the model's name:
 
-* ours: std, l4l2, entropy, maxmin from one early-exit pass, plus the variants ``*_centred`` (l4l2 / entropy of
+* ours: std, l4l2, entropy, maxmin from one early-exit pass, ``ours_std_K`` (the std averaged over K seeded noise
+  draws per image, ``DRAW_COUNTS``; K passes, timed as such), plus the variants ``*_centred`` (l4l2 / entropy of
   v - mean(v), the row mean over channels) and ``*_standardised`` (of (v - mu_c) / sigma_c per channel, with mu and
   sigma from the model's whole generation pool: every generation, labelled or not, *no labels used*). std and
   maxmin are unchanged by centring, so they have no centred variant;
@@ -74,6 +75,8 @@ SWEEP_TIMESTEPS = (10, 25, 50, 100, 200, 400)
 VARIANT_SCORES = ("l4l2", "entropy")
 #: the sampler's step count when the bench data's recipe does not say (Wen's first timestep)
 DEFAULT_SAMPLE_STEPS = 50
+#: ``ours_std_K`` rows: the std score averaged over K noise draws per image (``Detector(draws=K)``); K = 1 is ours_std
+DRAW_COUNTS = (2, 4)
 
 
 def bench_folder(model: str) -> Path:
@@ -243,6 +246,11 @@ def score_methods(det: Detector, data: DemoSet, *, batch_size: int, flipd_probes
                 timing[f"ours_{name}_{v}"] = timing[f"ours_{name}"]
         timing.update({f"ours_{k}_standardised": timing["ours_std"] + "; per-channel mean/std of all "
                        f"{len(data.images)} generations (no labels), not timed" for k in VARIANT_SCORES})
+        for k in DRAW_COUNTS:
+            scores[f"ours_std_{k}"], seconds[f"ours_std_{k}"] = _draws_std(det, images, seeds_of, k, batch_size)
+            timing[f"ours_std_{k}"] = (f"{base}; {k} seeded noise draws per image, one early-exit forward each "
+                                       f"(batched, at most {max(det.batch_size, batch_size)} inputs per pass), "
+                                       f"mean of the draws' std")
     if "denoising_loss" in methods:
         scores["denoising_loss"], seconds["denoising_loss"] = _timed(
             lambda sl: baselines.denoising_loss(a, images[sl], t, seeds_of(images[sl])).numpy(), n, batch_size)
@@ -293,6 +301,18 @@ def score_methods(det: Detector, data: DemoSet, *, batch_size: int, flipd_probes
             log.info("nemo left out: the data names fewer than 3 normal (reference) prompts")
     df = data.manifest.iloc[data.labelled].reset_index(drop=True).assign(**scores)
     return df, seconds, timing
+
+
+def _draws_std(det: Detector, images: torch.Tensor, seeds_of, draws: int, batch_size: int
+               ) -> tuple[np.ndarray, float]:
+    """The std score averaged over ``draws`` noise draws per image (what ``Detector(draws=...)`` scores), timed."""
+    before = det.draws
+    det.draws = draws
+    try:
+        return _timed(lambda sl: det.scores_of(det.draw_features(images[sl], seeds_of(images[sl])))["std"].numpy(),
+                      len(images), batch_size)
+    finally:
+        det.draws = before
 
 
 def _pool_features(det: Detector, data: DemoSet, batch_size: int, labelled_feats: torch.Tensor) -> torch.Tensor:
