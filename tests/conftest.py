@@ -68,7 +68,7 @@ def _tokenizer_dir(tmp: Path) -> Path:
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
     d = tmp / "tokenizer"
-    d.mkdir()
+    d.mkdir(exist_ok=True)  # several tiny pipelines in one folder share it
     (d / "vocab.json").write_text(json.dumps(vocab))
     (d / "merges.txt").write_text("#version: 0.2\n")
     (d / "tokenizer_config.json").write_text(json.dumps({
