@@ -147,10 +147,10 @@ def discover(paths: Iterable[str | os.PathLike], sniff: bool = False,
                         # a folder named like an image is kept: the scan reports it as an error row
                         found.append(Path(root) / name)
                 for name in files if sniff else ():  # by content: a few leading bytes of each other file
-                    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS and sniff_image(Path(root) / name):
-                        found.append(Path(root) / name)
+                    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS and sniff_image(os.path.join(root, name)):
+                        found.append(Path(root, name))
                         if by_content is not None:
-                            by_content.add(Path(root) / name)
+                            by_content.add(found[-1])
             batch = sorted(found, key=lambda q: os.fsencode(q))
         elif p.exists() or p.is_symlink():
             batch = [p]
