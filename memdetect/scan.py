@@ -104,8 +104,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     docstring; evidence images are read for local files only). ``allow_remote``: inputs and manifest rows may name
     URLs other than ``file://`` (``memdetect.sources.resolve``). ``sniff``: folders and tar shards are searched by
     content too, not only by image suffix (``resolve``; ``memdetect audit``); when a file was found so, the report
-    has a ``found_by`` column after ``path`` (``content`` or ``name``). ``errors_fail``: the HTML page says error rows were not
-    checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
+    has a ``found_by`` column after ``path`` (``content`` or ``name``). ``errors_fail``: the HTML page says error
+    rows were not checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
     image file is an empty result (and an empty report) instead.
     """

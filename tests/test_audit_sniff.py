@@ -68,8 +68,11 @@ def _pr_folder(d: Path) -> Path:
 
 def test_a_memorized_image_without_an_image_suffix_in_a_folder_fails_the_audit(demo_config, tmp_path):
     d = _pr_folder(tmp_path / "pr")
-    code, doc, df, out = audit(tmp_path, demo_config, d)
+    code, doc, df, out = audit(tmp_path, demo_config, d, extra=["--html", tmp_path / "r.html", "--junit",
+                                                                tmp_path / "j.xml", "--annotations", "github"])
     assert code == 1, out
+    assert "x.bin" in (tmp_path / "r.html").read_text() and "x.bin" in (tmp_path / "j.xml").read_text()
+    assert "::error file=" in out and "x.bin" in out
     flagged = sorted(Path(p["path"]).name for p in doc["flagged_images"])
     assert flagged == ["avatar", "x.bin", "x.png.txt"], out
     # the text, code, random bytes and empty file are not rows; no error row either
@@ -119,6 +122,18 @@ def test_a_text_file_named_like_an_image_still_fails_closed(demo_config, tmp_pat
     assert code == 1, out
     assert [n["path"] for n in doc["not_checked"]] == [str(d / "notes.png")]
     assert sorted(Path(p).name for p in df["path"]) == ["gen.png", "notes.png"]
+
+
+def test_a_file_with_an_image_signature_that_does_not_decode_fails_closed(demo_config, tmp_path):
+    d = tmp_path / "pr"
+    d.mkdir()
+    (d / "gen.png").write_bytes(GEN.read_bytes())
+    (d / "blob.dat").write_bytes(MEM.read_bytes()[:200])  # a PNG cut off: claims to be an image, cannot be checked
+    code, doc, df, out = audit(tmp_path, demo_config, d)
+    assert code == 1, out
+    assert [n["path"] for n in doc["not_checked"]] == [str(d / "blob.dat")]
+    code, doc, df, out = audit(tmp_path, demo_config, d, extra=["--suffix-only"])
+    assert code == 0, out
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM"])
