@@ -127,7 +127,8 @@ def discover(paths: Iterable[str | os.PathLike], sniff: bool = False,
     """Image files under ``paths``: files given directly are kept whatever their suffix; folders are searched
     recursively for image suffixes (case-insensitive). Sorted per argument, duplicates removed, order kept.
     ``sniff=True`` (``memdetect audit``'s default): a folder's regular files without an image suffix are kept too
-    when their first bytes are an image signature (``sniff_image``), and added to ``by_content`` when given.
+    when their first bytes are an image signature (``sniff_image``), and added to ``by_content`` when given (not
+    under a ``.git`` folder inside the searched one: git's own files, never a commit's).
 
     Entries that look like images but are not regular files (a folder named ``x.png``, a broken link) are returned
     too, so that the scan reports them as error rows instead of silently skipping them.
@@ -146,7 +147,10 @@ def discover(paths: Iterable[str | os.PathLike], sniff: bool = False,
                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                         # a folder named like an image is kept: the scan reports it as an error row
                         found.append(Path(root) / name)
-                for name in files if sniff else ():  # by content: a few leading bytes of each other file
+                # by content: a few leading bytes of each other file, outside git's own folder (no commit can put
+                # a file there, and its LFS cache holds the raw bytes of other commits' images)
+                git = sniff and ".git" in os.path.relpath(root, p).lower().split(os.sep)
+                for name in files if sniff and not git else ():
                     if Path(name).suffix.lower() not in IMAGE_EXTENSIONS and sniff_image(os.path.join(root, name)):
                         found.append(Path(root, name))
                         if by_content is not None:

@@ -177,3 +177,14 @@ def test_sniff_reads_a_few_leading_bytes_only_and_skips_what_is_not_a_regular_fi
     os.symlink(tmp_path / "missing", tmp_path / "broken")
     assert not mio.sniff_image(tmp_path / "broken")
     assert mio.discover([tmp_path], sniff=True) == []
+
+
+def test_git_s_own_folder_is_not_searched_by_content(tmp_path):
+    from memdetect.io import discover
+
+    lfs = tmp_path / ".git" / "lfs" / "objects" / "ab" / "cd"
+    lfs.mkdir(parents=True)
+    (lfs / "abcd1234").write_bytes(MEM.read_bytes())  # an LFS cache: raw bytes of images of other commits
+    (tmp_path / "x.bin").write_bytes(MEM.read_bytes())
+    assert discover([tmp_path], sniff=True) == [tmp_path / "x.bin"]
+    assert discover([tmp_path / ".git"], sniff=True) == [lfs / "abcd1234"]  # asked for by name: searched
