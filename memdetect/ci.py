@@ -79,6 +79,8 @@ def _reason(row, metric: str, threshold: float | None) -> str:
 def _flagged_entry(r) -> dict:
     """A flagged image in the summary: path, score and, with a calibrated reference, p-value and percentile."""
     entry = {"path": r["path"], "score": float(r["score"])}
+    if "found_by" in r and pd.notna(r["found_by"]):
+        entry["found_by"] = str(r["found_by"])
     for k in ("p_value", "percentile"):
         if k in r and pd.notna(r[k]):
             entry[k] = float(r[k])
@@ -318,13 +320,16 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           num_workers: int | None = None, state_dir: str | os.PathLike | StateDir | None = None,
           reference=None, channels: dict | None = None, evidence_top: int = 20,
           evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
-          allow_errors: bool = False, allow_remote: bool = False, allow_empty: bool = False) -> Audit:
+          allow_errors: bool = False, allow_remote: bool = False, allow_empty: bool = False,
+          suffix_only: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
     ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
     the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
     evidence in the HTML page and JSON (``memdetect.scan.scan``). ``allow_errors``: error rows are reported as skipped
     instead of failing the audit; ``allow_remote``: inputs and manifest rows may name URLs other than ``file://``.
+    Folders and tar shards are searched by content too: a file without an image suffix whose first bytes are an
+    image signature is scored (its row's ``found_by`` is ``content``); ``suffix_only=True`` searches by suffix only.
     ``allow_empty``: paths holding no image file pass
     (exit 0, empty report and CI outputs) instead of raising InputError (a pull request that adds no images).
 
@@ -348,7 +353,7 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
                   num_workers=num_workers, state_dir=state, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
                   reference_dir=reference_dir, allow_remote=allow_remote, errors_fail=not allow_errors,
-                  allow_empty=allow_empty)
+                  allow_empty=allow_empty, sniff=not suffix_only)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream, allow_errors=allow_errors)
     return Audit(result, doc)

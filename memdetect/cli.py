@@ -888,6 +888,9 @@ def audit(
     allow_errors: Annotated[bool, typer.Option("--allow-errors", help="Report inputs that could not be checked "
                             "(unreadable, too large, not an image, too many frames) as skipped instead of failing "
                             "the audit (exit 1). Config key: allow_errors.")] = False,
+    suffix_only: Annotated[bool, typer.Option("--suffix-only", help="Search folders and tar shards for image "
+                           "suffixes only (default: also any file whose first bytes are an image signature, e.g. "
+                           "a PNG committed as x.bin; its row says found_by content).")] = False,
     allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):
@@ -927,7 +930,8 @@ def audit(
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
                         state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
-                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"], allow_empty=allow_empty)
+                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"], allow_empty=allow_empty,
+                        suffix_only=suffix_only)
     _written(output, junit, summary_json, html)
     if not quiet:
         render_audit(done.summary, top=top)

@@ -79,9 +79,56 @@ def display_name(name: str) -> str:
     return display_bytes(name.encode("utf-8", errors="surrogateescape"))
 
 
-def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
+#: Leading bytes of a file that ``sniff_image`` reads, at most.
+SNIFF_BYTES = 32
+_PNM_SPACE = b" \t\r\n"
+
+
+def looks_like_image(head: bytes) -> bool:
+    """Whether a file's first bytes (``SNIFF_BYTES`` suffice) are the signature of an image format of
+    ``IMAGE_EXTENSIONS`` that Pillow decodes: PNG / APNG, JPEG, GIF, WebP, BMP, TIFF (and BigTIFF), PNM (P1-P6,
+    PFM). The weak ones are checked further, so that text is not taken for an image: a BMP's header size must be
+    one Pillow reads, a PNM's magic must be followed by white space and a number (or a comment)."""
+    if head.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a",
+                        b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    if head[:2] == b"BM" and len(head) >= 18:
+        return int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124)
+    if len(head) >= 4 and head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6", b"f", b"F"):
+        rest = head[2:].lstrip(_PNM_SPACE)
+        return head[2] in _PNM_SPACE and rest[:1] != b"" and (rest[:1].isdigit() or rest[:1] == b"#")
+    return False
+
+
+def sniff_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a regular file whose first bytes are an image signature (``looks_like_image``). Reads at
+    most ``SNIFF_BYTES``; anything that is not a readable regular file (a folder, FIFO, device, broken link) is not
+    an image by content, and is never waited on."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        return looks_like_image(os.read(fd, SNIFF_BYTES))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def discover(paths: Iterable[str | os.PathLike], sniff: bool = False,
+             by_content: set[Path] | None = None) -> list[Path]:
     """Image files under ``paths``: files given directly are kept whatever their suffix; folders are searched
     recursively for image suffixes (case-insensitive). Sorted per argument, duplicates removed, order kept.
+    ``sniff=True`` (``memdetect audit``'s default): a folder's regular files without an image suffix are kept too
+    when their first bytes are an image signature (``sniff_image``), and added to ``by_content`` when given (not
+    under a ``.git`` folder inside the searched one: git's own files, never a commit's).
 
     Entries that look like images but are not regular files (a folder named ``x.png``, a broken link) are returned
     too, so that the scan reports them as error rows instead of silently skipping them.
@@ -100,6 +147,14 @@ def discover(paths: Iterable[str | os.PathLike]) -> list[Path]:
                     if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                         # a folder named like an image is kept: the scan reports it as an error row
                         found.append(Path(root) / name)
+                # by content: a few leading bytes of each other file, outside git's own folder (no commit can put
+                # a file there, and its LFS cache holds the raw bytes of other commits' images)
+                git = sniff and ".git" in os.path.relpath(root, p).lower().split(os.sep)
+                for name in files if sniff and not git else ():
+                    if Path(name).suffix.lower() not in IMAGE_EXTENSIONS and sniff_image(os.path.join(root, name)):
+                        found.append(Path(root, name))
+                        if by_content is not None:
+                            by_content.add(found[-1])
             batch = sorted(found, key=lambda q: os.fsencode(q))
         elif p.exists() or p.is_symlink():
             batch = [p]

@@ -43,7 +43,8 @@ from .html_report import write_html
 from .pvalues import Reference
 from .io import check_destinations, check_report_path, display_path, file_digest
 from .journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
-from .sources import Source, inputs_digest, is_url, item_digest, item_name, resolve, shard as shard_of
+from .sources import (Source, inputs_digest, is_url, item_digest, item_identity, item_name, resolve,
+                      shard as shard_of)
 from .state import StateDir
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
          shard: tuple[int, int] | None = None, shard_key: bytes | None = None, allow_remote: bool = False,
-         errors_fail: bool = False, allow_empty: bool = False) -> ScanResult:
+         errors_fail: bool = False, allow_empty: bool = False, sniff: bool = False) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -101,8 +102,10 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
     ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
     docstring; evidence images are read for local files only). ``allow_remote``: inputs and manifest rows may name
-    URLs other than ``file://`` (``memdetect.sources.resolve``). ``errors_fail``: the HTML page says error rows were not
-    checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
+    URLs other than ``file://`` (``memdetect.sources.resolve``). ``sniff``: folders and tar shards are searched by
+    content too, not only by image suffix (``resolve``; ``memdetect audit``); when a file was found so, the report
+    has a ``found_by`` column after ``path`` (``content`` or ``name``). ``errors_fail``: the HTML page says error
+    rows were not checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
     image file is an empty result (and an empty report) instead.
     """
@@ -117,7 +120,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         raise InputError(f"--reference-dir {display_path(reference_dir)} is not a folder")
     if evidence_top < 0:
         raise InputError(f"the number of images with evidence must be 0 or more, got {evidence_top}")
-    everything = resolve(paths, allow_remote=allow_remote)
+    everything = resolve(paths, allow_remote=allow_remote, sniff=sniff)
     if not everything and not allow_empty:
         raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)} (`memdetect "
                          f"audit --allow-empty` passes when there are none)")
@@ -172,6 +175,10 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     pos += 1
         rejected = journal.rejected if journal is not None else 0
     frame = report.rows_to_frame(rows)
+    if getattr(everything, "by_content", None):  # say which files were images by their bytes, not their name
+        sniffed = everything.by_content
+        frame.insert(1, "found_by", pd.array(["content" if item_identity(f) in sniffed else "name" for f in files],
+                                             dtype="string"))
     if reference is not None:
         frame = report.add_p_values(frame, reference)
     resumed = len(files) - len(todo)

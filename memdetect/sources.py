@@ -12,6 +12,9 @@
   ``memory://``, ``http://``, ``ftp://`` ...): a file, a folder (searched recursively for image suffixes, sorted) or a
   glob (sorted). Credentials come from fsspec's usual environment variables and configuration files, never from a
   flag. Without it no connection is opened: such an input is a ``UsageError`` and such a manifest row an error row;
+* with ``sniff=True`` (``memdetect audit``'s default), a local folder's or a tar shard's regular files and members
+  without an image suffix are images too when their first bytes are an image signature (``io.looks_like_image``;
+  a few bytes read per file); ``ItemList.by_content`` names them (the report's ``found_by`` column);
 * a ``.tar`` shard (local or URL; WebDataset layout): one item per member with an image suffix, in archive order,
   named ``shard.tar::member``, and ``shard.tar::member#K`` for the K-th member of that name (K >= 2: a tar may hold
   several, and extracting it keeps the last). Members that are not regular files (links included), and the rest of a
@@ -49,8 +52,8 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .errors import InputError, UsageError
-from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, ImageError, content_digest, discover, display_name, display_path,
-                 file_digest, read_file)
+from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, SNIFF_BYTES, ImageError, content_digest, discover, display_name,
+                 display_path, file_digest, looks_like_image, read_file)
 from .text import printable
 
 #: Separates a tar shard from a member in an item's name (``shard.tar::member``).
@@ -245,24 +248,33 @@ def _shown(location: str) -> str:
     return display_name(location) if is_url(location) else display_path(location)
 
 
-def tar_members(shard: str) -> list[Source]:
+def tar_members(shard: str, sniff: bool = False, by_content: list[Source] | None = None) -> list[Source]:
     """One item per image member of a tar shard, in archive order (``shard::member``, and ``shard::member#K`` for
     the K-th member of a name). A member with an image suffix that is not a regular file is an error row; a shard
     that cannot be opened, or is cut off or corrupt part way, adds one error row named after the shard (the members
-    before the damage are kept)."""
+    before the damage are kept). ``sniff=True``: a regular member without an image suffix is an image member too
+    when its first ``SNIFF_BYTES`` are an image signature (appended to ``by_content`` when given)."""
     items: list[Source] = []
     seen: dict[str, int] = {}
     try:
         with _open_binary(shard) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             for m in tar:
+                sniffed = False
                 if _suffix(m.name) not in IMAGE_EXTENSIONS:
-                    continue  # captions, class labels, JSON metadata of a WebDataset sample
+                    if not (sniff and m.isfile()):
+                        continue  # captions, class labels, JSON metadata of a WebDataset sample
+                    f.seek(m.offset_data)  # the tar reader seeks back to the next header itself
+                    if not looks_like_image(f.read(min(m.size, SNIFF_BYTES))):
+                        continue
+                    sniffed = True
                 k = seen[m.name] = seen.get(m.name, 0) + 1
                 name = f"{_shown(shard)}{MEMBER_SEP}{display_name(m.name)}{f'#{k}' if k > 1 else ''}"
                 if not m.isfile():
                     items.append(Broken(name, reason="tar member is not a regular file"))
                 else:
                     items.append(TarMember(name, shard=shard, offset=m.offset_data, size=m.size))
+                    if sniffed and by_content is not None:
+                        by_content.append(items[-1])
     except FileNotFoundError:
         raise FileNotFoundError(f"path {printable(shard)} does not exist") from None
     except (tarfile.TarError, OSError, EOFError) as e:
@@ -428,21 +440,23 @@ def _remote_listing(url: str) -> list[str]:
     return [url]
 
 
-def _expand(location: str, out: "ItemList", allow_remote: bool) -> None:
+def _expand(location: str, out: "ItemList", allow_remote: bool, sniff: bool = False) -> None:
     suffix = _suffix(location)
     if suffix in TAR_SUFFIXES:
-        out.extend(tar_members(location))
+        sniffed: list[Source] = []
+        out.extend(tar_members(location, sniff=sniff, by_content=sniffed))
+        out.by_content.update(map(item_identity, sniffed))
     elif suffix in MANIFEST_SUFFIXES:
         _manifest_into(location, out, allow_remote)
     else:
         out.append(open_source(location, allow_remote=allow_remote))
 
 
-def resolve(inputs: Iterable[str | os.PathLike], allow_remote: bool = False) -> "ItemList":
+def resolve(inputs: Iterable[str | os.PathLike], allow_remote: bool = False, sniff: bool = False) -> "ItemList":
     """Every image named by ``inputs``, one item each, in input order (see the module docstring). Local folders are
     searched as ``io.discover`` does; duplicates (the same real path, the same tar member) are removed, the first
     kept. FileNotFoundError for an input that does not exist; UsageError for a remote URL without
-    ``allow_remote``."""
+    ``allow_remote``. ``sniff``: local folders and tar shards are searched by content too (module docstring)."""
     out = ItemList()
     for arg in inputs:
         s = arg if isinstance(arg, str) else os.fspath(arg)
@@ -452,13 +466,15 @@ def resolve(inputs: Iterable[str | os.PathLike], allow_remote: bool = False) -> 
             if not allow_remote:
                 raise UsageError(f"{printable(s)}: {remote_refused(s)}")
             for loc in _remote_listing(s):
-                _expand(loc, out, allow_remote)
+                _expand(loc, out, allow_remote, sniff=sniff)
         else:
             p = Path(s)
             if p.is_file() and _suffix(s) in TAR_SUFFIXES + MANIFEST_SUFFIXES:
-                _expand(s, out, allow_remote)
+                _expand(s, out, allow_remote, sniff=sniff)
             else:
-                out.extend(discover([p]))
+                sniffed: set[Path] = set()
+                out.extend(discover([p], sniff=sniff, by_content=sniffed))
+                out.by_content.update(map(item_identity, sniffed))
     out.deduplicate()
     return out
 
@@ -486,6 +502,8 @@ class ItemList(Sequence):
         self._objects: list = []
         self._hashes: array | None = array("q")
         self._rows: np.ndarray | None = None  # the entries a view holds (None: all)
+        #: identities (``item_identity``) of the items found by content, not by name (``resolve(sniff=True)``)
+        self.by_content: set[bytes] = set()
 
     def append_path(self, path: str | os.PathLike) -> None:
         """Append a local path (as given: no normalisation)."""
@@ -542,6 +560,7 @@ class ItemList(Sequence):
     def _view(self, rows: np.ndarray) -> "ItemList":
         v = ItemList.__new__(ItemList)
         v._blob, v._ends, v._objects, v._hashes, v._rows = self._blob, self._ends, self._objects, None, rows
+        v.by_content = self.by_content
         return v
 
     def take(self, positions: Sequence[int]) -> "ItemList":
