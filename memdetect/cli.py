@@ -898,6 +898,9 @@ def bench_demo(
     sweep_timesteps: Annotated[str, typer.Option("--sweep-timesteps", help="Comma-separated timesteps for "
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
     bootstrap: Bootstrap = 1000,
+    select: Annotated[bool, typer.Option("--select/--no-select", help="Add the ours_selected row: the configuration "
+                                         "`calibrate --select-layer` chooses on the selection half, measured on the "
+                                         "held-out half (selection.json).")] = True,
 ):
     """Ground truth: score a shipped memorizing model's labelled generations with every method that applies."""
     from .bench.demo import DEMO_MODELS, run_demo
@@ -913,7 +916,7 @@ def bench_demo(
     with err.status(f"benchmarking on the {model} model's labelled generations ..."):
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
-                       sweep_timesteps=steps, n_boot=bootstrap)
+                       sweep_timesteps=steps, n_boot=bootstrap, select=select)
     st = res["settings"]
     t = Table(title=f"bench demo --model {model}: {_p(st.layer)}, t={st.timestep}, device {st.device}, batch "
                     f"{res['batch_size']} (95% bootstrap intervals)", title_justify="left")
@@ -930,6 +933,10 @@ def bench_demo(
         behind = pairs.loc[pairs["auroc_verdict"] == "behind", "versus"].tolist()
         out.print(f"ours_std AUROC, paired bootstrap: ahead of {', '.join(map(_p, ahead)) or 'none'}; behind "
                   f"{', '.join(map(_p, behind)) or 'none'}; the rest within noise", soft_wrap=True)
+    if "selection" in res:
+        c, sel = res["selection"]["chosen"], res["selection"]
+        out.print(f"ours_selected (chosen on the selection half, measured on the held-out half): {_p(c['layer'])} at "
+                  f"t={c['timestep']}, {c['metric']}; {_p(sel['reason'])}", soft_wrap=True)
     if "sweep" in res:
         sw, proof = res["sweep"], res["proof"]
         out.print(f"sweep: {sw['layer'].nunique()} layers x {sw['timestep'].nunique()} timesteps; "
@@ -942,7 +949,8 @@ def bench_demo(
             out.print(f"default layer {_p(d['layer'])} at t={d['timestep']}: held-out AUROC {d['heldout']['auroc']}, "
                       f"TPR@1%FPR {d['heldout']['tpr_at_1pct_fpr']}; meets >= 0.98 / 0.90: "
                       f"{'yes' if d['meets_bar_heldout'] else 'no'}", soft_wrap=True)
-    files = "results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png"
+    files = "results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png" + \
+        (", selection.json" if "selection" in res else "")
     out.print(f"wrote {_p(output)}/{files}" + (", sweep.csv, sweep.png, layer_proof.json" if sweep_layers else ""),
               soft_wrap=True)
 
