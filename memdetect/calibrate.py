@@ -201,11 +201,12 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                     memorized: Iterable[str | os.PathLike] = (), output: str | os.PathLike = "memdetect.toml",
                     force: bool = False, model: str | None = None, model_path: str | os.PathLike | None = None,
                     sigma: float | None = None, on_batch: Callable[[int, int], None] | None = None,
-                    num_workers: int | None = None) -> Calibration:
+                    num_workers: int | None = None, selection: dict | None = None) -> Calibration:
     """Scan ``reference`` (images known to be novel; files, folders, quoted globs) and optionally ``memorized``,
     choose every metric's threshold at ``fpr`` and write the config to ``output`` (refused if it exists, unless
     ``force``). ``model`` / ``model_path`` / ``sigma``: what the config records to load the model again (default:
-    the detector's name)."""
+    the detector's name). ``selection``: the ``[selection]`` table (``memdetect.select``: how the detector's layer,
+    timestep and metric were chosen, with the evidence)."""
     check_fpr(fpr)
     check_output(output, force)
     output = Path(output)
@@ -228,6 +229,8 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                           model_path=str(Path(model_path).resolve()) if model_path else None, sigma=sigma,
                           distributions={m: Reference.from_scores(novel[m].to_numpy(np.float64)) for m in SCORES},
                           channels=acc.result())
+    if selection is not None:
+        doc["selection"] = selection
     header = (f"memdetect calibration ({len(novel)} novel reference images, target FPR {fpr:g}).\n"
               f"Use: memdetect audit PATH... --config {output.name}   (or: memdetect scan PATH... --config ...)")
     atomic_write(output, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))

@@ -399,6 +399,7 @@ def scan(
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers)
+    det.configuration = s.get("configuration")
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -493,6 +494,18 @@ def calibrate(
                                                      "flag.")] = 0.01,
     memorized: Annotated[Optional[List[Path]], typer.Option("--memorized", help="Images known to be memorized (a "
                          "file, folder or quoted glob; repeatable): report the threshold's ROC point.")] = None,
+    select_layer: Annotated[bool, typer.Option("--select-layer", help="Choose layer, timestep and metric from the "
+                            "--memorized and reference images (nested k-fold, out-of-sample evidence in the config); "
+                            "the model's default is kept unless the choice is clearly better.")] = False,
+    layers: Annotated[Optional[List[str]], typer.Option("--layers", help="--select-layer: try the hookable layers "
+                      "matching this glob (repeatable; see `memdetect layers`) instead of the family's "
+                      "candidates.")] = None,
+    timesteps: Annotated[str, typer.Option("--timesteps", help="--select-layer: comma-separated timesteps to "
+                                           "try.")] = "10,50,200",
+    training_duplicates: Annotated[Optional[Path], typer.Option("--training-duplicates", help="--select-layer "
+                                   "without labelled copies: a folder of training images; those present many times "
+                                   "(near-duplicates) are the memorized examples, unique ones join the novel "
+                                   "references.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("memdetect.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
     model: Model = "demo", model_path: ModelPath = None,
@@ -541,6 +554,12 @@ def calibrate(
         return
     if not reference:
         raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
+    if select_layer or layers or training_duplicates:
+        return _calibrate_select(reference=reference, memorized=memorized, layers=layers, timesteps=timesteps,
+                                 training_duplicates=training_duplicates, fpr=fpr, output=output, force=force,
+                                 model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
+                                 metric=metric, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                                 workers=workers, quiet=quiet, select_layer=select_layer)
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
                         batch_size=batch_size, device=device, dtype=dtype, sigma=sigma)
     bar, progress = progress_bar("scanning", quiet=quiet)
@@ -549,6 +568,55 @@ def calibrate(
                               model=model, model_path=model_path, sigma=sigma, on_batch=progress,
                               num_workers=workers)
     render_calibration(cal, det)
+
+
+def _calibrate_select(*, reference, memorized, layers, timesteps, training_duplicates, fpr, output, force, model,
+                      model_path, layer, timestep, sigma, metric, seed, batch_size, device, dtype, workers, quiet,
+                      select_layer) -> None:
+    """``calibrate --select-layer``: choose the configuration (``memdetect.select``), then calibrate it."""
+    from .select import calibrate_selected, needed_message, parse_timesteps, training_duplicate_examples
+
+    if not select_layer:
+        raise UsageError("--layers and --training-duplicates apply to --select-layer")
+    if training_duplicates is not None and memorized:
+        raise UsageError("give --memorized or --training-duplicates, not both")
+    if training_duplicates is None and not memorized:
+        raise UsageError("--select-layer needs known-memorized images: --memorized PATH (or --training-duplicates DIR "
+                         "for a model's training images)")
+    steps = parse_timesteps(timesteps)
+    det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
+                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma, prune=False)
+    positives, source, extra_novel = None, "labelled images (--memorized, reference)", []
+    if training_duplicates is not None:
+        with err.status(Text("finding near-duplicates among the training images ...")):
+            positives, extra_novel, found = training_duplicate_examples(training_duplicates, det.adapter.resolution)
+        source = f"training duplicates ({found})"
+    bar, progress = progress_bar("choosing", quiet=quiet)
+    with bar:
+        cal, sel = calibrate_selected(det, list(reference) + extra_novel, memorized or (), fpr=fpr, layers=None,
+                                      patterns=layers, timesteps=steps, output=output, force=force, model=model,
+                                      model_path=model_path, sigma=sigma, on_batch=progress, num_workers=workers,
+                                      positives=positives, source=source)
+    ev = sel.evidence
+    iv = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    dv = lambda v: f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"  # noqa: E731
+    t = Table(title=f"--select-layer: {ev.n_candidates} candidates, {ev.n_memorized} memorized / {ev.n_novel} novel "
+                    f"images, {ev.folds}-fold out-of-sample (95% bootstrap intervals)", title_justify="left")
+    for c in ("configuration", "AUROC", "TPR@1%FPR"):
+        t.add_column(c, justify="left" if c == "configuration" else "right")
+    t.add_row(Text(f"selection procedure (now: {sel.best})"), iv(ev.selected_auroc), iv(ev.selected_tpr))
+    t.add_row(Text(f"family default ({sel.default})"), iv(ev.default_auroc), iv(ev.default_tpr))
+    t.add_row("difference (paired)", dv(ev.difference_auroc), dv(ev.difference_tpr))
+    out.print(t)
+    out.print(Text(f"chosen: {sel.chosen}: {sel.reason}"), soft_wrap=True)
+    render_calibration(cal, cal_detector(det, sel.chosen))
+
+
+def cal_detector(det, chosen):
+    """A stand-in with the chosen configuration's name, layer and timestep for ``render_calibration``'s title."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=det.name, layer=chosen.layer, timestep=chosen.timestep)
 
 
 def render_calibration(cal, det) -> None:
@@ -752,6 +820,7 @@ def audit(
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers)
+    det.configuration = s.get("configuration")
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,

@@ -55,7 +55,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (a pyp
 
 TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "timestep": int, "sigma": float,
             "seed": int, "metric": str, "threshold": float}
-TABLES = ("calibration", "versions", "guard")
+TABLES = ("calibration", "versions", "guard", "selection")  # [selection]: `calibrate --select-layer`'s evidence
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
 CONFIG_VERSION = 1
@@ -79,6 +79,7 @@ class Config:
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
     references: dict[str, Reference] = field(default_factory=dict)
     channels: dict[str, tuple[float, ...]] | None = None
+    selection: dict[str, Any] | None = None  # ``[selection]`` (``memdetect.select``): where layer/timestep/metric came from
 
     def reference_for(self, metric: str) -> Reference | None:
         """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""
@@ -172,7 +173,8 @@ def load_config(path: str | os.PathLike) -> Config:
     return Config(model=values["model"], threshold=values.get("threshold"), metric=metric, model_path=model_path,
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
-                  channels=channels, guard=guard)
+                  channels=channels, guard=guard,
+                  selection=doc["selection"] if isinstance(doc.get("selection"), dict) else None)
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -315,6 +317,9 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     if config is None:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
+    from .select import provenance
+
+    out["configuration"] = provenance(config.selection)  # reports say where layer/timestep/metric came from
     name = display_path(config.path) if config.path else "the config"
     for key in PINNED:
         value = getattr(config, key)

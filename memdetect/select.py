@@ -351,6 +351,137 @@ def select_from_images(detector, images: torch.Tensor, labels: np.ndarray, *, la
     return sel, cands, scores
 
 
-__all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "MIN_MEMORIZED", "MIN_NOVEL", "Selection", "candidate_layers",
-           "capture_features", "check_counts", "choose", "needed_message", "nested_evaluation", "rank_candidates",
-           "score_matrix", "select_configuration", "select_from_images"]
+
+
+# -- from image files: `memdetect calibrate --select-layer` ----------------------------------------------------------
+def parse_timesteps(text: str) -> list[int]:
+    """``"10,50,200"`` -> [10, 50, 200] (non-negative integers, at least one)."""
+    try:
+        steps = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--timesteps takes comma-separated integers, got {text!r}") from None
+    if not steps or any(t < 0 for t in steps):
+        raise UsageError(f"--timesteps takes comma-separated non-negative integers, got {text!r}")
+    return steps
+
+
+def read_images(paths: Sequence, resolution: int) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Decode every image under ``paths`` (files, folders, quoted globs, sources) at the model's ``resolution``:
+    uint8 ``[N, 3, R, R]``, the names of the decoded files, and one ``"name: reason"`` per file that could not be
+    read (left out, as a scan leaves an error row)."""
+    from .io import ImageError, decode_image, expand_globs, read_file
+    from .sources import Source, item_name, read_item, resolve
+
+    files = resolve(expand_globs(paths))
+    arrays, names, errors = [], [], []
+    for f in files:
+        try:
+            data = read_item(f) if isinstance(f, Source) else read_file(f)
+            arrays.append(decode_image(data, resolution))
+            names.append(item_name(f) if isinstance(f, Source) else str(f))
+        except ImageError as e:
+            errors.append(f"{item_name(f)}: {e}")
+    pixels = torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, resolution, resolution,
+                                                                           dtype=torch.uint8)
+    return pixels, names, errors
+
+
+#: ``--training-duplicates``: a training image present at least this many times is a memorized example
+MIN_COPIES = 10
+
+
+def training_duplicate_examples(folder, resolution: int, *, min_copies: int = MIN_COPIES, threshold: float = 0.95
+                                ) -> tuple[torch.Tensor, list[str], str]:
+    """Labelled examples from a model's training images when no labelled copies exist: one image of every group of
+    near-duplicates (``memdetect.similarity.near_duplicates``, pixel correlation >= ``threshold``) with at least
+    ``min_copies`` members is a memorized example (copies of one image give one score: each is kept once); the images
+    with no near-duplicate are novel examples. Returns the memorized pixels, the unique images' paths and a short
+    description of what was found."""
+    from .similarity import near_duplicates
+
+    pixels, names, errors = read_images([folder], resolution)
+    if not len(pixels):
+        raise UsageError(f"--training-duplicates {folder}: no readable image")
+    counts, group = near_duplicates(pixels, threshold=threshold)
+    reps = torch.unique(group[counts >= min_copies])
+    unique = [names[i] for i in torch.flatnonzero(counts == 1).tolist()]
+    found = (f"{len(pixels)} training images: {len(reps)} groups of >= {min_copies} near-duplicates (correlation >= "
+             f"{threshold:g}) as memorized, {len(unique)} unique images as novel")
+    log.info("%s; %d unreadable", found, len(errors))
+    return pixels[reps], unique, found
+
+
+def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fpr: float = 0.01,
+                       layers: Sequence[str] | None = None, patterns: Sequence[str] | None = None,
+                       timesteps: Sequence[int] = DEFAULT_TIMESTEPS, output="memdetect.toml", force: bool = False, model: str | None = None, model_path=None,
+                       sigma: float | None = None, folds: int = FOLDS, n_boot: int = 1000,
+                       on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
+                       positives: torch.Tensor | None = None, source: str = "labelled images"):
+    """``memdetect calibrate --select-layer``: choose (layer, timestep, metric) on ``reference`` (novel) and
+    ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
+    the reference images exactly as ``memdetect.calibrate.calibrate_paths`` does, and write memdetect.toml with a
+    ``[selection]`` table (the evidence). ``detector``: loaded with ``prune=False``; its layer, timestep and metric
+    are the default the selection must beat. ``positives``: memorized images given as pixels instead of files
+    (``--training-duplicates``), ``source`` says where the labels came from. Returns (Calibration, Selection)."""
+    from .calibrate import calibrate_paths, check_fpr, check_output
+    from .detector import Detector
+
+    check_fpr(fpr)
+    check_output(output, force)
+    a = detector.adapter
+    ref_px, _, ref_err = read_images(reference, a.resolution)
+    if positives is None:
+        mem_px, _, mem_err = read_images(memorized, a.resolution)
+    else:
+        mem_px, mem_err = positives, []
+    for e in ref_err + mem_err:
+        log.warning("left out of the selection: %s", e)
+    check_counts(np.r_[np.ones(len(mem_px), int), np.zeros(len(ref_px), int)])
+    images = torch.cat([mem_px, ref_px])
+    labels = np.r_[np.ones(len(mem_px), int), np.zeros(len(ref_px), int)]
+    layers = list(layers) if layers else candidate_layers(detector, patterns)
+    total = len(images)
+    done = [0]
+
+    def progress(n: int) -> None:
+        done[0] += n
+        if on_batch:
+            on_batch(done[0], total)
+
+    sel, cands, _ = select_from_images(detector, images, labels, layers=layers, timesteps=timesteps, folds=folds,
+                                       n_boot=n_boot, on_batch=progress)
+    c = sel.chosen
+    final = Detector(a, layer=c.layer, timestep=c.timestep, metric=c.metric, seed=detector.seed,
+                     batch_size=detector.batch_size, prune=False, name=detector.name)
+    record = {**sel.record(), "labels": source, "timesteps": [int(t) for t in timesteps],
+              "layers": list(layers), "n_errored": len(ref_err) + len(mem_err)}
+    cal = calibrate_paths(final, reference, fpr=fpr, memorized=memorized if positives is None else (),
+                          output=output, force=True, model=model or detector.name, model_path=model_path, sigma=sigma,
+                          on_batch=on_batch, num_workers=num_workers, selection=record)
+    return cal, sel
+
+
+def provenance(selection: dict | None) -> str:
+    """One line for reports: where a config's layer, timestep and metric came from (its ``[selection]`` table, or
+    none: the model's default or the calibrating command's flags)."""
+    if not selection:
+        return "calibrated config: layer, timestep and metric as calibrated (the model's default or flags)"
+    c, d = selection.get("chosen", {}), selection.get("default", {})
+
+    def iv(key: str) -> str:
+        v = selection.get(key) or [float("nan")] * 3
+        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+
+    what = "selected" if selection.get("decision") == "selected" else "family default kept"
+    return (f"{what} by `memdetect calibrate --select-layer` from {selection.get('labels', 'labelled images')} "
+            f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
+            f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
+            f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
+            f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
+            f"TPR@1%FPR {iv('default_tpr')}")
+
+
+__all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "MIN_MEMORIZED", "MIN_NOVEL", "Selection",
+           "calibrate_selected", "candidate_layers", "capture_features", "check_counts", "choose", "needed_message",
+           "nested_evaluation", "provenance", "rank_candidates", "read_images", "score_matrix", "select_configuration",
+           "select_from_images", "training_duplicate_examples"]
