@@ -404,7 +404,7 @@ def training_duplicate_examples(folder, resolution: int, *, min_copies: int = MI
         raise UsageError(f"--training-duplicates {folder}: no readable image")
     counts, group = near_duplicates(pixels, threshold=threshold)
     reps = torch.unique(group[counts >= min_copies])
-    unique = [names[i] for i in torch.flatnonzero(counts == 1).tolist()]
+    unique = [names[i] for i in torch.nonzero(counts == 1).flatten().tolist()]
     found = (f"{len(pixels)} training images: {len(reps)} groups of >= {min_copies} near-duplicates (correlation >= "
              f"{threshold:g}) as memorized, {len(unique)} unique images as novel")
     log.info("%s; %d unreadable", found, len(errors))
