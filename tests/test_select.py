@@ -290,3 +290,23 @@ def test_training_duplicates_give_memorized_and_novel_examples(planted, tmp_path
     red = (pos[:, 0] == 255) & (pos[:, 1] == 0) & (pos[:, 2] == 0)
     assert red.flatten(1).any(dim=1).all()  # every memorized example is one of the duplicated red images
     assert 30 <= len(uniq) <= 40 and all(Path(p).is_file() for p in uniq)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_dit", "tiny_ddpm"])
+def test_every_family_proposes_hookable_candidates_that_include_its_default(fixture, request):
+    family = {"tiny_sd": "sd", "tiny_dit": "dit", "tiny_ddpm": "ddpm"}[fixture]
+    det = Detector.from_pretrained(family, str(request.getfixturevalue(fixture)), device="cpu", prune=False)
+    layers = candidate_layers(det)
+    assert layers[0] == str(det.layer) and len(layers) > 2 and len(set(layers)) == len(layers)
+    images = torch.randint(0, 256, (2, 3, det.adapter.resolution, det.adapter.resolution), dtype=torch.uint8)
+    from memdetect.select import capture_features
+
+    feats = capture_features(det, images, layers=layers, timesteps=(10, 50))
+    assert set(feats) == {(s, t) for s in layers for t in (10, 50)}
+    assert all(v.ndim == 2 and v.shape[0] == 2 for v in feats.values())  # pooled vectors only
+    # the default layer's pooled vector is the scan's
+    torch.testing.assert_close(feats[(str(det.layer), 50)], det.features(images), rtol=1e-4, atol=1e-5)
+    if family == "dit":
+        assert "transformer_blocks.0" in layers and any(s.endswith(".ff.net.0") for s in layers)
+    else:
+        assert any(s.startswith("up_blocks.0.resnets") for s in layers) and any("mid_block" in s for s in layers)
