@@ -174,7 +174,7 @@ def load_config(path: str | os.PathLike) -> Config:
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
                   channels=channels, guard=guard,
-                  selection=doc["selection"] if isinstance(doc.get("selection"), dict) else None)
+                  selection=_selection(doc.get("selection"), name))
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -222,6 +222,14 @@ def _channels(table: Any, name: str) -> dict[str, tuple[float, ...]] | None:
     if len(out["mean"]) != len(out["std"]) or any(x < 0 for x in out["std"]):
         raise UsageError(f"calibration.channels in {name} must hold a mean and a non-negative std per channel")
     return out
+
+
+def _selection(table: Any, name: str) -> dict[str, Any] | None:
+    """``[selection]`` (``memdetect calibrate --select-layer``'s record): a table, shown in reports, never used to
+    score (the top-level layer, timestep and metric are)."""
+    if table is not None and not isinstance(table, dict):
+        raise UsageError(f"[selection] in {name} must be a table, got {_shown(table)}")
+    return table
 
 
 def _guard_table(table: Any, name: str) -> dict[str, Any] | None:

@@ -466,19 +466,25 @@ def provenance(selection: dict | None) -> str:
     none: the model's default or the calibrating command's flags)."""
     if not selection:
         return "calibrated config: layer, timestep and metric as calibrated (the model's default or flags)"
-    c, d = selection.get("chosen", {}), selection.get("default", {})
+    c, d = selection.get("chosen"), selection.get("default")
+    c, d = (c if isinstance(c, dict) else {}), (d if isinstance(d, dict) else {})
 
     def iv(key: str) -> str:
-        v = selection.get(key) or [float("nan")] * 3
-        return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
+        v = selection.get(key)
+        try:
+            return f"{float(v[0]):.3f} [{float(v[1]):.3f}, {float(v[2]):.3f}]"
+        except (TypeError, ValueError, IndexError, KeyError):
+            return "?"
 
     what = "selected" if selection.get("decision") == "selected" else "family default kept"
-    return (f"{what} by `memdetect calibrate --select-layer` from {selection.get('labels', 'labelled images')} "
+    from .text import printable
+
+    return printable(f"{what} by `memdetect calibrate --select-layer` from {selection.get('labels', 'labelled images')} "
             f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
             f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
             f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
             f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
-            f"TPR@1%FPR {iv('default_tpr')}")
+            f"TPR@1%FPR {iv('default_tpr')}", 600)
 
 
 __all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "MIN_MEMORIZED", "MIN_NOVEL", "Selection",

@@ -310,3 +310,15 @@ def test_every_family_proposes_hookable_candidates_that_include_its_default(fixt
         assert "transformer_blocks.0" in layers and any(s.endswith(".ff.net.0") for s in layers)
     else:
         assert any(s.startswith("up_blocks.0.resnets") for s in layers) and any("mid_block" in s for s in layers)
+
+
+def test_a_malformed_selection_record_is_refused_or_shown_as_unknown(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "demo"\nthreshold = 0.5\nselection = 3\n')
+    with pytest.raises(UsageError, match=r"\[selection\] in .* must be a table"):
+        load_config(bad)
+    odd = tmp_path / "odd.toml"
+    odd.write_text('model = "demo"\nthreshold = 0.5\n[selection]\ndecision = "selected"\nselected_auroc = "x"\n'
+                   'chosen = 1\nlabels = "a\\u001b[31m"\n')
+    line = provenance(load_config(odd).selection)
+    assert line.startswith("selected by") and "AUROC ?" in line and "\x1b" not in line
