@@ -574,7 +574,7 @@ def _calibrate_select(*, reference, memorized, layers, timesteps, training_dupli
                       model_path, layer, timestep, sigma, metric, seed, batch_size, device, dtype, workers, quiet,
                       select_layer) -> None:
     """``calibrate --select-layer``: choose the configuration (``memdetect.select``), then calibrate it."""
-    from .select import calibrate_selected, needed_message, parse_timesteps, training_duplicate_examples
+    from .select import calibrate_selected, parse_timesteps, training_duplicate_examples
 
     if not select_layer:
         raise UsageError("--layers and --training-duplicates apply to --select-layer")

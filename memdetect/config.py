@@ -79,7 +79,7 @@ class Config:
     guard: dict[str, Any] | None = None  # the ``[guard]`` table's GUARD_KEYS (in-generation threshold and settings)
     references: dict[str, Reference] = field(default_factory=dict)
     channels: dict[str, tuple[float, ...]] | None = None
-    selection: dict[str, Any] | None = None  # ``[selection]`` (``memdetect.select``): where layer/timestep/metric came from
+    selection: dict[str, Any] | None = None  # ``[selection]`` (memdetect.select): where layer/timestep/metric came from
 
     def reference_for(self, metric: str) -> Reference | None:
         """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""

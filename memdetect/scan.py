@@ -168,7 +168,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         frame = report.add_p_values(frame, reference)
     resumed = len(files) - len(todo)
     configuration = getattr(detector, "configuration", None)
-    settings_dict = {**asdict(settings), "weights": weights, **({"configuration": configuration} if configuration else {})}
+    settings_dict = {**asdict(settings), "weights": weights,
+                     **({"configuration": configuration} if configuration else {})}
     inputs = inputs_digest(everything) if shard is not None else None
     if output is not None:
         if shard is not None:

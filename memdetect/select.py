@@ -340,7 +340,8 @@ def select_from_images(detector, images: torch.Tensor, labels: np.ndarray, *, la
         steps.append(int(detector.timestep))
     for t in steps:
         if not 0 <= t < detector.adapter.num_train_timesteps:
-            raise UsageError(f"timestep {t} is outside the model's schedule [0, {detector.adapter.num_train_timesteps})")
+            raise UsageError(f"timestep {t} is outside the model's schedule "
+                             f"[0, {detector.adapter.num_train_timesteps})")
     log.info("selecting among %d layers x %d timesteps x %d metrics on %d memorized and %d novel images",
              len(layers), len(steps), len(SCORES), int(labels.sum()), int((1 - labels).sum()))
     feats = capture_features(detector, images, layers=layers, timesteps=steps, batch_size=batch_size,
@@ -413,8 +414,9 @@ def training_duplicate_examples(folder, resolution: int, *, min_copies: int = MI
 
 def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fpr: float = 0.01,
                        layers: Sequence[str] | None = None, patterns: Sequence[str] | None = None,
-                       timesteps: Sequence[int] = DEFAULT_TIMESTEPS, output="memdetect.toml", force: bool = False, model: str | None = None, model_path=None,
-                       sigma: float | None = None, folds: int = FOLDS, n_boot: int = 1000,
+                       timesteps: Sequence[int] = DEFAULT_TIMESTEPS, output="memdetect.toml", force: bool = False,
+                       model: str | None = None, model_path=None, sigma: float | None = None, folds: int = FOLDS,
+                       n_boot: int = 1000,
                        on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
                        positives: torch.Tensor | None = None, source: str = "labelled images"):
     """``memdetect calibrate --select-layer``: choose (layer, timestep, metric) on ``reference`` (novel) and
@@ -453,7 +455,7 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
     c = sel.chosen
     final = Detector(a, layer=c.layer, timestep=c.timestep, metric=c.metric, seed=detector.seed,
                      batch_size=detector.batch_size, prune=False, name=detector.name)
-    record = {**sel.record(), "labels": source, "timesteps": [int(t) for t in timesteps],
+    record = {**sel.record(), "labels": source, "timesteps": [int(t) for t in timesteps], "metrics": list(SCORES),
               "layers": list(layers), "n_errored": len(ref_err) + len(mem_err)}
     cal = calibrate_paths(final, reference, fpr=fpr, memorized=memorized if positives is None else (),
                           output=output, force=True, model=model or detector.name, model_path=model_path, sigma=sigma,
@@ -479,7 +481,8 @@ def provenance(selection: dict | None) -> str:
     what = "selected" if selection.get("decision") == "selected" else "family default kept"
     from .text import printable
 
-    return printable(f"{what} by `memdetect calibrate --select-layer` from {selection.get('labels', 'labelled images')} "
+    labels = selection.get("labels", "labelled images")
+    return printable(f"{what} by `memdetect calibrate --select-layer` from {labels} "
             f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
             f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
             f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
