@@ -322,3 +322,46 @@ def test_a_malformed_selection_record_is_refused_or_shown_as_unknown(tmp_path):
                    'chosen = 1\nlabels = "a\\u001b[31m"\n')
     line = provenance(load_config(odd).selection)
     assert line.startswith("selected by") and "AUROC ?" in line and "\x1b" not in line
+
+
+def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted, tmp_path, monkeypatch):
+    """``bench demo``'s ``ours_selected``: the library's selection on the selection half, measured on the held-out
+    half, in results.csv, recall_by_grade.csv and pairs.csv; a spy checks that the selection saw no held-out image."""
+    import pandas as pd
+
+    import memdetect.select as select_module
+    from memdetect.bench.demo import run_demo, split_halves
+
+    images, labels = labelled_set(60, 220, seed=3)
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", samples=images.numpy())
+    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
+                                                                                             "unique")}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    seen = []
+    real = select_module.select_from_images
+
+    def spy(det, imgs, y, **kw):
+        seen.append(imgs.clone())
+        return real(det, imgs, y, **kw)
+
+    monkeypatch.setattr(select_module, "select_from_images", spy)
+    out = tmp_path / "out"
+    res = run_demo(out, model="planted-demo", data_folder=folder, device="cpu", n_boot=100)
+    sel, held = split_halves(labels, 0.5, 0)
+    assert len(seen) == 1 and torch.equal(seen[0], images[sel])  # exactly the selection half
+    results = pd.read_csv(out / "results.csv").set_index("method")
+    row = results.loc["ours_selected"]
+    assert row["n_memorized"] == labels[held].sum() and row["n_generalized"] == (1 - labels[held]).sum()
+    assert row["auroc"] >= 0.99 and "held-out half only" in row["timing"]
+    assert json.loads((out / "selection.json").read_text())["chosen"]["layer"] == "planted"
+    assert res["selection"]["decision"] == "selected"
+    pairs = pd.read_csv(out / "pairs.csv")
+    mine = pairs[pairs["method"] == "ours_selected"]
+    assert set(mine["samples"]) == {"held-out half"} and {"ours_std", "denoising_loss", "flipd"} <= set(mine["versus"])
+    assert set(pairs.loc[pairs["method"] == "ours_std", "samples"]) == {"all labelled"}
+    recall = pd.read_csv(out / "recall_by_grade.csv")
+    assert set(recall.loc[recall["method"] == "ours_selected", "grade"]) == {"exact-64", "generalized (FPR)"}
+    scores = pd.read_csv(out / "scores.csv")
+    assert scores["ours_selected"].isna().to_numpy()[sel].all() and scores["ours_selected"].notna().to_numpy()[held].all()
