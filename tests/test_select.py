@@ -364,4 +364,5 @@ def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted
     recall = pd.read_csv(out / "recall_by_grade.csv")
     assert set(recall.loc[recall["method"] == "ours_selected", "grade"]) == {"exact-64", "generalized (FPR)"}
     scores = pd.read_csv(out / "scores.csv")
-    assert scores["ours_selected"].isna().to_numpy()[sel].all() and scores["ours_selected"].notna().to_numpy()[held].all()
+    picked = scores["ours_selected"]
+    assert picked.isna().to_numpy()[sel].all() and picked.notna().to_numpy()[held].all()
