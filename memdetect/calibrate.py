@@ -209,12 +209,14 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                     memorized: Iterable[str | os.PathLike] = (), output: str | os.PathLike = "memdetect.toml",
                     force: bool = False, model: str | None = None, model_path: str | os.PathLike | None = None,
                     sigma: float | None = None, on_batch: Callable[[int, int], None] | None = None,
-                    num_workers: int | None = None, normalise: str = "none") -> Calibration:
+                    num_workers: int | None = None, normalise: str = "none",
+                    selection: dict | None = None) -> Calibration:
     """Scan ``reference`` (images known to be novel; files, folders, quoted globs) and optionally ``memorized``,
     choose every metric's threshold at ``fpr`` and write the config to ``output`` (refused if it exists, unless
     ``force``). ``model`` / ``model_path`` / ``sigma``: what the config records to load the model again (default:
     the detector's name). ``normalise="reference"``: scores of reference-standardised activations (module
-    docstring); the detector keeps the statistics."""
+    docstring); the detector keeps the statistics. ``selection``: the ``[selection]`` table (``memdetect.select``:
+    how the detector's layer, timestep and metric were chosen, with the evidence)."""
     if normalise not in ("none", "reference"):
         raise UsageError(f"unknown normalisation {printable(normalise, 40)!r}; choose none or reference")
     check_fpr(fpr)
@@ -253,6 +255,8 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                           channels=acc.result())
     if n_fit is not None:
         doc["calibration"]["n_normalise"] = n_fit  # reference images behind [calibration.channels]
+    if selection is not None:
+        doc["selection"] = selection
     header = (f"memdetect calibration ({len(novel)} novel reference images, target FPR {fpr:g}).\n"
               f"Use: memdetect audit PATH... --config {output.name}   (or: memdetect scan PATH... --config ...)")
     atomic_write(output, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))

@@ -478,6 +478,7 @@ def scan(
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
                         normalise=_reference_stats(s))
+    det.configuration = s.get("configuration")
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -586,6 +587,18 @@ def calibrate(
                                                      "flag.")] = 0.01,
     memorized: Annotated[Optional[List[Path]], typer.Option("--memorized", help="Images known to be memorized (a "
                          "file, folder or quoted glob; repeatable): report the threshold's ROC point.")] = None,
+    select_layer: Annotated[bool, typer.Option("--select-layer", help="Choose layer, timestep and metric from the "
+                            "--memorized and reference images (nested k-fold, out-of-sample evidence in the config); "
+                            "the model's default is kept unless the choice is clearly better.")] = False,
+    layers: Annotated[Optional[List[str]], typer.Option("--layers", help="--select-layer: try the hookable layers "
+                      "matching this glob (repeatable; see `memdetect layers`) instead of the family's "
+                      "candidates.")] = None,
+    timesteps: Annotated[str, typer.Option("--timesteps", help="--select-layer: comma-separated timesteps to "
+                                           "try.")] = "10,50,200",
+    training_duplicates: Annotated[Optional[Path], typer.Option("--training-duplicates", help="--select-layer "
+                                   "without labelled copies: a folder of training images; those present many times "
+                                   "(near-duplicates) are the memorized examples, unique ones join the novel "
+                                   "references.")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Config file to write.")] = Path("memdetect.toml"),
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing config file.")] = False,
     model: Model = None, model_path: ModelPath = None,
@@ -653,6 +666,15 @@ def calibrate(
         return
     if not reference:
         raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
+    if select_layer or layers or training_duplicates:
+        if normalise != "none" or draws != 1:
+            raise UsageError("--select-layer chooses with one noise draw and no normalisation: drop --draws and "
+                             "--normalise (or calibrate them without --select-layer)")
+        return _calibrate_select(reference=reference, memorized=memorized, layers=layers, timesteps=timesteps,
+                                 training_duplicates=training_duplicates, fpr=fpr, output=output, force=force,
+                                 model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
+                                 metric=metric, seed=seed, batch_size=batch_size, device=device, dtype=dtype,
+                                 workers=workers, quiet=quiet, select_layer=select_layer)
     det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
                         batch_size=batch_size, device=device, dtype=dtype, sigma=sigma, draws=draws)
     bar, progress = progress_bar("scanning", quiet=quiet)
@@ -662,6 +684,55 @@ def calibrate(
                               num_workers=workers, normalise=normalise)
     _written(cal.path)
     render_calibration(cal, det)
+
+
+def _calibrate_select(*, reference, memorized, layers, timesteps, training_duplicates, fpr, output, force, model,
+                      model_path, layer, timestep, sigma, metric, seed, batch_size, device, dtype, workers, quiet,
+                      select_layer) -> None:
+    """``calibrate --select-layer``: choose the configuration (``memdetect.select``), then calibrate it."""
+    from .select import calibrate_selected, parse_timesteps, training_duplicate_examples
+
+    if not select_layer:
+        raise UsageError("--layers and --training-duplicates apply to --select-layer")
+    if training_duplicates is not None and memorized:
+        raise UsageError("give --memorized or --training-duplicates, not both")
+    if training_duplicates is None and not memorized:
+        raise UsageError("--select-layer needs known-memorized images: --memorized PATH (or --training-duplicates DIR "
+                         "for a model's training images)")
+    steps = parse_timesteps(timesteps)
+    det = load_detector(model, model_path, layer=layer, timestep=timestep, metric=metric, seed=seed,
+                        batch_size=batch_size, device=device, dtype=dtype, sigma=sigma, prune=False)
+    positives, source, extra_novel = None, "labelled images (--memorized, reference)", []
+    if training_duplicates is not None:
+        with err.status(Text("finding near-duplicates among the training images ...")):
+            positives, extra_novel, found = training_duplicate_examples(training_duplicates, det.adapter.resolution)
+        source = f"training duplicates ({found})"
+    bar, progress = progress_bar("choosing", quiet=quiet)
+    with bar:
+        cal, sel = calibrate_selected(det, list(reference) + extra_novel, memorized or (), fpr=fpr, layers=None,
+                                      patterns=layers, timesteps=steps, output=output, force=force, model=model,
+                                      model_path=model_path, sigma=sigma, on_batch=progress, num_workers=workers,
+                                      positives=positives, source=source)
+    ev = sel.evidence
+    iv = lambda v: f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"  # noqa: E731
+    dv = lambda v: f"{v[0]:+.3f} [{v[1]:+.3f}, {v[2]:+.3f}]"  # noqa: E731
+    t = Table(title=f"--select-layer: {ev.n_candidates} candidates, {ev.n_memorized} memorized / {ev.n_novel} novel "
+                    f"images, {ev.folds}-fold out-of-sample (95% bootstrap intervals)", title_justify="left")
+    for c in ("configuration", "AUROC", "TPR@1%FPR"):
+        t.add_column(c, justify="left" if c == "configuration" else "right")
+    t.add_row(Text(f"selection procedure (now: {sel.best})"), iv(ev.selected_auroc), iv(ev.selected_tpr))
+    t.add_row(Text(f"family default ({sel.default})"), iv(ev.default_auroc), iv(ev.default_tpr))
+    t.add_row("difference (paired)", dv(ev.difference_auroc), dv(ev.difference_tpr))
+    out.print(t)
+    out.print(Text(f"chosen: {sel.chosen}: {sel.reason}"), soft_wrap=True)
+    render_calibration(cal, cal_detector(det, sel.chosen))
+
+
+def cal_detector(det, chosen):
+    """A stand-in with the chosen configuration's name, layer and timestep for ``render_calibration``'s title."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=det.name, layer=chosen.layer, timestep=chosen.timestep)
 
 
 def render_calibration(cal, det) -> None:
@@ -924,6 +995,7 @@ def audit(
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
+    det.configuration = s.get("configuration")
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
@@ -1094,6 +1166,9 @@ def bench_demo(
     sweep_timesteps: Annotated[str, typer.Option("--sweep-timesteps", help="Comma-separated timesteps for "
                                                  "--sweep-layers.")] = "10,25,50,100,200,400",
     bootstrap: Bootstrap = 1000,
+    select: Annotated[bool, typer.Option("--select/--no-select", help="Add the ours_selected row: the configuration "
+                                         "`calibrate --select-layer` chooses on the selection half, measured on the "
+                                         "held-out half (selection.json).")] = True,
 ):
     """Ground truth: score a shipped memorizing model's labelled generations with every method that applies.
 
@@ -1112,7 +1187,7 @@ def bench_demo(
     with bar:  # no count from run_demo: in a log, a line every few seconds with the time elapsed
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
-                       sweep_timesteps=steps, n_boot=bootstrap)
+                       sweep_timesteps=steps, n_boot=bootstrap, select=select)
     st = res["settings"]
     t = Table(title=f"bench demo --model {model}: {_p(st.layer)}, t={st.timestep}, device {st.device}, batch "
                     f"{res['batch_size']} (95% bootstrap intervals)", title_justify="left")
@@ -1129,6 +1204,10 @@ def bench_demo(
         behind = pairs.loc[pairs["auroc_verdict"] == "behind", "versus"].tolist()
         out.print(f"ours_std AUROC, paired bootstrap: ahead of {', '.join(map(_p, ahead)) or 'none'}; behind "
                   f"{', '.join(map(_p, behind)) or 'none'}; the rest within noise", soft_wrap=True)
+    if "selection" in res:
+        c, sel = res["selection"]["chosen"], res["selection"]
+        out.print(f"ours_selected (chosen on the selection half, measured on the held-out half): {_p(c['layer'])} at "
+                  f"t={c['timestep']}, {c['metric']}; {_p(sel['reason'])}", soft_wrap=True)
     if "sweep" in res:
         sw, proof = res["sweep"], res["proof"]
         out.print(f"sweep: {sw['layer'].nunique()} layers x {sw['timestep'].nunique()} timesteps; "
@@ -1141,7 +1220,8 @@ def bench_demo(
             out.print(f"default layer {_p(d['layer'])} at t={d['timestep']}: held-out AUROC {d['heldout']['auroc']}, "
                       f"TPR@1%FPR {d['heldout']['tpr_at_1pct_fpr']}; meets >= 0.98 / 0.90: "
                       f"{'yes' if d['meets_bar_heldout'] else 'no'}", soft_wrap=True)
-    files = "results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png"
+    files = "results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png" + \
+        (", selection.json" if "selection" in res else "")
     out.print(f"wrote {_p(output)}/{files}" + (", sweep.csv, sweep.png, layer_proof.json" if sweep_layers else ""),
               soft_wrap=True)
 

@@ -70,7 +70,7 @@ TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "time
             "draws": int, "normalise": str}
 #: ``normalise``: how the pooled vector is normalised before a score (``Detector(normalise=...)``)
 NORMALISE = ("none", "reference")
-TABLES = ("calibration", "versions", "guard")
+TABLES = ("calibration", "versions", "guard", "selection")  # [selection]: `calibrate --select-layer`'s evidence
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
 GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
 CONFIG_VERSION = 1
@@ -98,6 +98,7 @@ class Config:
     channels: dict[str, tuple[float, ...]] | None = None
     allow_errors: bool = False  # audit: error rows are reported, not failed (``--allow-errors``)
     allow_remote: bool = False  # inputs and manifest rows may name URLs other than file:// (``--allow-remote``)
+    selection: dict[str, Any] | None = None  # ``[selection]`` (memdetect.select): where layer/timestep/metric came from
 
     def reference_for(self, metric: str) -> Reference | None:
         """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""
@@ -215,7 +216,8 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
                   layer=values.get("layer"), timestep=values.get("timestep"), sigma=values.get("sigma"),
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
                   channels=channels, guard=guard, allow_errors=values.get("allow_errors", False),
-                  allow_remote=values.get("allow_remote", False), draws=values.get("draws", 1), normalise=normalise)
+                  allow_remote=values.get("allow_remote", False), draws=values.get("draws", 1), normalise=normalise,
+                  selection=_selection(doc.get("selection"), name))
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -278,6 +280,14 @@ def _channels(table: Any, name: str) -> dict[str, tuple[float, ...]] | None:
     if len(out["mean"]) != len(out["std"]) or any(x < 0 for x in out["std"]):
         raise UsageError(f"calibration.channels in {name} must hold a mean and a non-negative std per channel")
     return out
+
+
+def _selection(table: Any, name: str) -> dict[str, Any] | None:
+    """``[selection]`` (``memdetect calibrate --select-layer``'s record): a table, shown in reports, never used to
+    score (the top-level layer, timestep and metric are)."""
+    if table is not None and not isinstance(table, dict):
+        raise UsageError(f"[selection] in {name} must be a table, got {_shown(table)}")
+    return table
 
 
 def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
@@ -380,6 +390,9 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
     out["normalise"] = config.normalise  # "reference": every score standardises with those statistics
+    from .select import provenance
+
+    out["configuration"] = provenance(config.selection)  # reports say where layer/timestep/metric came from
     name = display_path(config.path) if config.path else "the config"
     explicit_threshold = "threshold" in given and flags.get("threshold") is not None
     overridden = []

@@ -231,6 +231,9 @@ class Detector:
         self.draws = int(draws)
         self.normalise = normalise
         self.name = name or adapter.source
+        #: where the layer, timestep and metric came from (a config's ``[selection]``, ``memdetect.select``): shown in
+        #: reports, not part of ``settings`` (it changes no score)
+        self.configuration: str | None = None
         self._weights: str | None = None
         Trace(adapter.denoiser, [self.layer])  # resolve the layer now: a typo fails before any image is read
         prune = early_exit if prune is None else bool(prune)

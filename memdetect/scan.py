@@ -72,11 +72,14 @@ class ScanResult(report.Counted):
     evidence_json: Path | None = None
     shard: tuple[int, int] | None = None
     inputs: str | None = None
+    configuration: str | None = None  # where layer/timestep/metric came from (``Detector.configuration``)
 
     @property
     def settings_dict(self) -> dict:
-        """The settings as written into reports: ``Settings`` plus the weights' content hash."""
-        return {**asdict(self.settings), "weights": self.weights}
+        """The settings as written into reports: ``Settings`` plus the weights' content hash (and, from a config,
+        where its layer, timestep and metric came from)."""
+        return {**asdict(self.settings), "weights": self.weights,
+                **({"configuration": self.configuration} if self.configuration else {})}
 
 
 def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str | os.PathLike | None = None,
@@ -182,7 +185,9 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     if reference is not None:
         frame = report.add_p_values(frame, reference)
     resumed = len(files) - len(todo)
-    settings_dict = {**asdict(settings), "weights": weights}
+    configuration = getattr(detector, "configuration", None)
+    settings_dict = {**asdict(settings), "weights": weights,
+                     **({"configuration": configuration} if configuration else {})}
     inputs = inputs_digest(everything) if shard is not None else None
     if output is not None:
         if shard is not None:
@@ -207,7 +212,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                                not_checked=errors_fail)
     return ScanResult(frame, files, settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
-                      weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs)
+                      weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs,
+                      configuration=configuration)
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:

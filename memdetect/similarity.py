@@ -108,4 +108,30 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
     return Match(best, best_idx, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
 
 
-__all__ = ["COLOUR_MODES", "MAX_SHIFT", "Match", "nearest_match"]
+@torch.no_grad()
+def near_duplicates(images: torch.Tensor, *, threshold: float = 0.95, size: int = 32, chunk: int = 1024
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near-duplicate groups among ``images`` (uint8 or float ``[N, C, H, W]``) by pixel correlation (the measure of
+    ``nearest_match`` without shifts or flips), at ``size`` x ``size`` pixels: ``counts`` [N] (how many images, itself
+    included, correlate with each at >= ``threshold``) and ``group`` [N] (the index of the first image of its group:
+    images are taken in order and each still ungrouped one gathers the ungrouped images that match it)."""
+    x = images.float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+    u = _centred_unit(x)
+    n = u.shape[0]
+    counts = torch.zeros(n, dtype=torch.long)
+    group = torch.full((n,), -1, dtype=torch.long)
+    for start in range(0, n, chunk):
+        sims = u[start:start + chunk] @ u.T >= threshold
+        counts[start:start + chunk] = sims.sum(dim=1)
+        for i in range(sims.shape[0]):
+            k = start + i
+            if group[k] < 0:
+                members = sims[i] & (group < 0)
+                group[members] = k
+                group[k] = k
+    return counts, group
+
+
+__all__ = ["COLOUR_MODES", "MAX_SHIFT", "Match", "near_duplicates", "nearest_match"]

@@ -315,6 +315,45 @@ def _draws_std(det: Detector, images: torch.Tensor, seeds_of, draws: int, batch_
         det.draws = before
 
 
+def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, methods: list[str], *, batch_size: int,
+                  n_boot: int = 1000, split_seed: int = 0) -> dict | None:
+    """The ``ours_selected`` method: ``memdetect.select.select_from_images`` (what ``memdetect calibrate
+    --select-layer`` runs) on the *selection* half of ``split_halves`` only, its configuration then scanned (timed) on
+    the *held-out* half. Returns its results.csv and recall_by_grade.csv rows, ``pairs`` (ours_selected minus every
+    other method, paired on the held-out half) and the selection's record; its scores are added to ``per_sample``
+    (NaN on the selection half). None when the selection half is too small to choose on."""
+    from ..select import needed_message, select_from_images
+
+    labels, images = data.labels, data.images[data.labelled]
+    sel, held = split_halves(labels, 0.5, split_seed)
+    msg = needed_message(int(labels[sel].sum()), int((1 - labels[sel]).sum()))
+    if msg:
+        log.info("ours_selected left out: the selection half is too small (%s)", msg)
+        return None
+    selection, cands, _ = select_from_images(det, images[sel], labels[sel], batch_size=batch_size, n_boot=n_boot)
+    c = selection.chosen
+    scanner = Detector(det.adapter, layer=c.layer, timestep=c.timestep, metric=c.metric, seed=det.seed,
+                       batch_size=batch_size, prune=False, name=det.name)
+    x = images[held]
+    scanner.features(x[:2])  # warm-up, not timed
+    feats, sec = _timed(lambda sl: scanner.features(x[sl], [image_seed(v, det.seed) for v in x[sl].numpy()]).numpy(),
+                        len(x), batch_size)
+    score = c.sign * SCORES[c.metric](torch.from_numpy(feats)).numpy()
+    per_sample["ours_selected"] = np.nan
+    per_sample.loc[held, "ours_selected"] = score
+    heldout = per_sample.iloc[held].reset_index(drop=True)
+    timing = {"ours_selected": (f"{det.adapter.device}, batch {batch_size}, after one warm-up; held-out half only "
+                                f"({len(held)} samples): {c} chosen on the selection half ({len(sel)}) among "
+                                f"{len(cands)} candidates ({selection.reason}); one early-exit forward per image")}
+    results, recall = interval_table(heldout, {"ours_selected": sec}, labels[held], data.grades[held], timing,
+                                     n_boot=n_boot)
+    pairs = pairs_table(heldout, [m for m in methods if m != "ours_selected"] + ["ours_selected"], labels[held],
+                        reference="ours_selected", n_boot=n_boot).assign(samples="held-out half")
+    record = {**selection.record(), "split": {"selection": len(sel), "heldout": len(held), "stratified": True,
+                                              "seed": split_seed}, "model": det.name}
+    return {"results": results, "recall": recall, "pairs": pairs, "record": record}
+
+
 def _pool_features(det: Detector, data: DemoSet, batch_size: int, labelled_feats: torch.Tensor) -> torch.Tensor:
     """Pooled features of every generation (the labelled ones already computed, the excluded ones added)."""
     rest = np.setdiff1d(np.arange(len(data.images)), data.labelled)
@@ -515,11 +554,13 @@ def plot_sweep(sweep: pd.DataFrame, path: Path, default_layer: str) -> None:
 def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_size: int | None = None,
              flipd_probes: int = 1, sweep: bool = False, data_folder: str | Path | None = None,
              model_path: str | None = None, limit: int | None = None, sweep_timesteps=SWEEP_TIMESTEPS,
-             n_boot: int = 1000) -> dict:
+             n_boot: int = 1000, select: bool = True) -> dict:
     """Run the benchmark on ``model`` (one of ``DEMO_MODELS``, or any model with ``data_folder``) and write
     results.csv, recall_by_grade.csv, pairs.csv, scores.csv, roc.png (and sweep.csv, sweep.png, layer_proof.json).
 
     ``limit``: score a stratified subset of that many labelled samples (quick checks; RESULTS.md uses all).
+    ``select``: add the ``ours_selected`` row (``selected_rows``; left out, with a log line, when the selection
+    half is too small for ``memdetect.select``) and selection.json.
     """
     folder = Path(data_folder) if data_folder else bench_folder(model)
     if not (folder / "samples.npz").is_file():
@@ -540,6 +581,14 @@ def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_s
     per_sample["grade"] = data.grades
     results, recall = interval_table(per_sample, seconds, labels, data.grades, timing, n_boot=n_boot)
     pairs = pairs_table(per_sample, list(seconds), labels, n_boot=n_boot)
+    chosen = None
+    if select:  # ours_selected: chosen on the selection half, measured on the held-out half (same library function)
+        chosen = selected_rows(det, data, per_sample, list(seconds), batch_size=bs, n_boot=n_boot)
+        if chosen is not None:
+            results, recall = pd.concat([results, chosen["results"]], ignore_index=True), \
+                pd.concat([recall, chosen["recall"]], ignore_index=True)
+            pairs = pd.concat([pairs.assign(samples="all labelled"), chosen["pairs"]], ignore_index=True)
+            (output / "selection.json").write_text(json.dumps(chosen["record"], indent=1))
     results.to_csv(output / "results.csv", index=False)
     recall.to_csv(output / "recall_by_grade.csv", index=False)
     pairs.to_csv(output / "pairs.csv", index=False)
@@ -548,6 +597,8 @@ def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_s
              f"{model}, {det.layer}, t={det.timestep}: {labels.sum()} memorized vs {(1 - labels).sum()} generalized")
     out = {"results": results, "recall": recall, "pairs": pairs, "settings": det.settings, "batch_size": bs,
            "flipd_probes": flipd_probes, "model": model}
+    if chosen is not None:
+        out["selection"] = chosen["record"]
     if sweep:
         sw, kept, sel, held = sweep_layers(det, data, timesteps=tuple(sweep_timesteps), keep_scores=True)
         sw.to_csv(output / "sweep.csv", index=False)

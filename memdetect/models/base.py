@@ -158,6 +158,11 @@ class Adapter(ABC):
     def default_layer(self) -> str:
         """The layer spec the paper's method reads for this model."""
 
+    def selection_layers(self) -> list[str]:
+        """The layers ``memdetect calibrate --select-layer`` tries for this family (``memdetect.select``), in forward
+        order. This default: the family's default layer only; families override it."""
+        return [self.default_layer()]
+
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one x0 (without batch), used for noise draws and probe inputs."""
         return tuple(self.encode(torch.zeros(1, 3, self.resolution, self.resolution, dtype=torch.uint8)).shape[1:])
@@ -383,6 +388,20 @@ UNET_LAYER = "up_blocks.0.resnets.{last}.conv2:in"
 def unet_layer(unet: nn.Module) -> str:
     """``UNET_LAYER`` of a diffusers UNet (``UNet2DModel``, ``UNet2DConditionModel``)."""
     return UNET_LAYER.format(last=len(unet.up_blocks[0].resnets) - 1)
+
+
+def unet_selection_layers(unet: nn.Module) -> list[str]:
+    """A diffusers UNet's candidate layers for ``Adapter.selection_layers``: every resnet of the encoder and decoder
+    blocks at the lowest resolution and one level up (the last two down blocks, the mid block, the first two up
+    blocks), each as its output and as its post-norm2 SiLU (``conv2:in``, the paper's kind of layer)."""
+    blocks = [f"down_blocks.{i}" for i in range(max(0, len(unet.down_blocks) - 2), len(unet.down_blocks))]
+    blocks += ["mid_block"] + [f"up_blocks.{i}" for i in range(min(2, len(unet.up_blocks)))]
+    out = []
+    for b in blocks:
+        module = unet.get_submodule(b)
+        for j in range(len(getattr(module, "resnets", []))):
+            out += [f"{b}.resnets.{j}.conv2:in", f"{b}.resnets.{j}"]
+    return out
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:

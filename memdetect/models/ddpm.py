@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..hub import component_files, has_subfolder, load_component
 from .base import UNET_LAYER, Adapter, place, register_adapter, to_unit_range, unet_layer
+from .base import unet_selection_layers
 
 
 @register_adapter
@@ -43,6 +44,9 @@ class PixelDDPMAdapter(Adapter):
 
     def default_layer(self) -> str:
         return unet_layer(self.denoiser)
+
+    def selection_layers(self) -> list[str]:
+        return unet_selection_layers(self.denoiser)
 
     def encode(self, images):
         return to_unit_range(images).to(self.device, self.dtype)

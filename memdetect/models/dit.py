@@ -58,6 +58,13 @@ class DiTAdapter(LatentAdapter):
         k = self.denoiser.config.num_layers // 2 - 1
         return READINGS[self.reading].format(k=k)
 
+    def selection_layers(self) -> list[str]:
+        """Every block's MLP activation and output (the best layer of an independent DiT was its last block)."""
+        out = []
+        for k in range(self.denoiser.config.num_layers):
+            out += [READINGS["mlp"].format(k=k), f"transformer_blocks.{k}"]
+        return out
+
     def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
         """Epsilon prediction for the null class, or for class labels ``cond`` [B] if given (learned sigma dropped)."""
         b = x_t.shape[0]

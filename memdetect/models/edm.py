@@ -865,6 +865,21 @@ class EDMAdapter(Adapter):
         last = max(int(k.rsplit("block", 1)[1]) for k in unet.enc.keys() if k.startswith(f"{low}x{low}_block"))
         return f"model.enc.{low}x{low}_block{last}.norm0"
 
+    def selection_layers(self) -> list[str]:
+        """The encoder and decoder blocks at the lowest resolution and one level up, each as its output and as its
+        first normalisation (``norm0``, the default's kind of layer), in forward order."""
+        unet = self.denoiser.model
+        low = min(int(k.split("x")[0]) for k in unet.enc.keys())
+        out = []
+        for side in ("enc", "dec"):
+            for key, block in getattr(unet, side).items():
+                if int(key.split("x")[0]) not in (low, 2 * low):
+                    continue
+                if hasattr(block, "norm0"):
+                    out.append(f"model.{side}.{key}.norm0")
+                out.append(f"model.{side}.{key}")
+        return out
+
     def encode(self, images):
         return to_unit_range(images).to(self.device, self.dtype)
 

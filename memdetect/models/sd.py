@@ -19,6 +19,7 @@ from torch import nn
 from ..errors import UnsupportedModelError, UsageError
 from ..hub import component_files, load_component
 from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter, unet_layer
+from .base import unet_selection_layers
 
 
 @register_adapter
@@ -51,6 +52,9 @@ class StableDiffusionAdapter(LatentAdapter):
 
     def default_layer(self) -> str:
         return unet_layer(self.denoiser)
+
+    def selection_layers(self) -> list[str]:
+        return unet_selection_layers(self.denoiser)
 
     def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
         """Epsilon prediction with the empty prompt, or with ``cond`` (text embeddings [B, 77, D]) if given."""

@@ -1,0 +1,368 @@
+"""``memdetect.select`` and ``memdetect calibrate --select-layer``: the selection finds a planted layer, refuses too
+few examples, never scores an image with a choice made on it, and its memdetect.toml round-trips and drives scan and
+audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from memdetect.cli import app
+from memdetect.config import load_config, merge
+from memdetect.detector import Detector
+from memdetect.errors import UsageError
+from memdetect.models import Preset, register_adapter, register_preset
+from memdetect.models.base import Adapter, to_unit_range
+from memdetect.select import (MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose, needed_message,
+                              nested_evaluation, provenance, select_configuration, select_from_images)
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
+
+
+# -- a toy family whose memorized images light up one planted layer ---------------------------------------------------
+class PlantedNet(nn.Module):
+    """``stem`` and ``mix`` see only the grey level of the input (the channel mean), so they cannot tell a red square
+    from a green or blue one of the same grey level; ``planted`` (a 1x1 convolution of the colour input) has one
+    channel that fires on red: memorized images (red squares) are spiky there and only there."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.stem = nn.Conv2d(2, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+        self.planted = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(16, 3, 1)
+        with torch.no_grad():
+            for m in (self.stem, self.mix, self.head):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+                m.bias.zero_()
+            w = torch.randn(8, 3, 1, 1, generator=g) * 0.05
+            w[0, :, 0, 0] = torch.tensor([8.0, -8.0, -8.0])  # red minus green minus blue
+            self.planted.weight.copy_(w)
+            self.planted.bias.zero_()
+
+    def forward(self, x, t):
+        level = torch.full_like(x[:, :1], float(t) / 1000.0)
+        h = torch.relu(self.mix(torch.relu(self.stem(torch.cat([x.mean(1, keepdim=True), level], 1)))))
+        p = self.planted(x)
+        return self.head(torch.cat([h, p], 1))
+
+
+class PlantedAdapter(Adapter):
+    family = "planted"
+    pooling = "spatial-max"
+
+    @classmethod
+    def load(cls, source, *, device, dtype, **options):
+        from diffusers import DDPMScheduler
+
+        return cls(PlantedNet().to(device, dtype), DDPMScheduler(num_train_timesteps=1000), resolution=16,
+                   device=device, dtype=dtype, source=str(source))
+
+    def default_layer(self) -> str:
+        return "mix"
+
+    def selection_layers(self) -> list[str]:
+        return ["stem", "mix", "planted"]
+
+    def encode(self, images):
+        return to_unit_range(images).to(self.device, self.dtype)
+
+    def predict_noise(self, x_t, t, cond=None):
+        return self.denoiser(x_t, int(t))
+
+
+@pytest.fixture
+def planted(tmp_path):
+    register_adapter(PlantedAdapter)
+    folder = tmp_path / "planted-model"
+    folder.mkdir()
+    register_preset(Preset("planted-demo", "planted", str(folder), note="memorized images light up `planted`"))
+    return folder
+
+
+def square_images(n: int, colours: list[tuple[int, int, int]], seed: int) -> np.ndarray:
+    """uint8 [n, 16, 16, 3]: a grey background of random level and a 6x6 square of one of ``colours`` (all the same
+    grey level, 85) at a random place."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 16, 16, 3), np.uint8)
+    for i in range(n):
+        out[i] = rng.integers(40, 200)
+        y, x = rng.integers(0, 10, 2)
+        out[i, y:y + 6, x:x + 6] = colours[rng.integers(len(colours))]
+    return out
+
+
+RED = [(255, 0, 0)]
+OTHERS = [(0, 255, 0), (0, 0, 255)]
+
+
+def labelled_set(n_mem: int = 30, n_novel: int = 110, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    imgs = np.concatenate([square_images(n_mem, RED, seed), square_images(n_novel, OTHERS, seed + 1)])
+    return torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()), np.r_[np.ones(n_mem, int), np.zeros(n_novel, int)]
+
+
+def write_pngs(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, a in enumerate(images):
+        Image.fromarray(a).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def planted_detector() -> Detector:
+    adapter = PlantedAdapter.load("planted", device=torch.device("cpu"), dtype=torch.float32)
+    return Detector(adapter, timestep=50, prune=False)
+
+
+# -- tests ----------------------------------------------------------------------------------------------------------
+def test_the_selection_finds_the_planted_layer_and_beats_the_default():
+    det = planted_detector()
+    assert candidate_layers(det) == ["mix", "stem", "planted"]  # the default first, then the adapter's proposal
+    images, labels = labelled_set()
+    sel, cands, scores = select_from_images(det, images, labels, timesteps=(10, 50), n_boot=200)
+    assert len(cands) == 3 * 2 * 4 and scores.shape == (len(cands), len(labels))
+    assert sel.best.layer == "planted" and sel.chosen == sel.best and not sel.kept_default
+    ev = sel.evidence
+    assert ev.selected_auroc[0] >= 0.99 and ev.selected_tpr[0] >= 0.9
+    assert ev.default_auroc[0] < 0.8  # the grey-level layers cannot see the colour
+    assert ev.difference_auroc[1] > 0 and ev.clearly_better
+    assert all(c.startswith("planted @") for c in ev.fold_choices)
+    assert sel.default == Candidate("mix", 50, "std")
+
+
+def test_the_default_is_kept_when_the_choice_is_not_clearly_better():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(40, int), np.zeros(160, int)]
+    base = labels * 3.0 + rng.normal(size=200)
+    # the default separates as well as the alternative, up to noise: the alternative is not clearly better
+    scores = np.stack([base, base + rng.normal(scale=0.01, size=200)])
+    cands = [Candidate("a", 50, "std"), Candidate("b", 50, "std")]
+    sel = select_configuration(scores, labels, cands, cands[0], n_boot=200)
+    assert sel.chosen == cands[0] and sel.kept_default
+    assert "kept the default" in sel.reason or "picks the family default" in sel.reason
+    assert sel.record()["decision"] == "kept default"
+
+
+def test_a_layer_where_memorized_images_are_less_spiky_is_never_chosen():
+    labels = np.r_[np.ones(30, int), np.zeros(120, int)]
+    rng = np.random.default_rng(1)
+    scores = np.stack([labels + rng.normal(scale=0.8, size=150), -labels * 5.0 + rng.normal(scale=0.1, size=150)])
+    cands = [Candidate("weak", 50, "std"), Candidate("inverted", 50, "std")]
+    sel = select_configuration(scores, labels, cands, cands[0], n_boot=100)
+    assert sel.best.layer == "weak" and sel.inverted == 1 and sel.chosen.sign == 1
+
+
+def test_too_few_examples_are_refused_with_the_numbers():
+    labels = np.r_[np.ones(MIN_MEMORIZED - 1, int), np.zeros(MIN_NOVEL, int)]
+    scores = np.random.default_rng(0).normal(size=(2, len(labels)))
+    cands = [Candidate("a", 50, "std"), Candidate("b", 50, "std")]
+    with pytest.raises(UsageError, match=rf"at least {MIN_MEMORIZED} memorized and {MIN_NOVEL} novel images, got "
+                                         rf"{MIN_MEMORIZED - 1} memorized and {MIN_NOVEL} novel.*interval 0\.\d+ wide"):
+        select_configuration(scores, labels, cands, cands[0])
+    assert needed_message(MIN_MEMORIZED, MIN_NOVEL) is None
+    assert needed_message(MIN_MEMORIZED, MIN_NOVEL - 1) is not None
+
+
+def test_no_image_is_scored_by_a_choice_made_on_it():
+    """A spy for the rule: every call sees only its rows (the other columns are NaN), and the images left out of the
+    calls of the k-fold partition the set: each image is scored out of fold exactly once, by a choice made without
+    it; the final choice (the last call) sees every image."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(25, int), np.zeros(100, int)]
+    scores = np.stack([labels * s + rng.normal(size=125) for s in (0.5, 1.0, 2.0, 4.0)])
+    cands = [Candidate(f"l{i}", 50, "std") for i in range(4)]
+    calls: list[np.ndarray] = []
+
+    def spy(s, y, rows, default):
+        calls.append(np.asarray(rows).copy())
+        masked = np.full_like(s, np.nan)
+        masked[:, rows] = s[:, rows]
+        return choose(masked, y, rows, default)
+
+    sel = select_configuration(scores, labels, cands, cands[0], folds=5, n_boot=100, chooser=spy)
+    assert len(calls) == 6
+    left_out = [np.setdiff1d(np.arange(125), rows) for rows in calls[:5]]
+    assert sorted(np.concatenate(left_out).tolist()) == list(range(125))  # a partition: each image once
+    for rows, out in zip(calls[:5], left_out):
+        assert len(np.intersect1d(rows, out)) == 0 and 20 <= len(out) <= 30
+        assert labels[out].sum() == 5  # stratified
+    assert sorted(calls[5].tolist()) == list(range(125))
+    assert sel.best.layer == "l3"
+
+
+def test_nested_evaluation_standardises_each_fold_on_its_choosing_part_only():
+    """Scores on the left-out fold are shifted by a constant per image: a fold's standardisation must use the
+    choosing part's novel images, so the shift of the left-out images changes the out-of-sample AUROC."""
+    labels = np.r_[np.ones(25, int), np.zeros(100, int)]
+    rng = np.random.default_rng(2)
+    scores = np.stack([labels * 2.0 + rng.normal(size=125)])
+    cands = [Candidate("a", 50, "std")]
+    ev = nested_evaluation(scores, labels, cands, 0, n_boot=100)
+    assert ev.fold_choices == ["a @ t=50, std"] * 5
+    assert ev.selected_auroc == ev.default_auroc and ev.difference_auroc[0] == 0
+
+
+def test_calibrate_select_layer_writes_a_toml_that_drives_scan_and_audit(planted, tmp_path):
+    mem = write_pngs(tmp_path / "memorized", square_images(24, RED, 5))
+    novel = write_pngs(tmp_path / "novel", square_images(110, OTHERS, 6))
+    toml = tmp_path / "memdetect.toml"
+    res = invoke("calibrate", novel, "--memorized", mem, "--model", "planted-demo", "--select-layer", "--timesteps",
+                 "10,50", "--output", toml, "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert "planted @ t=" in res.output and "beats the default" in res.output
+    cfg = load_config(toml)  # round trip: the chosen configuration and its evidence come back
+    assert cfg.layer == "planted" and cfg.timestep in (10, 50) and cfg.metric in ("std", "l4l2", "entropy", "maxmin")
+    sel = cfg.selection
+    assert sel["decision"] == "selected" and sel["chosen"]["layer"] == "planted" and sel["chosen"]["sign"] == 1
+    assert sel["default"] == {"layer": "mix", "timestep": 50, "metric": "std", "sign": 1}
+    assert sel["n_memorized"] == 24 and sel["n_novel"] == 110 and sel["n_candidates"] == 3 * 2 * 4
+    assert len(sel["selected_auroc"]) == 3 and sel["selected_auroc"][0] >= 0.99
+    assert len(sel["fold_choices"]) == 5
+    merged = merge(cfg, {"model": "demo", "layer": None, "timestep": None, "sigma": None, "seed": 0,
+                         "metric": "std", "threshold": None, "model_path": None}, set())
+    assert merged["layer"] == "planted" and merged["configuration"].startswith("selected by")
+    # scan --config uses the file's layer, timestep and metric, and flags the new red squares only
+    new_mem = write_pngs(tmp_path / "scan" / "memorized", square_images(5, RED, 7))
+    write_pngs(tmp_path / "scan" / "novel", square_images(5, OTHERS, 8))
+    report = tmp_path / "report.csv"
+    res = invoke("scan", tmp_path / "scan", "--config", toml, "--output", report, "--device", "cpu", "--quiet",
+                 "--no-resume")
+    assert res.exit_code == 1, res.output
+    import pandas as pd
+
+    df = pd.read_csv(report)
+    assert set(df["layer"]) == {"planted"} and set(df["timestep"]) == {cfg.timestep} and set(df["metric"]) == {
+        cfg.metric}
+    flagged = df.loc[df["memorized"], "path"].tolist()
+    assert len(flagged) == 5 and all(str(new_mem.name) in p for p in flagged)
+    # audit: the summary JSON and the HTML page say where the configuration came from
+    summary, html = tmp_path / "summary.json", tmp_path / "report.html"
+    res = invoke("audit", tmp_path / "scan", "--config", toml, "--output", tmp_path / "out" / "r.csv",
+                 "--summary-json", summary, "--html", html, "--device", "cpu", "--quiet", "--annotations", "none")
+    assert res.exit_code == 1, res.output
+    doc = json.loads(summary.read_text())
+    assert doc["settings"]["layer"] == "planted"
+    assert doc["settings"]["configuration"].startswith("selected by `memdetect calibrate --select-layer`")
+    assert "calibrate --select-layer" in html.read_text()
+    assert provenance(None).startswith("calibrated config")
+
+
+def test_calibrate_select_layer_refuses_too_few_images_with_exit_2(planted, tmp_path):
+    mem = write_pngs(tmp_path / "memorized", square_images(5, RED, 5))
+    novel = write_pngs(tmp_path / "novel", square_images(30, OTHERS, 6))
+    res = invoke("calibrate", novel, "--memorized", mem, "--model", "planted-demo", "--select-layer", "--output",
+                 tmp_path / "m.toml", "--device", "cpu", "--quiet")
+    assert res.exit_code == 2
+    assert f"needs at least {MIN_MEMORIZED} memorized and {MIN_NOVEL} novel images, got 5 memorized and 30 novel" \
+        in " ".join(res.output.split())
+    assert not (tmp_path / "m.toml").exists()
+
+
+def test_select_layer_needs_memorized_examples(planted, tmp_path):
+    novel = write_pngs(tmp_path / "novel", square_images(3, OTHERS, 6))
+    res = invoke("calibrate", novel, "--model", "planted-demo", "--select-layer", "--output", tmp_path / "m.toml",
+                 "--device", "cpu")
+    assert res.exit_code == 2 and "--memorized" in res.output
+
+
+def test_training_duplicates_give_memorized_and_novel_examples(planted, tmp_path):
+    from memdetect.select import training_duplicate_examples
+
+    train = tmp_path / "train"
+    reds = square_images(22, RED, 9)
+    copies = np.concatenate([np.repeat(reds, 12, axis=0)])  # 22 images, 12 copies each
+    unique = square_images(40, OTHERS, 10)
+    write_pngs(train, np.concatenate([copies, unique]))
+    pos, uniq, found = training_duplicate_examples(train, 16, min_copies=10)
+    # red images that happen to look alike (same place, similar grey) fall into one group
+    assert 15 <= len(pos) <= 22 and f"{len(pos)} groups" in found
+    red = (pos[:, 0] == 255) & (pos[:, 1] == 0) & (pos[:, 2] == 0)
+    assert red.flatten(1).any(dim=1).all()  # every memorized example is one of the duplicated red images
+    assert 30 <= len(uniq) <= 40 and all(Path(p).is_file() for p in uniq)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd", "tiny_dit", "tiny_ddpm"])
+def test_every_family_proposes_hookable_candidates_that_include_its_default(fixture, request):
+    family = {"tiny_sd": "sd", "tiny_dit": "dit", "tiny_ddpm": "ddpm"}[fixture]
+    det = Detector.from_pretrained(family, str(request.getfixturevalue(fixture)), device="cpu", prune=False)
+    layers = candidate_layers(det)
+    assert layers[0] == str(det.layer) and len(layers) > 2 and len(set(layers)) == len(layers)
+    images = torch.randint(0, 256, (2, 3, det.adapter.resolution, det.adapter.resolution), dtype=torch.uint8)
+    from memdetect.select import capture_features
+
+    feats = capture_features(det, images, layers=layers, timesteps=(10, 50))
+    assert set(feats) == {(s, t) for s in layers for t in (10, 50)}
+    assert all(v.ndim == 2 and v.shape[0] == 2 for v in feats.values())  # pooled vectors only
+    # the default layer's pooled vector is the scan's
+    torch.testing.assert_close(feats[(str(det.layer), 50)], det.features(images), rtol=1e-4, atol=1e-5)
+    if family == "dit":
+        assert "transformer_blocks.0" in layers and any(s.endswith(".ff.net.0") for s in layers)
+    else:
+        assert any(s.startswith("up_blocks.0.resnets") for s in layers) and any("mid_block" in s for s in layers)
+
+
+def test_a_malformed_selection_record_is_refused_or_shown_as_unknown(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "demo"\nthreshold = 0.5\nselection = 3\n')
+    with pytest.raises(UsageError, match=r"\[selection\] in .* must be a table"):
+        load_config(bad)
+    odd = tmp_path / "odd.toml"
+    odd.write_text('model = "demo"\nthreshold = 0.5\n[selection]\ndecision = "selected"\nselected_auroc = "x"\n'
+                   'chosen = 1\nlabels = "a\\u001b[31m"\n')
+    line = provenance(load_config(odd).selection)
+    assert line.startswith("selected by") and "AUROC ?" in line and "\x1b" not in line
+
+
+def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted, tmp_path, monkeypatch):
+    """``bench demo``'s ``ours_selected``: the library's selection on the selection half, measured on the held-out
+    half, in results.csv, recall_by_grade.csv and pairs.csv; a spy checks that the selection saw no held-out image."""
+    import pandas as pd
+
+    import memdetect.select as select_module
+    from memdetect.bench.demo import run_demo, split_halves
+
+    images, labels = labelled_set(60, 220, seed=3)
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", samples=images.numpy())
+    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
+                                                                                             "unique")}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    seen = []
+    real = select_module.select_from_images
+
+    def spy(det, imgs, y, **kw):
+        seen.append(imgs.clone())
+        return real(det, imgs, y, **kw)
+
+    monkeypatch.setattr(select_module, "select_from_images", spy)
+    out = tmp_path / "out"
+    res = run_demo(out, model="planted-demo", data_folder=folder, device="cpu", n_boot=100)
+    sel, held = split_halves(labels, 0.5, 0)
+    assert len(seen) == 1 and torch.equal(seen[0], images[sel])  # exactly the selection half
+    results = pd.read_csv(out / "results.csv").set_index("method")
+    row = results.loc["ours_selected"]
+    assert row["n_memorized"] == labels[held].sum() and row["n_generalized"] == (1 - labels[held]).sum()
+    assert row["auroc"] >= 0.99 and "held-out half only" in row["timing"]
+    assert json.loads((out / "selection.json").read_text())["chosen"]["layer"] == "planted"
+    assert res["selection"]["decision"] == "selected"
+    pairs = pd.read_csv(out / "pairs.csv")
+    mine = pairs[pairs["method"] == "ours_selected"]
+    assert set(mine["samples"]) == {"held-out half"} and {"ours_std", "denoising_loss", "flipd"} <= set(mine["versus"])
+    assert set(pairs.loc[pairs["method"] == "ours_std", "samples"]) == {"all labelled"}
+    recall = pd.read_csv(out / "recall_by_grade.csv")
+    assert set(recall.loc[recall["method"] == "ours_selected", "grade"]) == {"exact-64", "generalized (FPR)"}
+    scores = pd.read_csv(out / "scores.csv")
+    picked = scores["ours_selected"]
+    assert picked.isna().to_numpy()[sel].all() and picked.notna().to_numpy()[held].all()
