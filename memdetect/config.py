@@ -390,8 +390,6 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
         return out
     out["channels"] = config.channels  # evidence: the reference images' per-channel statistics
     out["normalise"] = config.normalise  # "reference": every score standardises with those statistics
-    from .select import provenance
-
     out["configuration"] = provenance(config.selection)  # reports say where layer/timestep/metric came from
     name = display_path(config.path) if config.path else "the config"
     explicit_threshold = "threshold" in given and flags.get("threshold") is not None
@@ -486,4 +484,31 @@ def to_toml(doc: dict, header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["CONFIG_VERSION", "PINNED", "Config", "load_config", "merge", "to_toml", "toml_value"]
+
+
+def provenance(selection: dict | None) -> str:
+    """One line for reports: where a config's layer, timestep and metric came from (its ``[selection]`` table, or
+    none: the model's default or the calibrating command's flags)."""
+    if not selection:
+        return "calibrated config: layer, timestep and metric as calibrated (the model's default or flags)"
+    c, d = selection.get("chosen"), selection.get("default")
+    c, d = (c if isinstance(c, dict) else {}), (d if isinstance(d, dict) else {})
+
+    def iv(key: str) -> str:
+        v = selection.get(key)
+        try:
+            return f"{float(v[0]):.3f} [{float(v[1]):.3f}, {float(v[2]):.3f}]"
+        except (TypeError, ValueError, IndexError, KeyError):
+            return "?"
+
+    what = "selected" if selection.get("decision") == "selected" else "family default kept"
+    labels = selection.get("labels", "labelled images")
+    return printable(f"{what} by `memdetect calibrate --select-layer` from {labels} "
+            f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
+            f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
+            f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
+            f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
+            f"TPR@1%FPR {iv('default_tpr')}", 600)
+
+
+__all__ = ["CONFIG_VERSION", "PINNED", "Config", "load_config", "merge", "provenance", "to_toml", "toml_value"]

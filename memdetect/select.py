@@ -39,6 +39,7 @@ import torch
 from .capture import LayerSpec, Trace, pool
 from .errors import LayerError, UsageError
 from .io import image_seed
+from .config import provenance  # noqa: F401  (re-exported: where a config came from)
 from .scores import SCORES
 
 log = logging.getLogger(__name__)
@@ -463,31 +464,6 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
     return cal, sel
 
 
-def provenance(selection: dict | None) -> str:
-    """One line for reports: where a config's layer, timestep and metric came from (its ``[selection]`` table, or
-    none: the model's default or the calibrating command's flags)."""
-    if not selection:
-        return "calibrated config: layer, timestep and metric as calibrated (the model's default or flags)"
-    c, d = selection.get("chosen"), selection.get("default")
-    c, d = (c if isinstance(c, dict) else {}), (d if isinstance(d, dict) else {})
-
-    def iv(key: str) -> str:
-        v = selection.get(key)
-        try:
-            return f"{float(v[0]):.3f} [{float(v[1]):.3f}, {float(v[2]):.3f}]"
-        except (TypeError, ValueError, IndexError, KeyError):
-            return "?"
-
-    what = "selected" if selection.get("decision") == "selected" else "family default kept"
-    from .text import printable
-
-    labels = selection.get("labels", "labelled images")
-    return printable(f"{what} by `memdetect calibrate --select-layer` from {labels} "
-            f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
-            f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
-            f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
-            f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
-            f"TPR@1%FPR {iv('default_tpr')}", 600)
 
 
 __all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "MIN_MEMORIZED", "MIN_NOVEL", "Selection",

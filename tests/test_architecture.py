@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("detector",),                                                        # the library API: images -> rows
     ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
     ("calibrate", "ci", "guarding", "distributed", "integrations"),  # thresholds; CI audit; guard; past one process
-    ("bench",),                                                           # benchmarks
+    ("bench", "select"),  # benchmarks; choosing layer, timestep and metric from labelled images (bench metrics)
     ("cli", "ux", "__main__", "memdetect"),  # entry points (ux: the CLI's messages and choices) and the facade
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
