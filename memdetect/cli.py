@@ -49,7 +49,7 @@ from .ux import require_model
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Detect memorized images from diffusion models (one partial forward pass per image).\n\n"
                        "Exit codes: 0 nothing flagged, 1 something flagged (needs a threshold; audit: or an input "
                        "not checked), 2 error.")

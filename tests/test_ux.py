@@ -301,3 +301,30 @@ def test_ctrl_c_after_the_report_says_it_was_written(tiny_ddpm, images_dir, tmp_
     assert res.exit_code == 130
     (line,) = error_lines(res.output)
     assert "after the report was written" in line and str(out) in line and len(pd.read_csv(out)) == 5
+
+
+# -- shell completion --------------------------------------------------------------------------------------------------
+
+def test_shell_completion_script_and_completions(tmp_path):
+    """``--show-completion bash`` prints a script for the console script's name, and the completion protocol it calls
+    (``_MEMDETECT_COMPLETE``) completes commands and a command's options."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "memdetect", "--show-completion", "bash"], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "_MEMDETECT_COMPLETE=complete_bash" in res.stdout and "complete -o default -F" in res.stdout
+
+    def complete(words: str, cword: int) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "memdetect"], capture_output=True, text=True, timeout=120,
+                           env={**env, "_MEMDETECT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                "COMP_CWORD": str(cword)})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("memdetect sc", 1) == ["scan"]
+    assert {"calibrate", "audit", "generate", "bench"} <= set(complete("memdetect ", 1))
+    assert "--model" in complete("memdetect scan --mo", 2)
+    assert "--install-completion" in invoke("--help").output
