@@ -359,6 +359,13 @@ def _reference_stats(settings: dict) -> dict | None:
     return settings.get("channels") if settings.get("normalise") == "reference" else None
 
 
+def _run_context(paths, config) -> dict:
+    """The HTML report's run context (``memdetect.run_context``): command line, time, config and its hash, commit."""
+    from .run_context import run_context
+
+    return run_context([p for p in paths if isinstance(p, Path)], config=config)
+
+
 def speed_settings(device: str) -> None:
     """The process-wide setting a command-line scan opts into: freed memory kept for reuse on a CPU."""
     from . import runtime
@@ -500,7 +507,7 @@ def scan(
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
                               reference_dir=reference_dir, shard=part, shard_key=shard_key,
-                              allow_remote=s["allow_remote"])
+                              allow_remote=s["allow_remote"], context=_run_context(paths, config))
     _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
