@@ -485,6 +485,9 @@ def scan(
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
                         normalise=_reference_stats(s))
+    from .config import check_weights
+
+    check_weights(det, s.get("weights"), StateDir(state_dir), config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -928,6 +931,9 @@ def audit(
     det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
+    from .config import check_weights
+
+    check_weights(det, s.get("weights"), state, config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
