@@ -344,7 +344,8 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">",
              f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
-             _verdict_html(verdict(df, settings, not_checked=not_checked), (context or {}).get("audit", not_checked) if audit is None else audit)]
+             _verdict_html(verdict(df, settings, not_checked=not_checked),
+                           (context or {}).get("audit", not_checked) if audit is None else audit)]
     thr = f"{esc(metric)} &ge; {threshold:.6g}" if threshold is not None else "no threshold (nothing flagged)"
     parts.append("<div class='wrap'><table id='counts'><tr>" + "".join(
         f"<th>{k}</th>" for k in ("images", "scored", "errored", "flagged", "rule")) + "</tr><tr>"
@@ -458,4 +459,5 @@ def write_html(df: pd.DataFrame, path: str | os.PathLike, settings: dict, **kwar
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-__all__ = ["COPY_SEARCH", "TABLE_ROWS", "verdict", "histogram_png", "overlay_png", "place_svg", "render_html", "thumbnail_png", "write_html"]
+__all__ = ["COPY_SEARCH", "TABLE_ROWS", "histogram_png", "overlay_png", "place_svg", "render_html", "thumbnail_png",
+           "verdict", "write_html"]
