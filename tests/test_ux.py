@@ -306,16 +306,25 @@ def test_ctrl_c_after_the_report_says_it_was_written(tiny_ddpm, images_dir, tmp_
 # -- shell completion --------------------------------------------------------------------------------------------------
 
 def test_shell_completion_script_and_completions(tmp_path):
-    """``--show-completion bash`` prints a script for the console script's name, and the completion protocol it calls
-    (``_MEMDETECT_COMPLETE``) completes commands and a command's options."""
+    """``--show-completion`` prints the completion script for the console script's name (for the shell it runs under),
+    and the completion protocol the script calls (``_MEMDETECT_COMPLETE``) completes commands and a command's
+    options."""
     import os
     import subprocess
 
+    import shlex
+    import shutil
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "memdetect", "--show-completion", "bash"], capture_output=True,
-                         text=True, env=env, timeout=120)
+    # the script itself, whatever the parent process (click's protocol, what --show-completion prints)
+    res = subprocess.run([sys.executable, "-m", "memdetect"], capture_output=True, text=True, timeout=120,
+                         env={**env, "_MEMDETECT_COMPLETE": "source_bash"})
     assert res.returncode == 0, res.stderr
     assert "_MEMDETECT_COMPLETE=complete_bash" in res.stdout and "complete -o default -F" in res.stdout
+    if shutil.which("bash"):  # --show-completion detects the shell it runs under (here bash; "; true": no exec)
+        cmd = f"{shlex.quote(sys.executable)} -m memdetect --show-completion; true"
+        shown = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+        assert shown.stdout.strip() == res.stdout.strip(), shown.stderr
 
     def complete(words: str, cword: int) -> list[str]:
         r = subprocess.run([sys.executable, "-m", "memdetect"], capture_output=True, text=True, timeout=120,
