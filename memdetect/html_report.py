@@ -363,7 +363,11 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
                  + ("<a href='#evidence'>evidence</a>" if evidence is not None else "")
                  + "<a href='#copy-search'>copy search</a><a href='#all'>all images</a>"
                    "<a href='#settings'>settings</a></nav>")
-    parts.append(_context_html(context or {}, settings))
+    if context is None:  # a caller that gives none (a merged or Ray scan): this process's command line and time
+        from .run_context import run_context
+
+        context = run_context()
+    parts.append(_context_html(context, settings))
     if resumed is not None:
         parts.append(f"<p>{resumed} of {s['images']} rows reused from a verified journal; the others were scored "
                      f"in this run.</p>" if resumed else "<p>Every image was scored in this run.</p>")
