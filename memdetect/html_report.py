@@ -56,7 +56,7 @@ img.hist{max-width:100%;height:auto}
 .verdict{padding:.6em .9em;border-radius:4px;border:1px solid #999;font-size:1.05em;margin:.6em 0}
 .verdict.fail{background:#fdecea;border-color:#c62828} .verdict.pass{background:#e8f5e9;border-color:#2e7d32}
 .verdict.none{background:#f4f4f4}
-#context th{white-space:nowrap} #context td{word-break:break-all}
+#run-context th{white-space:nowrap} #run-context td{word-break:break-all}
 nav a{margin-right:1em}
 #rows th[data-sort]{cursor:pointer;user-select:none;white-space:nowrap}
 #rows th[data-sort]::after{content:" \u2195";color:#999}
@@ -297,12 +297,14 @@ def _context_html(context: Mapping, settings: Mapping) -> str:
         if key == "memdetect" and value is None:
             value = __version__
         if value is None:
-            value = {"config": "none (options on the command line)", "threshold": "none (nothing flagged)",
+            value = {"config": "none (options on the command line)", "config_sha256": "none",
+                     "threshold": "none (nothing flagged)",
                      "git_commit": "not found (the inputs are not in a git checkout)"}.get(key, "unknown")
         elif key == "threshold":
             value = f"{float(value):.6g}"
         rows.append(f"<tr><th>{label}</th><td>{_esc(value)}</td></tr>")
-    return "<h2 id='context'>Run context</h2><div class='wrap'><table id='context'>" + "".join(rows) + "</table></div>"
+    return ("<h2 id='context'>Run context</h2><div class='wrap'><table id='run-context'>" + "".join(rows)
+            + "</table></div>")
 
 
 #: what the copy search is, for a reviewer who has not read the README

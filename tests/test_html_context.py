@@ -57,7 +57,7 @@ class Page(HTMLParser):
         if tag in ("th", "td"):
             self._row.append("".join(self._cell).strip())
         if tag == "tr":
-            if any(i == "context" for t, i in self._open if t == "table") and len(self._row) == 2:
+            if any(i == "run-context" for t, i in self._open if t == "table") and len(self._row) == 2:
                 self.context[self._row[0]] = self._row[1]
             self._row = []
 
@@ -143,6 +143,7 @@ def test_audit_page_verdict_context_and_copy_search(tmp_path, demo_config, monke
     assert verdict.startswith("FAIL") and "exit code 1" in verdict, verdict
     assert f"{flagged} flagged" in verdict and "1 not checked" in verdict and "4 of 5 images scored" in verdict
     assert page.order.index("verdict") < page.order.index("counts") < page.order.index("context")  # at the top
+    assert len(page.order) == len(set(page.order))  # ids are unique
     ctx = page.context
     assert ctx["command line"] == "memdetect " + " ".join(args)
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", ctx["time (UTC)"])
@@ -170,6 +171,7 @@ def test_scan_page_with_reference_dir_and_without_threshold(tmp_path):
     verdict = " ".join(page.by_id["verdict"].split())
     assert verdict.startswith("NOT JUDGED") and "exit code 0" in verdict and "not checked" not in verdict
     assert page.context["config file"].startswith("none") and page.context["threshold"].startswith("none")
+    assert page.context["config SHA-256"] == "none"
     assert page.context["git commit of the scanned checkout"] == SHA
 
     res = runner.invoke(app, ["scan", str(images), "--model", "demo", "--threshold", "0", "--html", str(html),
