@@ -250,9 +250,17 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                           reference=_shorten([display_path(p) for p in reference]),
                           memorized=_shorten([display_path(p) for p in memorized]) if memorized else None,
                           n_errored=n_errored, model=model or detector.name,
-                          model_path=str(Path(model_path).resolve()) if model_path else None, sigma=sigma,
+                          model_path=str(model_path) if model_path else None, sigma=sigma,
                           distributions={m: Reference.from_scores(novel[m].to_numpy(np.float64)) for m in SCORES},
                           channels=acc.result())
+    from .config import portable_model, portable_paths
+
+    doc["model"], doc["model_path"], doc["calibration"]["source"] = portable_model(
+        doc["model"], doc["model_path"], doc["calibration"]["source"], detector.settings.family, output)
+    doc["calibration"]["weights"] = detector.weights_digest()  # identity: the same bytes in any folder
+    for key in ("reference", "memorized"):  # a record of the images: local ones relative to the config file
+        if key in doc["calibration"]:
+            doc["calibration"][key] = portable_paths(doc["calibration"][key], output)
     if n_fit is not None:
         doc["calibration"]["n_normalise"] = n_fit  # reference images behind [calibration.channels]
     if selection is not None:

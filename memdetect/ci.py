@@ -45,6 +45,7 @@ from .detector import check_threshold as check_finite_threshold
 from .errors import UsageError
 from .io import atomic_write, check_destinations, display_path
 from .report import counts
+from .run_context import run_context
 from .scan import ScanResult, scan
 from .scores import SCORES
 from .state import StateDir
@@ -353,7 +354,8 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
                   num_workers=num_workers, state_dir=state, journal_in_state=True, reference=reference,
                   channels=channels, evidence_top=evidence_top, evidence_json=evidence_json,
                   reference_dir=reference_dir, allow_remote=allow_remote, errors_fail=not allow_errors,
-                  allow_empty=allow_empty, sniff=not suffix_only)
+                  allow_empty=allow_empty, sniff=not suffix_only,
+                  context={**run_context(paths, config=config), "audit": True} if html is not None else None)
     doc = write_ci_outputs(result, config=config, junit=junit, summary_json=summary_json, annotations=annotations,
                            stream=stream, allow_errors=allow_errors)
     return Audit(result, doc)

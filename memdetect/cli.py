@@ -49,7 +49,7 @@ from .ux import require_model
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Detect memorized images from diffusion models (one partial forward pass per image).\n\n"
                        "Exit codes: 0 nothing flagged, 1 something flagged (needs a threshold; audit: or an input "
                        "not checked), 2 error.")
@@ -359,6 +359,13 @@ def _reference_stats(settings: dict) -> dict | None:
     return settings.get("channels") if settings.get("normalise") == "reference" else None
 
 
+def _run_context(paths, config) -> dict:
+    """The HTML report's run context (``memdetect.run_context``): command line, time, config and its hash, commit."""
+    from .run_context import run_context
+
+    return run_context([p for p in paths if isinstance(p, Path)], config=config)
+
+
 def speed_settings(device: str) -> None:
     """The process-wide setting a command-line scan opts into: freed memory kept for reuse on a CPU."""
     from . import runtime
@@ -479,6 +486,9 @@ def scan(
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
                         normalise=_reference_stats(s))
     det.configuration = s.get("configuration")
+    from .config import check_weights
+
+    check_weights(det, s.get("weights"), StateDir(state_dir), config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
@@ -501,7 +511,7 @@ def scan(
                               num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
                               channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
                               reference_dir=reference_dir, shard=part, shard_key=shard_key,
-                              allow_remote=s["allow_remote"])
+                              allow_remote=s["allow_remote"], context=_run_context(paths, config))
     _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
@@ -996,6 +1006,9 @@ def audit(
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
     det.configuration = s.get("configuration")
+    from .config import check_weights
+
+    check_weights(det, s.get("weights"), state, config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,

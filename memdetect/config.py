@@ -99,6 +99,7 @@ class Config:
     allow_errors: bool = False  # audit: error rows are reported, not failed (``--allow-errors``)
     allow_remote: bool = False  # inputs and manifest rows may name URLs other than file:// (``--allow-remote``)
     selection: dict[str, Any] | None = None  # ``[selection]`` (memdetect.select): where layer/timestep/metric came from
+    weights: str | None = None  # ``calibration.weights``: the content hash of the weights calibrated on (identity)
 
     def reference_for(self, metric: str) -> Reference | None:
         """The reference score distribution of ``metric`` (None: the file has none; recalibrate)."""
@@ -117,6 +118,61 @@ class Config:
         where = f" in {display_path(self.path)}" if self.path else ""
         have = ", ".join([self.metric, *self.thresholds])
         raise UsageError(f"no threshold for metric {metric!r}{where} (has: {have}); recalibrate with --metric {metric}")
+
+
+def check_weights(detector, expected: str | None, state=None, config: str | os.PathLike | None = None) -> None:
+    """Refuse a model whose weights are not the ones the config was calibrated on (``calibration.weights``, the
+    content hash of the weight files, ``Detector.weights_digest``: the same bytes give the same hash in any folder,
+    on any machine). A config without the key (written by an older memdetect) is not checked."""
+    if not expected:
+        return
+    got = detector.weights_digest(state)
+    if got != expected:
+        where = display_path(config) if config is not None else "the config"
+        raise UsageError(f"the model's weights (content hash {got[:22]}...) are not the ones {where} was calibrated "
+                         f"on ({expected[:22]}...): point --model-path at those weights, or recalibrate")
+
+
+def portable_model(model: str, model_path: str | None, source: str | None, family: str,
+                   config: str | os.PathLike) -> tuple[str, str | None, str | None]:
+    """``(model, model_path, source)`` as a config meant to be committed records them: a preset, family or hub id by
+    name; a local model folder (given as ``--model DIR`` or ``--model-path DIR``) by its path relative to the config
+    file's folder (``load_config`` resolves it against the file), so the file names no absolute path of this
+    machine and still works when the config and the model folder move together."""
+    base = Path(config).resolve().parent
+
+    def relative(p: str) -> str:
+        full = Path(p).expanduser().resolve()
+        try:
+            return Path(os.path.relpath(full, base)).as_posix()
+        except ValueError:  # another drive (Windows): no relative path exists
+            return str(full)
+
+    from .models import PRESETS
+
+    if model_path:
+        model_path = relative(model_path)
+    elif model not in PRESETS and Path(model).expanduser().is_dir():  # --model DIR: the family and its folder
+        model, model_path = family, relative(model)
+    if source and model_path and Path(source).expanduser().exists():
+        source = model_path  # where the weights were read from: the same folder, relative to the config
+    elif source and model in PRESETS and Path(source).expanduser().is_absolute():
+        source = f"preset {model}"  # a shipped model: its files are in the installed package
+    return model, model_path, source
+
+
+def portable_paths(items: list[str], config: str | os.PathLike) -> list[str]:
+    """Local absolute paths made relative to the config file's folder (URLs and relative paths unchanged)."""
+    base = Path(config).resolve().parent
+    out = []
+    for item in items:
+        if os.path.isabs(item):
+            try:
+                item = Path(os.path.relpath(item, base)).as_posix()
+            except ValueError:  # another drive (Windows)
+                pass
+        out.append(item)
+    return out
 
 
 def check_sha256(text: str) -> str:
@@ -209,6 +265,10 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
     if normalise == "reference" and channels is None:
         raise UsageError(f"normalise = \"reference\" in {name} needs the reference statistics in "
                          f"[calibration.channels]; recalibrate with --normalise reference")
+    weights = calibration.get("weights")
+    if weights is not None and (not isinstance(weights, str) or len(weights) > 200):
+        raise UsageError(f"calibration.weights in {name} must be the weights' content hash (a string), got "
+                         f"{_shown(weights)}")
     model_path = values.get("model_path")
     if model_path and not Path(model_path).expanduser().is_absolute():
         model_path = str(p.resolve().parent / model_path)
@@ -217,7 +277,7 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
                   seed=values.get("seed", 0), thresholds=thresholds, path=p, references=references,
                   channels=channels, guard=guard, allow_errors=values.get("allow_errors", False),
                   allow_remote=values.get("allow_remote", False), draws=values.get("draws", 1), normalise=normalise,
-                  selection=_selection(doc.get("selection"), name))
+                  selection=_selection(doc.get("selection"), name), weights=weights)
 
 
 def _numbers(v: Any, where: str) -> tuple[float, ...]:
@@ -410,6 +470,8 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
             out[key] = getattr(config, key)
     if "model_path" not in given and config.model_path and "model" not in overridden:
         out["model_path"] = config.model_path
+    if "model" not in overridden:  # the weights the threshold was calibrated on, wherever they are now
+        out["weights"] = config.weights
     if "metric" not in given:
         out["metric"] = config.metric
     if overridden:  # the config's reference scores and channel statistics describe other settings: not used

@@ -488,6 +488,10 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
            "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                         "python": platform.python_version()}}
     out = Path(output)
+    from .config import portable_model
+
+    # committed beside the code: a preset by name, a local model folder relative to this file
+    doc["model"], doc["model_path"], _ = portable_model(doc["model"], model_path, None, g.adapter.family, out)
     header = (f"memdetect guard calibration ({gen.images.shape[0]} reference generations, target FPR {fpr:g}).\n"
               f"Use: memdetect generate --guard --config {out.name} ...")
     atomic_write(out, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))

@@ -53,6 +53,10 @@ img.hist{max-width:100%;height:auto}
 .card table td,.card table th{font-size:.8em;padding:.1em .35em}
 .place{display:block;max-width:100%}
 .meta{font-size:.85em;color:#444}
+.verdict{padding:.6em .9em;border-radius:4px;border:1px solid #999;font-size:1.05em;margin:.6em 0}
+.verdict.fail{background:#fdecea;border-color:#c62828} .verdict.pass{background:#e8f5e9;border-color:#2e7d32}
+.verdict.none{background:#f4f4f4}
+#run-context th{white-space:nowrap} #run-context td{word-break:break-all}
 nav a{margin-right:1em}
 #rows th[data-sort]{cursor:pointer;user-select:none;white-space:nowrap}
 #rows th[data-sort]::after{content:" \u2195";color:#999}
@@ -259,14 +263,76 @@ def _table_rows(df: pd.DataFrame, limit: int) -> pd.DataFrame:
     return order.head(limit)
 
 
+def verdict(df: pd.DataFrame, settings: Mapping, *, not_checked: bool = False) -> dict:
+    """The run's outcome as the command's exit code says it: ``exit_code`` (1 when an image is flagged, or, with
+    ``not_checked`` (``memdetect audit`` without --allow-errors), when one could not be checked; else 0), ``status``
+    (``fail``, ``pass``, or ``none`` without a threshold: nothing can be flagged) and the counts."""
+    s = counts(df)
+    failed = s["flagged"] > 0 or (not_checked and s["errored"] > 0)
+    status = "fail" if failed else ("none" if settings.get("threshold") is None else "pass")
+    return {**s, "exit_code": 1 if failed else 0, "status": status, "not_checked": s["errored"]}
+
+
+def _verdict_html(v: dict, audit: bool) -> str:
+    word = {"fail": "FAIL", "pass": "PASS", "none": "NOT JUDGED (no threshold: nothing can be flagged)"}[v["status"]]
+    what = [f"{v['flagged']} flagged"]
+    if audit:
+        what.append(f"{v['not_checked']} not checked")
+    what.append(f"{v['scored']} of {v['images']} images scored")
+    return (f"<p class='verdict {v['status']}' id='verdict'><strong>{word}</strong> &middot; exit code "
+            f"<strong>{v['exit_code']}</strong> &middot; {', '.join(what)}</p>")
+
+
+#: the run context's rows: (key in the context or the settings, label)
+_CONTEXT_ROWS = (("command", "command line"), ("time_utc", "time (UTC)"), ("memdetect", "memdetect version"),
+                 ("config", "config file"), ("config_sha256", "config SHA-256"),
+                 ("git_commit", "git commit of the scanned checkout"), ("model", "model"), ("weights", "weights"),
+                 ("layer", "layer"), ("timestep", "timestep"), ("metric", "metric"), ("threshold", "threshold"))
+
+
+def _context_html(context: Mapping, settings: Mapping) -> str:
+    rows = []
+    for key, label in _CONTEXT_ROWS:
+        value = context.get(key, settings.get(key))
+        if key == "memdetect" and value is None:
+            value = __version__
+        if value is None:
+            value = {"config": "none (options on the command line)", "config_sha256": "none",
+                     "threshold": "none (nothing flagged)",
+                     "git_commit": "not found (the inputs are not in a git checkout)"}.get(key, "unknown")
+        elif key == "threshold":
+            value = f"{float(value):.6g}"
+        rows.append(f"<tr><th>{label}</th><td>{_esc(value)}</td></tr>")
+    return ("<h2 id='context'>Run context</h2><div class='wrap'><table id='run-context'>" + "".join(rows)
+            + "</table></div>")
+
+
+#: what the copy search is, for a reviewer who has not read the README
+COPY_SEARCH = ("<section id='copy-search'><h2>Reading the evidence: is it a copy, and of what?</h2>"
+               "<p>A high score says the model reproduces this image more confidently than it reproduces images it "
+               "never saw (the activation statistic of one forward pass); it does <strong>not</strong> say which "
+               "training image was copied. That needs a <em>copy search</em>: <code>--reference-dir DIR</code> "
+               "compares every flagged image with the images in DIR (the training images you can share, or a sample "
+               "of them) and shows the nearest ones. A <em>nearest training image</em> is the image of DIR most "
+               "similar to the flagged one, by pixel correlation (near 1: an exact, shifted, mirrored or tinted copy) "
+               "and by the model's own features (close features with a lower pixel correlation: a template copy, "
+               "same layout, other details). It is evidence for a human to judge: a near-copy found is strong "
+               "evidence of memorization; none found means only that DIR holds no near copy, not that the image is "
+               "novel.</p></section>")
+
+
 def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.PathLike] | None = None,
                 title: str = "memdetect report", resumed: int | None = None, evidence: dict | None = None,
-                table_rows: int = TABLE_ROWS, top: int | None = None, not_checked: bool = False) -> str:
+                table_rows: int = TABLE_ROWS, top: int | None = None, not_checked: bool = False,
+                context: Mapping | None = None, audit: bool | None = None) -> str:
     """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its images from;
     ``resumed``: how many rows were taken from a journal (said under the counts); ``evidence``: the document of
     ``memdetect.evidence.collect`` (cards for its images); ``table_rows``: the table's row limit. ``top`` is
     accepted for older callers and ignored (``evidence`` decides which images are shown). ``not_checked``: error rows
-    fail the run (``memdetect audit``): they are said to be not checked, above the table and in their rows."""
+    fail the run (``memdetect audit``): they are said to be not checked, above the table and in their rows.
+    ``context``: the run's context (``memdetect.run_context.run_context``: command line, time, config and its hash,
+    git commit), shown under the verdict with the scoring settings; ``audit`` (default: the context's ``audit``, else
+    ``not_checked``): the verdict counts images not checked (an audit's page)."""
     esc = _esc
     files = files or {}
     s = counts(df)
@@ -279,7 +345,9 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<meta http-equiv='Content-Security-Policy' content=\"{csp}\">",
-             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>"]
+             f"<title>{esc(title)}</title><style>{CSS}</style></head><body><h1>{esc(title)}</h1>",
+             _verdict_html(verdict(df, settings, not_checked=not_checked),
+                           (context or {}).get("audit", not_checked) if audit is None else audit)]
     thr = f"{esc(metric)} &ge; {threshold:.6g}" if threshold is not None else "no threshold (nothing flagged)"
     parts.append("<div class='wrap'><table id='counts'><tr>" + "".join(
         f"<th>{k}</th>" for k in ("images", "scored", "errored", "flagged", "rule")) + "</tr><tr>"
@@ -293,8 +361,15 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
         parts.append(f"<p class='meta'>p-values: conformal, against {ref['n']} reference images known to be novel "
                      f"(the smallest possible is 1/{ref['n'] + 1} = {1 / (ref['n'] + 1):.3g}); a novel image gets "
                      f"p &le; a with probability at most a.</p>")
-    parts.append("<nav>" + ("<a href='#evidence'>evidence</a>" if evidence is not None else "")
-                 + "<a href='#all'>all images</a><a href='#settings'>settings</a></nav>")
+    parts.append("<nav><a href='#context'>run context</a>"
+                 + ("<a href='#evidence'>evidence</a>" if evidence is not None else "")
+                 + "<a href='#copy-search'>copy search</a><a href='#all'>all images</a>"
+                   "<a href='#settings'>settings</a></nav>")
+    if context is None:  # a caller that gives none (a merged or Ray scan): this process's command line and time
+        from .run_context import run_context
+
+        context = run_context()
+    parts.append(_context_html(context, settings))
     if resumed is not None:
         parts.append(f"<p>{resumed} of {s['images']} rows reused from a verified journal; the others were scored "
                      f"in this run.</p>" if resumed else "<p>Every image was scored in this run.</p>")
@@ -326,6 +401,15 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
             overlays[ev["path"]] = (i, over)
             cards.append(html_card)
         parts.append("<div class='cards'>" + "".join(cards) + "</div>" if cards else "<p>None.</p>")
+    parts.append(COPY_SEARCH)
+    rd = (evidence or {}).get("reference_dir")
+    if rd:
+        parts.append(f"<p id='copy-search-done'>Searched in this run: {esc(rd['path'])} ({rd['images']} images); "
+                     f"each evidence card above shows its nearest images.</p>")
+    else:
+        parts.append("<p id='copy-search-done' class='bad'>No training images were searched in this run (no "
+                     "--reference-dir): the evidence above shows where the model's activations spike, not which "
+                     "training image was copied.</p>")
 
     shown = _table_rows(df, table_rows)
     parts.append(f"<h2 id='all'>All images</h2><div class='filters' role='group' aria-label='filter rows'>"
@@ -381,4 +465,5 @@ def write_html(df: pd.DataFrame, path: str | os.PathLike, settings: dict, **kwar
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-__all__ = ["TABLE_ROWS", "histogram_png", "overlay_png", "place_svg", "render_html", "thumbnail_png", "write_html"]
+__all__ = ["COPY_SEARCH", "TABLE_ROWS", "histogram_png", "overlay_png", "place_svg", "render_html", "thumbnail_png",
+           "verdict", "write_html"]

@@ -172,3 +172,26 @@ def release_free_memory() -> bool:
     """
     libc = glibc()
     return bool(libc.malloc_trim(0)) if libc is not None else False
+
+
+#: below this many parameters (every network of the model), a CPU forward's operations are too small to be worth
+#: splitting across threads: measured on the tiny SD of the tests on a busy 2-core machine, one UNet call took 68 ms
+#: with 1 thread and 390 ms with 2 (benchmarks/RESULTS.md, "bench laion on a tiny SD")
+SMALL_MODEL_PARAMS = 20_000_000
+
+
+def one_thread_for_small_models(modules, device) -> bool:
+    """On a CPU, run a model of fewer than ``SMALL_MODEL_PARAMS`` parameters with one torch thread (process-wide:
+    for commands such as ``memdetect bench``, whose process is the run). Returns whether it changed the setting;
+    ``MEMDETECT_KEEP_THREADS=1`` keeps torch's own choice."""
+    import torch
+
+    if os.environ.get("MEMDETECT_KEEP_THREADS") or torch.device(device).type != "cpu" or torch.get_num_threads() == 1:
+        return False
+    n = sum(p.numel() for m in modules for p in m.parameters())
+    if n >= SMALL_MODEL_PARAMS:
+        return False
+    log.info("small model (%d parameters) on a CPU: torch uses 1 thread instead of %d (MEMDETECT_KEEP_THREADS=1 "
+             "keeps them)", n, torch.get_num_threads())
+    torch.set_num_threads(1)
+    return True

@@ -31,7 +31,7 @@ import os
 from contextlib import closing, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import pandas as pd
 
@@ -91,7 +91,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          evidence_json: str | os.PathLike | None = None,
          reference_dir: str | os.PathLike | None = None,
          shard: tuple[int, int] | None = None, shard_key: bytes | None = None, allow_remote: bool = False,
-         errors_fail: bool = False, allow_empty: bool = False, sniff: bool = False) -> ScanResult:
+         errors_fail: bool = False, allow_empty: bool = False, sniff: bool = False,
+         context: Mapping | None = None) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -108,7 +109,8 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     URLs other than ``file://`` (``memdetect.sources.resolve``). ``sniff``: folders and tar shards are searched by
     content too, not only by image suffix (``resolve``; ``memdetect audit``); when a file was found so, the report
     has a ``found_by`` column after ``path`` (``content`` or ``name``). ``errors_fail``: the HTML page says error
-    rows were not checked (``memdetect audit``). Raises InputError when ``paths`` hold no image file
+    rows were not checked (``memdetect audit``). ``context``: the run context the HTML page shows (default:
+    ``memdetect.run_context.run_context`` of ``paths``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
     image file is an empty result (and an empty report) instead.
     """
@@ -208,8 +210,11 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         evidence_json = _evidence.write_json(ev, evidence_json)
     html_path = None
     if html is not None:
+        from .run_context import run_context
+
         html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev,
-                               not_checked=errors_fail)
+                               not_checked=errors_fail, context=context if context is not None else run_context(
+                                   p for p in paths if isinstance(p, (str, os.PathLike))))
     return ScanResult(frame, files, settings, resumed=resumed, computed=len(todo), output=output,
                       html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
                       weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs,

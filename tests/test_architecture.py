@@ -16,8 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "text"),                                      # words: exceptions, version, escaping
     ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle", "pvalues",
-     "similarity", "sources", "strict_json", "progress", "text_blocks"),  # tools that know no model family (sources:
-    # where inputs live; strict_json: JSON out; progress, text_blocks: what a terminal or a log shows)
+     "similarity", "sources", "strict_json", "progress", "text_blocks", "run_context"),  # tools that know no model
+    # family (sources: where inputs live; strict_json: JSON out; progress, text_blocks: what a terminal or a log
+    # shows; run_context: what the HTML page says about the run)
     ("models", "report", "journal", "state", "config", "html_report", "merge"),  # families; rows; journal; ...
     ("detector",),                                                        # the library API: images -> rows
     ("evidence", "scan"),                                                 # why an image is flagged; a whole scan

@@ -140,7 +140,8 @@ def test_calibrate_writes_a_config_that_scan_uses(tiny_ddpm, tmp_path):
     assert res.exit_code == 0, res.output
     assert "ROC point of std" in res.output and "wrote" in res.output
     doc = tomllib.loads(cfg.read_text())
-    assert doc["model"] == "ddpm" and doc["model_path"] == str(Path(tiny_ddpm).resolve())
+    assert doc["model"] == "ddpm" and not Path(doc["model_path"]).is_absolute()  # relative to the config file
+    assert (cfg.parent / doc["model_path"]).resolve() == Path(tiny_ddpm).resolve()
     assert doc["layer"] == "up_blocks.0.resnets.2.conv2:in" and doc["timestep"] == 50 and doc["seed"] == 0
     cal = doc["calibration"]
     assert cal["n_reference"] == 10 and cal["n_errored"] == 1 and cal["fpr"] == 0.2 and cal["n_memorized"] == 4

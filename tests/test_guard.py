@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +238,8 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
 
     doc = tomllib.loads(cfg.read_text())
     assert doc["guard"]["fpr_reference"]["std"] == 0.0  # strict rule: no reference generation flagged
+    # portable: the model folder relative to the config file, resolved against it when read
+    assert not os.path.isabs(doc["model_path"]) and Path(conf.model_path).resolve() == Path(tiny_ddpm).resolve()
     assert conf.threshold is None and conf.guard["steps"] == 3 and conf.guard["metric"] == "std"
     # 1% of 4 reference generations < 1: the threshold sits just above the largest reference score
     ref = memdetect.guard(memdetect.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)

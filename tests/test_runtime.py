@@ -165,3 +165,23 @@ def test_the_retained_heap_is_bounded_by_one_batchs_working_set():
 def test_set_working_set_is_a_no_op_unless_memory_is_retained():
     assert not runtime.retained() and runtime.set_working_set(2**30) is False and runtime.working_set() is None
     assert runtime.bound_heap() is False
+
+
+def test_small_models_run_with_one_cpu_thread(monkeypatch):
+    """bench on a tiny model: one torch thread on a CPU (intra-op threads cost many times what they save on a busy
+    machine, benchmarks/RESULTS.md); a large model, a GPU or MEMDETECT_KEEP_THREADS=1 keep torch's setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        tiny, large = torch.nn.Linear(10, 10), torch.nn.Linear(5000, 4001)  # 110 and 20,009,001 parameters
+        torch.set_num_threads(2)
+        assert not runtime.one_thread_for_small_models([large], "cpu") and torch.get_num_threads() == 2
+        assert not runtime.one_thread_for_small_models([tiny], "cuda") and torch.get_num_threads() == 2
+        monkeypatch.setenv("MEMDETECT_KEEP_THREADS", "1")
+        assert not runtime.one_thread_for_small_models([tiny], "cpu") and torch.get_num_threads() == 2
+        monkeypatch.delenv("MEMDETECT_KEEP_THREADS")
+        assert runtime.one_thread_for_small_models([tiny], torch.device("cpu")) and torch.get_num_threads() == 1
+        assert not runtime.one_thread_for_small_models([tiny], "cpu")  # already one
+    finally:
+        torch.set_num_threads(before)

@@ -301,3 +301,39 @@ def test_ctrl_c_after_the_report_says_it_was_written(tiny_ddpm, images_dir, tmp_
     assert res.exit_code == 130
     (line,) = error_lines(res.output)
     assert "after the report was written" in line and str(out) in line and len(pd.read_csv(out)) == 5
+
+
+# -- shell completion --------------------------------------------------------------------------------------------------
+
+def test_shell_completion_script_and_completions(tmp_path):
+    """``--show-completion`` prints the completion script for the console script's name (for the shell it runs under),
+    and the completion protocol the script calls (``_MEMDETECT_COMPLETE``) completes commands and a command's
+    options."""
+    import os
+    import subprocess
+
+    import shlex
+    import shutil
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the script itself, whatever the parent process (click's protocol, what --show-completion prints)
+    res = subprocess.run([sys.executable, "-m", "memdetect"], capture_output=True, text=True, timeout=120,
+                         env={**env, "_MEMDETECT_COMPLETE": "source_bash"})
+    assert res.returncode == 0, res.stderr
+    assert "_MEMDETECT_COMPLETE=complete_bash" in res.stdout and "complete -o default -F" in res.stdout
+    if shutil.which("bash"):  # --show-completion detects the shell it runs under (here bash; "; true": no exec)
+        cmd = f"{shlex.quote(sys.executable)} -m memdetect --show-completion; true"
+        shown = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=120, env=env)
+        assert shown.stdout.strip() == res.stdout.strip(), shown.stderr
+
+    def complete(words: str, cword: int) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "memdetect"], capture_output=True, text=True, timeout=120,
+                           env={**env, "_MEMDETECT_COMPLETE": "complete_bash", "COMP_WORDS": words,
+                                "COMP_CWORD": str(cword)})
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert complete("memdetect sc", 1) == ["scan"]
+    assert {"calibrate", "audit", "generate", "bench"} <= set(complete("memdetect ", 1))
+    assert "--model" in complete("memdetect scan --mo", 2)
+    assert "--install-completion" in invoke("--help").output

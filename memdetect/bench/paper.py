@@ -778,6 +778,10 @@ def _load(model: str, model_path: str | None, bench: str, procs: Processes, devi
         device = procs.device
     # the baselines run full forwards, generation and decoding: the whole model stays (prune=False)
     det = Detector.from_pretrained(model, model_path, device=device, dtype=dtype, prune=False)
+    from ..runtime import one_thread_for_small_models
+
+    # a tiny model's operations are too small for threads: on a busy machine they cost many times what they save
+    one_thread_for_small_models(det.adapter.networks(), det.adapter.device)
     need, have = BENCH_CONDITIONING[bench], det.adapter.conditioning
     if have != need:
         raise UsageError(f"bench {bench} needs a model that is {CONDITIONING[need]}; {det.name} is a "
