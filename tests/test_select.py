@@ -131,7 +131,8 @@ def test_the_selection_finds_the_planted_layer_and_beats_the_default():
     assert candidate_layers(det) == ["mix", "stem", "planted"]  # the default first, then the adapter's proposal
     images, labels = labelled_set()
     sel, cands, scores = select_from_images(det, images, labels, timesteps=(10, 50), n_boot=200)
-    assert len(cands) == 3 * 2 * 4 and scores.shape == (len(cands), len(labels))
+    assert len(cands) == 3 * 2 * 4 * 2 and scores.shape == (len(cands), len(labels))  # raw and normalised
+    assert sum(c.normalise == "reference" for c in cands) == 3 * 2 * 4 and sel.normalisation_considered
     assert sel.best.layer == "planted" and sel.chosen == sel.best and not sel.kept_default
     ev = sel.evidence
     assert ev.selected_auroc[0] >= 0.99 and ev.selected_tpr[0] >= 0.9
@@ -225,7 +226,7 @@ def test_calibrate_select_layer_writes_a_toml_that_drives_scan_and_audit(planted
     assert cfg.layer == "planted" and cfg.timestep in (10, 50) and cfg.metric in ("std", "l4l2", "entropy", "maxmin")
     sel = cfg.selection
     assert sel["decision"] == "selected" and sel["chosen"]["layer"] == "planted" and sel["chosen"]["sign"] == 1
-    assert sel["default"] == {"layer": "mix", "timestep": 50, "metric": "std", "sign": 1}
+    assert sel["default"] == {"layer": "mix", "timestep": 50, "metric": "std", "sign": 1, "normalise": "none"}
     assert sel["n_memorized"] == 24 and sel["n_novel"] == 110 and sel["n_candidates"] == 3 * 2 * 4
     assert len(sel["selected_auroc"]) == 3 and sel["selected_auroc"][0] >= 0.99
     assert len(sel["fold_choices"]) == 5
