@@ -367,3 +367,53 @@ def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted
     scores = pd.read_csv(out / "scores.csv")
     picked = scores["ours_selected"]
     assert picked.isna().to_numpy()[sel].all() and picked.notna().to_numpy()[held].all()
+
+
+def test_bench_demo_scores_a_normalised_pick_with_the_selection_halfs_novel_statistics(planted, tmp_path,
+                                                                                         monkeypatch):
+    """A reference-normalised pick in ``bench demo``: the held-out half is scored with channel statistics fitted on
+    the selection half's novel images only (a spy on ``reference_statistics`` sees exactly their features), the
+    scores those of a Detector that normalises with them."""
+    import dataclasses
+
+    import pandas as pd
+
+    import memdetect.select as select_module
+    from memdetect.bench.demo import run_demo, split_halves
+
+    images, labels = labelled_set(60, 220, seed=3)
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", samples=images.numpy())
+    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
+                                                                                             "unique")}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    real, real_stats = select_module.select_from_images, select_module.reference_statistics
+    fitted = []
+
+    def forced(det, imgs, y, **kw):  # whatever the rule picks, make it the normalised planted layer
+        sel, cands, scores = real(det, imgs, y, **kw)
+        fitted.clear()  # the selection's own fold-local fits: what follows is the held-out scoring's
+        pick = Candidate("planted", 10, "std", normalise="reference")
+        return dataclasses.replace(sel, chosen=pick, kept_default=False), cands, scores
+
+    def spy(feats):
+        fitted.append(feats.clone())
+        return real_stats(feats)
+
+    monkeypatch.setattr(select_module, "select_from_images", forced)
+    monkeypatch.setattr(select_module, "reference_statistics", spy)
+    out = tmp_path / "out"
+    run_demo(out, model="planted-demo", data_folder=folder, device="cpu", n_boot=100)
+    sel, held = split_halves(labels, 0.5, 0)
+    novel_sel = sel[labels[sel] == 0]
+    det = Detector(planted_detector().adapter, layer="planted", timestep=10, prune=False)
+    expected = det.features(images[novel_sel])
+    assert len(fitted) == 1 and torch.allclose(fitted[0], expected)  # the selection half's novel images, no other
+    det.normalise = real_stats(expected)
+    want = det.score_tensor(images[held])["std"]
+    got = pd.read_csv(out / "scores.csv")["ours_selected"].to_numpy()[held]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    raw = Detector(planted_detector().adapter, layer="planted", timestep=10, prune=False).score_tensor(images[held])
+    assert not np.allclose(got, raw["std"], rtol=1e-3)
+    assert json.loads((out / "selection.json").read_text())["chosen"]["normalise"] == "reference"

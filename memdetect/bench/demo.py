@@ -342,7 +342,7 @@ def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, method
     if c.normalise == "reference":  # statistics from the selection half's novel images only
         from ..select import reference_statistics
 
-        ref = images[sel][labels[sel] == 0]
+        ref = images[torch.from_numpy(sel[labels[sel] == 0])]
         ref_feats = torch.cat([scanner.features(ref[i:i + batch_size],
                                                 [image_seed(v, det.seed) for v in ref[i:i + batch_size].numpy()])
                                for i in range(0, len(ref), batch_size)])
