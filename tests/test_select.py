@@ -417,3 +417,73 @@ def test_bench_demo_scores_a_normalised_pick_with_the_selection_halfs_novel_stat
     raw = Detector(planted_detector().adapter, layer="planted", timestep=10, prune=False).score_tensor(images[held])
     assert not np.allclose(got, raw["std"], rtol=1e-3)
     assert json.loads((out / "selection.json").read_text())["chosen"]["normalise"] == "reference"
+
+
+# -- normalisation as part of the configuration -------------------------------------------------------------------
+def nuisance_features(n_mem: int = 40, n_novel: int = 200, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """Pooled vectors [N, 16] at one layer: channel 0 a high-variance nuisance (sd 40, unrelated to the label), the
+    others N(0, 1); memorized vectors have channel 1 raised by 6 sd. Raw, the nuisance dominates every spikiness
+    score; z-scored per channel with novel statistics, the raised channel makes memorized vectors spiky."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n_mem, int), np.zeros(n_novel, int)]
+    v = rng.normal(size=(len(labels), 16)) + 3.0
+    v[:, 0] = 5.0 + rng.normal(scale=40.0, size=len(labels))
+    v[labels == 1, 1] += 6.0
+    return {("a", 50): torch.from_numpy(v).float()}, labels
+
+
+def test_the_selection_picks_normalised_where_the_signal_separates_only_after_z_scoring():
+    from memdetect.select import FeatureScores
+
+    feats, labels = nuisance_features()
+    scorer = FeatureScores(feats)
+    cands = scorer.candidates
+    assert len(cands) == 8 and sum(c.normalise == "reference" for c in cands) == 4
+    default = Candidate("a", 50, "std")
+    sel = select_configuration(scorer, labels, cands, default, n_boot=200)
+    ev = sel.evidence
+    assert ev.default_auroc[0] < 0.7  # raw std: the nuisance channel hides the signal
+    assert sel.chosen.normalise == "reference" and not sel.kept_default and sel.chosen.layer == "a"
+    assert ev.selected_auroc[0] >= 0.97 and ev.clearly_better
+    assert all(c.endswith("reference-normalised") for c in ev.fold_choices)
+    rec = sel.record()
+    assert rec["normalise"] == "reference" and rec["normalisation_considered"] is True
+    assert rec["chosen"]["normalise"] == "reference" and rec["default"]["normalise"] == "none"
+    # without normalised candidates, the same data keeps the raw default
+    raw = FeatureScores(feats, normalise=False)
+    sel_raw = select_configuration(raw, labels, raw.candidates, default, n_boot=200)
+    assert sel_raw.chosen.normalise == "none" and sel_raw.record()["normalisation_considered"] is False
+
+
+def test_normalisation_statistics_are_fitted_on_the_choosing_parts_novel_images_only():
+    """Spies on the score matrix (which novel images fit the statistics) and on the rule (which images it chooses
+    on): in every fold the statistics come from exactly the novel images of the choosing part, never from the fold
+    being scored; a fold's out-of-sample scores use those fold-local statistics."""
+    from memdetect.select import FeatureScores
+
+    feats, labels = nuisance_features(30, 150, seed=1)
+    references: list[np.ndarray] = []
+    rows_seen: list[np.ndarray] = []
+
+    class Spy(FeatureScores):
+        def __call__(self, reference):
+            references.append(np.asarray(reference).copy())
+            return super().__call__(reference)
+
+    def rule(s, y, rows, default):
+        rows_seen.append(np.asarray(rows).copy())
+        return choose(s, y, rows, default)
+
+    scorer = Spy(feats)
+    select_configuration(scorer, labels, scorer.candidates, Candidate("a", 50, "std"), n_boot=100, chooser=rule)
+    assert len(references) == len(rows_seen) == 6
+    everyone = np.arange(len(labels))
+    for ref, rows in zip(references[:5], rows_seen[:5]):
+        scored = np.setdiff1d(everyone, rows)
+        assert len(np.intersect1d(ref, scored)) == 0  # no image of the scored fold fits the statistics
+        assert np.array_equal(np.sort(ref), np.sort(rows[labels[rows] == 0]))  # the choosing part's novel images
+        assert (labels[ref] == 0).all()
+    assert np.array_equal(np.sort(references[5]), np.flatnonzero(labels == 0))  # the final pick: every novel image
+    # the statistics really are fold-local: a fold's normalised scores change with the choosing part
+    a, b = scorer(references[0]), scorer(references[1])
+    assert np.allclose(a[:4], b[:4]) and not np.allclose(a[4:], b[4:])
