@@ -487,3 +487,81 @@ def test_normalisation_statistics_are_fitted_on_the_choosing_parts_novel_images_
     # the statistics really are fold-local: a fold's normalised scores change with the choosing part
     a, b = scorer(references[0]), scorer(references[1])
     assert np.allclose(a[:4], b[:4]) and not np.allclose(a[4:], b[4:])
+
+
+class NuisanceNet(PlantedNet):
+    """``planted`` with a weak red channel (0) and a strong grey-level channel (1, large offset and gain): raw, the
+    grey level of the background dominates every score; z-scored with novel statistics, red squares stand out."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.planted.weight[0, :, 0, 0] = torch.tensor([0.5, -0.5, -0.5])
+            self.planted.weight[1, :, 0, 0] = torch.tensor([15.0, 15.0, 15.0])
+            self.planted.bias[1] = 20.0
+
+
+class NuisanceAdapter(PlantedAdapter):
+    family = "nuisance"
+
+    @classmethod
+    def load(cls, source, *, device, dtype, **options):
+        from diffusers import DDPMScheduler
+
+        return cls(NuisanceNet().to(device, dtype), DDPMScheduler(num_train_timesteps=1000), resolution=16,
+                   device=device, dtype=dtype, source=str(source))
+
+
+def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_path):
+    """A normalised pick: memdetect.toml says ``normalise = "reference"`` with [calibration.channels] fitted on the
+    reference's statistics half (``calibrate.split_reference``, as ``--normalise reference``), [selection] records
+    it, the file round-trips, and ``scan --config`` scores with those statistics (not raw)."""
+    import pandas as pd
+
+    import tomllib
+
+    from memdetect.calibrate import split_reference
+    from memdetect.select import read_images, reference_statistics
+
+    register_adapter(NuisanceAdapter)
+    (tmp_path / "nuisance-model").mkdir()
+    register_preset(Preset("nuisance-demo", "nuisance", str(tmp_path / "nuisance-model"), note="test"))
+    mem = write_pngs(tmp_path / "memorized", square_images(30, RED, 5))
+    novel = write_pngs(tmp_path / "novel", square_images(220, OTHERS, 6))
+    toml = tmp_path / "memdetect.toml"
+    res = invoke("calibrate", novel, "--memorized", mem, "--model", "nuisance-demo", "--select-layer", "--timesteps",
+                 "10,50", "--output", toml, "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    cfg = load_config(toml)  # round trip
+    assert cfg.normalise == "reference" and cfg.layer == "planted" and cfg.channels is not None
+    sel = cfg.selection
+    assert sel["normalise"] == "reference" and sel["normalisation_considered"] is True
+    assert sel["chosen"]["normalise"] == "reference" and sel["decision"] == "selected"
+    assert sel["n_candidates"] == 3 * 2 * 4 * 2
+    fit_half, threshold_half = split_reference([novel])
+    assert len(fit_half) == 110
+    doc = tomllib.loads(toml.read_text())
+    assert doc["calibration"]["n_normalise"] == 110 and doc["calibration"]["n_reference"] == 110
+    det = Detector(NuisanceAdapter.load("x", device=torch.device("cpu"), dtype=torch.float32), layer=cfg.layer,
+                   timestep=cfg.timestep, prune=False)
+    px, _, _ = read_images(fit_half, 16)
+    stats = reference_statistics(det.features(px))
+    assert np.allclose(cfg.channels["mean"], stats["mean"], rtol=1e-4, atol=1e-5)
+    assert np.allclose(cfg.channels["std"], stats["std"], rtol=1e-3, atol=1e-5)
+    # scan --config: scores with the file's statistics, flags the new red squares only
+    new_mem = write_pngs(tmp_path / "scan" / "memorized", square_images(5, RED, 7))
+    write_pngs(tmp_path / "scan" / "novel", square_images(5, OTHERS, 8))
+    report = tmp_path / "report.csv"
+    res = invoke("scan", tmp_path / "scan", "--config", toml, "--output", report, "--device", "cpu", "--quiet",
+                 "--no-resume")
+    assert res.exit_code == 1, res.output
+    df = pd.read_csv(report).sort_values("path")
+    flagged = df.loc[df["memorized"], "path"].tolist()
+    assert len(flagged) == 5 and all(str(new_mem.name) in p for p in flagged)
+    scan_px, names, _ = read_images([tmp_path / "scan"], 16)
+    order = np.argsort(names)
+    det.normalise = {k: list(v) for k, v in cfg.channels.items()}
+    want = det.score_tensor(scan_px)[cfg.metric][order]
+    assert np.allclose(df["score"].to_numpy(), want, rtol=1e-4, atol=1e-5)
+    det.normalise = None
+    assert not np.allclose(df["score"].to_numpy(), det.score_tensor(scan_px)[cfg.metric][order], rtol=1e-2)
