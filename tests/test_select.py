@@ -565,3 +565,10 @@ def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_p
     assert np.allclose(df["score"].to_numpy(), want, rtol=1e-4, atol=1e-5)
     det.normalise = None
     assert not np.allclose(df["score"].to_numpy(), det.score_tensor(scan_px)[cfg.metric][order], rtol=1e-2)
+
+
+def test_select_layer_refuses_normalise_because_it_tries_both_itself(planted, tmp_path):
+    novel = write_pngs(tmp_path / "novel", square_images(3, OTHERS, 6))
+    res = invoke("calibrate", novel, "--memorized", novel, "--model", "planted-demo", "--select-layer",
+                 "--normalise", "reference", "--output", tmp_path / "m.toml", "--device", "cpu")
+    assert res.exit_code == 2 and "raw and reference-normalised itself" in " ".join(res.output.split()), res.output
