@@ -293,7 +293,8 @@ class Evidence:
         return up and not down
 
 
-def nested_evaluation(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate], default: int, *,
+def nested_evaluation(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate],
+                      default: int, *,
                       folds: int = FOLDS, seed: int = 0, n_boot: int = 1000,
                       chooser: Callable[[np.ndarray, np.ndarray, np.ndarray, int | None], int] = choose) -> Evidence:
     """Out-of-sample AUROC and TPR@1%FPR of the selection procedure and of the default, and their paired
@@ -356,7 +357,8 @@ def _cand(c: Candidate) -> dict:
     return {"layer": c.layer, "timestep": c.timestep, "metric": c.metric, "sign": c.sign, "normalise": c.normalise}
 
 
-def select_configuration(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate], default: Candidate,
+def select_configuration(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate],
+                         default: Candidate,
                          *, folds: int = FOLDS, seed: int = 0, n_boot: int = 1000,
                          chooser: Callable = choose) -> Selection:
     """Choose the configuration from ``scores`` ([K, N]: every candidate on every labelled image) and ``labels``
@@ -489,8 +491,8 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
                        n_boot: int = 1000,
                        on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
                        positives: torch.Tensor | None = None, source: str = "labelled images"):
-    """``memdetect calibrate --select-layer``: choose (layer, timestep, metric, normalisation) on ``reference`` (novel) and
-    ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
+    """``memdetect calibrate --select-layer``: choose (layer, timestep, metric, normalisation) on ``reference`` (novel)
+    and ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
     the reference images exactly as ``memdetect.calibrate.calibrate_paths`` does (a reference-normalised pick with
     ``normalise="reference"``: half the reference fits the channel statistics, half sets the threshold; considered
     only when the reference allows that split, ``calibrate.split_reference``), and write memdetect.toml with a
@@ -560,10 +562,11 @@ def provenance(selection: dict | None) -> str:
     from .text import printable
 
     labels = selection.get("labels", "labelled images")
+    norm = ", reference-normalised" if c.get("normalise") == "reference" else ""
     return printable(f"{what} by `memdetect calibrate --select-layer` from {labels} "
             f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
             f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
-            f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
+            f"{c.get('metric')}{norm}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
             f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
             f"TPR@1%FPR {iv('default_tpr')}", 600)
 

@@ -537,7 +537,7 @@ def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_p
     sel = cfg.selection
     assert sel["normalise"] == "reference" and sel["normalisation_considered"] is True
     assert sel["chosen"]["normalise"] == "reference" and sel["decision"] == "selected"
-    assert sel["n_candidates"] == 3 * 2 * 4 * 2
+    assert sel["n_candidates"] == 3 * 2 * 4 * 2 and "t=" in provenance(sel) and "reference-normalised" in provenance(sel)
     fit_half, threshold_half = split_reference([novel])
     assert len(fit_half) == 110
     doc = tomllib.loads(toml.read_text())
