@@ -678,8 +678,9 @@ def calibrate(
         raise UsageError("give the reference images (known novel), or --guard to calibrate the in-generation guard")
     if select_layer or layers or training_duplicates:
         if normalise != "none" or draws != 1:
-            raise UsageError("--select-layer chooses with one noise draw and no normalisation: drop --draws and "
-                             "--normalise (or calibrate them without --select-layer)")
+            raise UsageError("--select-layer chooses with one noise draw and tries every candidate raw and "
+                             "reference-normalised itself: drop --draws and --normalise (or calibrate them without "
+                             "--select-layer)")
         return _calibrate_select(reference=reference, memorized=memorized, layers=layers, timesteps=timesteps,
                                  training_duplicates=training_duplicates, fpr=fpr, output=output, force=force,
                                  model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,

@@ -565,10 +565,11 @@ def provenance(selection: dict | None) -> str:
 
     what = "selected" if selection.get("decision") == "selected" else "family default kept"
     labels = selection.get("labels", "labelled images")
+    norm = ", reference-normalised" if c.get("normalise") == "reference" else ""
     return printable(f"{what} by `memdetect calibrate --select-layer` from {labels} "
             f"({selection.get('n_memorized')} memorized, {selection.get('n_novel')} novel, "
             f"{selection.get('n_candidates')} candidates): {c.get('layer')} at t={c.get('timestep')}, "
-            f"{c.get('metric')}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
+            f"{c.get('metric')}{norm}; out of sample AUROC {iv('selected_auroc')}, TPR@1%FPR {iv('selected_tpr')}; "
             f"default {d.get('layer')} at t={d.get('timestep')}, {d.get('metric')}: AUROC {iv('default_auroc')}, "
             f"TPR@1%FPR {iv('default_tpr')}", 600)
 

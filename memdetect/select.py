@@ -19,6 +19,12 @@ perfectly). ``select_configuration`` chooses among candidates from images known 
   of the *choosing* part's novel images (so that folds that chose different candidates can be pooled); the family
   default is standardised the same way. AUROC and TPR@1%FPR of the pooled out-of-fold scores come with stratified
   bootstrap intervals (``memdetect.bench.metrics``), and so does the paired difference (selection minus default).
+* **normalisation** (``FeatureScores``): every (layer, timestep, metric) is tried twice: raw, and of the pooled
+  vector z-scored per channel with the mean and standard deviation of *novel* images (what ``calibrate --normalise
+  reference`` and ``Detector(normalise=...)`` do). The statistics are fold-local: in every fold they are fitted on
+  the novel images of the choosing part only (``reference_statistics``), never on the fold's images being scored; the
+  final pick fits them on every novel image, and the config's statistics come from ``calibrate --normalise
+  reference``'s own split of the reference (half fit them, half set the threshold).
 * **the decision**: the rule chooses the final candidate on every image; it replaces the default only when the paired
   difference is clearly positive (an interval of AUROC or TPR above 0, neither below 0). Otherwise the default is
   kept, and the evidence says so.
@@ -62,9 +68,11 @@ class Candidate:
     timestep: int
     metric: str
     sign: int = 1
+    normalise: str = "none"  # "reference": the pooled vector z-scored per channel with novel images' statistics
 
     def __str__(self) -> str:
-        return f"{self.layer} @ t={self.timestep}, {self.metric}"
+        return f"{self.layer} @ t={self.timestep}, {self.metric}" + (
+            ", reference-normalised" if self.normalise == "reference" else "")
 
 
 def needed_message(n_memorized: int, n_novel: int) -> str | None:
@@ -163,6 +171,58 @@ def score_matrix(features: dict[tuple[str, int], torch.Tensor], metrics: Sequenc
     return cands, np.stack(rows) if rows else np.zeros((0, 0))
 
 
+def reference_statistics(feats: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-channel ``mean`` and ``std`` (float64, unbiased) of novel images' pooled activations ``[n, C]``: the form
+    ``Detector(normalise=...)`` and ``[calibration.channels]`` take."""
+    f = feats.double()
+    if len(f) < 2:
+        raise UsageError("reference normalisation needs at least 2 novel images")
+    return {"mean": f.mean(dim=0).numpy(), "std": f.std(dim=0).numpy()}
+
+
+class FeatureScores:
+    """Every candidate's scores from captured features, raw and (with ``normalise``) reference-normalised, for a
+    fixed candidate list. Calling it with ``reference`` (indices of novel images) gives the ``[K, N]`` matrix whose
+    normalised rows use statistics fitted on those images only (``reference_statistics``); a normalised row that is
+    not all finite or all equal with those statistics is constant (AUROC 0.5, never the pick)."""
+
+    def __init__(self, features: dict[tuple[str, int], torch.Tensor], metrics: Sequence[str] = tuple(SCORES), *,
+                 normalise: bool = True):
+        self.features = features
+        self.metrics = list(metrics)
+        raw_cands, self.raw = score_matrix(features, self.metrics)
+        norm = [Candidate(lt[0], lt[1], m, normalise="reference") for lt in features for m in self.metrics]
+        self.candidates = raw_cands + (norm if normalise else [])
+
+    @property
+    def n_raw(self) -> int:
+        return len(self.raw)
+
+    def __call__(self, reference: np.ndarray) -> np.ndarray:
+        from .scores import standardise
+
+        reference = np.asarray(reference)
+        n = len(self.candidates) - self.n_raw
+        if not n:
+            return self.raw
+        rows = []
+        for lt, v in self.features.items():
+            st = reference_statistics(v[reference])
+            z = standardise(v.double(), torch.from_numpy(st["mean"]), torch.from_numpy(st["std"]))
+            for m in self.metrics:
+                s = SCORES[m](z).double().numpy()
+                rows.append(s if np.isfinite(s).all() and np.ptp(s) > 0 else np.zeros(len(s)))
+        return np.concatenate([self.raw, np.stack(rows)]) if len(self.raw) else np.stack(rows)
+
+
+def _matrix(scores, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The score matrix for a choice made on ``rows``: ``scores`` itself, or (a ``FeatureScores``) with the
+    normalisation statistics fitted on the novel images among ``rows`` only."""
+    if callable(scores):
+        return scores(rows[labels[rows] == 0])
+    return scores
+
+
 # -- the rule ----------------------------------------------------------------------------------------------------------
 def _aurocs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """AUROC of every row of ``scores`` [K, n] (Mann-Whitney, ties one half)."""
@@ -234,12 +294,14 @@ class Evidence:
         return up and not down
 
 
-def nested_evaluation(scores: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate], default: int, *,
+def nested_evaluation(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate],
+                      default: int, *,
                       folds: int = FOLDS, seed: int = 0, n_boot: int = 1000,
                       chooser: Callable[[np.ndarray, np.ndarray, np.ndarray, int | None], int] = choose) -> Evidence:
     """Out-of-sample AUROC and TPR@1%FPR of the selection procedure and of the default, and their paired
     difference, by stratified k-fold: each fold is scored by the candidate chosen on the other folds (see the module
-    docstring). ``chooser`` is the rule (a test passes a spy)."""
+    docstring). ``scores``: ``[K, N]``, or a ``FeatureScores`` whose normalisation statistics are fitted in each fold
+    on the choosing part's novel images only. ``chooser`` is the rule (a test passes a spy)."""
     from sklearn.model_selection import StratifiedKFold
 
     from .bench.metrics import bootstrap_metrics, paired_difference
@@ -250,11 +312,12 @@ def nested_evaluation(scores: np.ndarray, labels: np.ndarray, candidates: Sequen
     choices = []
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for inner, outer in kfold.split(np.zeros(len(labels)), labels):
-        pick = chooser(scores, labels, inner, default)
+        m = _matrix(scores, labels, inner)
+        pick = chooser(m, labels, inner, default)
         choices.append(str(candidates[pick]))
         for k, dest in ((pick, oos_sel), (default, oos_def)):
-            ref = scores[k, inner][labels[inner] == 0]
-            dest[outer] = (scores[k, outer] - ref.mean()) / (ref.std() + 1e-12)
+            ref = m[k, inner][labels[inner] == 0]
+            dest[outer] = (m[k, outer] - ref.mean()) / (ref.std() + 1e-12)
     sel = bootstrap_metrics(labels, oos_sel, n_boot=n_boot, seed=seed)
     dfl = bootstrap_metrics(labels, oos_def, n_boot=n_boot, seed=seed)
     diff = paired_difference(labels, oos_sel, oos_def, n_boot=n_boot, seed=seed)
@@ -278,37 +341,43 @@ class Selection:
     evidence: Evidence
     inverted: int  # candidates with AUROC < 0.5 on every image (never chosen: a scan flags score >= threshold)
     best_in_sample: dict = field(default_factory=dict)
+    normalisation_considered: bool = False
 
     def record(self) -> dict:
         """The ``[selection]`` table of memdetect.toml (evidence included)."""
         ev = asdict(self.evidence)
         return {"method": "nested stratified k-fold: choose on the other folds, score the held-out fold",
                 "rule": "highest AUROC, then TPR@1%FPR, then d', then the default",
+                "normalise": self.chosen.normalise, "normalisation_considered": self.normalisation_considered,
                 "decision": "selected" if not self.kept_default else "kept default", "reason": self.reason,
                 "chosen": _cand(self.chosen), "best": _cand(self.best), "default": _cand(self.default),
                 "inverted_candidates": self.inverted, "best_in_sample": self.best_in_sample, **ev}
 
 
 def _cand(c: Candidate) -> dict:
-    return {"layer": c.layer, "timestep": c.timestep, "metric": c.metric, "sign": c.sign}
+    return {"layer": c.layer, "timestep": c.timestep, "metric": c.metric, "sign": c.sign, "normalise": c.normalise}
 
 
-def select_configuration(scores: np.ndarray, labels: np.ndarray, candidates: Sequence[Candidate], default: Candidate,
+def select_configuration(scores: np.ndarray | FeatureScores, labels: np.ndarray, candidates: Sequence[Candidate],
+                         default: Candidate,
                          *, folds: int = FOLDS, seed: int = 0, n_boot: int = 1000,
                          chooser: Callable = choose) -> Selection:
     """Choose the configuration from ``scores`` ([K, N]: every candidate on every labelled image) and ``labels``
-    (1 memorized, 0 novel): see the module docstring. Refuses too few images (``check_counts``)."""
+    (1 memorized, 0 novel), or a ``FeatureScores`` (raw and reference-normalised candidates, fold-local statistics):
+    see the module docstring. Refuses too few images (``check_counts``)."""
     labels = np.asarray(labels, int)
     check_counts(labels)
     if default not in candidates:
         raise UsageError(f"the family default ({default}) is not among the candidates")
     d = list(candidates).index(default)
     ev = nested_evaluation(scores, labels, candidates, d, folds=folds, seed=seed, n_boot=n_boot, chooser=chooser)
-    best_i = chooser(scores, labels, np.arange(len(labels)), d)
+    everything = np.arange(len(labels))
+    full = _matrix(scores, labels, everything)
+    best_i = chooser(full, labels, everything, d)
     best = candidates[best_i]
-    auc = _aurocs(scores, labels)
-    in_sample = {"auroc": float(auc[best_i]), "tpr": float(_tprs(scores[[best_i]], labels)[0]),
-                 "default_auroc": float(auc[d]), "default_tpr": float(_tprs(scores[[d]], labels)[0])}
+    auc = _aurocs(full, labels)
+    in_sample = {"auroc": float(auc[best_i]), "tpr": float(_tprs(full[[best_i]], labels)[0]),
+                 "default_auroc": float(auc[d]), "default_tpr": float(_tprs(full[[d]], labels)[0])}
     if best == default:
         keep, reason = True, "the rule picks the family default"
     elif ev.clearly_better:
@@ -318,7 +387,8 @@ def select_configuration(scores: np.ndarray, labels: np.ndarray, candidates: Seq
         keep, reason = True, ("not clearly better than the default out of sample (paired AUROC difference "
                               f"{_iv(ev.difference_auroc)}, TPR difference {_iv(ev.difference_tpr)}): kept the default")
     return Selection(chosen=default if keep else best, best=best, default=default, kept_default=keep, reason=reason,
-                     evidence=ev, inverted=int((auc < 0.5).sum()), best_in_sample=in_sample)
+                     evidence=ev, inverted=int((auc < 0.5).sum()), best_in_sample=in_sample,
+                     normalisation_considered=any(c.normalise != "none" for c in candidates))
 
 
 def _iv(v: Sequence[float]) -> str:
@@ -327,11 +397,12 @@ def _iv(v: Sequence[float]) -> str:
 
 def select_from_images(detector, images: torch.Tensor, labels: np.ndarray, *, layers: Sequence[str] | None = None,
                        timesteps: Sequence[int] = DEFAULT_TIMESTEPS, batch_size: int | None = None,
-                       folds: int = FOLDS, seed: int = 0, n_boot: int = 1000,
+                       folds: int = FOLDS, seed: int = 0, n_boot: int = 1000, normalise: bool = True,
                        on_batch: Callable[[int], None] | None = None) -> tuple[Selection, list[Candidate], np.ndarray]:
     """The whole procedure on uint8 ``images`` with ``labels``: candidates, capture, selection. ``detector``: loaded
-    with ``prune=False`` (the candidates may lie past its own layer). Returns the selection, the candidates and their
-    score matrix."""
+    with ``prune=False`` (the candidates may lie past its own layer). ``normalise``: try every candidate raw and
+    reference-normalised too (fold-local statistics, ``FeatureScores``). Returns the selection, the candidates and
+    their score matrix (normalised rows with statistics from every novel image)."""
     labels = np.asarray(labels, int)
     check_counts(labels)
     layers = list(layers) if layers else candidate_layers(detector)
@@ -347,10 +418,11 @@ def select_from_images(detector, images: torch.Tensor, labels: np.ndarray, *, la
              len(layers), len(steps), len(SCORES), int(labels.sum()), int((1 - labels).sum()))
     feats = capture_features(detector, images, layers=layers, timesteps=steps, batch_size=batch_size,
                              on_batch=on_batch)
-    cands, scores = score_matrix(feats)
+    scorer = FeatureScores(feats, normalise=normalise)
+    cands = scorer.candidates
     default = Candidate(default_layer, int(detector.timestep), detector.metric)
-    sel = select_configuration(scores, labels, cands, default, folds=folds, seed=seed, n_boot=n_boot)
-    return sel, cands, scores
+    sel = select_configuration(scorer, labels, cands, default, folds=folds, seed=seed, n_boot=n_boot)
+    return sel, cands, scorer(np.flatnonzero(labels == 0))
 
 
 
@@ -420,13 +492,15 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
                        n_boot: int = 1000,
                        on_batch: Callable[[int, int], None] | None = None, num_workers: int | None = None,
                        positives: torch.Tensor | None = None, source: str = "labelled images"):
-    """``memdetect calibrate --select-layer``: choose (layer, timestep, metric) on ``reference`` (novel) and
-    ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
-    the reference images exactly as ``memdetect.calibrate.calibrate_paths`` does, and write memdetect.toml with a
+    """``memdetect calibrate --select-layer``: choose (layer, timestep, metric, normalisation) on ``reference`` (novel)
+    and ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
+    the reference images exactly as ``memdetect.calibrate.calibrate_paths`` does (a reference-normalised pick with
+    ``normalise="reference"``: half the reference fits the channel statistics, half sets the threshold; considered
+    only when the reference allows that split, ``calibrate.split_reference``), and write memdetect.toml with a
     ``[selection]`` table (the evidence). ``detector``: loaded with ``prune=False``; its layer, timestep and metric
     are the default the selection must beat. ``positives``: memorized images given as pixels instead of files
     (``--training-duplicates``), ``source`` says where the labels came from. Returns (Calibration, Selection)."""
-    from .calibrate import calibrate_paths, check_fpr, check_output
+    from .calibrate import calibrate_paths, check_fpr, check_output, split_reference
     from .detector import Detector
 
     check_fpr(fpr)
@@ -443,6 +517,12 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
     images = torch.cat([mem_px, ref_px])
     labels = np.r_[np.ones(len(mem_px), int), np.zeros(len(ref_px), int)]
     layers = list(layers) if layers else candidate_layers(detector, patterns)
+    try:  # a normalised pick is calibrated with --normalise reference's split of the reference: it must be possible
+        split_reference(reference)
+        normalise = True
+    except UsageError as e:
+        normalise = False
+        log.info("reference normalisation not considered: %s", e)
     total = len(images)
     done = [0]
 
@@ -452,7 +532,7 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
             on_batch(done[0], total)
 
     sel, cands, _ = select_from_images(detector, images, labels, layers=layers, timesteps=timesteps, folds=folds,
-                                       n_boot=n_boot, on_batch=progress)
+                                       n_boot=n_boot, on_batch=progress, normalise=normalise)
     c = sel.chosen
     final = Detector(a, layer=c.layer, timestep=c.timestep, metric=c.metric, seed=detector.seed,
                      batch_size=detector.batch_size, prune=False, name=detector.name)
@@ -460,13 +540,13 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
               "layers": list(layers), "n_errored": len(ref_err) + len(mem_err)}
     cal = calibrate_paths(final, reference, fpr=fpr, memorized=memorized if positives is None else (),
                           output=output, force=True, model=model or detector.name, model_path=model_path, sigma=sigma,
-                          on_batch=on_batch, num_workers=num_workers, selection=record)
+                          on_batch=on_batch, num_workers=num_workers, selection=record, normalise=c.normalise)
     return cal, sel
 
 
 
 
-__all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "MIN_MEMORIZED", "MIN_NOVEL", "Selection",
+__all__ = ["Candidate", "DEFAULT_TIMESTEPS", "Evidence", "FeatureScores", "MIN_MEMORIZED", "MIN_NOVEL", "Selection",
            "calibrate_selected", "candidate_layers", "capture_features", "check_counts", "choose", "needed_message",
-           "nested_evaluation", "provenance", "rank_candidates", "read_images", "score_matrix", "select_configuration",
-           "select_from_images", "training_duplicate_examples"]
+           "nested_evaluation", "provenance", "rank_candidates", "read_images", "reference_statistics",
+           "score_matrix", "select_configuration", "select_from_images", "training_duplicate_examples"]

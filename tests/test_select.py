@@ -131,7 +131,8 @@ def test_the_selection_finds_the_planted_layer_and_beats_the_default():
     assert candidate_layers(det) == ["mix", "stem", "planted"]  # the default first, then the adapter's proposal
     images, labels = labelled_set()
     sel, cands, scores = select_from_images(det, images, labels, timesteps=(10, 50), n_boot=200)
-    assert len(cands) == 3 * 2 * 4 and scores.shape == (len(cands), len(labels))
+    assert len(cands) == 3 * 2 * 4 * 2 and scores.shape == (len(cands), len(labels))  # raw and normalised
+    assert sum(c.normalise == "reference" for c in cands) == 3 * 2 * 4 and sel.normalisation_considered
     assert sel.best.layer == "planted" and sel.chosen == sel.best and not sel.kept_default
     ev = sel.evidence
     assert ev.selected_auroc[0] >= 0.99 and ev.selected_tpr[0] >= 0.9
@@ -225,7 +226,7 @@ def test_calibrate_select_layer_writes_a_toml_that_drives_scan_and_audit(planted
     assert cfg.layer == "planted" and cfg.timestep in (10, 50) and cfg.metric in ("std", "l4l2", "entropy", "maxmin")
     sel = cfg.selection
     assert sel["decision"] == "selected" and sel["chosen"]["layer"] == "planted" and sel["chosen"]["sign"] == 1
-    assert sel["default"] == {"layer": "mix", "timestep": 50, "metric": "std", "sign": 1}
+    assert sel["default"] == {"layer": "mix", "timestep": 50, "metric": "std", "sign": 1, "normalise": "none"}
     assert sel["n_memorized"] == 24 and sel["n_novel"] == 110 and sel["n_candidates"] == 3 * 2 * 4
     assert len(sel["selected_auroc"]) == 3 and sel["selected_auroc"][0] >= 0.99
     assert len(sel["fold_choices"]) == 5
@@ -366,3 +367,208 @@ def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted
     scores = pd.read_csv(out / "scores.csv")
     picked = scores["ours_selected"]
     assert picked.isna().to_numpy()[sel].all() and picked.notna().to_numpy()[held].all()
+
+
+def test_bench_demo_scores_a_normalised_pick_with_the_selection_halfs_novel_statistics(planted, tmp_path,
+                                                                                         monkeypatch):
+    """A reference-normalised pick in ``bench demo``: the held-out half is scored with channel statistics fitted on
+    the selection half's novel images only (a spy on ``reference_statistics`` sees exactly their features), the
+    scores those of a Detector that normalises with them."""
+    import dataclasses
+
+    import pandas as pd
+
+    import memdetect.select as select_module
+    from memdetect.bench.demo import run_demo, split_halves
+
+    images, labels = labelled_set(60, 220, seed=3)
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", samples=images.numpy())
+    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
+                                                                                             "unique")}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    real, real_stats = select_module.select_from_images, select_module.reference_statistics
+    fitted = []
+
+    def forced(det, imgs, y, **kw):  # whatever the rule picks, make it the normalised planted layer
+        sel, cands, scores = real(det, imgs, y, **kw)
+        fitted.clear()  # the selection's own fold-local fits: what follows is the held-out scoring's
+        pick = Candidate("planted", 10, "std", normalise="reference")
+        return dataclasses.replace(sel, chosen=pick, kept_default=False), cands, scores
+
+    def spy(feats):
+        fitted.append(feats.clone())
+        return real_stats(feats)
+
+    monkeypatch.setattr(select_module, "select_from_images", forced)
+    monkeypatch.setattr(select_module, "reference_statistics", spy)
+    out = tmp_path / "out"
+    run_demo(out, model="planted-demo", data_folder=folder, device="cpu", n_boot=100)
+    sel, held = split_halves(labels, 0.5, 0)
+    novel_sel = sel[labels[sel] == 0]
+    det = Detector(planted_detector().adapter, layer="planted", timestep=10, prune=False)
+    expected = det.features(images[novel_sel])
+    assert len(fitted) == 1 and torch.allclose(fitted[0], expected)  # the selection half's novel images, no other
+    det.normalise = real_stats(expected)
+    want = det.score_tensor(images[held])["std"]
+    got = pd.read_csv(out / "scores.csv")["ours_selected"].to_numpy()[held]
+    assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+    raw = Detector(planted_detector().adapter, layer="planted", timestep=10, prune=False).score_tensor(images[held])
+    assert not np.allclose(got, raw["std"], rtol=1e-3)
+    assert json.loads((out / "selection.json").read_text())["chosen"]["normalise"] == "reference"
+
+
+# -- normalisation as part of the configuration -------------------------------------------------------------------
+def nuisance_features(n_mem: int = 40, n_novel: int = 200, seed: int = 0) -> tuple[dict, np.ndarray]:
+    """Pooled vectors [N, 16] at one layer: channel 0 a high-variance nuisance (sd 40, unrelated to the label), the
+    others N(0, 1); memorized vectors have channel 1 raised by 6 sd. Raw, the nuisance dominates every spikiness
+    score; z-scored per channel with novel statistics, the raised channel makes memorized vectors spiky."""
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(n_mem, int), np.zeros(n_novel, int)]
+    v = rng.normal(size=(len(labels), 16)) + 3.0
+    v[:, 0] = 5.0 + rng.normal(scale=40.0, size=len(labels))
+    v[labels == 1, 1] += 6.0
+    return {("a", 50): torch.from_numpy(v).float()}, labels
+
+
+def test_the_selection_picks_normalised_where_the_signal_separates_only_after_z_scoring():
+    from memdetect.select import FeatureScores
+
+    feats, labels = nuisance_features()
+    scorer = FeatureScores(feats)
+    cands = scorer.candidates
+    assert len(cands) == 8 and sum(c.normalise == "reference" for c in cands) == 4
+    default = Candidate("a", 50, "std")
+    sel = select_configuration(scorer, labels, cands, default, n_boot=200)
+    ev = sel.evidence
+    assert ev.default_auroc[0] < 0.7  # raw std: the nuisance channel hides the signal
+    assert sel.chosen.normalise == "reference" and not sel.kept_default and sel.chosen.layer == "a"
+    assert ev.selected_auroc[0] >= 0.97 and ev.clearly_better
+    assert all(c.endswith("reference-normalised") for c in ev.fold_choices)
+    rec = sel.record()
+    assert rec["normalise"] == "reference" and rec["normalisation_considered"] is True
+    assert rec["chosen"]["normalise"] == "reference" and rec["default"]["normalise"] == "none"
+    # without normalised candidates, the same data keeps the raw default
+    raw = FeatureScores(feats, normalise=False)
+    sel_raw = select_configuration(raw, labels, raw.candidates, default, n_boot=200)
+    assert sel_raw.chosen.normalise == "none" and sel_raw.record()["normalisation_considered"] is False
+
+
+def test_normalisation_statistics_are_fitted_on_the_choosing_parts_novel_images_only():
+    """Spies on the score matrix (which novel images fit the statistics) and on the rule (which images it chooses
+    on): in every fold the statistics come from exactly the novel images of the choosing part, never from the fold
+    being scored; a fold's out-of-sample scores use those fold-local statistics."""
+    from memdetect.select import FeatureScores
+
+    feats, labels = nuisance_features(30, 150, seed=1)
+    references: list[np.ndarray] = []
+    rows_seen: list[np.ndarray] = []
+
+    class Spy(FeatureScores):
+        def __call__(self, reference):
+            references.append(np.asarray(reference).copy())
+            return super().__call__(reference)
+
+    def rule(s, y, rows, default):
+        rows_seen.append(np.asarray(rows).copy())
+        return choose(s, y, rows, default)
+
+    scorer = Spy(feats)
+    select_configuration(scorer, labels, scorer.candidates, Candidate("a", 50, "std"), n_boot=100, chooser=rule)
+    assert len(references) == len(rows_seen) == 6
+    everyone = np.arange(len(labels))
+    for ref, rows in zip(references[:5], rows_seen[:5]):
+        scored = np.setdiff1d(everyone, rows)
+        assert len(np.intersect1d(ref, scored)) == 0  # no image of the scored fold fits the statistics
+        assert np.array_equal(np.sort(ref), np.sort(rows[labels[rows] == 0]))  # the choosing part's novel images
+        assert (labels[ref] == 0).all()
+    assert np.array_equal(np.sort(references[5]), np.flatnonzero(labels == 0))  # the final pick: every novel image
+    # the statistics really are fold-local: a fold's normalised scores change with the choosing part
+    a, b = scorer(references[0]), scorer(references[1])
+    assert np.allclose(a[:4], b[:4]) and not np.allclose(a[4:], b[4:])
+
+
+class NuisanceNet(PlantedNet):
+    """``planted`` with a weak red channel (0) and a strong grey-level channel (1, large offset and gain): raw, the
+    grey level of the background dominates every score; z-scored with novel statistics, red squares stand out."""
+
+    def __init__(self):
+        super().__init__()
+        with torch.no_grad():
+            self.planted.weight[0, :, 0, 0] = torch.tensor([0.5, -0.5, -0.5])
+            self.planted.weight[1, :, 0, 0] = torch.tensor([15.0, 15.0, 15.0])
+            self.planted.bias[1] = 20.0
+
+
+class NuisanceAdapter(PlantedAdapter):
+    family = "nuisance"
+
+    @classmethod
+    def load(cls, source, *, device, dtype, **options):
+        from diffusers import DDPMScheduler
+
+        return cls(NuisanceNet().to(device, dtype), DDPMScheduler(num_train_timesteps=1000), resolution=16,
+                   device=device, dtype=dtype, source=str(source))
+
+
+def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_path):
+    """A normalised pick: memdetect.toml says ``normalise = "reference"`` with [calibration.channels] fitted on the
+    reference's statistics half (``calibrate.split_reference``, as ``--normalise reference``), [selection] records
+    it, the file round-trips, and ``scan --config`` scores with those statistics (not raw)."""
+    import pandas as pd
+
+    import tomllib
+
+    from memdetect.calibrate import split_reference
+    from memdetect.select import read_images, reference_statistics
+
+    register_adapter(NuisanceAdapter)
+    (tmp_path / "nuisance-model").mkdir()
+    register_preset(Preset("nuisance-demo", "nuisance", str(tmp_path / "nuisance-model"), note="test"))
+    mem = write_pngs(tmp_path / "memorized", square_images(30, RED, 5))
+    novel = write_pngs(tmp_path / "novel", square_images(220, OTHERS, 6))
+    toml = tmp_path / "memdetect.toml"
+    res = invoke("calibrate", novel, "--memorized", mem, "--model", "nuisance-demo", "--select-layer", "--timesteps",
+                 "10,50", "--output", toml, "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    cfg = load_config(toml)  # round trip
+    assert cfg.normalise == "reference" and cfg.layer == "planted" and cfg.channels is not None
+    sel = cfg.selection
+    assert sel["normalise"] == "reference" and sel["normalisation_considered"] is True
+    assert sel["chosen"]["normalise"] == "reference" and sel["decision"] == "selected"
+    assert sel["n_candidates"] == 3 * 2 * 4 * 2 and "t=" in provenance(sel) and "reference-normalised" in provenance(sel)
+    fit_half, threshold_half = split_reference([novel])
+    assert len(fit_half) == 110
+    doc = tomllib.loads(toml.read_text())
+    assert doc["calibration"]["n_normalise"] == 110 and doc["calibration"]["n_reference"] == 110
+    det = Detector(NuisanceAdapter.load("x", device=torch.device("cpu"), dtype=torch.float32), layer=cfg.layer,
+                   timestep=cfg.timestep, prune=False)
+    px, _, _ = read_images(fit_half, 16)
+    stats = reference_statistics(det.features(px))
+    assert np.allclose(cfg.channels["mean"], stats["mean"], rtol=1e-4, atol=1e-5)
+    assert np.allclose(cfg.channels["std"], stats["std"], rtol=1e-3, atol=1e-5)
+    # scan --config: scores with the file's statistics, flags the new red squares only
+    new_mem = write_pngs(tmp_path / "scan" / "memorized", square_images(5, RED, 7))
+    write_pngs(tmp_path / "scan" / "novel", square_images(5, OTHERS, 8))
+    report = tmp_path / "report.csv"
+    res = invoke("scan", tmp_path / "scan", "--config", toml, "--output", report, "--device", "cpu", "--quiet",
+                 "--no-resume")
+    assert res.exit_code == 1, res.output
+    df = pd.read_csv(report).sort_values("path")
+    flagged = df.loc[df["memorized"], "path"].tolist()
+    assert len(flagged) == 5 and all(str(new_mem.name) in p for p in flagged)
+    scan_px, names, _ = read_images([tmp_path / "scan"], 16)
+    order = np.argsort(names)
+    det.normalise = {k: list(v) for k, v in cfg.channels.items()}
+    want = det.score_tensor(scan_px)[cfg.metric][order]
+    assert np.allclose(df["score"].to_numpy(), want, rtol=1e-4, atol=1e-5)
+    det.normalise = None
+    assert not np.allclose(df["score"].to_numpy(), det.score_tensor(scan_px)[cfg.metric][order], rtol=1e-2)
+
+
+def test_select_layer_refuses_normalise_because_it_tries_both_itself(planted, tmp_path):
+    novel = write_pngs(tmp_path / "novel", square_images(3, OTHERS, 6))
+    res = invoke("calibrate", novel, "--memorized", novel, "--model", "planted-demo", "--select-layer",
+                 "--normalise", "reference", "--output", tmp_path / "m.toml", "--device", "cpu")
+    assert res.exit_code == 2 and "raw and reference-normalised itself" in " ".join(res.output.split()), res.output

@@ -319,7 +319,8 @@ def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, method
                   n_boot: int = 1000, split_seed: int = 0) -> dict | None:
     """The ``ours_selected`` method: ``memdetect.select.select_from_images`` (what ``memdetect calibrate
     --select-layer`` runs) on the *selection* half of ``split_halves`` only, its configuration then scanned (timed) on
-    the *held-out* half. Returns its results.csv and recall_by_grade.csv rows, ``pairs`` (ours_selected minus every
+    the *held-out* half (a reference-normalised pick: statistics fitted on the selection half's novel images only).
+    Returns its results.csv and recall_by_grade.csv rows, ``pairs`` (ours_selected minus every
     other method, paired on the held-out half) and the selection's record; its scores are added to ``per_sample``
     (NaN on the selection half). None when the selection half is too small to choose on."""
     from ..select import needed_message, select_from_images
@@ -338,7 +339,15 @@ def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, method
     scanner.features(x[:2])  # warm-up, not timed
     feats, sec = _timed(lambda sl: scanner.features(x[sl], [image_seed(v, det.seed) for v in x[sl].numpy()]).numpy(),
                         len(x), batch_size)
-    score = c.sign * SCORES[c.metric](torch.from_numpy(feats)).numpy()
+    if c.normalise == "reference":  # statistics from the selection half's novel images only
+        from ..select import reference_statistics
+
+        ref = images[torch.from_numpy(sel[labels[sel] == 0])]
+        ref_feats = torch.cat([scanner.features(ref[i:i + batch_size],
+                                                [image_seed(v, det.seed) for v in ref[i:i + batch_size].numpy()])
+                               for i in range(0, len(ref), batch_size)])
+        scanner.normalise = reference_statistics(ref_feats)
+    score = c.sign * scanner.scores_of(torch.from_numpy(feats)[:, None, :])[c.metric].numpy()
     per_sample["ours_selected"] = np.nan
     per_sample.loc[held, "ours_selected"] = score
     heldout = per_sample.iloc[held].reset_index(drop=True)
