@@ -29,6 +29,7 @@ import pandas as pd
 
 from ._version import __version__
 from .io import atomic_write, load_image
+from .progress import plural
 from .report import counts
 from .text import printable
 
@@ -354,7 +355,7 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
         + "".join(f"<td class='num'>{s[k]}</td>" for k in ("images", "scored", "errored"))
         + f"<td class='num{' bad' if s['flagged'] else ''}'>{s['flagged']}</td><td>{thr}</td></tr></table></div>")
     if not_checked and s["errored"]:
-        parts.append(f"<p class='bad'>{s['errored']} images were not checked (unreadable, too large or not an image: "
+        parts.append(f"<p class='bad'>{plural(s['errored'], 'images')} {'was' if s['errored'] == 1 else 'were'} not checked (unreadable, too large or not an image: "
                      f"see the errors filter); an image that is not checked fails the audit.</p>")
     ref = (evidence or {}).get("reference")
     if has_p and ref:

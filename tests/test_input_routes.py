@@ -243,7 +243,7 @@ def test_an_error_row_fails_the_audit_and_is_listed_as_not_checked(demo_config, 
     assert code == 1 and doc["exit_code"] == 1, out
     assert doc["flagged"] == 0 and doc["not_checked"] == [{"path": str(d / "bad.png"),
                                                             "error": "not a recognised image format"}]
-    assert "not checked" in html.read_text()
+    assert "1 image was not checked" in html.read_text()  # one image, in words
     cfg = tmp_path / "allow.toml"
     cfg.write_text("allow_errors = true\n" + demo_config.read_text())
     code, doc, df, out = audit(tmp_path, cfg, d)
