@@ -7,48 +7,15 @@ calibrated on examples/demo-reference (as tests/test_input_routes.py does)."""
 from __future__ import annotations
 
 import io
-import json
 import os
 import tarfile
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from memdetect.cli import app
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "demo"
-MEM = DEMO / "mem_0042.png"   # the demo's highest-scoring memorized image
-GEN = DEMO / "gen_0000.png"   # a novel one
-runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def demo_config(tmp_path_factory) -> Path:
-    from memdetect import Detector
-    from memdetect.calibrate import calibrate_paths
-
-    d = tmp_path_factory.mktemp("config")
-    det = Detector.from_pretrained("demo", batch_size=64, device="cpu")
-    calibrate_paths(det, [REPO / "examples" / "demo-reference"], fpr=0.01, output=d / "memdetect.toml",
-                    num_workers=0)
-    return d / "memdetect.toml"
-
-
-def audit(tmp_path: Path, config: Path, *inputs, extra=()) -> tuple[int, dict, pd.DataFrame, str]:
-    """Run `memdetect audit` in-process: (exit code, summary JSON, report, output)."""
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    args = ["audit", *map(str, inputs), "--config", str(config), "--workers", "0", "--annotations", "none",
-            "--device", "cpu", "-o", str(out / "report.csv"), "--summary-json", str(out / "summary.json"),
-            *map(str, extra)]
-    r = runner.invoke(app, args)
-    doc = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
-    df = pd.read_csv(out / "report.csv") if (out / "report.csv").exists() else pd.DataFrame()
-    return r.exit_code, doc, df, r.output
+# the demo model's threshold and the in-process audit of tests/test_input_routes.py (one copy of each)
+from .test_input_routes import GEN, MEM, audit, demo_config  # noqa: F401  (demo_config: a fixture)
 
 
 def _pr_folder(d: Path) -> Path:
