@@ -113,6 +113,21 @@ def labelled_set(n_mem: int = 30, n_novel: int = 110, seed: int = 0) -> tuple[to
     return torch.from_numpy(imgs.transpose(0, 3, 1, 2).copy()), np.r_[np.ones(n_mem, int), np.zeros(n_novel, int)]
 
 
+def bench_folder(tmp_path) -> tuple:
+    """A ``bench demo`` data folder (samples.npz, manifest.csv) of ``labelled_set(60, 220, seed=3)``: the folder, the
+    images and the labels."""
+    import pandas as pd
+
+    images, labels = labelled_set(60, 220, seed=3)
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    np.savez(folder / "samples.npz", samples=images.numpy())
+    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
+                                                                                             "unique")}
+                 ).to_csv(folder / "manifest.csv", index=False)
+    return folder, images, labels
+
+
 def write_pngs(folder: Path, images: np.ndarray) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i, a in enumerate(images):
@@ -333,13 +348,7 @@ def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted
     import memdetect.select as select_module
     from memdetect.bench.demo import run_demo, split_halves
 
-    images, labels = labelled_set(60, 220, seed=3)
-    folder = tmp_path / "bench"
-    folder.mkdir()
-    np.savez(folder / "samples.npz", samples=images.numpy())
-    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
-                                                                                             "unique")}
-                 ).to_csv(folder / "manifest.csv", index=False)
+    folder, images, labels = bench_folder(tmp_path)
     seen = []
     real = select_module.select_from_images
 
@@ -381,13 +390,7 @@ def test_bench_demo_scores_a_normalised_pick_with_the_selection_halfs_novel_stat
     import memdetect.select as select_module
     from memdetect.bench.demo import run_demo, split_halves
 
-    images, labels = labelled_set(60, 220, seed=3)
-    folder = tmp_path / "bench"
-    folder.mkdir()
-    np.savez(folder / "samples.npz", samples=images.numpy())
-    pd.DataFrame({"similarity": np.where(labels == 1, 0.99, 0.5), "nearest_grade": np.where(labels == 1, "exact-64",
-                                                                                             "unique")}
-                 ).to_csv(folder / "manifest.csv", index=False)
+    folder, images, labels = bench_folder(tmp_path)
     real, real_stats = select_module.select_from_images, select_module.reference_statistics
     fitted = []
 
