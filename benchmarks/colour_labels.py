@@ -2,7 +2,7 @@
 labels: every method of ``memdetect bench demo`` on both label sets.
 
 Until 2026-12-03 the shipped labels correlated a generation's RGB pixels with the nearest training image (flip- and
-shift-invariant, ``memdetect.similarity.nearest_match``). A copy whose colours have shifted (a tint: a gain and an
+shift-invariant, ``memdetect.core.similarity.nearest_match``). A copy whose colours have shifted (a tint: a gain and an
 offset per channel) loses most of that correlation and can land below the "generalized" threshold; on demo-sd such
 tinted copies of memorized training images were labelled generalized (benchmarks/RESULTS.md). The shipped labels
 now use ``colour="cast"`` (the larger of the RGB correlation and the mean per-channel correlation; never below the

@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
     import memdetect
     from memdetect import Detector
-    from memdetect.bench.metrics import bootstrap_metrics, paired_difference, threshold_at_fpr
+    from memdetect.core.metrics import bootstrap_metrics, paired_difference, threshold_at_fpr
     from memdetect.models.ddpm import PixelDDPMAdapter
     from memdetect.models.presets import packaged
 
@@ -165,8 +165,8 @@ def main(argv=None) -> None:
 def report(frame: pd.DataFrame, use: np.ndarray, args) -> None:
     """AUROC / TPR@1%FPR with bootstrap intervals, guard vs scan, on the rows ``use``; optionally the [guard]
     config (``calibrate.fpr_threshold`` on the generalized rows' guard scores, every metric)."""
-    from memdetect.bench.metrics import bootstrap_metrics, paired_difference
-    from memdetect.calibrate import RULE, fpr_threshold
+    from memdetect.core.metrics import bootstrap_metrics, paired_difference
+    from memdetect.workflows.calibrate import RULE, fpr_threshold
 
     y = (frame["label"].to_numpy()[use] == "memorized").astype(int)
     metrics = [c[len("guard_"):] for c in frame if c.startswith("guard_")]

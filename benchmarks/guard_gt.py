@@ -19,8 +19,8 @@ or ``rgb`` (the rule of the runs before it).
     nice -n 15 env OMP_NUM_THREADS=1 python benchmarks/guard_gt.py --model demo-dit --per-class 60 --out runs/guard-dit
 
 ``--ship DIR`` (demo-sd) writes what tests/test_guard.py checks instead: DIR/memdetect.toml, the guard calibration made
-by ``memdetect.guarding.calibrate_guard`` (what ``memdetect calibrate --guard`` runs) on 4 generations of each
-even-numbered normal prompt (120 images, 1% FPR), and a fixed labelled set made by ``memdetect.guarding.generate``
+by ``memdetect.workflows.guarding.calibrate_guard`` (what ``memdetect calibrate --guard`` runs) on 4 generations of each
+even-numbered normal prompt (120 images, 1% FPR), and a fixed labelled set made by ``memdetect.workflows.guarding.generate``
 (what ``memdetect generate`` runs; seed 0): one image for each memorized prompt of the exact-256, exact-64 and
 exact-16 grades and one for each odd-numbered normal prompt (DIR/samples.npz, DIR/manifest.csv). The set is fixed by
 that rule, not chosen by score.
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
 
     import memdetect
     from memdetect import Detector
-    from memdetect.bench.metrics import bootstrap_metrics, paired_difference
+    from memdetect.core.metrics import bootstrap_metrics, paired_difference
     from memdetect.models.presets import packaged
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
     if args.limit:
         plan = plan[: args.limit]
 
-    from memdetect.guarding import load_guardable
+    from memdetect.workflows.guarding import load_guardable
     pipe, _ = load_guardable(args.model, device="cpu", dtype="float32")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -189,7 +189,7 @@ def label_against_training_images(images: torch.Tensor, model: str, data: Path, 
 
 def ship(args, argv) -> None:
     import memdetect
-    from memdetect.guarding import calibrate_guard, generate, load_guardable
+    from memdetect.workflows.guarding import calibrate_guard, generate, load_guardable
     from memdetect.models.presets import packaged
 
     if args.model != "demo-sd":

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import memdetect
-from memdetect.guarding import load_guardable
+from memdetect.workflows.guarding import load_guardable
 from memdetect.models.presets import packaged
 
 

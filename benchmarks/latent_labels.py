@@ -22,9 +22,9 @@ from diffusers import AutoencoderKL
 
 from memdetect import Detector
 from memdetect.bench.labels import LabelRule
-from memdetect.bench.metrics import bootstrap_metrics
+from memdetect.core.metrics import bootstrap_metrics
 from memdetect.models.presets import packaged
-from memdetect.similarity import nearest_match
+from memdetect.core.similarity import nearest_match
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gt_common import load_cifar_train  # noqa: E402

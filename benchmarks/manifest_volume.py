@@ -3,7 +3,7 @@
     python benchmarks/manifest_volume.py --rows 1000000
 
 Writes a CSV manifest of ROWS distinct rows (``img/0000000.png`` ...; the first is a real image, the others do not
-exist: they would be error rows), loads the demo model, then times ``memdetect.scan.scan`` on the manifest up to
+exist: they would be error rows), loads the demo model, then times ``memdetect.workflows.scan.scan`` on the manifest up to
 the end of its first scored batch (the scan is stopped there) and measures the peak resident memory of that phase
 (Linux: the peak is reset through ``/proc/self/clear_refs`` after the model is loaded, then read from ``VmHWM``).
 Prints one JSON line: rows, seconds, rows per second, peak RSS above the loaded model (MB) and bytes per row.
@@ -46,7 +46,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from memdetect import Detector
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     tmp = Path(tempfile.mkdtemp(prefix="memdetect-manifest-"))
     try:

@@ -24,7 +24,7 @@ from sklearn.metrics import roc_curve
 
 from memdetect import Detector
 from memdetect.bench.labels import LabelRule
-from memdetect.bench.metrics import roc_metrics
+from memdetect.core.metrics import roc_metrics
 from memdetect.models.presets import packaged
 
 BENCH = {"demo-sd": "demo_sd_bench", "demo-dit": "demo_dit_bench", "demo-edm": "demo_edm_bench",

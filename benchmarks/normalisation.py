@@ -19,7 +19,7 @@ import torch
 from memdetect import Detector
 from memdetect.bench.demo import bench_folder, load_demo_set, split_halves
 from memdetect.bench.normalise import study
-from memdetect.io import image_seed
+from memdetect.store.io import image_seed
 
 
 def features(det: Detector, images: torch.Tensor, batch: int) -> torch.Tensor:

@@ -9,9 +9,9 @@ cannot sink the next. Settings (``--settings``):
 
 * **default**: memdetect's scan as a user gets it: ``Detector.scan`` over PNG files on disk, the adapter's default
   batch, early exit at the hooked layer with the modules after it dropped (``prune``), ``inference_mode``,
-  channels-last weights, freed memory kept for reuse up to one batch's working set (``memdetect.runtime``, as the
+  channels-last weights, freed memory kept for reuse up to one batch's working set (``memdetect.speed.runtime``, as the
   command line opts in) and, on a CPU, Winograd's algorithm for the wide 3x3 convolutions that pay
-  (``memdetect.winograd``, weights transformed per call);
+  (``memdetect.speed.winograd``, weights transformed per call);
 * **direct**: the default with Winograd off (``MEMDETECT_WINOGRAD=0``): exactly the model's FLOPs;
 * **all**: every speed-up on: the default with every transformed Winograd weight kept
   (``MEMDETECT_WINOGRAD_CACHE=all``);
@@ -182,8 +182,7 @@ def flops_per_image(det, image, *, direct: bool = True) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from memdetect import winograd
-
+    from memdetect.speed import winograd
     off = winograd.disabled() if direct else contextlib.nullcontext()
     with off, torch.inference_mode(), FlopCounterMode(display=False) as fc:
         det.features(image)
@@ -303,7 +302,7 @@ def child(args) -> dict:
 
 def memory_profile(n: int, batch_size: int = 64) -> dict:
     """Scan ``n`` generated 32x32 PNGs with the demo model; RSS (MiB) sampled after every tenth of the folder."""
-    from memdetect import runtime
+    from memdetect.speed import runtime
     from memdetect.detector import Detector
 
     runtime.retain_freed_memory()

@@ -40,10 +40,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     from memdetect import Detector, evidence
-    from memdetect.ci import audit
+    from memdetect.workflows.ci import audit
     from memdetect.config import load_config
-    from memdetect.html_report import write_html
-    from memdetect.io import display_path
+    from memdetect.workflows.html_report import write_html
+    from memdetect.store.io import display_path
 
     work = Path(args.work)
     make_images(work / "images", args.n)

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from memdetect.bench.demo import bench_folder, load_demo_set, split_halves
-from memdetect.bench.metrics import bootstrap_metrics, paired_difference
+from memdetect.core.metrics import bootstrap_metrics, paired_difference
 from memdetect.detector import Detector
-from memdetect.io import image_seed
-from memdetect.select import reference_statistics
+from memdetect.store.io import image_seed
+from memdetect.workflows.select import reference_statistics
 
 
 def held_scores(model: str, layer: str, t: int, metric: str, normalise: str, images, labels, sel, held) -> np.ndarray:

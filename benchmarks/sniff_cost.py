@@ -4,7 +4,7 @@ are not images, by suffix only (``--suffix-only``, ``scan``'s search) and by con
     python benchmarks/sniff_cost.py --files 20000
 
 Writes FILES small files without an image suffix (code and text, 200 to 4,000 bytes; 100 a folder) plus one 64 MB
-log file, then times ``memdetect.sources.resolve`` on the folder REPEAT times each way (page cache warm: every run
+log file, then times ``memdetect.store.sources.resolve`` on the folder REPEAT times each way (page cache warm: every run
 after a first untimed one) and counts the bytes the process read (``/proc/self/io`` ``rchar``: bytes returned by
 read system calls; listing folders is not counted). Prints one JSON line per way: seconds (median, min), per file,
 bytes read in all and per file, images found. Then the same for a tar shard of those files (one member each, the
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
-    from memdetect.sources import resolve
+    from memdetect.store.sources import resolve
 
     tmp = Path(tempfile.mkdtemp(prefix="memdetect-sniff-"))
     try:

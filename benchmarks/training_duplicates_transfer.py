@@ -7,7 +7,7 @@ transfer to its *generations*? Measured on the shipped ground-truth models, whos
 1. The model's training rows are rebuilt from its recipe (``gt_common.build_split`` with the recipe's flags and seed:
    uniques, exact duplicates at several counts, edited copies) and written as PNGs (``<output>/<model>/train``);
    ``--reference`` CIFAR-10 *test* images (never trained on) are written to ``<output>/<model>/reference``.
-2. ``memdetect.select.training_duplicate_examples`` finds the groups of near-duplicates (>= 10 copies: memorized
+2. ``memdetect.workflows.select.training_duplicate_examples`` finds the groups of near-duplicates (>= 10 copies: memorized
    examples, one per group) and the unique rows (novel, with the test images); ``calibrate_selected`` chooses
    (layer, timestep, metric) on them, nested k-fold as always, and writes ``memdetect.toml``. No generation is used.
 3. The chosen configuration and the family default score the *held-out half* of the model's labelled generations
@@ -34,11 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gt_common import build_split, load_cifar_train  # noqa: E402
 
 from memdetect.bench.demo import bench_folder, load_demo_set, split_halves  # noqa: E402
-from memdetect.bench.metrics import bootstrap_metrics, paired_difference  # noqa: E402
+from memdetect.core.metrics import bootstrap_metrics, paired_difference  # noqa: E402
 from memdetect.detector import Detector  # noqa: E402
-from memdetect.io import image_seed  # noqa: E402
-from memdetect.scores import SCORES  # noqa: E402
-from memdetect.select import calibrate_selected, training_duplicate_examples  # noqa: E402
+from memdetect.store.io import image_seed  # noqa: E402
+from memdetect.core.scores import SCORES  # noqa: E402
+from memdetect.workflows.select import calibrate_selected, training_duplicate_examples  # noqa: E402
 
 
 def write_pngs(folder: Path, images: np.ndarray, prefix: str) -> None:

@@ -4,7 +4,7 @@ For each shape: the best of a few timed calls of each kernel on the same channel
 memory retained as in a scan): the direct convolution, Winograd with the transformed weight kept (``cached``) and
 with the weight transformed in the call (``per call``, what a scan does outside the cache's budget), and each
 result's largest error against a float64 direct convolution, relative to the output's largest value. ``scan uses``
-says what a scan picks: ``direct`` below ``memdetect.winograd.MIN_CHANNEL_PRODUCT`` channels or ``MIN_TILES`` tiles
+says what a scan picks: ``direct`` below ``memdetect.speed.winograd.MIN_CHANNEL_PRODUCT`` channels or ``MIN_TILES`` tiles
 per call.
 
 Run: ``python benchmarks/winograd_layers.py`` (about three minutes on 2 CPU cores).

@@ -4,20 +4,20 @@ Method: Zhang et al. (2025), "Generalization of Diffusion Models Arises with a B
 a memorized sample produces a spiky activation vector at a mid-network layer, a novel one a balanced vector.
 
     from memdetect import Detector
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
     result = scan(Detector.from_pretrained("demo"), ["generated/"], output="report.csv")
 
 ``memdetect.guard(pipe, threshold=...)`` scores a diffusers pipeline's images as it generates them, from the
-activations it computes anyway (``memdetect.guarding``).
+activations it computes anyway (``memdetect.workflows.guarding``).
 
 ``memdetect.retain_freed_memory()`` opts a CPU scanning process into keeping freed memory for reuse (faster; it
-holds for the whole process, see ``memdetect.runtime``).
+holds for the whole process, see ``memdetect.speed.runtime``).
 """
 
 from ._version import __version__
 
-_LAZY = {"Detector": "detector", "Settings": "detector", "retain_freed_memory": "runtime", "guard": "guarding",
-         "GuardResult": "guarding"}
+_LAZY = {"Detector": "detector", "Settings": "detector", "retain_freed_memory": "speed.runtime",
+         "guard": "workflows.guarding", "GuardResult": "workflows.guarding"}
 
 
 def __getattr__(name):  # lazy: `import memdetect` stays cheap for the CLI's --help

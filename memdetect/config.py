@@ -33,7 +33,7 @@ never picked up by itself (in CI it may come from the pull request under audit),
 
 Other tables (``[calibration]``, ``[versions]``) are a record of how the file was made; they are not read back
 except ``[calibration.thresholds]``, ``[calibration.reference_scores]`` (conformal p-values and ``--fpr``
-thresholds, ``memdetect.pvalues``) and ``[calibration.channels]`` (evidence).
+thresholds, ``memdetect.core.pvalues``) and ``[calibration.channels]`` (evidence).
 
 Numbers are checked as strictly as the command-line flags: thresholds (also those in ``[calibration.thresholds]``)
 and ``sigma`` finite (``sigma`` positive), ``timestep`` a non-negative integer, ``seed`` an integer in [0, 2**64).
@@ -53,9 +53,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
-from .io import display_path
-from .pvalues import Reference
-from .scores import SCORES
+from .store.io import display_path
+from .core.pvalues import Reference
+from .core.scores import SCORES
 from .text import printable
 
 try:
@@ -98,7 +98,7 @@ class Config:
     channels: dict[str, tuple[float, ...]] | None = None
     allow_errors: bool = False  # audit: error rows are reported, not failed (``--allow-errors``)
     allow_remote: bool = False  # inputs and manifest rows may name URLs other than file:// (``--allow-remote``)
-    selection: dict[str, Any] | None = None  # ``[selection]`` (memdetect.select): where layer/timestep/metric came from
+    selection: dict[str, Any] | None = None  # ``[selection]`` (memdetect.workflows.select): where layer/timestep/metric came from
     weights: str | None = None  # ``calibration.weights``: the content hash of the weights calibrated on (identity)
 
     def reference_for(self, metric: str) -> Reference | None:
@@ -321,7 +321,7 @@ def _check_stored_count(n: int, k: int, metric: str, name: str) -> None:
     """A stored calibration agrees with itself: ``calibrate`` keeps every score (``k == n``) or, of a larger set,
     exactly the ``MAX_STORED`` order statistics ``stored_ranks(n, MAX_STORED)``. Anything else claims reference images
     that no stored score stands for (``n = 10**12`` beside 100 scores would give p-values of 1e-12)."""
-    from .pvalues import MAX_STORED, stored_ranks
+    from .core.pvalues import MAX_STORED, stored_ranks
 
     expected = n if n <= MAX_STORED else len(stored_ranks(n, MAX_STORED))
     if k != expected:
@@ -412,7 +412,7 @@ PINNED = ("model", "layer", "timestep", "sigma", "seed", "draws")
 
 def _same(name: str, a: Any, b: Any) -> bool:
     if name == "layer":
-        from .capture import LayerSpec
+        from .core.capture import LayerSpec
 
         try:
             return str(LayerSpec.parse(str(a))) == str(LayerSpec.parse(str(b)))

@@ -5,7 +5,7 @@
     df = det.scan(["generated/"])                      # pandas DataFrame, one row per file
     feats = det.features(uint8_images, seeds)          # pooled [B, C] activations
 
-``memdetect.scan.scan(det, paths, output=...)`` adds the resumable journal, the written report and the HTML page.
+``memdetect.workflows.scan.scan(det, paths, output=...)`` adds the resumable journal, the written report and the HTML page.
 
 Data flows one way: pixels -> ``adapter.encode`` -> ``adapter.noise`` (per-image seed) -> ``Trace`` around
 ``adapter.forward`` (stops once the layer fired) -> ``pool`` -> ``scores`` -> rows.
@@ -27,17 +27,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import capture, runtime, winograd
+from .core import capture
+from .speed import runtime
+from .speed import winograd
 from ._version import __version__
-from .capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
+from .core.capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
-from .io import PREPROCESS, ImageError, content_digest, decode_frames, discover, draw_seed, image_seed, read_file
-from .journal import FRAMES_FIELD, fingerprint, row_key
+from .store.io import PREPROCESS, ImageError, content_digest, decode_frames, discover, draw_seed, image_seed, read_file
+from .store.journal import FRAMES_FIELD, fingerprint, row_key
 from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
-from .report import make_row, rows_to_frame
-from .scores import SCORES, compute_all, standardise
-from .sources import Source, item_name, read_item
-from .state import StateDir
+from .store.report import make_row, rows_to_frame
+from .core.scores import SCORES, compute_all, standardise
+from .store.sources import Source, item_name, read_item
+from .store.state import StateDir
 from .text import printable
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ class Settings:
     """Everything that determines a score (written into reports, journals' keys and calibration files).
 
     ``winograd``: whether the wide 3x3 convolutions ran with Winograd's algorithm (CPU float32; scores differ by
-    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.runtime``);
+    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.speed.runtime``);
     ``draws``: noise draws per image whose scores are averaged (``Detector``; in the journal key when not 1);
     ``normalise``: ``"none"``, or ``"reference:<digest>"`` when the pooled vector is standardised per channel with a
     reference set's statistics before every score (the digest hashes them; in the journal key when not none).
@@ -187,7 +189,7 @@ class Detector:
     """Score images for memorization with one partial forward pass of a diffusion model.
 
     ``winograd``: Winograd's algorithm for the wide 3x3 convolutions of a CPU float32 scan (None: on unless
-    ``MEMDETECT_WINOGRAD=0``), for the layers that run where it pays (``memdetect.winograd``). It configures the
+    ``MEMDETECT_WINOGRAD=0``), for the layers that run where it pays (``memdetect.speed.winograd``). It configures the
     adapter's modules in place (a detector owns its adapter: two detectors sharing one adapter share the last one's
     setting) and is recorded in ``settings``. The process-wide allocator setting is not the detector's to make: see
     ``memdetect.retain_freed_memory``.
@@ -231,7 +233,7 @@ class Detector:
         self.draws = int(draws)
         self.normalise = normalise
         self.name = name or adapter.source
-        #: where the layer, timestep and metric came from (a config's ``[selection]``, ``memdetect.select``): shown in
+        #: where the layer, timestep and metric came from (a config's ``[selection]``, ``memdetect.workflows.select``): shown in
         #: reports, not part of ``settings`` (it changes no score)
         self.configuration: str | None = None
         self._weights: str | None = None
@@ -404,7 +406,7 @@ class Detector:
 
     @property
     def fingerprint(self) -> str:
-        """The hash of the settings that change a score (``memdetect.journal``): part of every row's key."""
+        """The hash of the settings that change a score (``memdetect.store.journal``): part of every row's key."""
         return fingerprint(asdict(self.settings))
 
     def weights_digest(self, state: StateDir | None = None) -> str:
@@ -421,7 +423,7 @@ class Detector:
 
     def row(self, path: str, scores: dict[str, float] | None, *, error: str | None = None,
             key: str | None = None, frames: dict[str, int] | None = None) -> dict:
-        """A report row with this detector's metric and threshold (``memdetect.report.make_row``)."""
+        """A report row with this detector's metric and threshold (``memdetect.store.report.make_row``)."""
         return make_row(path, scores, metric=self.metric, threshold=self.threshold, error=error, key=key,
                         frames=frames)
 
@@ -595,7 +597,7 @@ class Detector:
 
     def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None) -> pd.DataFrame:
         """Score every image under ``paths``; one row per file, in discovery order (no journal, no files written:
-        see ``memdetect.scan.scan`` for those)."""
+        see ``memdetect.workflows.scan.scan`` for those)."""
         files = discover(paths)
         return rows_to_frame([r for batch in self.iter_files(files, num_workers=num_workers) for r in batch])
 

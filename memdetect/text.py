@@ -8,7 +8,7 @@ escape (``\\x1b``, ``\\n``, ``\\u202e``), so the text stays on one line and read
 (``[/x]``) is a separate matter: the CLI's consoles do not parse markup, and styled text is built as ``rich.text.Text``.
 
 Used by the terminal output, logs, GitHub annotations and step summary, JUnit XML, the HTML report and error
-messages; ``memdetect.safe_pickle`` uses it for names taken from checkpoints (with a length limit).
+messages; ``memdetect.models.edm.safe_pickle`` uses it for names taken from checkpoints (with a length limit).
 """
 
 from __future__ import annotations

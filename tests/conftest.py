@@ -45,7 +45,7 @@ def _private_state_dir(tmp_path_factory, monkeypatch):
 def _reset_global_state():
     """Process-wide state a test may change goes back after it: the allocator setting (the CLI opts into it) and
     the adapter and preset tables (tests register toy families)."""
-    from memdetect import runtime
+    from memdetect.speed import runtime
     from memdetect.models import ADAPTERS, PRESETS
 
     adapters, presets = dict(ADAPTERS), dict(PRESETS)

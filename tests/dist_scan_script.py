@@ -10,8 +10,7 @@ import sys
 
 die_after = int(os.environ.get("MEMDETECT_TEST_DIE_AFTER_BATCHES", "0"))
 if die_after and os.environ.get("RANK") == os.environ.get("MEMDETECT_TEST_DIE_RANK"):
-    from memdetect import journal
-
+    from memdetect.store import journal
     append = journal.Journal.append
     seen = {"batches": 0}
 

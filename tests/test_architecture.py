@@ -12,19 +12,21 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 
-#: Lowest first. A module may import from its own layer or a lower one, never from a higher one.
+#: Lowest first. A module may import from its own layer or a lower one, never from a higher one. An entry names a
+#: top-level module, a folder (all its modules), or ``folder.module`` where a folder spans consecutive layers.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "_version", "text"),                                      # words: exceptions, version, escaping
-    ("runtime", "winograd", "scores", "io", "capture", "hub", "safe_pickle", "pvalues",
-     "similarity", "sources", "strict_json", "progress", "text_blocks", "run_context"),  # tools that know no model
-    # family (sources: where inputs live; strict_json: JSON out; progress, text_blocks: what a terminal or a log
-    # shows; run_context: what the HTML page says about the run)
-    ("models", "report", "journal", "state", "config", "html_report", "merge"),  # families; rows; journal; ...
-    ("detector",),                                                        # the library API: images -> rows
-    ("evidence", "scan"),                                                 # why an image is flagged; a whole scan
-    ("calibrate", "ci", "guarding", "distributed", "integrations"),  # thresholds; CI audit; guard; past one process
-    ("bench", "select"),  # benchmarks; choosing layer, timestep and metric from labelled images (bench metrics)
-    ("cli", "ux", "__main__", "memdetect"),  # entry points (ux: the CLI's messages and choices) and the facade
+    ("errors", "_version", "text", "progress"),  # words: exceptions, version, escaping, what a terminal shows
+    ("speed", "core"),     # speed/: runtime, winograd; core/: hooks, scores, p-values, metrics, similarity, hub
+    ("store",),            # where inputs live and rows go: io, sources, journal, state, report, strict_json
+    ("models",),           # the families (and EDM's checkpoint loaders and restricted unpickler)
+    ("detector", "config"),  # the library API: images -> rows; the settings a run is made of
+    ("workflows.run_context", "workflows.html_report", "workflows.merge", "workflows.evidence"),  # a scan's outputs
+    ("workflows.scan",),   # a whole scan
+    ("workflows.calibrate", "workflows.ci", "workflows.guarding", "integrations"),  # thresholds; audit; guard;
+    # engines past one process (torchrun, Ray)
+    ("workflows.select",),  # choosing layer, timestep and metric from labelled images
+    ("bench",),            # benchmarks and baselines
+    ("cli", "__main__", "memdetect"),  # entry points and the facade
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
@@ -62,9 +64,14 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    top = module.split(".")[1] if "." in module else module
-    assert top in LAYER_OF, f"{module} is in no layer: add it to LAYERS"
-    return LAYER_OF[top]
+    parts = module.split(".")[1:] or [module]
+    for n in (2, 1):
+        if ".".join(parts[:n]) in LAYER_OF:
+            return LAYER_OF[".".join(parts[:n])]
+    spread = [layer for name, layer in LAYER_OF.items() if name.startswith(parts[0] + ".")]
+    if len(parts) == 1 and spread:  # a folder's own __init__ sits at its lowest layer
+        return min(spread)
+    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
 
 
 def test_imports_flow_down_the_layers():
@@ -97,7 +104,8 @@ def test_every_module_is_in_a_layer_and_the_graph_is_read():
     graph = import_graph()
     for module in graph:
         _layer(module)
-    assert "memdetect.journal" in graph["memdetect.scan"] and "memdetect.detector" in graph["memdetect.scan"]
+    assert "memdetect.store.journal" in graph["memdetect.workflows.scan"]
+    assert "memdetect.detector" in graph["memdetect.workflows.scan"]
     assert "memdetect.models.base" in graph["memdetect.models.sd"]
 
 
@@ -124,3 +132,16 @@ def test_no_dispatch_on_family_names_outside_models():
     outside = [p for p in PACKAGE.rglob("*.py") if "models" not in p.relative_to(PACKAGE).parts]
     hits = [hit for p in outside for hit in _family_dispatch(p)]
     assert not hits, f"family-specific code belongs in memdetect/models/ (an adapter): {hits}"
+
+
+def test_each_folder_is_one_stretch_of_layers():
+    """A folder shows where its modules sit: the layers of its modules are consecutive (a band of the stack, not a
+    scatter)."""
+    by_folder: dict[str, set[int]] = defaultdict(set)
+    for module in import_graph():
+        parts = module.split(".")
+        if len(parts) > 2 and (PACKAGE / parts[1]).is_dir():
+            by_folder[parts[1]].add(_layer(module))
+    assert {"core", "store", "speed", "workflows", "models", "cli"} <= set(by_folder)
+    for folder, layers in by_folder.items():
+        assert layers == set(range(min(layers), max(layers) + 1)), f"{folder}/ skips layers: {sorted(layers)}"

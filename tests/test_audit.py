@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from memdetect import ci
+from memdetect.workflows import ci
 from memdetect.cli import app
-from memdetect.io import ImageError, display_path, load_image
+from memdetect.store.io import ImageError, display_path, load_image
 
 runner = CliRunner()
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -190,7 +190,7 @@ def test_permission_error_maps_to_a_row_even_as_root(tmp_path, monkeypatch):
 
 # -- CI outputs --------------------------------------------------------------------------------------------------
 def _frame():
-    from memdetect.report import rows_to_frame
+    from memdetect.store.report import rows_to_frame
 
     rows = [
         {"path": "a.png", "score": 2.0, "std": 2.0, "l4l2": 0.5, "entropy": 0.1, "maxmin": 9.0, "memorized": True,
@@ -291,7 +291,7 @@ def test_unwritable_output_is_one_line_and_exit_2(tiny_ddpm, images_dir, tmp_pat
 
 
 def test_a_folder_that_cannot_be_listed_is_reported_not_skipped(tmp_path, monkeypatch):
-    from memdetect.io import discover
+    from memdetect.store.io import discover
 
     (tmp_path / "ok").mkdir()
     Image.new("RGB", (4, 4)).save(tmp_path / "ok" / "a.png")

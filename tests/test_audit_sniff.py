@@ -105,7 +105,7 @@ def test_a_file_with_an_image_signature_that_does_not_decode_fails_closed(demo_c
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM"])
 def test_sniff_knows_every_format_of_the_image_suffixes(tmp_path, fmt):
-    from memdetect.io import SNIFF_BYTES, looks_like_image, sniff_image
+    from memdetect.store.io import SNIFF_BYTES, looks_like_image, sniff_image
 
     buf = io.BytesIO()
     Image.open(GEN).convert("RGB").save(buf, format=fmt)
@@ -119,7 +119,7 @@ def test_sniff_knows_every_format_of_the_image_suffixes(tmp_path, fmt):
                                   b"\x89PNG", b"GIF8", b"RIFF\x10\x00\x00\x00WAVEfmt ", b"#!/bin/sh\n",
                                   b"\x7fELF\x02\x01\x01\x00", b"PK\x03\x04", b"%PDF-1.7\n"])
 def test_sniff_ignores_what_is_not_an_image(tmp_path, head):
-    from memdetect.io import sniff_image
+    from memdetect.store.io import sniff_image
 
     p = tmp_path / "x"
     p.write_bytes(head)
@@ -127,8 +127,7 @@ def test_sniff_ignores_what_is_not_an_image(tmp_path, head):
 
 
 def test_sniff_reads_a_few_leading_bytes_only_and_skips_what_is_not_a_regular_file(tmp_path, monkeypatch):
-    from memdetect import io as mio
-
+    from memdetect.store import io as mio
     big = tmp_path / "big.log"
     big.write_bytes(b"x" * (1 << 20))
     reads = []
@@ -147,7 +146,7 @@ def test_sniff_reads_a_few_leading_bytes_only_and_skips_what_is_not_a_regular_fi
 
 
 def test_git_s_own_folder_is_not_searched_by_content(tmp_path):
-    from memdetect.io import discover
+    from memdetect.store.io import discover
 
     lfs = tmp_path / ".git" / "lfs" / "objects" / "ab" / "cd"
     lfs.mkdir(parents=True)

@@ -6,7 +6,7 @@ from torch import nn
 
 from memdetect.bench import baselines
 from memdetect.bench.labels import LabelRule, nearest_neighbours
-from memdetect.bench.metrics import roc_metrics, tpr_at_fpr
+from memdetect.core.metrics import roc_metrics, tpr_at_fpr
 from memdetect.errors import UnsupportedModelError
 from memdetect.models.base import Adapter, to_unit_range
 from memdetect.models.sd import cross_attention_values

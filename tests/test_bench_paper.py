@@ -329,7 +329,7 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     prompts_df = pd.read_csv(out / "prompts.csv")
     assert list(prompts_df["prompt"]) == MEMORIZED[:3] + NORMAL[:3] and list(prompts_df["label"]) == [1, 1, 1, 0, 0, 0]
     # the headline is per image: recomputed from scores.csv, not from the prompt means
-    from memdetect.bench.metrics import roc_metrics
+    from memdetect.core.metrics import roc_metrics
     for meth in ("ours_std", "ross_flipd", "carlini"):
         assert by.loc[meth, "auroc"] == pytest.approx(roc_metrics(images["label"], images[meth])["auroc"])
         assert prm.set_index("method").loc[meth, "auroc"] == pytest.approx(
@@ -350,7 +350,7 @@ def test_bench_laion_end_to_end_and_resume(tiny_sd, tmp_path, monkeypatch):
     # prompt score = mean of its generations' scores
     np.testing.assert_allclose(images.groupby("key", sort=False)["ross_flipd"].mean(), prompts_df["ross_flipd"])
     # Ross prompt-free = FLIPD with the empty prompt; the conditional variant differs
-    from memdetect.io import image_seed
+    from memdetect.store.io import image_seed
     first = torch.from_numpy(np.stack([paper._read_png(out / p) for p in images["image"][:2]]))
     seeds = [image_seed(x, 0) for x in first.numpy()]
     free = baselines.flipd(a, first, 50, seeds).numpy()
@@ -415,7 +415,7 @@ def test_bench_laion_nemo_statistics_file_and_carlini_generations(tiny_sd, tmp_p
     assert res.exit_code == 0, res.output
     assert "statistics file stats.pt" in res.output and "FLIPD 1 probe(s) at t=100" in res.output
     # --flipd-timestep: Ross at t=100, prompt-free; the detector stays at its own t=50
-    from memdetect.io import image_seed
+    from memdetect.store.io import image_seed
     images = pd.read_csv(out / "scores.csv")
     first = torch.from_numpy(np.stack([paper._read_png(out / p) for p in images["image"][:2]]))
     seeds = [image_seed(x, 0) for x in first.numpy()]
@@ -444,7 +444,7 @@ def test_published_nemo_statistics_download_is_checked(tmp_path, monkeypatch):
     """The published file: downloaded once from the pinned URL, SHA-256 and size checked, cached, read offline."""
     import hashlib
 
-    from memdetect import hub
+    from memdetect.core import hub
     from memdetect.bench import nemo_stats
 
     monkeypatch.setenv("MEMDETECT_CACHE", str(tmp_path / "cache"))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from memdetect.calibrate import allowed_flags, calibrate, fpr_threshold, roc_point
+from memdetect.workflows.calibrate import allowed_flags, calibrate, fpr_threshold, roc_point
 from memdetect.cli import app
 from memdetect.config import Config, load_config, merge, to_toml, tomllib
 from memdetect.errors import InputError, UsageError

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from memdetect.capture import LayerSpec, Trace, pool, probe_layers
+from memdetect.core.capture import LayerSpec, Trace, pool, probe_layers
 from memdetect.errors import LayerError
 
 

@@ -137,8 +137,7 @@ def test_console_script_subprocess(tiny_ddpm, tmp_path):
 
 
 def test_an_unexpected_exception_is_an_internal_error_and_never_exit_1(tiny_ddpm, images_dir, monkeypatch):
-    from memdetect import scan as scan_mod
-
+    from memdetect.workflows import scan as scan_mod
     def bug(*args, **kwargs):
         raise ValueError("an index was off by one")  # a bug raising ValueError is not the user's mistake
 
@@ -158,9 +157,9 @@ def test_an_unexpected_exception_is_an_internal_error_and_never_exit_1(tiny_ddpm
 
 def test_commands_pass_their_options_to_the_library(tiny_ddpm, images_dir, tmp_path, monkeypatch):
     """The CLI parses and calls one library function; its keyword arguments are the options."""
-    from memdetect import calibrate as calibrate_mod
-    from memdetect import ci
-    from memdetect import scan as scan_mod
+    from memdetect.workflows import calibrate as calibrate_mod
+    from memdetect.workflows import ci
+    from memdetect.workflows import scan as scan_mod
     from memdetect.errors import InputError
 
     calls = {}
@@ -195,5 +194,5 @@ def test_commands_pass_their_options_to_the_library(tiny_ddpm, images_dir, tmp_p
     assert kw["junit"] == Path("j.xml") and kw["annotations"] == "none" and kw["output"] == Path(".memdetect/report.csv")
     assert kw["resume"] is False  # an audit resumes only when asked to
     assert invoke("audit", images_dir, *base, "--threshold", 1, "--resume", "--state-dir", tmp_path / "st").exit_code == 2
-    # the state directory checked before the model load (memdetect.state.StateDir.check_trusted) and handed on
+    # the state directory checked before the model load (memdetect.store.state.StateDir.check_trusted) and handed on
     assert calls["audit"][2]["resume"] is True and calls["audit"][2]["state_dir"].path == tmp_path / "st"

@@ -8,13 +8,13 @@ import torch
 from typer.testing import CliRunner
 
 from memdetect import Detector
-from memdetect.capture import Trace, pool
+from memdetect.core.capture import Trace, pool
 from memdetect.cli import app
 from memdetect.config import load_config, merge
 from memdetect.errors import UsageError
-from memdetect.io import draw_seed, image_seed
-from memdetect.journal import fingerprint
-from memdetect.scores import compute_all
+from memdetect.store.io import draw_seed, image_seed
+from memdetect.store.journal import fingerprint
+from memdetect.core.scores import compute_all
 
 from .conftest import write_images
 
@@ -99,7 +99,7 @@ def test_the_k_noised_copies_stay_within_the_batch_size(ddpm, monkeypatch, draws
 
 
 def test_more_draws_change_settings_key_and_report(ddpm, tmp_path):
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     folder = tmp_path / "imgs"
     write_images(folder, 3)
@@ -177,7 +177,7 @@ def test_out_of_memory_halves_the_noised_copies_per_pass(ddpm, monkeypatch):
 def test_evidence_recomputes_the_score_the_scan_gave(ddpm, tmp_path):
     """Evidence maps are one draw's raw activations; the recomputed score must still be the scan's (K draws and a
     reference normalisation included), or every flagged image would be noted as changed since the scan."""
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     write_images(tmp_path / "imgs", 4, size=(16, 16), seed=7)
     det = Detector.from_pretrained("ddpm", ddpm, threshold=-1e9, draws=3)

@@ -29,7 +29,7 @@ import torch
 from typer.testing import CliRunner
 
 from memdetect import Detector, safe_pickle
-from memdetect.capture import Trace
+from memdetect.core.capture import Trace
 from memdetect.cli import app
 from memdetect.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
 from memdetect.models import PRESETS, resolve_model

@@ -113,7 +113,7 @@ def test_dit_maps_come_from_the_token_grid():
 
 def test_evidence_and_copy_search(tiny_ddpm, tmp_path):
     from memdetect import Detector
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     imgs = tmp_path / "imgs"
     paths = write_images(imgs, 6, size=(16, 16), seed=7)
@@ -152,8 +152,8 @@ def test_evidence_and_copy_search(tiny_ddpm, tmp_path):
 
 def test_html_stays_bounded_and_fast_on_10000_rows(tmp_path):
     """10,000 rows with 200 flagged: the page embeds evidence for the chosen top only and is written in < 30 s."""
-    from memdetect.html_report import write_html
-    from memdetect.report import make_row, rows_to_frame
+    from memdetect.workflows.html_report import write_html
+    from memdetect.store.report import make_row, rows_to_frame
 
     img = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
@@ -192,8 +192,8 @@ CHROMIUM = next((shutil.which(c) for c in ("chromium", "chromium-browser", "goog
 def demo_audit(tmp_path_factory):
     """examples/demo calibrated on examples/demo-reference, audited with the HTML page and evidence."""
     from memdetect import Detector
-    from memdetect.calibrate import calibrate_paths
-    from memdetect.ci import audit
+    from memdetect.workflows.calibrate import calibrate_paths
+    from memdetect.workflows.ci import audit
     from memdetect.config import load_config
 
     tmp = tmp_path_factory.mktemp("demo")

@@ -17,7 +17,7 @@ from memdetect.cli import app
 from memdetect.detector import Detector
 from memdetect.errors import UnsupportedModelError
 from memdetect.models import ADAPTERS, PRESETS, Preset, register_adapter, register_preset
-from memdetect.scan import scan
+from memdetect.workflows.scan import scan
 
 from .conftest import write_images
 

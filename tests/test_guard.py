@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import memdetect
-from memdetect.capture import Trace, pool
+from memdetect.core.capture import Trace, pool
 from memdetect.errors import UsageError
-from memdetect.guarding import MemorizedImageError, adapter_for_pipeline
-from memdetect.scores import std
+from memdetect.workflows.guarding import MemorizedImageError, adapter_for_pipeline
+from memdetect.core.scores import std
 
 
 def _hooks(module: torch.nn.Module) -> int:
@@ -242,10 +242,10 @@ def test_cli_calibrate_guard_then_generate_guarded(tiny_ddpm, tmp_path):
     assert not os.path.isabs(doc["model_path"]) and Path(conf.model_path).resolve() == Path(tiny_ddpm).resolve()
     assert conf.threshold is None and conf.guard["steps"] == 3 and conf.guard["metric"] == "std"
     # 1% of 4 reference generations < 1: the threshold sits just above the largest reference score
-    ref = memdetect.guard(memdetect.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)
+    ref = memdetect.guard(memdetect.workflows.guarding.load_guardable("ddpm", str(tiny_ddpm), device="cpu")[0], threshold=None)
     # fewer steps than the family's 1,000 ancestral ones: the command samples with DDIM, eta 0 (and records it)
     assert doc["guard"]["eta"] == 0.0
-    again = memdetect.guarding.generate(ref, None, 4, steps=3, seed=0, eta=0.0)
+    again = memdetect.workflows.guarding.generate(ref, None, 4, steps=3, seed=0, eta=0.0)
     assert conf.guard["threshold"] == pytest.approx(float(np.nextafter(again.result.scores["std"].max(), np.inf)),
                                                     rel=1e-5)
 
@@ -276,7 +276,7 @@ def test_demo_flags_its_memorized_generations_at_the_shipped_guard_calibration()
     conf = load_config(f"{folder}/memdetect.toml")
     manifest = pd.read_csv(f"{folder}/manifest.csv")
     shipped = torch.from_numpy(np.load(f"{folder}/samples.npz")["samples"])
-    pipe, _ = memdetect.guarding.load_guardable("demo", device="cpu")
+    pipe, _ = memdetect.workflows.guarding.load_guardable("demo", device="cpu")
     g = memdetect.guard(pipe, threshold=conf.guard["threshold"], step_t=conf.guard["step_t"])
     out = g(batch_size=len(shipped), generator=torch.Generator().manual_seed(0),
             num_inference_steps=conf.guard["steps"], eta=0.0, output_type="np")
@@ -297,14 +297,14 @@ def test_demo_sd_flags_copies_from_memorized_prompts_and_not_normal_prompts_at_i
     import pandas as pd
 
     from memdetect.config import load_config
-    from memdetect.guarding import generate
+    from memdetect.workflows.guarding import generate
     from memdetect.models.presets import packaged
 
     folder = packaged("demo_sd_guard")
     conf = load_config(f"{folder}/memdetect.toml")
     manifest = pd.read_csv(f"{folder}/manifest.csv", keep_default_na=False)
     shipped = torch.from_numpy(np.load(f"{folder}/samples.npz")["samples"])
-    pipe, _ = memdetect.guarding.load_guardable("demo-sd", device="cpu")
+    pipe, _ = memdetect.workflows.guarding.load_guardable("demo-sd", device="cpu")
     pipe.set_progress_bar_config(disable=True)
     g = memdetect.guard(pipe, threshold=conf.guard["threshold"], step_t=conf.guard["step_t"])
     gen = generate(g, manifest["condition"].tolist(), 1, steps=conf.guard["steps"], seed=0)

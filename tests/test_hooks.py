@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memdetect.io import IMAGE_EXTENSIONS
+from memdetect.store.io import IMAGE_EXTENSIONS
 
 from .conftest import REPO, write_images
 

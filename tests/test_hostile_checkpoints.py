@@ -36,10 +36,10 @@ import pytest
 import torch
 from PIL import Image
 
-from memdetect import safe_pickle
+from memdetect.models.edm import safe_pickle
 from memdetect.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError
 from memdetect.models import edm
-from memdetect.safe_pickle import Limits, printable, short_repr
+from memdetect.models.edm.safe_pickle import Limits, printable, short_repr
 
 from .test_edm import SMALL, EvilStorage, small_net, write_nvlabs_pickle
 

@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memdetect.cli import app
-from memdetect.run_context import git_commit
+from memdetect.workflows.run_context import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -106,7 +106,7 @@ def test_git_commit_read_from_the_checkout_files(tmp_path):
 @pytest.fixture(scope="module")
 def demo_config(tmp_path_factory):
     from memdetect import Detector
-    from memdetect.calibrate import calibrate_paths
+    from memdetect.workflows.calibrate import calibrate_paths
 
     tmp = tmp_path_factory.mktemp("cfg")
     det = Detector.from_pretrained("demo", device="cpu")

@@ -1,10 +1,10 @@
-"""memdetect.hub: the offline switch and the checksummed download cache."""
+"""memdetect.core.hub: the offline switch and the checksummed download cache."""
 
 from __future__ import annotations
 
 import pytest
 
-from memdetect import hub
+from memdetect.core import hub
 from memdetect.errors import ModelNotFoundError
 
 

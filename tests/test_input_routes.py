@@ -33,7 +33,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def demo_config(tmp_path_factory) -> Path:
     from memdetect import Detector
-    from memdetect.calibrate import calibrate_paths
+    from memdetect.workflows.calibrate import calibrate_paths
 
     d = tmp_path_factory.mktemp("config")
     det = Detector.from_pretrained("demo", batch_size=64, device="cpu")
@@ -106,7 +106,7 @@ def test_duplicate_member_names_are_distinct_rows(demo_config, tmp_path):
 
 
 def test_a_manifest_names_the_second_member_of_a_name(demo_config, tmp_path):
-    from memdetect.sources import open_source, read_item
+    from memdetect.store.sources import open_source, read_item
 
     shard = _tar(tmp_path / "shard.tar", [("000.png", GEN.read_bytes(), None), ("000.png", MEM.read_bytes(), None)])
     assert read_item(open_source(f"{shard}::000.png")) == GEN.read_bytes()
@@ -131,7 +131,7 @@ def test_a_hardlink_member_fails_the_audit(demo_config, tmp_path):
 
 
 def test_a_file_padded_past_the_byte_limit_fails_the_audit(demo_config, tmp_path):
-    from memdetect.io import MAX_FILE_BYTES
+    from memdetect.store.io import MAX_FILE_BYTES
 
     d = tmp_path / "d"
     d.mkdir()
@@ -162,8 +162,7 @@ def test_a_memorized_second_frame_is_flagged(demo_config, tmp_path, fmt):
 
 
 def test_too_many_frames_is_an_error_row_that_fails_the_audit(demo_config, tmp_path, monkeypatch):
-    from memdetect import io as mio
-
+    from memdetect.store import io as mio
     monkeypatch.setattr(mio, "MAX_FRAMES", 3)
     d = tmp_path / "d"
     d.mkdir()
@@ -260,7 +259,7 @@ def test_a_large_manifest_is_held_compactly_and_read_fast(tmp_path):
     import time
     import tracemalloc
 
-    from memdetect.sources import ItemList, resolve
+    from memdetect.store.sources import ItemList, resolve
 
     n = 200_000
     manifest = tmp_path / "m.csv"
@@ -287,7 +286,7 @@ def test_a_large_manifest_is_held_compactly_and_read_fast(tmp_path):
 def test_item_refs_give_the_ray_workers_the_real_item(tmp_path):
     """``--engine ray`` sends each worker ``item_ref`` (the path's bytes, the member's place), not the displayed
     name, which for ``mem<0xff>.png`` would name the other file."""
-    from memdetect.sources import from_ref, item_name, item_ref, read_item, resolve
+    from memdetect.store.sources import from_ref, item_name, item_ref, read_item, resolve
 
     d = tmp_path / "d"
     d.mkdir()
@@ -306,7 +305,7 @@ def test_item_refs_give_the_ray_workers_the_real_item(tmp_path):
 
 def test_a_resumed_row_keeps_the_frame_that_scored(tmp_path):
     from memdetect import Detector
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     d = tmp_path / "d"
     d.mkdir()

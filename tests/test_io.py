@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from memdetect.io import ImageError, discover, image_seed, load_image, write_report
+from memdetect.store.io import ImageError, discover, image_seed, load_image, write_report
 
 
 def _save(path, img, **kw):

@@ -14,11 +14,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from memdetect import scan as scan_mod
+from memdetect.workflows import scan as scan_mod
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
-from memdetect.journal import Journal, fingerprint, journal_path, read_journals, record_scores, row_key, scan_record
-from memdetect.scan import scan
+from memdetect.store.journal import Journal, fingerprint, journal_path, read_journals, record_scores, row_key, scan_record
+from memdetect.workflows.scan import scan
 
 from .conftest import write_images
 

@@ -19,10 +19,10 @@ from typer.testing import CliRunner
 
 from memdetect import Detector
 from memdetect.cli import app
-from memdetect.merge import read_report
-from memdetect.report import COLUMNS
-from memdetect.scan import scan
-from memdetect.sources import parse_shard, shard, shard_bounds
+from memdetect.workflows.merge import read_report
+from memdetect.store.report import COLUMNS
+from memdetect.workflows.scan import scan
+from memdetect.store.sources import parse_shard, shard, shard_bounds
 
 from .conftest import write_images
 
@@ -307,7 +307,7 @@ def test_torchrun_two_ranks_give_the_single_process_report_and_resume_after_a_ki
 # -- ranks: environment, devices -----------------------------------------------------------------------------------
 
 def test_world_comes_from_the_launchers_environment():
-    from memdetect.distributed import World, rank_output, world
+    from memdetect.integrations.torchrun import World, rank_output, world
     from memdetect.errors import UsageError
 
     assert world({}) is None and world({"WORLD_SIZE": "1", "RANK": "0"}) is None
@@ -323,7 +323,7 @@ def test_world_comes_from_the_launchers_environment():
 def test_each_rank_takes_its_own_gpu(monkeypatch):
     import torch
 
-    from memdetect.distributed import World, rank_device
+    from memdetect.integrations.torchrun import World, rank_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
@@ -349,7 +349,7 @@ def test_a_scan_under_a_launcher_needs_an_output_and_no_shard_flag(tiny_ddpm, tm
 def test_rank_gpu_scores_match_the_cpu(tiny_ddpm, tmp_path):
     import torch
 
-    from memdetect.distributed import World, rank_device
+    from memdetect.integrations.torchrun import World, rank_device
 
     write_images(tmp_path / "imgs", 4)
     dev = rank_device("auto", World(1, 2, 1))
@@ -374,7 +374,7 @@ def test_more_shards_than_images_merge(det, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".csv", ".json"])
 def test_p_values_survive_shards_and_merge(det, tmp_path, suffix):
-    from memdetect.pvalues import Reference
+    from memdetect.core.pvalues import Reference
 
     write_images(tmp_path / "imgs", 5)
     ref = Reference.from_scores(np.linspace(0.0, 2.0, 50))

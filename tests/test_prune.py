@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from memdetect import capture
+from memdetect.core import capture
 from memdetect.detector import Detector
 from memdetect.errors import PrunedModuleError, UsageError
 from memdetect.models.base import place
@@ -238,7 +238,7 @@ def test_the_command_line_prunes_a_scan_and_keeps_the_whole_model_for_a_full_for
                                                                                      monkeypatch):
     from typer.testing import CliRunner
 
-    from memdetect import scan as scan_mod
+    from memdetect.workflows import scan as scan_mod
     from memdetect.cli import app
     from memdetect.errors import InputError
 

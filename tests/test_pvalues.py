@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from memdetect.calibrate import fpr_threshold
-from memdetect.pvalues import Reference, clopper_pearson, min_reference, stored_ranks
+from memdetect.workflows.calibrate import fpr_threshold
+from memdetect.core.pvalues import Reference, clopper_pearson, min_reference, stored_ranks
 
 
 def brute_p(ref, s):

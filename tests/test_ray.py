@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from memdetect.cli import app
-from memdetect.report import COLUMNS
+from memdetect.store.report import COLUMNS
 
 from .conftest import write_images
 

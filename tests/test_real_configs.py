@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memdetect.capture import Trace, pool
+from memdetect.core.capture import Trace, pool
 
 from .conftest import CONFIGS, needs_shared
 

@@ -9,11 +9,11 @@ import torch
 from typer.testing import CliRunner
 
 from memdetect import Detector
-from memdetect.calibrate import MIN_NORMALISE, split_reference
+from memdetect.workflows.calibrate import MIN_NORMALISE, split_reference
 from memdetect.cli import app
 from memdetect.config import load_config, tomllib
 from memdetect.errors import UsageError
-from memdetect.scores import standardise, std
+from memdetect.core.scores import standardise, std
 
 from .conftest import write_images
 
@@ -40,7 +40,7 @@ def test_the_detector_scores_standardised_activations_and_keys_them(tiny_ddpm):
 
 
 def test_the_reference_halves_are_seeded_disjoint_and_whole(tmp_path, monkeypatch):
-    monkeypatch.setattr("memdetect.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
+    monkeypatch.setattr("memdetect.workflows.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
     files = write_images(tmp_path / "ref", 25)
     a, b = split_reference([tmp_path / "ref"])
     assert (a, b) == split_reference([tmp_path / "ref"])
@@ -51,7 +51,7 @@ def test_the_reference_halves_are_seeded_disjoint_and_whole(tmp_path, monkeypatc
 
 
 def test_calibrate_normalise_reference_end_to_end(tiny_ddpm, tmp_path, monkeypatch):
-    monkeypatch.setattr("memdetect.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
+    monkeypatch.setattr("memdetect.workflows.calibrate.MIN_NORMALISE", 20)  # the real floor is 200 images
     write_images(tmp_path / "ref", 24)
     cfg = tmp_path / "memdetect.toml"
     res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "ref"), "--model", "ddpm", "--model-path",

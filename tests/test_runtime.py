@@ -10,8 +10,7 @@ import sys
 
 import pytest
 
-from memdetect import runtime
-
+from memdetect.speed import runtime
 from .conftest import REPO
 
 needs_glibc = pytest.mark.skipif(runtime.glibc() is None, reason="mallopt tuning applies to glibc (Linux) only")
@@ -19,7 +18,7 @@ needs_glibc = pytest.mark.skipif(runtime.glibc() is None, reason="mallopt tuning
 # What a layer-by-layer forward does to the allocator: allocate a large activation, write it, free it, repeat.
 PROBE = r"""
 import json, resource, sys, torch
-from memdetect import runtime
+from memdetect.speed import runtime
 on = runtime.retain_freed_memory() if sys.argv[1] in ("retain", "restore") else False
 if sys.argv[1] == "restore":
     assert runtime.restore_allocator() is on
@@ -98,8 +97,7 @@ def test_the_library_leaves_the_allocator_alone_and_the_cli_opts_in(tmp_path, mo
 
 RELEASE = r"""
 import json, torch
-from memdetect import runtime
-
+from memdetect.speed import runtime
 def rss_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) / 1024
 
@@ -137,8 +135,7 @@ def test_detector_releases_free_memory_before_starting_workers(tmp_path, monkeyp
 
 BOUND = r"""
 import json, sys, torch
-from memdetect import runtime
-
+from memdetect.speed import runtime
 def rss_mib():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) / 1024
 

@@ -4,9 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from memdetect import scores
-
-
+from memdetect.core import scores
 def ref(v: np.ndarray) -> dict[str, np.ndarray]:
     """Independent numpy reference implementations (float64)."""
     v = v.astype(np.float64)
@@ -66,7 +64,7 @@ def test_bad_shapes_are_refused():
 
 
 def test_centre_and_standardise_against_a_reference():
-    from memdetect.scores import centre, standardise
+    from memdetect.core.scores import centre, standardise
 
     g = torch.Generator().manual_seed(0)
     v = torch.randn(5, 7, generator=g) * 3 + 2

@@ -27,9 +27,9 @@ from typer.testing import CliRunner
 from memdetect.cli import app
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
-from memdetect.journal import fingerprint, journal_path, record_mac, row_key
-from memdetect.scan import scan
-from memdetect.state import StateDir
+from memdetect.store.journal import fingerprint, journal_path, record_mac, row_key
+from memdetect.workflows.scan import scan
+from memdetect.store.state import StateDir
 from memdetect.text import printable
 
 from .conftest import REPO, write_images
@@ -72,7 +72,7 @@ def det(tiny_ddpm):
 @pytest.fixture(scope="module")
 def demo_config(tmp_path_factory) -> Path:
     """memdetect.toml calibrated on examples/demo-reference (the README's quick start)."""
-    from memdetect.calibrate import calibrate_paths
+    from memdetect.workflows.calibrate import calibrate_paths
 
     d = tmp_path_factory.mktemp("config")
     det = Detector.from_pretrained("demo", batch_size=64, device="cpu")
@@ -110,8 +110,7 @@ def test_a_forged_journal_never_passes_an_audit(demo_config, tmp_path, monkeypat
     repo = tmp_path / "repo"
     (repo / ".memdetect").mkdir(parents=True)
     monkeypatch.chdir(repo)
-    from memdetect import runtime
-
+    from memdetect.speed import runtime
     runtime.retain_freed_memory()  # as the command does: the allocator setting is part of the key
     det = Detector.from_pretrained("demo", device="cpu")
     weights = det.weights_digest(StateDir(state))
@@ -257,7 +256,7 @@ def test_state_dir_and_secret_are_private(tmp_path):
 
 
 def test_state_dir_defaults_to_the_xdg_cache(monkeypatch, tmp_path):
-    from memdetect.state import default_state_dir
+    from memdetect.store.state import default_state_dir
 
     monkeypatch.delenv("MEMDETECT_STATE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -418,8 +417,7 @@ def test_decoding_is_bounded_per_image(tmp_path):
     import struct
     import zlib
 
-    from memdetect import io
-
+    from memdetect.store import io
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -432,7 +430,7 @@ def test_decoding_is_bounded_per_image(tmp_path):
     big16.write_bytes(png(8000, 8000, 16, 0))
     assert big16.stat().st_size < 200_000
     # VmHWM: this process's peak (ru_maxrss would also count the forked pytest it was exec'd from)
-    code = ("import re, sys; from memdetect.io import load_image; a = load_image(sys.argv[1], 32); "
+    code = ("import re, sys; from memdetect.store.io import load_image; a = load_image(sys.argv[1], 32); "
             "print(a.shape, re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
     proc = subprocess.run([sys.executable, "-c", code, str(big16)], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **ONE_THREAD})
@@ -572,8 +570,7 @@ def test_an_empty_folder_with_a_hostile_name_is_one_line(tmp_path):
 
 
 def test_printable_is_the_one_helper():
-    from memdetect import safe_pickle
-
+    from memdetect.models.edm import safe_pickle
     assert printable("a\x1b[31m\n\r\x9b\u202e\ud800|`[/x]") == "a\\x1b[31m\\n\\r\\x9b\\u202e\\ud800|`[/x]"
     assert printable("x" * 10, 4) == "xxxx..." and printable("ünï") == "ünï"
     assert safe_pickle.printable("\x1b" * 200) == printable("\x1b" * 200, 120)

@@ -1,4 +1,4 @@
-"""``memdetect.select`` and ``memdetect calibrate --select-layer``: the selection finds a planted layer, refuses too
+"""``memdetect.workflows.select`` and ``memdetect calibrate --select-layer``: the selection finds a planted layer, refuses too
 few examples, never scores an image with a choice made on it, and its memdetect.toml round-trips and drives scan and
 audit."""
 
@@ -20,7 +20,7 @@ from memdetect.detector import Detector
 from memdetect.errors import UsageError
 from memdetect.models import Preset, register_adapter, register_preset
 from memdetect.models.base import Adapter, to_unit_range
-from memdetect.select import (MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose, needed_message,
+from memdetect.workflows.select import (MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose, needed_message,
                               nested_evaluation, provenance, select_configuration, select_from_images)
 
 runner = CliRunner()
@@ -293,7 +293,7 @@ def test_select_layer_needs_memorized_examples(planted, tmp_path):
 
 
 def test_training_duplicates_give_memorized_and_novel_examples(planted, tmp_path):
-    from memdetect.select import training_duplicate_examples
+    from memdetect.workflows.select import training_duplicate_examples
 
     train = tmp_path / "train"
     reds = square_images(22, RED, 9)
@@ -315,7 +315,7 @@ def test_every_family_proposes_hookable_candidates_that_include_its_default(fixt
     layers = candidate_layers(det)
     assert layers[0] == str(det.layer) and len(layers) > 2 and len(set(layers)) == len(layers)
     images = torch.randint(0, 256, (2, 3, det.adapter.resolution, det.adapter.resolution), dtype=torch.uint8)
-    from memdetect.select import capture_features
+    from memdetect.workflows.select import capture_features
 
     feats = capture_features(det, images, layers=layers, timesteps=(10, 50))
     assert set(feats) == {(s, t) for s in layers for t in (10, 50)}
@@ -345,7 +345,7 @@ def test_bench_demo_adds_ours_selected_chosen_on_the_selection_half_only(planted
     half, in results.csv, recall_by_grade.csv and pairs.csv; a spy checks that the selection saw no held-out image."""
     import pandas as pd
 
-    import memdetect.select as select_module
+    import memdetect.workflows.select as select_module
     from memdetect.bench.demo import run_demo, split_halves
 
     folder, images, labels = bench_folder(tmp_path)
@@ -387,7 +387,7 @@ def test_bench_demo_scores_a_normalised_pick_with_the_selection_halfs_novel_stat
 
     import pandas as pd
 
-    import memdetect.select as select_module
+    import memdetect.workflows.select as select_module
     from memdetect.bench.demo import run_demo, split_halves
 
     folder, images, labels = bench_folder(tmp_path)
@@ -436,7 +436,7 @@ def nuisance_features(n_mem: int = 40, n_novel: int = 200, seed: int = 0) -> tup
 
 
 def test_the_selection_picks_normalised_where_the_signal_separates_only_after_z_scoring():
-    from memdetect.select import FeatureScores
+    from memdetect.workflows.select import FeatureScores
 
     feats, labels = nuisance_features()
     scorer = FeatureScores(feats)
@@ -462,7 +462,7 @@ def test_normalisation_statistics_are_fitted_on_the_choosing_parts_novel_images_
     """Spies on the score matrix (which novel images fit the statistics) and on the rule (which images it chooses
     on): in every fold the statistics come from exactly the novel images of the choosing part, never from the fold
     being scored; a fold's out-of-sample scores use those fold-local statistics."""
-    from memdetect.select import FeatureScores
+    from memdetect.workflows.select import FeatureScores
 
     feats, labels = nuisance_features(30, 150, seed=1)
     references: list[np.ndarray] = []
@@ -523,8 +523,8 @@ def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_p
 
     import tomllib
 
-    from memdetect.calibrate import split_reference
-    from memdetect.select import read_images, reference_statistics
+    from memdetect.workflows.calibrate import split_reference
+    from memdetect.workflows.select import read_images, reference_statistics
 
     register_adapter(NuisanceAdapter)
     (tmp_path / "nuisance-model").mkdir()

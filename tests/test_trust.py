@@ -168,7 +168,7 @@ def dets(tiny_ddpm):
 
 
 def _shards(det, imgs: Path, out: Path, n: int = 2, suffix: str = ".csv", **kw) -> list[Path]:
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
 
     parts = [out / f"p{i}{suffix}" for i in range(n)]
     for i, p in enumerate(parts):
@@ -332,8 +332,8 @@ def _plant_state(state: Path, tiny_ddpm: Path, images: Path, report: Path, key: 
     """What a pull request can commit: a state directory with a secret it knows (0600 after checkout) and journal rows
     for every image, scored -5 and signed with that secret."""
     from memdetect import Detector, runtime
-    from memdetect.journal import fingerprint, record_mac, row_key
-    from memdetect.state import StateDir
+    from memdetect.store.journal import fingerprint, record_mac, row_key
+    from memdetect.store.state import StateDir
 
     state.mkdir(mode=0o700, parents=True)
     (state / "secret").write_text(key.hex() + "\n")
@@ -417,8 +417,8 @@ def test_a_shard_mac_covers_error_rows_and_p_values(dets, tmp_path, suffix):
     for every format, with error rows and p-value columns, and any edited cell breaks it."""
     import numpy as np
 
-    from memdetect.merge import merge_reports
-    from memdetect.pvalues import Reference
+    from memdetect.workflows.merge import merge_reports
+    from memdetect.core.pvalues import Reference
 
     write_images(tmp_path / "imgs", 5)
     (tmp_path / "imgs" / "broken.png").write_bytes(b"not an image")

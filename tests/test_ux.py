@@ -22,7 +22,7 @@ from memdetect import cli
 from memdetect.cli import app
 from memdetect.models import PRESETS
 from memdetect.progress import Progress, status_line
-from memdetect.ux import output_error, sampler
+from memdetect.cli.ux import output_error, sampler
 
 
 runner = CliRunner()

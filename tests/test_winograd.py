@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memdetect import winograd
+from memdetect.speed import winograd
 from memdetect.models.base import place
 
 from .conftest import CONFIGS, needs_shared
@@ -126,7 +126,7 @@ def test_detector_setting_is_explicit_recorded_and_scores_agree_with_direct_conv
     from diffusers import DDPMScheduler, UNet2DModel
 
     from memdetect.detector import Detector
-    from memdetect.journal import fingerprint
+    from memdetect.store.journal import fingerprint
     from memdetect.models.ddpm import PixelDDPMAdapter
 
     torch.manual_seed(0)

@@ -52,16 +52,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..capture import LayerSpec, Trace, pool
+from ..core.capture import LayerSpec, Trace, pool
 from ..detector import Detector
 from ..errors import LayerError, UnsupportedModelError, UsageError
-from ..io import image_seed
+from ..store.io import image_seed
 from ..models.presets import packaged
-from ..scores import SCORES, centre, standardise, std
-from .. import strict_json
+from ..core.scores import SCORES, centre, standardise, std
+from ..store import strict_json
 from . import baselines
 from .labels import LabelRule
-from .metrics import bootstrap_metrics, paired_difference, recall_by_group, roc_metrics, threshold_at_fpr
+from ..core.metrics import bootstrap_metrics, paired_difference, recall_by_group, roc_metrics, threshold_at_fpr
 
 log = logging.getLogger(__name__)
 
@@ -317,13 +317,13 @@ def _draws_std(det: Detector, images: torch.Tensor, seeds_of, draws: int, batch_
 
 def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, methods: list[str], *, batch_size: int,
                   n_boot: int = 1000, split_seed: int = 0) -> dict | None:
-    """The ``ours_selected`` method: ``memdetect.select.select_from_images`` (what ``memdetect calibrate
+    """The ``ours_selected`` method: ``memdetect.workflows.select.select_from_images`` (what ``memdetect calibrate
     --select-layer`` runs) on the *selection* half of ``split_halves`` only, its configuration then scanned (timed) on
     the *held-out* half (a reference-normalised pick: statistics fitted on the selection half's novel images only).
     Returns its results.csv and recall_by_grade.csv rows, ``pairs`` (ours_selected minus every
     other method, paired on the held-out half) and the selection's record; its scores are added to ``per_sample``
     (NaN on the selection half). None when the selection half is too small to choose on."""
-    from ..select import needed_message, select_from_images
+    from ..workflows.select import needed_message, select_from_images
 
     labels, images = data.labels, data.images[data.labelled]
     sel, held = split_halves(labels, 0.5, split_seed)
@@ -340,7 +340,7 @@ def selected_rows(det: Detector, data: DemoSet, per_sample: pd.DataFrame, method
     feats, sec = _timed(lambda sl: scanner.features(x[sl], [image_seed(v, det.seed) for v in x[sl].numpy()]).numpy(),
                         len(x), batch_size)
     if c.normalise == "reference":  # statistics from the selection half's novel images only
-        from ..select import reference_statistics
+        from ..workflows.select import reference_statistics
 
         ref = images[torch.from_numpy(sel[labels[sel] == 0])]
         ref_feats = torch.cat([scanner.features(ref[i:i + batch_size],
@@ -569,7 +569,7 @@ def run_demo(output: Path, *, model: str = "demo", device: str = "auto", batch_s
 
     ``limit``: score a stratified subset of that many labelled samples (quick checks; RESULTS.md uses all).
     ``select``: add the ``ours_selected`` row (``selected_rows``; left out, with a log line, when the selection
-    half is too small for ``memdetect.select``) and selection.json.
+    half is too small for ``memdetect.workflows.select``) and selection.json.
     """
     folder = Path(data_folder) if data_folder else bench_folder(model)
     if not (folder / "samples.npz").is_file():

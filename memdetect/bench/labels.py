@@ -36,7 +36,7 @@ from typing import Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..similarity import MAX_SHIFT, Match, _centred_unit, _variants, nearest_match  # noqa: F401 (re-exported)
+from ..core.similarity import MAX_SHIFT, Match, _centred_unit, _variants, nearest_match  # noqa: F401 (re-exported)
 
 #: Default thresholds on the pixel correlation (see module docstring and benchmarks/RESULTS.md).
 MEMORIZED_AT = 0.95

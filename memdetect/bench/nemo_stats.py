@@ -10,8 +10,8 @@ lists them). Each value is over prompts of |to_v(text embedding)| averaged over 
 deviation is ``torch.std``'s (unbiased). That is exactly ``baselines.nemo_activations``.
 
 The file is downloaded once from the commit pinned below (the same one the prompt lists come from), into
-``$MEMDETECT_CACHE/nemo`` (see ``memdetect.hub``), and its SHA-256 and size are checked on every use. It is read
-with ``memdetect.safe_pickle.load_tensors`` (weights only: no code from the file runs). ``--nemo-stats FILE`` reads
+``$MEMDETECT_CACHE/nemo`` (see ``memdetect.core.hub``), and its SHA-256 and size are checked on every use. It is read
+with ``memdetect.models.edm.safe_pickle.load_tensors`` (weights only: no code from the file runs). ``--nemo-stats FILE`` reads
 a local copy instead (offline; the same checks of shape, no checksum: a user may bring statistics of their own in
 this format).
 """
@@ -27,7 +27,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .. import hub
+from ..core import hub
 from ..errors import InputError, MemdetectError
 from .baselines import NemoMoments
 
@@ -76,7 +76,7 @@ def read_statistics(path: str | os.PathLike, value_layers: Mapping[str, nn.Modul
     ``value_layers``: one (mean, std) pair of tensors per layer, in order, each as wide as its layer. Returns the
     concatenated moments, in ``nemo_activations``' neuron order. A file of another form, or for other layers, is an
     InputError that says what it holds."""
-    from ..safe_pickle import load_tensors
+    from ..models.edm.safe_pickle import load_tensors
 
     shown = Path(path).name
     try:

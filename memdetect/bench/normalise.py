@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..scores import standardise, std
-from .metrics import bootstrap_metrics, paired_difference
+from ..core.scores import standardise, std
+from ..core.metrics import bootstrap_metrics, paired_difference
 
 #: fewest reference samples of a class for its own statistics (else the whole reference's)
 MIN_CLASS = 10

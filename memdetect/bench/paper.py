@@ -7,12 +7,12 @@ detector and with every baseline that applies, and writes, into its output folde
   tpr_lo, tpr_hi, seconds_per_sample, n_memorized, n_generalized, timing, note``. ``unit`` is ``image`` (the
   headline, Table 1's unit: every generated image scored on its own) or, for laion, ``prompt`` (the mean over a
   prompt's K generations, as Wen et al. and NeMo score prompts). ``*_lo`` / ``*_hi``: 95% bootstrap interval
-  (``memdetect.bench.metrics``; laion resamples whole prompts, since a prompt's K images are not independent);
+  (``memdetect.core.metrics``; laion resamples whole prompts, since a prompt's K images are not independent);
 * ``differences.csv``: ours minus each baseline, per unit, AUROC and TPR@1%FPR with paired-bootstrap 95% intervals
   over the same samples; ``ahead`` is true only where the AUROC interval lies above 0;
 * ``scores.csv``: one row per generated image with every score (laion: also ``prompts.csv``, one row per prompt);
 * ``roc.png`` (image level); ``settings.json`` (everything that determines the numbers); ``images/`` (PNG);
-* ``records/records-<rank>.jsonl``: a journal (``memdetect.journal``), one line per finished prompt or sample. A
+* ``records/records-<rank>.jsonl``: a journal (``memdetect.store.journal``), one line per finished prompt or sample. A
   rerun into the same folder skips what is recorded there (same settings required), so an interrupted run resumes
   where it stopped, and a run stopped for too few memorized samples keeps its generations for the next one.
 
@@ -73,20 +73,20 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import strict_json
+from ..store import strict_json
 from .._version import __version__
 from ..detector import Detector
 from ..errors import InputError, UsageError
-from ..io import ImageError, discover, image_seed, load_image
-from ..journal import Journal, read_journals
+from ..store.io import ImageError, discover, image_seed, load_image
+from ..store.journal import Journal, read_journals
 from ..models.base import CONDITIONING
-from ..scores import SCORES, compute_all
+from ..core.scores import SCORES, compute_all
 from . import baselines
 from . import nemo_stats as nemo_stats_module
 from .demo import plot_roc
 from .generate import generate, generation_seed, save_png
 from .labels import Labeller, LabelRule, PixelLabeller, make_labeller, nearest_match
-from .metrics import ahead, bootstrap_metrics, paired_difference
+from ..core.metrics import ahead, bootstrap_metrics, paired_difference
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
 log = logging.getLogger(__name__)
@@ -778,7 +778,7 @@ def _load(model: str, model_path: str | None, bench: str, procs: Processes, devi
         device = procs.device
     # the baselines run full forwards, generation and decoding: the whole model stays (prune=False)
     det = Detector.from_pretrained(model, model_path, device=device, dtype=dtype, prune=False)
-    from ..runtime import one_thread_for_small_models
+    from ..speed.runtime import one_thread_for_small_models
 
     # a tiny model's operations are too small for threads: on a busy machine they cost many times what they save
     one_thread_for_small_models(det.adapter.networks(), det.adapter.device)

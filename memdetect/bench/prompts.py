@@ -14,7 +14,7 @@ which ``--memorized-filter`` can select on (``type=VM``, ``max_sscd>=0.5``, ``in
 
 The public lists are pinned to the commits that ``../shared/data/prompts/README.md`` records and checked against
 their git blob ids (``git hash-object``), so a cached or downloaded copy is known to be byte-identical to the
-published file. They are cached in ``$MEMDETECT_CACHE/prompts`` (default ``~/.cache/memdetect/prompts``, see ``memdetect.hub``); in
+published file. They are cached in ``$MEMDETECT_CACHE/prompts`` (default ``~/.cache/memdetect/prompts``, see ``memdetect.core.hub``); in
 offline mode (``HF_HUB_OFFLINE`` or ``MEMDETECT_OFFLINE``), a list that is not cached is a one-line error naming the
 option that reads a local file instead.
 """
@@ -34,7 +34,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from .. import hub
+from ..core import hub
 from ..errors import InputError, UsageError
 
 log = logging.getLogger(__name__)

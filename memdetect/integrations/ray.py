@@ -10,14 +10,14 @@ or from the command line, ``memdetect scan URI... --engine ray [--ray-address AD
 as a local scan (same rows, same order).
 
 The input dataset has a ``bytes`` column (image file bytes) and/or a ``path`` column (a local path readable on
-every worker, an fsspec URL or ``shard.tar::member``, opened with ``memdetect.sources.open_source``, URLs allowed:
+every worker, an fsspec URL or ``shard.tar::member``, opened with ``memdetect.store.sources.open_source``, URLs allowed:
 the dataset is the caller's). ``memdetect scan --engine ray`` resolves the inputs on the driver (remote URLs only
-with ``--allow-remote``) and adds a ``ref`` column (``memdetect.sources.item_ref``: the real path's bytes, the tar
+with ``--allow-remote``) and adds a ``ref`` column (``memdetect.store.sources.item_ref``: the real path's bytes, the tar
 member's place), which the workers open instead of the displayed name. Each row of
-the output has the report's columns (``memdetect.report.COLUMNS``) plus the input's other columns (``bytes``
+the output has the report's columns (``memdetect.store.report.COLUMNS``) plus the input's other columns (``bytes``
 dropped); a bad image is an error row. Scoring is a ``map_batches`` over an actor pool of ``concurrency`` actors,
 each loading the model once, on a GPU when the cluster has GPUs (``num_gpus``, default: 1 per actor if the
-cluster has any). Rows are keyed as ``memdetect.scan`` keys them (the image bytes, the settings, the weights'
+cluster has any). Rows are keyed as ``memdetect.workflows.scan`` keys them (the image bytes, the settings, the weights'
 content hash). The Ray engine keeps no journal: Ray Data retries failed tasks itself, and a rerun scores again.
 """
 
@@ -51,10 +51,10 @@ class Scorer:
     the settings, hence of every row's key)."""
 
     def __init__(self, model: str, model_path: str | None, detector_kwargs: dict, retain_freed_memory: bool = False):
-        from .. import runtime
+        from ..speed import runtime
         from ..detector import Detector
-        from ..journal import fingerprint
-        from ..state import StateDir
+        from ..store.journal import fingerprint
+        from ..store.state import StateDir
 
         if retain_freed_memory:
             runtime.retain_freed_memory()
@@ -65,10 +65,10 @@ class Scorer:
         import torch
 
         from ..detector import frame_scores
-        from ..io import ImageError, content_digest, decode_frames, image_seed
-        from ..journal import row_key
-        from ..report import COLUMNS, METRIC_COLUMNS
-        from ..sources import from_ref, open_source, read_item
+        from ..store.io import ImageError, content_digest, decode_frames, image_seed
+        from ..store.journal import row_key
+        from ..store.report import COLUMNS, METRIC_COLUMNS
+        from ..store.sources import from_ref, open_source, read_item
         from ..text import printable
 
         det = self.det
@@ -150,18 +150,19 @@ def score_dataset(ds, model: str = "demo", model_path: str | None = None, *, con
 def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
                   address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
                   shard_key: bytes | None = None, allow_remote: bool = False, **detector_kwargs):
-    """``memdetect scan --engine ray``: resolve ``paths`` here (``memdetect.sources``), score them on Ray (joining
+    """``memdetect scan --engine ray``: resolve ``paths`` here (``memdetect.store.sources``), score them on Ray (joining
     ``address``, or ``RAY_ADDRESS``, else a local Ray), and write the report a local scan would write (rows in
     input order). ``det``: the driver's detector, loaded with the same options (its settings go into the report;
     ``detector_kwargs`` are those options, given to every actor; ``reference``: the config's reference scores, for
-    the ``p_value`` and ``percentile`` columns). Returns a ``memdetect.scan.ScanResult``."""
-    from .. import report, runtime
+    the ``p_value`` and ``percentile`` columns). Returns a ``memdetect.workflows.scan.ScanResult``."""
+    from ..store import report
+    from ..speed import runtime
     from ..errors import InputError
-    from ..html_report import write_html
-    from ..io import check_destinations, check_report_path, display_path
-    from ..scan import ScanResult
-    from ..sources import inputs_digest, is_url, item_name, item_ref, resolve, shard as shard_of
-    from ..state import StateDir
+    from ..workflows.html_report import write_html
+    from ..store.io import check_destinations, check_report_path, display_path
+    from ..workflows.scan import ScanResult
+    from ..store.sources import inputs_digest, is_url, item_name, item_ref, resolve, shard as shard_of
+    from ..store.state import StateDir
 
     ray = _ray()
     if output is not None:
@@ -199,7 +200,7 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
     if output is not None:
         written, written_settings = frame, settings_dict
         if shard is not None:
-            from ..merge import mark_shard
+            from ..workflows.merge import mark_shard
 
             written, written_settings = mark_shard(frame, settings_dict, shard, inputs, key=shard_key,
                                                    suffix=os.path.splitext(str(output))[1].lower())

@@ -14,8 +14,15 @@ from pathlib import Path
 import torch
 
 from ..errors import UnsupportedModelError, UsageError
-from ..hub import read_json
-from . import ddpm, dit, edm, flux, pixart, sd, sd3, sdxl  # noqa: F401  (each registers its adapter)
+from ..core.hub import read_json
+from . import ddpm
+from . import dit
+from . import edm
+from . import flux
+from . import pixart
+from . import sd
+from . import sd3
+from . import sdxl  # noqa: F401  (each registers its adapter)
 from .base import ADAPTERS, Adapter, register_adapter
 from .presets import PRESETS, Preset, register_preset
 

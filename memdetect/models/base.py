@@ -123,7 +123,7 @@ class Adapter(ABC):
 
     def weight_files(self) -> list[Path]:
         """The files the model was loaded from (weights and the configs that shape it): their content hash is part
-        of a resumable scan's key (``memdetect.state``), so changed weights are never matched with old scores. An
+        of a resumable scan's key (``memdetect.store.state``), so changed weights are never matched with old scores. An
         adapter that returns none (this default) has its loaded tensors hashed instead, once per run."""
         return []
 
@@ -159,7 +159,7 @@ class Adapter(ABC):
         """The layer spec the paper's method reads for this model."""
 
     def selection_layers(self) -> list[str]:
-        """The layers ``memdetect calibrate --select-layer`` tries for this family (``memdetect.select``), in forward
+        """The layers ``memdetect calibrate --select-layer`` tries for this family (``memdetect.workflows.select``), in forward
         order. This default: the family's default layer only; families override it."""
         return [self.default_layer()]
 

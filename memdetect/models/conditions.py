@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..hub import cache_dir, component_files
+from ..core.hub import cache_dir, component_files
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def cache_path(family: str, key: str) -> Path:
 
 def condition_key(family: str, source: str, components: Sequence[str], settings: dict) -> str | None:
     """The cache key of ``family``'s empty condition from ``source``'s ``components`` (None: nothing to hash)."""
-    from ..state import StateDir
+    from ..store.state import StateDir
 
     files = component_files(source, components)
     if not files:

@@ -6,7 +6,7 @@ SiLU of the last resnet in the lowest-resolution up block).
 
 from __future__ import annotations
 
-from ..hub import component_files, has_subfolder, load_component
+from ..core.hub import component_files, has_subfolder, load_component
 from .base import UNET_LAYER, Adapter, place, register_adapter, to_unit_range, unet_layer
 from .base import unet_selection_layers
 

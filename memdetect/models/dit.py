@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from ..errors import UsageError
-from ..hub import component_files, load_component
+from ..core.hub import component_files, load_component
 from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
@@ -111,7 +111,7 @@ class DiTAdapter(LatentAdapter):
     def load_pipeline(cls, source, *, device, dtype):
         from diffusers import DiTPipeline
 
-        from ..hub import load_component
+        from ..core.hub import load_component
         pipe = load_component(DiTPipeline, source, None, torch_dtype=dtype).to(device)
         map_imagenet_null_label(pipe.transformer)
         return pipe

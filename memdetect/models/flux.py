@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import UsageError
-from ..hub import load_component
+from ..core.hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
 from .lazy import LazyModule

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelNotFoundError, PrunedModuleError
-from ..hub import local_root, not_found, offline
+from ..core.hub import local_root, not_found, offline
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class LazyModule:
     def needed_for(self, run: Callable[[], None]) -> tuple[set[str], set[str]]:
         """The names of the parameters and buffers ``run()`` (a ``meta`` forward, typically stopped early) reads, and
         of the modules it calls."""
-        from ..capture import trace_usage
+        from ..core.capture import trace_usage
 
         usage = trace_usage([self.module], run)
         names = {id(t): n for n, t in [*self.module.named_parameters(), *self.module.named_buffers()]}

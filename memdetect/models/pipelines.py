@@ -22,9 +22,9 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from ..capture import Trace
+from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
-from ..hub import component_files, load_component, read_json
+from ..core.hub import component_files, load_component, read_json
 from .base import Adapter, to_uint8, to_unit_range
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError, UsageError
-from ..hub import component_files, load_component
+from ..core.hub import component_files, load_component
 from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter, unet_layer
 from .base import unet_selection_layers
 
@@ -94,7 +94,7 @@ class StableDiffusionAdapter(LatentAdapter):
     def load_pipeline(cls, source, *, device, dtype):
         from diffusers import StableDiffusionPipeline
 
-        from ..hub import load_component
+        from ..core.hub import load_component
         return load_component(StableDiffusionPipeline, source, None, safety_checker=None,
                               requires_safety_checker=False, torch_dtype=dtype).to(device)
 

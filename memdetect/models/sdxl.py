@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hub import load_component
+from ..core.hub import load_component
 from .base import UNET_LAYER, register_adapter, unet_layer
 from .conditions import empty_condition
 from .lazy import LazyModule

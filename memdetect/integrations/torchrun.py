@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from .errors import UsageError
-from .text import printable
+from ..errors import UsageError
+from ..text import printable
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,15 @@ class _Group:
 
 
 def scan_distributed(detector, paths, *, output, w: World, html=None, **scan_kwargs):
-    """This rank's part of a scan of ``paths`` (``memdetect.scan.scan`` with ``shard=(rank, size)`` and the rank's
+    """This rank's part of a scan of ``paths`` (``memdetect.workflows.scan.scan`` with ``shard=(rank, size)`` and the rank's
     own report and journal), then rank 0 gathers every part and writes ``output``. Returns the merged
     ``ScanResult`` on rank 0 and this rank's own result elsewhere."""
     from dataclasses import replace
 
-    from . import report
-    from .html_report import write_html
-    from .merge import Part, mark_shard, merge_parts
-    from .scan import scan
+    from ..store import report
+    from ..workflows.html_report import write_html
+    from ..workflows.merge import Part, mark_shard, merge_parts
+    from ..workflows.scan import scan
 
     if output is None:
         raise UsageError("a scan under torchrun / accelerate needs --output: each rank keeps its part and journal "

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .errors import LayerError, PrunedModuleError
+from ..errors import LayerError, PrunedModuleError
 
 _SPEC = re.compile(r"^(?P<name>[A-Za-z0-9_.\-]+?)(?::(?P<port>in|out))?(?:@(?P<call>\d+))?$")
 

@@ -1,6 +1,6 @@
 """The ``memdetect`` command line: options in, one library call, rendering out.
 
-Each command parses its options, calls the library (``memdetect.scan``, ``memdetect.calibrate``, ``memdetect.ci``,
+Each command parses its options, calls the library (``memdetect.workflows.scan``, ``memdetect.workflows.calibrate``, ``memdetect.workflows.ci``,
 ``Detector.layers``, ``memdetect.bench``) and renders what it returns. Options that several commands share are
 declared once, as ``Annotated`` aliases.
 
@@ -14,7 +14,7 @@ Exit codes (every command):
        every batch scored so far).
   130  interrupted by SIGINT (Ctrl-C), after the same clean-up (after the report was written, the line says so).
 `audit --allow-empty` exits 0 when the paths hold no image file. User errors are one line; only internal errors add
-the MEMDETECT_DEBUG hint. An OSError writing an output names the option and the fix (``memdetect.ux.output_error``).
+the MEMDETECT_DEBUG hint. An OSError writing an output names the option and the fix (``memdetect.cli.ux.output_error``).
 
 Everything printed is plain text: the consoles parse no rich markup and no emoji codes, and every name taken from a
 file, a flag or a config (paths, model names, layer names, error messages) goes through ``memdetect.text.printable``
@@ -40,11 +40,11 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ._version import __version__
-from .errors import MemdetectError, UsageError
-from .scores import SCORES
-from .text import printable
-from .progress import plural
+from .._version import __version__
+from ..errors import MemdetectError, UsageError
+from ..core.scores import SCORES
+from ..text import printable
+from ..progress import plural
 from .ux import require_model
 
 EXIT_OK, EXIT_FLAGGED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -138,7 +138,7 @@ def _terminate_cleanly():
 
 
 #: The running command's outputs by option (``{"--output": path}``), so that an error writing one names the option
-#: and the fix (``memdetect.ux.output_error``), and the files it has finished writing (an interrupt after the report
+#: and the fix (``memdetect.cli.ux.output_error``), and the files it has finished writing (an interrupt after the report
 #: was written says so).
 _OUTPUTS: dict[str, object] = {}
 _WRITTEN: list[str] = []
@@ -345,7 +345,7 @@ def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: 
                   **flags) -> dict:
     """Model, layer, timestep, sigma, seed, draws, metric, threshold, model_path: flags merged with ``--config`` (read only
     when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
-    from .config import check_sha256, load_config, merge
+    from ..config import check_sha256, load_config, merge
 
     if config_sha256 is not None:
         check_sha256(config_sha256)
@@ -360,16 +360,16 @@ def _reference_stats(settings: dict) -> dict | None:
 
 
 def _run_context(paths, config) -> dict:
-    """The HTML report's run context (``memdetect.run_context``): command line, time, config and its hash, commit."""
-    from .run_context import run_context
+    """The HTML report's run context (``memdetect.workflows.run_context``): command line, time, config and its hash, commit."""
+    from ..workflows.run_context import run_context
 
     return run_context([p for p in paths if isinstance(p, Path)], config=config)
 
 
 def speed_settings(device: str) -> None:
     """The process-wide setting a command-line scan opts into: freed memory kept for reuse on a CPU."""
-    from . import runtime
-    from .detector import resolve_device
+    from ..speed import runtime
+    from ..detector import resolve_device
 
     if resolve_device(device).type == "cpu":
         runtime.retain_freed_memory()
@@ -377,7 +377,7 @@ def speed_settings(device: str) -> None:
 
 def load_detector(model, model_path, *, metric="std", batch_size=None, device="auto", dtype="auto",
                   num_workers=None, **kwargs):
-    from .detector import Detector, check_options, resolve_device, resolve_dtype
+    from ..detector import Detector, check_options, resolve_device, resolve_dtype
 
     # a typo or an out-of-range number in a flag must not cost a model load
     check_options(metric=metric, batch_size=batch_size, num_workers=num_workers,
@@ -392,7 +392,7 @@ def load_detector(model, model_path, *, metric="std", batch_size=None, device="a
 def progress_bar(what: str, *, quiet: bool = False, unit: str = "images", counted: bool = True):
     """Progress on stderr and the (done, total) callback the library reports to: a rich bar with its total in a
     terminal, plain lines every few seconds in a log (``memdetect.progress``); ``quiet``: nothing."""
-    from .progress import Progress
+    from ..progress import Progress
 
     progress = Progress(what, console=err, unit=unit, quiet=quiet, on_update=check_signals, counted=counted)
     return progress, progress
@@ -441,10 +441,10 @@ def scan(
     """Score every image for memorization and write a report.
 
     Example: memdetect scan examples/demo --model demo --output report.csv"""
-    from .distributed import rank_device, scan_distributed, world
-    from .io import check_destinations, check_report_path
-    from .scan import scan as run_scan
-    from .sources import is_url, parse_shard
+    from ..integrations.torchrun import rank_device, scan_distributed, world
+    from ..store.io import check_destinations, check_report_path
+    from ..workflows.scan import scan as run_scan
+    from ..store.sources import is_url, parse_shard
 
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote,
@@ -455,7 +455,7 @@ def scan(
     part = parse_shard(shard) if shard is not None else None
     if shard_key_file is not None and part is None:
         raise UsageError("--shard-key-file signs a shard's report: it needs --shard I/N")
-    from .merge import load_shard_key
+    from ..workflows.merge import load_shard_key
 
     shard_key = load_shard_key(shard_key_file) if part is not None else None
     if ray_address is not None and engine != "ray":
@@ -468,7 +468,7 @@ def scan(
     remote = output is not None and is_url(str(output))
     check_destinations({"report": None if remote else output, "HTML report": html,
                         "evidence JSON": evidence_json})  # before the model load, too
-    from .state import StateDir
+    from ..store.state import StateDir
 
     StateDir(state_dir).check_outside(paths)
     w = world()
@@ -486,13 +486,13 @@ def scan(
                         early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
                         normalise=_reference_stats(s))
     det.configuration = s.get("configuration")
-    from .config import check_weights
+    from ..config import check_weights
 
     check_weights(det, s.get("weights"), StateDir(state_dir), config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
-            from .integrations.ray import scan_with_ray
+            from ..integrations.ray import scan_with_ray
 
             result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
                                    model=s["model"], model_path=str(s["model_path"]) if s["model_path"] else None,
@@ -535,7 +535,7 @@ def merge(
     scores; with a shard key, every shard's MAC must verify).
 
     Example: memdetect merge part-*.parquet --output report.parquet"""
-    from .merge import KEY_ENV, load_shard_key, merge_reports
+    from ..workflows.merge import KEY_ENV, load_shard_key, merge_reports
 
     _outputs(output=output)
     res = merge_reports(reports, output, key=load_shard_key(shard_key_file))
@@ -633,7 +633,7 @@ def calibrate(
     """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml.
 
     Example: memdetect calibrate examples/demo-reference --model demo --fpr 0.01"""
-    from .calibrate import calibrate_paths, check_fpr, check_output
+    from ..workflows.calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
     require_model(model, config_hint=None)
@@ -645,9 +645,9 @@ def calibrate(
         if reference or memorized:
             raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
                              "not image paths")
-        from .guarding import Guard, calibrate_guard
+        from ..workflows.guarding import Guard, calibrate_guard
 
-        from .models import adapter_class
+        from ..models import adapter_class
         from .ux import count_steps, sampler
 
         pipe, spec = _load_pipeline(model, model_path, device, dtype)
@@ -671,7 +671,7 @@ def calibrate(
             t.add_row(r["metric"], f"{r['threshold']:.6g}", f"{r['flagged_reference']}/{r['n_reference']}")
         _written(cal.path)
         out.print(t)
-        from .io import display_path
+        from ..store.io import display_path
         out.print(f"wrote {_p(display_path(cal.path))}", soft_wrap=True)
         return
     if not reference:
@@ -700,8 +700,8 @@ def calibrate(
 def _calibrate_select(*, reference, memorized, layers, timesteps, training_duplicates, fpr, output, force, model,
                       model_path, layer, timestep, sigma, metric, seed, batch_size, device, dtype, workers, quiet,
                       select_layer) -> None:
-    """``calibrate --select-layer``: choose the configuration (``memdetect.select``), then calibrate it."""
-    from .select import calibrate_selected, parse_timesteps, training_duplicate_examples
+    """``calibrate --select-layer``: choose the configuration (``memdetect.workflows.select``), then calibrate it."""
+    from ..workflows.select import calibrate_selected, parse_timesteps, training_duplicate_examples
 
     if not select_layer:
         raise UsageError("--layers and --training-duplicates apply to --select-layer")
@@ -747,7 +747,7 @@ def cal_detector(det, chosen):
 
 
 def render_calibration(cal, det) -> None:
-    from .io import display_path
+    from ..store.io import display_path
 
     labelled = cal.n_memorized is not None
     t = Table(title=f"thresholds at FPR <= {cal.fpr:g} on {cal.n_reference} reference images ({_p(det.name)}, "
@@ -795,7 +795,7 @@ def render_calibration(cal, det) -> None:
 # -- generate (with the in-generation guard) -------------------------------------------------------------------------
 
 def _load_pipeline(model, model_path, device, dtype):
-    from .guarding import load_guardable
+    from ..workflows.guarding import load_guardable
 
     with err.status(Text(f"loading {_p(model)} ...")):
         return load_guardable(model, str(model_path) if model_path else None, device=device, dtype=dtype)
@@ -804,7 +804,7 @@ def _load_pipeline(model, model_path, device, dtype):
 def _conditions(prompts, classes, prompt_file):
     conditions = list(prompts or [])
     if prompt_file:
-        from .bench.prompts import read_prompts
+        from ..bench.prompts import read_prompts
         conditions += [str(p) for p in read_prompts(prompt_file)["prompt"]]
     if classes:
         if conditions:
@@ -840,8 +840,8 @@ def generate(
     calibration (demo, demo-sd).
 
     Example: memdetect generate --model demo -n 8 --guard --output generated"""
-    from .guarding import Guard, generate as run, write_generated
-    from .io import display_path
+    from ..workflows.guarding import Guard, generate as run, write_generated
+    from ..store.io import display_path
 
     if on_memorized not in ("flag", "regenerate"):
         raise UsageError(f"--on-memorized must be flag or regenerate, got {_p(on_memorized)}")
@@ -857,7 +857,7 @@ def generate(
         if config is None:
             raise no_guard_threshold(model, model_path)
     if guard and config:
-        from .config import load_config
+        from ..config import load_config
         cfg = load_config(config)
         if cfg.guard is None:
             raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard`")
@@ -880,7 +880,7 @@ def generate(
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
     require_model(model)
-    from .models import adapter_class
+    from ..models import adapter_class
     from .ux import count_steps, sampler
 
     pipe, spec = _load_pipeline(model, model_path, device, dtype)
@@ -980,8 +980,8 @@ def audit(
     was flagged, or could not be checked).
 
     Example: memdetect audit generated/ --config memdetect.toml --junit junit.xml --allow-empty"""
-    from . import ci
-    from .io import check_destinations, check_report_path
+    from ..workflows import ci
+    from ..store.io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
@@ -997,7 +997,7 @@ def audit(
     ci.check_report_folder(output)
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
                         "evidence JSON": evidence_json})
-    from .state import StateDir
+    from ..store.state import StateDir
 
     state = StateDir(state_dir)  # checked before the model load, as the destinations are
     state.check_outside(paths)
@@ -1007,7 +1007,7 @@ def audit(
                         threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
                         sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
     det.configuration = s.get("configuration")
-    from .config import check_weights
+    from ..config import check_weights
 
     check_weights(det, s.get("weights"), state, config)
     bar, progress = progress_bar("scanning", quiet=quiet)
@@ -1063,8 +1063,8 @@ def models():
     under the preset's schedule.
 
     Example: memdetect models"""
-    from .models import ADAPTERS, PRESETS
-    from .models.presets import schedule_sigma
+    from ..models import ADAPTERS, PRESETS
+    from ..models.presets import schedule_sigma
 
     title = "presets (use with --model; --model-path overrides the weights)"
     t = Table(title=title, title_justify="left")
@@ -1187,7 +1187,7 @@ def bench_demo(
     """Ground truth: score a shipped memorizing model's labelled generations with every method that applies.
 
     Example: memdetect bench demo --model demo --limit 100"""
-    from .bench.demo import DEMO_MODELS, run_demo
+    from ..bench.demo import DEMO_MODELS, run_demo
 
     if model not in DEMO_MODELS:
         raise UsageError(f"--model must be one of {', '.join(DEMO_MODELS)} (the shipped ground-truth models), got "
@@ -1315,7 +1315,7 @@ def bench_laion(
     ours against Wen, NeMo, Ross, Carlini, with 95% intervals.
 
     Example: memdetect bench laion --model sd14 --limit 20"""
-    from .bench.paper import run_laion
+    from ..bench.paper import run_laion
 
     output = output or Path("bench-laion")
     speed_settings(device)
@@ -1382,8 +1382,8 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         dtype: Dtype = "auto",
         seed: GenerationSeed = 0,
     ):
-        from .bench.labels import make_labeller
-        from .bench.paper import label_rule, run_samples
+        from ..bench.labels import make_labeller
+        from ..bench.paper import label_rule, run_samples
 
         lab_fn = make_labeller(labeller, sscd_weights=sscd_weights)
         rule = label_rule(memorized_at, generalized_below, lab_fn.rule)

@@ -5,7 +5,7 @@ metric's column and ``memorized`` is ``score >= threshold`` (empty without a thr
 when the row is made, so a row rebuilt from a journal with another metric or threshold is flagged by the new rule.
 An animated / multi-page image is one row: each score is the highest over its frames, and ``frame`` is the index
 (0-based) of the frame that gave the chosen metric's (0 for a still image; empty for an error row).
-``key`` identifies the image's bytes and scoring settings (``memdetect.journal``). The written report adds the
+``key`` identifies the image's bytes and scoring settings (``memdetect.store.journal``). The written report adds the
 settings that produced the scores as constant columns (``SETTINGS_COLUMNS``); a JSON report carries all of them.
 A scan with a calibrated reference adds ``p_value`` and ``percentile`` after ``score`` (``add_p_values``).
 """
@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from .io import write_report
-from .scores import SCORES
+from ..core.scores import SCORES
 
 METRIC_COLUMNS = list(SCORES)
 COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "frame", "error", "key"]
@@ -56,7 +56,7 @@ def rows_to_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def add_p_values(df: pd.DataFrame, reference) -> pd.DataFrame:
-    """``p_value`` and ``percentile`` of each row's ``score`` against ``reference`` (``memdetect.pvalues.Reference``;
+    """``p_value`` and ``percentile`` of each row's ``score`` against ``reference`` (``memdetect.core.pvalues.Reference``;
     empty for error rows), inserted after ``score``."""
     out = df.drop(columns=[c for c in ("p_value", "percentile") if c in df.columns])
     s = out["score"].to_numpy("float64", na_value=np.nan)

@@ -1,7 +1,7 @@
 """Pixel similarity: the flip- and shift-invariant nearest image by pixel correlation.
 
 Shared by the benchmarks' ground-truth labels (``memdetect.bench.labels``, whose docstring gives the definition)
-and the evidence's copy search (``memdetect.evidence``, ``--reference-dir``): a sample's nearest reference image
+and the evidence's copy search (``memdetect.workflows.evidence``, ``--reference-dir``): a sample's nearest reference image
 and the transform (mirror, shift of up to ``MAX_SHIFT`` pixels) that lines them up. It knows no model.
 """
 

@@ -3,8 +3,8 @@
 Why: a CI scan over thousands of images (or a benchmark over thousands of generations) can be killed part-way (job
 timeouts, preemption, OOM killer, SIGKILL). Each batch's records are appended to the journal as soon as they are
 computed, then flushed and fsynced, so a kill loses at most the batch in flight; a rerun reads the journal and
-skips what it holds. ``memdetect.scan`` keeps a scan's journal next to its report (``journal_path``), or for
-``memdetect audit`` in the state directory (``memdetect.state``); ``memdetect.bench.paper`` keeps one per process in
+skips what it holds. ``memdetect.workflows.scan`` keeps a scan's journal next to its report (``journal_path``), or for
+``memdetect audit`` in the state directory (``memdetect.store.state``); ``memdetect.bench.paper`` keeps one per process in
 its output folder.
 
 File format: one JSON object per line with a string ``key``; the last record of a key wins. A torn last line (the
@@ -12,7 +12,7 @@ process died mid-write) is cut off when the journal is opened for writing; unpar
 journal holds an exclusive lock, so two runs cannot interleave their lines in one file.
 
 Trust: a journal decides which images are *not* scored again, so whoever can write it could make memorized images
-pass. A scan's journal is therefore signed: opened with a ``secret`` (the state directory's, ``memdetect.state``),
+pass. A scan's journal is therefore signed: opened with a ``secret`` (the state directory's, ``memdetect.store.state``),
 every record carries ``"mac"``, HMAC-SHA256 over ``MAC_CONTEXT`` and the record's canonical JSON (sorted keys, no
 spaces, ASCII, without the ``mac`` field). On reading, a record whose MAC does not verify (written by anyone else,
 edited, or copied from another state directory) is dropped (``rejected``) and its image is scored again. A journal
@@ -25,7 +25,7 @@ file's bytes (sha256) and of everything that changes a score (``fingerprint``): 
 (model name and source, family, layer, timestep, sigma, pooling, seed, preprocessing recipe, resolution, dtype, the
 speed settings (Winograd convolutions, the allocator), memdetect version, the number of noise draws when not 1 and
 the reference normalisation when there is one) and, for a resumable scan, the content hash of the model's weights
-(``memdetect.state``). Deliberately *not* in the key:
+(``memdetect.store.state``). Deliberately *not* in the key:
 
 * metric and threshold: records keep every metric; ``score`` and ``memorized`` are re-derived on reuse, so a
   recalibrated threshold reuses the journal;
@@ -49,9 +49,9 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UsageError
+from ..errors import UsageError
 from .io import display_path
-from .scores import SCORES
+from ..core.scores import SCORES
 
 try:  # POSIX advisory locks; on other platforms concurrent runs are simply not detected
     import fcntl
@@ -76,7 +76,7 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def fingerprint(settings: dict, weights: str | None = None) -> str:
     """A short hash of the score-determining settings (``Detector.settings`` as a dict) and, when given, of the
-    weights' content hash (``memdetect.state``)."""
+    weights' content hash (``memdetect.store.state``)."""
     keep = {k: settings.get(k) for k in KEY_SETTINGS}
     if settings.get("draws", 1) != 1:  # noise draws averaged per score (``--draws``); one draw keeps the old keys
         keep["draws"] = settings["draws"]

@@ -121,7 +121,7 @@ class Reference:
 
     def threshold(self, fpr: float) -> float:
         """The smallest threshold (flag when ``score >= threshold``) that flags at most ``floor(fpr * n)`` reference
-        images: the next float above the (m+1)-th largest score (``memdetect.calibrate``'s rule). Subsampled: the
+        images: the next float above the (m+1)-th largest score (``memdetect.workflows.calibrate``'s rule). Subsampled: the
         next float above the stored score of the largest stored rank <= m + 1 (at most ``m`` flagged)."""
         if not 0.0 <= fpr < 1.0:
             raise ValueError(f"fpr must be in [0, 1), got {fpr}")

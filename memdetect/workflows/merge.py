@@ -41,12 +41,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import report
-from .errors import InputError, UsageError
-from .journal import KEY_SETTINGS
-from .scores import SCORES
-from .sources import inputs_digest, is_url, open_binary, shard_bounds
-from .text import printable
+from ..store import report
+from ..errors import InputError, UsageError
+from ..store.journal import KEY_SETTINGS
+from ..core.scores import SCORES
+from ..store.sources import inputs_digest, is_url, open_binary, shard_bounds
+from ..text import printable
 
 #: the marks every shard's report carries, then the MAC (only with a shard key)
 MARKS = ("shard", "shard_inputs", "shard_settings", "shard_meta")
@@ -237,7 +237,7 @@ def _keep_p_values(frame: pd.DataFrame, source: pd.DataFrame) -> pd.DataFrame:
 
 
 def report_formats() -> tuple[str, ...]:
-    from .io import REPORT_FORMATS
+    from ..store.io import REPORT_FORMATS
 
     return REPORT_FORMATS
 
@@ -401,7 +401,7 @@ def merge_reports(reports: Iterable[str | os.PathLike], output: str | os.PathLik
                   key: bytes | None = None) -> MergeResult:
     """Read the shards' reports, check they are one scan's parts (with a ``key``: that each carries a MAC that
     verifies), and write the joined report to ``output`` (a local path or an fsspec URL; format from its suffix)."""
-    from .io import check_destination, check_report_path
+    from ..store.io import check_destination, check_report_path
 
     check_report_path(output)
     if not is_url(str(output)):

@@ -8,7 +8,7 @@ model saw (the report's preprocessing recipe: centre crop of the shorter side), 
 value taken from a file or a setting is written as text: control characters escaped (``memdetect.text.printable``),
 then HTML-escaped, so a file name can neither add markup nor break a line.
 
-Size stays bounded on a large audit: images are embedded for the ``evidence["images"]`` only (``memdetect.evidence``:
+Size stays bounded on a large audit: images are embedded for the ``evidence["images"]`` only (``memdetect.workflows.evidence``:
 the top flagged images, ``--evidence-top``), and the table lists at most ``table_rows`` rows (flagged first, then
 errors, then the highest scores; the report file has every row). Layout: one column under 600 px (a phone at 390 px
 reads it), the table scrolls sideways in its own box.
@@ -27,11 +27,11 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from ._version import __version__
-from .io import atomic_write, load_image
-from .progress import plural
-from .report import counts
-from .text import printable
+from .._version import __version__
+from ..store.io import atomic_write, load_image
+from ..progress import plural
+from ..store.report import counts
+from ..text import printable
 
 THUMB = 128
 #: rows of the table at most (the report file has them all)
@@ -328,10 +328,10 @@ def render_html(df: pd.DataFrame, settings: dict, *, files: Mapping[str, os.Path
                 context: Mapping | None = None, audit: bool | None = None) -> str:
     """The report as one HTML string. ``files`` maps a row's ``path`` to the file to read its images from;
     ``resumed``: how many rows were taken from a journal (said under the counts); ``evidence``: the document of
-    ``memdetect.evidence.collect`` (cards for its images); ``table_rows``: the table's row limit. ``top`` is
+    ``memdetect.workflows.evidence.collect`` (cards for its images); ``table_rows``: the table's row limit. ``top`` is
     accepted for older callers and ignored (``evidence`` decides which images are shown). ``not_checked``: error rows
     fail the run (``memdetect audit``): they are said to be not checked, above the table and in their rows.
-    ``context``: the run's context (``memdetect.run_context.run_context``: command line, time, config and its hash,
+    ``context``: the run's context (``memdetect.workflows.run_context.run_context``: command line, time, config and its hash,
     git commit), shown under the verdict with the scoring settings; ``audit`` (default: the context's ``audit``, else
     ``not_checked``): the verdict counts images not checked (an audit's page)."""
     esc = _esc

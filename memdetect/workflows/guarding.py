@@ -41,11 +41,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .capture import LayerSpec, Trace, pool
-from .detector import check_seed, check_threshold
-from .errors import MemdetectError, UnsupportedModelError, UsageError
-from .models import ADAPTERS, Adapter
-from .scores import SCORES, compute_all
+from ..core.capture import LayerSpec, Trace, pool
+from ..detector import check_seed, check_threshold
+from ..errors import MemdetectError, UnsupportedModelError, UsageError
+from ..models import ADAPTERS, Adapter
+from ..core.scores import SCORES, compute_all
 
 ACTIONS = ("flag", "regenerate", "raise")
 
@@ -344,8 +344,8 @@ def guard(pipe, *, threshold: float | None, layer: str | None = None, step_t: in
 
 def load_guardable(model: str, model_path: str | None = None, *, device: str = "auto", dtype: str = "auto"):
     """A preset, family (+ folder), hub id or folder -> (its diffusers pipeline, the preset's layer or None)."""
-    from .detector import resolve_device, resolve_dtype
-    from .models import adapter_class, resolve_model
+    from ..detector import resolve_device, resolve_dtype
+    from ..models import adapter_class, resolve_model
 
     spec = resolve_model(model, model_path)
     dev = resolve_device(device)
@@ -412,7 +412,7 @@ def write_generated(gen: Generated, output) -> Path:
 
     from PIL import Image
 
-    from .io import atomic_write
+    from ..store.io import atomic_write
 
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -451,10 +451,10 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
     import diffusers
     import pandas as pd
 
-    from ._version import __version__
+    from .._version import __version__
     from .calibrate import RULE, check_fpr, check_output, fpr_threshold
-    from .config import CONFIG_VERSION, to_toml
-    from .io import atomic_write
+    from ..config import CONFIG_VERSION, to_toml
+    from ..store.io import atomic_write
 
     check_fpr(fpr)
     check_output(output, force)
@@ -488,7 +488,7 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
            "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                         "python": platform.python_version()}}
     out = Path(output)
-    from .config import portable_model
+    from ..config import portable_model
 
     # committed beside the code: a preset by name, a local model folder relative to this file
     doc["model"], doc["model_path"], _ = portable_model(doc["model"], model_path, None, g.adapter.family, out)

@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from .errors import InputError, ModelNotFoundError
+from ..errors import InputError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional
 
-from .errors import UsageError
-from .text import printable
+from ..errors import UsageError
+from ..text import printable
 
 #: The shipped in-generation guard calibrations (``memdetect calibrate --guard`` documents), by preset.
 SHIPPED_GUARDS = {"demo": "demo_guard", "demo-sd": "demo_sd_guard"}
@@ -29,7 +29,7 @@ def require_model(model: Optional[str], *, config_hint: Optional[str] = "--confi
     if model:
         return model
     try:
-        from .models import PRESETS
+        from ..models import PRESETS
 
         names = ", ".join(PRESETS)
     except Exception:  # pragma: no cover - the presets table always imports with the package
@@ -89,7 +89,7 @@ def no_guard_threshold(model: str, model_path=None) -> UsageError:
     conditions as the model takes them: normal prompts, classes, or none)."""
     conditioning = "text"
     try:
-        from .models import adapter_class, resolve_model
+        from ..models import adapter_class, resolve_model
 
         conditioning = adapter_class(resolve_model(model, str(model_path) if model_path else None).family).conditioning
     except Exception:  # an unknown model: the text form; loading it will say what is wrong

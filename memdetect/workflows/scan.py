@@ -1,24 +1,24 @@
 """A whole scan, once and in one direction: discover the files, reuse the journal, score the rest, write the report.
 
     from memdetect import Detector
-    from memdetect.scan import scan
+    from memdetect.workflows.scan import scan
     result = scan(Detector.from_pretrained("demo"), ["generated/"], output="report.csv", html="report.html")
     result.frame                                       # one row per file, in discovery order
     result.resumed, result.computed                    # rows taken from the journal, rows scored now
 
 Every destination (report, HTML) is checked before any image is read (``io.check_destinations``). With an
-``output``, every batch's rows are appended to a journal as soon as they are scored (``memdetect.journal``): beside
+``output``, every batch's rows are appended to a journal as soon as they are scored (``memdetect.store.journal``): beside
 the report (``<output>.journal.jsonl``) or, with ``journal_in_state=True`` (``memdetect audit``), in the state
-directory (``memdetect.state``), keyed by the settings, the weights' content hash and the report path. Journal rows
+directory (``memdetect.store.state``), keyed by the settings, the weights' content hash and the report path. Journal rows
 are signed with the state directory's secret; rows that do not verify are scored again. A rerun with
 ``resume=True`` scores only the files whose key is not in the journal: each file's bytes are then hashed up front to
 look its key up, and a file that must be scored is read again by the loader, which hashes and decodes the same bytes
 (so a file replaced in between is keyed by what was scored). The report is written atomically at the end; the HTML
-page (``memdetect.html_report``) too.
+page (``memdetect.workflows.html_report``) too.
 
-With a ``reference`` (the config's reference scores of the detector's metric, ``memdetect.pvalues.Reference``) the
+With a ``reference`` (the config's reference scores of the detector's metric, ``memdetect.core.pvalues.Reference``) the
 rows get ``p_value`` and ``percentile`` columns. With an HTML page or ``evidence_json``, the top ``evidence_top``
-flagged images get their evidence (``memdetect.evidence``; ``channels``: the config's per-channel reference
+flagged images get their evidence (``memdetect.workflows.evidence``; ``channels``: the config's per-channel reference
 statistics; ``reference_dir``: a folder to search for each flagged image's nearest copies).
 
 Row keys hash the image bytes, the settings and the weights' content hash (``Detector.weights_digest``).
@@ -36,16 +36,16 @@ from typing import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 
 from . import evidence as _evidence
-from . import report
-from .detector import Detector, Settings
-from .errors import InputError
+from ..store import report
+from ..detector import Detector, Settings
+from ..errors import InputError
 from .html_report import write_html
-from .pvalues import Reference
-from .io import check_destinations, check_report_path, display_path, file_digest
-from .journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
-from .sources import (Source, inputs_digest, is_url, item_digest, item_identity, item_name, resolve,
+from ..core.pvalues import Reference
+from ..store.io import check_destinations, check_report_path, display_path, file_digest
+from ..store.journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
+from ..store.sources import (Source, inputs_digest, is_url, item_digest, item_identity, item_name, resolve,
                       shard as shard_of)
-from .state import StateDir
+from ..store.state import StateDir
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +97,20 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
     (nothing is read from it). ``html``: also a self-contained HTML report. ``state_dir``: the state directory
-    (journal secret, weight-hash cache; default ``memdetect.state.default_state_dir()``); ``journal_in_state``:
+    (journal secret, weight-hash cache; default ``memdetect.store.state.default_state_dir()``); ``journal_in_state``:
     keep the journal there instead of beside the report (always so for a report at a URL). ``paths``: local files
-    and folders, fsspec URLs, tar shards and manifests (``memdetect.sources.resolve``). ``shard=(i, n)``: score only
+    and folders, fsspec URLs, tar shards and manifests (``memdetect.store.sources.resolve``). ``shard=(i, n)``: score only
     the ``i``-th (0-based) of ``n`` contiguous parts of the inputs; the report then carries the shard's marks
-    (``memdetect.merge``; with ``shard_key``, a MAC that ``merge`` verifies), and ``memdetect merge`` joins the parts
+    (``memdetect.workflows.merge``; with ``shard_key``, a MAC that ``merge`` verifies), and ``memdetect merge`` joins the parts
     into the report one process would have written.
     ``on_batch(done, total)``: progress, called once the journal's rows are taken and after each scored batch.
     ``reference``, ``channels``, ``evidence_top``, ``evidence_json``, ``reference_dir``: p-values and evidence (module
     docstring; evidence images are read for local files only). ``allow_remote``: inputs and manifest rows may name
-    URLs other than ``file://`` (``memdetect.sources.resolve``). ``sniff``: folders and tar shards are searched by
+    URLs other than ``file://`` (``memdetect.store.sources.resolve``). ``sniff``: folders and tar shards are searched by
     content too, not only by image suffix (``resolve``; ``memdetect audit``); when a file was found so, the report
     has a ``found_by`` column after ``path`` (``content`` or ``name``). ``errors_fail``: the HTML page says error
     rows were not checked (``memdetect audit``). ``context``: the run context the HTML page shows (default:
-    ``memdetect.run_context.run_context`` of ``paths``). Raises InputError when ``paths`` hold no image file
+    ``memdetect.workflows.run_context.run_context`` of ``paths``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
     image file is an empty result (and an empty report) instead.
     """

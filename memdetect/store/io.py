@@ -33,8 +33,8 @@ from typing import Callable, Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import InputError, UsageError
-from .text import printable
+from ..errors import InputError, UsageError
+from ..text import printable
 
 PREPROCESS = "pil-fit-bicubic"
 IMAGE_EXTENSIONS = frozenset(
@@ -287,7 +287,7 @@ def read_file(path: str | os.PathLike, limit: int = MAX_FILE_BYTES) -> bytes:
 
 
 def content_digest(data: bytes) -> str:
-    """sha256 of a file's bytes: the content part of a row's key (``memdetect.journal``)."""
+    """sha256 of a file's bytes: the content part of a row's key (``memdetect.store.journal``)."""
     return hashlib.sha256(data).hexdigest()
 
 

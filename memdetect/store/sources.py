@@ -1,12 +1,12 @@
 """Where the images live: local files and folders, fsspec URLs, WebDataset-style tar shards and manifests.
 
-    from memdetect.sources import resolve, shard
+    from memdetect.store.sources import resolve, shard
     items = resolve(["gen/", "s3://bucket/day/*.tar", "memory://x/list.csv"])
     mine = shard(items, 0, 4)                  # the first of four disjoint, contiguous parts, in input order
 
 ``resolve`` turns command-line inputs into one item per image, in input order:
 
-* a local file or folder: what ``memdetect.io.discover`` finds (``pathlib.Path`` items, read by ``io.read_file``);
+* a local file or folder: what ``memdetect.store.io.discover`` finds (``pathlib.Path`` items, read by ``io.read_file``);
   ``file://`` URLs are local paths;
 * with ``allow_remote=True`` (``--allow-remote``) only, any other fsspec URL (``s3://``, ``gs://``, ``hf://``,
   ``memory://``, ``http://``, ``ftp://`` ...): a file, a folder (searched recursively for image suffixes, sorted) or a
@@ -51,10 +51,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import InputError, UsageError
+from ..errors import InputError, UsageError
 from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, SNIFF_BYTES, ImageError, content_digest, discover, display_name,
                  display_path, file_digest, looks_like_image, read_file)
-from .text import printable
+from ..text import printable
 
 #: Separates a tar shard from a member in an item's name (``shard.tar::member``).
 MEMBER_SEP = "::"

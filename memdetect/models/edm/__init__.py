@@ -31,7 +31,7 @@ Adapter (family ``edm``):
 
 Loading (``--model edm --model-path P`` or the ``edm-cifar10`` preset):
 
-* ``P.pkl``: an NVlabs pickle, read as data by ``memdetect.safe_pickle`` (nothing from the file is imported or
+* ``P.pkl``: an NVlabs pickle, read as data by ``memdetect.models.edm.safe_pickle`` (nothing from the file is imported or
   run); the EMA network (key ``ema``) is rebuilt from its recorded constructor arguments, checked against what we
   support, and its parameters and buffers are loaded.
 * ``P.safetensors``: a state dict of the preconditioner (keys ``model.enc...``; bare SongUNet keys get the prefix),
@@ -39,7 +39,7 @@ Loading (``--model edm --model-path P`` or the ``edm-cifar10`` preset):
   ``{"class_name": "EDMPrecond"}`` (or ``{"precond": "edm"}``); constructor arguments it leaves out are inferred
   from the tensor shapes. ``save_safetensors`` writes both files.
 * an ``https://`` URL (the preset's): downloaded once into ``$MEMDETECT_CACHE`` (default ``~/.cache/memdetect``),
-  under ``downloads/``, and checked against a sha256 on every use (``memdetect.hub.fetch``; ``KNOWN_DOWNLOADS``
+  under ``downloads/``, and checked against a sha256 on every use (``memdetect.core.hub.fetch``; ``KNOWN_DOWNLOADS``
   says where the pinned checksum comes from).
 """
 
@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import hub
-from ..errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
-from ..safe_pickle import LIMITS, printable, short_repr
-from .base import Adapter, Sample, register_adapter, to_unit_range
+from ...core import hub
+from ...errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
+from .safe_pickle import LIMITS, printable, short_repr
+from ..base import Adapter, Sample, register_adapter, to_unit_range
 
 log = logging.getLogger(__name__)
 
@@ -548,7 +548,7 @@ def load_state(net: _Precond, state: dict[str, torch.Tensor], source: str) -> _P
 
 # ------------------------------------------------------------------------------------------------------------------
 # Checkpoint formats. Every name a file provides reaches messages through printable / short_repr (control characters
-# escaped, length cut); see memdetect.safe_pickle for the budgets of .pkl files.
+# escaped, length cut); see memdetect.models.edm.safe_pickle for the budgets of .pkl files.
 
 def _scannable(net: _Precond, name: str) -> _Precond:
     """``net`` (still on the meta device), if memdetect can feed it: the adapter scans RGB images."""
@@ -564,8 +564,8 @@ _SAFETENSORS_MAX_HEADER = 8 << 20  # the real CIFAR-10 network's header: 425 ten
 
 
 def network_from_pickle(path: str | os.PathLike) -> _Precond:
-    """The EMA network of an NVlabs ``.pkl``, read as data (see ``memdetect.safe_pickle``) into our classes."""
-    from .. import safe_pickle
+    """The EMA network of an NVlabs ``.pkl``, read as data (see ``memdetect.models.edm.safe_pickle``) into our classes."""
+    from . import safe_pickle
 
     path = Path(path)
     name = printable(path.name)
@@ -795,13 +795,13 @@ def checkpoint_path(source: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Downloads (``memdetect.hub.fetch``: cached, checksummed).
+# Downloads (``memdetect.core.hub.fetch``: cached, checksummed).
 
 #: URL -> (sha256, size in bytes) of files whose checksum is known in advance. NVIDIA publishes no checksums for the
 #: EDM pickles. The values below were recorded by an independent public project that downloaded the same URL
 #: (github.com/hjjjs4vbmv-netizen/recurrence_of_ect, artifacts/baseline/checkpoint_manifest.json, also md5
 #: 0cb62d16b8617fd703a697cc17ae422e) and are repeated consistently across its manifests; memdetect could not download
-#: the file to confirm them. A mismatch stops the load (see ``memdetect.hub.fetch``).
+#: the file to confirm them. A mismatch stops the load (see ``memdetect.core.hub.fetch``).
 KNOWN_DOWNLOADS: dict[str, tuple[str, int]] = {
     EDM_CIFAR10_URL: ("4d5dcc1f1d0d41c8934ad21626eeddbdc0460182becf9fc059a0631b1eedb4da", 223_173_327),
 }

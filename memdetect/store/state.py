@@ -48,7 +48,7 @@ import stat
 from pathlib import Path
 from typing import Iterable
 
-from .errors import UsageError
+from ..errors import UsageError
 from .io import display_path
 
 log = logging.getLogger(__name__)

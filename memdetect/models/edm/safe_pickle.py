@@ -74,8 +74,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import MemdetectError, ModelNotFoundError, UnsafeCheckpointError
-from .text import printable as _printable
+from ...errors import MemdetectError, ModelNotFoundError, UnsafeCheckpointError
+from ...text import printable as _printable
 
 # ------------------------------------------------------------------------------------------------------------------
 # Messages: names and values from a checkpoint, made safe to show.

@@ -1,7 +1,7 @@
 """The CI audit: a scan with a calibrated threshold, and its outputs for CI systems (a JSON summary, JUnit XML,
 GitHub Actions annotations and step summary).
 
-    from memdetect.ci import audit
+    from memdetect.workflows.ci import audit
     done = audit(detector_with_threshold, ["generated/"], junit="junit.xml", summary_json="summary.json")
     done.exit_code                                     # 0: all checked, nothing flagged; 1: flagged or not checked
 
@@ -17,7 +17,7 @@ an attacker who controls the inputs must not pass by making an image unreadable.
 (``--allow-errors``, or ``allow_errors = true`` in the config) restores reporting them as *skipped* without failing.
 
 The default report goes to ``.memdetect/report.csv``; a report folder named ``.memdetect`` gets a ``.gitignore``
-that keeps it out of git. The audit's journal is not there: it lives in the state directory (``memdetect.state``),
+that keeps it out of git. The audit's journal is not there: it lives in the state directory (``memdetect.store.state``),
 keyed by the settings, the weights' content hash and the report path, and is only read with ``resume=True``
 (``--resume``). Every destination is checked before any image is read.
 
@@ -39,17 +39,17 @@ from typing import Callable, Iterable, TextIO
 
 import pandas as pd
 
-from ._version import __version__
-from .detector import Detector
-from .detector import check_threshold as check_finite_threshold
-from .errors import UsageError
-from .io import atomic_write, check_destinations, display_path
-from .report import counts
+from .._version import __version__
+from ..detector import Detector
+from ..detector import check_threshold as check_finite_threshold
+from ..errors import UsageError
+from ..store.io import atomic_write, check_destinations, display_path
+from ..store.report import counts
 from .run_context import run_context
 from .scan import ScanResult, scan
-from .scores import SCORES
-from .state import StateDir
-from .text import printable
+from ..core.scores import SCORES
+from ..store.state import StateDir
+from ..text import printable
 
 EXIT_OK, EXIT_FLAGGED = 0, 1
 DEFAULT_REPORT = Path(".memdetect") / "report.csv"
@@ -117,7 +117,7 @@ def summary(df: pd.DataFrame, *, exit_code: int, settings: dict, config: str | N
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    from .strict_json import dumps
+    from ..store.strict_json import dumps
 
     return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1, default=str) + "\n"))
 
@@ -325,16 +325,16 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           suffix_only: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
-    ``reference`` (the config's reference scores, ``memdetect.pvalues.Reference``) adds p-values to the report and
+    ``reference`` (the config's reference scores, ``memdetect.core.pvalues.Reference``) adds p-values to the report and
     the summary; ``channels``, ``evidence_top``, ``evidence_json`` and ``reference_dir``: the flagged images'
-    evidence in the HTML page and JSON (``memdetect.scan.scan``). ``allow_errors``: error rows are reported as skipped
+    evidence in the HTML page and JSON (``memdetect.workflows.scan.scan``). ``allow_errors``: error rows are reported as skipped
     instead of failing the audit; ``allow_remote``: inputs and manifest rows may name URLs other than ``file://``.
     Folders and tar shards are searched by content too: a file without an image suffix whose first bytes are an
     image signature is scored (its row's ``found_by`` is ``content``); ``suffix_only=True`` searches by suffix only.
     ``allow_empty``: paths holding no image file pass
     (exit 0, empty report and CI outputs) instead of raising InputError (a pull request that adds no images).
 
-    The journal lives in the state directory (``state_dir``; see ``memdetect.state``) and is written on every run;
+    The journal lives in the state directory (``state_dir``; see ``memdetect.store.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing, and only when the
     state directory's secret is one memdetect created there, outside the git checkout under audit
     (``StateDir.check_trusted``). A state directory inside a scanned folder is refused. Nothing is read from the

@@ -10,14 +10,14 @@ For the top ``top`` images of a scan (flagged ones, highest score first; without
   UNet's feature map, a DiT's token grid), averaged over the top channels, ``[h, w]``; the HTML report lays it over
   the image;
 * ``reference``: the score's place among the reference (novel) scores: its conformal p-value and percentile
-  (``memdetect.pvalues``); the document carries the reference histogram once;
+  (``memdetect.core.pvalues``); the document carries the reference histogram once;
 * ``nearest`` (with a ``reference_dir``, for example a sample of the training set): the reference images closest by
   the model's pooled features (cosine similarity, top ``nearest``) and by flip-, shift- and colour-cast-invariant
-  pixel correlation (``memdetect.similarity.nearest_match(..., colour="cast")``, as the shipped ground-truth labels,
+  pixel correlation (``memdetect.core.similarity.nearest_match(..., colour="cast")``, as the shipped ground-truth labels,
   at ``min(resolution, 64)`` px), so a reviewer can tell an exact or tinted copy (pixel correlation near 1) from a
   template copy (close features, lower pixel correlation).
 
-Everything is a JSON-ready dict (``memdetect.html_report`` renders it; ``scan --evidence-json`` writes it). Names
+Everything is a JSON-ready dict (``memdetect.workflows.html_report`` renders it; ``scan --evidence-json`` writes it). Names
 are kept as they are: every writer escapes them for its place.
 """
 
@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .detector import Detector
-from .io import decode_image, discover, display_path, image_seed, read_file
-from .pvalues import Reference
-from .scores import SCORES
-from .similarity import nearest_match
+from ..detector import Detector
+from ..store.io import decode_image, discover, display_path, image_seed, read_file
+from ..core.pvalues import Reference
+from ..core.scores import SCORES
+from ..core.similarity import nearest_match
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,8 @@ def _nearest(det: Detector, doc: dict, pooled: torch.Tensor, pixels: np.ndarray,
 
 
 def write_json(doc: dict, path: str | os.PathLike) -> Path:
-    from .io import atomic_write
-    from .strict_json import dumps
+    from ..store.io import atomic_write
+    from ..store.strict_json import dumps
 
     return atomic_write(path, lambda tmp: Path(tmp).write_text(dumps(doc, indent=1) + "\n", encoding="utf-8"))
 

@@ -19,9 +19,9 @@ point is reported: sklearn's ``roc_curve`` gives the (FPR, TPR) of every distinc
 whose score threshold is the smallest ``>=`` ours (which flags exactly the same images), plus the AUROC.
 
 How sure: the FPR a threshold achieves is given with its exact (Clopper-Pearson) 95 % interval on the count of
-flagged reference images (``memdetect.pvalues.clopper_pearson``), the TPR likewise on the memorized images, and a
+flagged reference images (``memdetect.core.pvalues.clopper_pearson``), the TPR likewise on the memorized images, and a
 reference set smaller than ``ceil(3 / fpr)`` images (300 for 1 %) is called too small (``Calibration.too_small``).
-The config keeps each metric's reference distribution (``memdetect.pvalues.Reference``: every score, or 2,000 order
+The config keeps each metric's reference distribution (``memdetect.core.pvalues.Reference``: every score, or 2,000 order
 statistics of a larger set), from which scans compute conformal p-values and thresholds for ``--fpr``, and the
 reference images' per-channel mean and standard deviation of the pooled activations (evidence: how far an image's
 top channels are from the novel images').
@@ -48,15 +48,15 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ._version import __version__
-from .config import CONFIG_VERSION, to_toml
-from .detector import Detector
-from .errors import InputError, UsageError
-from .io import atomic_write, check_destination, display_path, expand_globs
-from .pvalues import Reference, clopper_pearson, min_reference
+from .._version import __version__
+from ..config import CONFIG_VERSION, to_toml
+from ..detector import Detector
+from ..errors import InputError, UsageError
+from ..store.io import atomic_write, check_destination, display_path, expand_globs
+from ..core.pvalues import Reference, clopper_pearson, min_reference
 from .scan import scan
-from .scores import SCORES
-from .text import printable
+from ..core.scores import SCORES
+from ..text import printable
 
 RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
 
@@ -190,7 +190,7 @@ class Calibration:
 
     @property
     def min_reference(self) -> int:
-        """The fewest reference images that can show the target FPR (``memdetect.pvalues.min_reference``)."""
+        """The fewest reference images that can show the target FPR (``memdetect.core.pvalues.min_reference``)."""
         return min_reference(self.fpr)
 
     @property
@@ -215,7 +215,7 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
     choose every metric's threshold at ``fpr`` and write the config to ``output`` (refused if it exists, unless
     ``force``). ``model`` / ``model_path`` / ``sigma``: what the config records to load the model again (default:
     the detector's name). ``normalise="reference"``: scores of reference-standardised activations (module
-    docstring); the detector keeps the statistics. ``selection``: the ``[selection]`` table (``memdetect.select``:
+    docstring); the detector keeps the statistics. ``selection``: the ``[selection]`` table (``memdetect.workflows.select``:
     how the detector's layer, timestep and metric were chosen, with the evidence)."""
     if normalise not in ("none", "reference"):
         raise UsageError(f"unknown normalisation {printable(normalise, 40)!r}; choose none or reference")
@@ -253,7 +253,7 @@ def calibrate_paths(detector: Detector, reference: Iterable[str | os.PathLike], 
                           model_path=str(model_path) if model_path else None, sigma=sigma,
                           distributions={m: Reference.from_scores(novel[m].to_numpy(np.float64)) for m in SCORES},
                           channels=acc.result())
-    from .config import portable_model, portable_paths
+    from ..config import portable_model, portable_paths
 
     doc["model"], doc["model_path"], doc["calibration"]["source"] = portable_model(
         doc["model"], doc["model_path"], doc["calibration"]["source"], detector.settings.family, output)
@@ -280,7 +280,7 @@ MIN_NORMALISE = 200
 
 def split_reference(reference: Sequence[str | os.PathLike], seed: int = 0) -> tuple[list[Path], list[Path]]:
     """The reference images in two seeded halves: statistics, thresholds (local files and folders only)."""
-    from .sources import resolve
+    from ..store.sources import resolve
 
     items = resolve(reference)
     if any(not isinstance(it, Path) for it in items):

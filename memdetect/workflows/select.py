@@ -7,18 +7,18 @@ perfectly). ``select_configuration`` chooses among candidates from images known 
 * **candidates**: the layers the family's adapter proposes (``Adapter.selection_layers``: every transformer block's
   output and MLP activation; a UNet's encoder and decoder blocks at the two lowest resolutions; always the family
   default), optionally widened or narrowed by glob (``candidate_layers``), times a few timesteps, times the metrics of
-  ``memdetect.scores.SCORES``. Every metric is oriented (higher = more memorized), and a scan flags
+  ``memdetect.core.scores.SCORES``. Every metric is oriented (higher = more memorized), and a scan flags
   ``score >= threshold``, so a candidate's sign is always +1: a layer where memorized images are *less* spiky is
   recorded as inverted in the evidence and never chosen.
 * **capture** (``capture_features``): one forward pass per timestep and batch captures every candidate layer through
-  ``memdetect.capture.Trace`` with a pooling transform, so only pooled ``[B, C]`` vectors are kept.
+  ``memdetect.core.capture.Trace`` with a pooling transform, so only pooled ``[B, C]`` vectors are kept.
 * **the rule** (``choose``): the candidate with the highest AUROC on the images it is given, then TPR at 1% FPR, then
   the standardised mean difference (d'), then the family default, then the earliest candidate.
 * **out-of-sample evidence** (``nested_evaluation``): stratified k-fold. For every fold the rule chooses on the
   other folds only, and the chosen candidate scores the fold's images, standardised by the mean and standard deviation
   of the *choosing* part's novel images (so that folds that chose different candidates can be pooled); the family
   default is standardised the same way. AUROC and TPR@1%FPR of the pooled out-of-fold scores come with stratified
-  bootstrap intervals (``memdetect.bench.metrics``), and so does the paired difference (selection minus default).
+  bootstrap intervals (``memdetect.core.metrics``), and so does the paired difference (selection minus default).
 * **normalisation** (``FeatureScores``): every (layer, timestep, metric) is tried twice: raw, and of the pooled
   vector z-scored per channel with the mean and standard deviation of *novel* images (what ``calibrate --normalise
   reference`` and ``Detector(normalise=...)`` do). The statistics are fold-local: in every fold they are fitted on
@@ -42,11 +42,11 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .capture import LayerSpec, Trace, pool
-from .errors import LayerError, UsageError
-from .io import image_seed
-from .config import provenance  # noqa: F401  (re-exported: where a config came from)
-from .scores import SCORES
+from ..core.capture import LayerSpec, Trace, pool
+from ..errors import LayerError, UsageError
+from ..store.io import image_seed
+from ..config import provenance  # noqa: F401  (re-exported: where a config came from)
+from ..core.scores import SCORES
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def needed_message(n_memorized: int, n_novel: int) -> str | None:
     """The one-line refusal for too few labelled images (None when there are enough)."""
     if n_memorized >= MIN_MEMORIZED and n_novel >= MIN_NOVEL:
         return None
-    from .pvalues import clopper_pearson
+    from ..core.pvalues import clopper_pearson
 
     lo, hi = clopper_pearson(round(0.95 * MIN_MEMORIZED), MIN_MEMORIZED)
     return (f"choosing a layer needs at least {MIN_MEMORIZED} memorized and {MIN_NOVEL} novel images, got "
@@ -199,7 +199,7 @@ class FeatureScores:
         return len(self.raw)
 
     def __call__(self, reference: np.ndarray) -> np.ndarray:
-        from .scores import standardise
+        from ..core.scores import standardise
 
         reference = np.asarray(reference)
         n = len(self.candidates) - self.n_raw
@@ -235,7 +235,7 @@ def _aurocs(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def _tprs(scores: np.ndarray, labels: np.ndarray, max_fpr: float = MAX_FPR) -> np.ndarray:
-    """TPR at FPR <= ``max_fpr`` of every row (``memdetect.bench.metrics``' rule, as ``_fast_tpr``)."""
+    """TPR at FPR <= ``max_fpr`` of every row (``memdetect.core.metrics``' rule, as ``_fast_tpr``)."""
     neg = scores[:, labels == 0]
     k = int(np.floor(max_fpr * neg.shape[1] + 1e-9))
     if k >= neg.shape[1]:
@@ -304,7 +304,7 @@ def nested_evaluation(scores: np.ndarray | FeatureScores, labels: np.ndarray, ca
     on the choosing part's novel images only. ``chooser`` is the rule (a test passes a spy)."""
     from sklearn.model_selection import StratifiedKFold
 
-    from .bench.metrics import bootstrap_metrics, paired_difference
+    from ..core.metrics import bootstrap_metrics, paired_difference
 
     labels = np.asarray(labels, int)
     oos_sel = np.full(len(labels), np.nan)
@@ -443,8 +443,8 @@ def read_images(paths: Sequence, resolution: int) -> tuple[torch.Tensor, list[st
     """Decode every image under ``paths`` (files, folders, quoted globs, sources) at the model's ``resolution``:
     uint8 ``[N, 3, R, R]``, the names of the decoded files, and one ``"name: reason"`` per file that could not be
     read (left out, as a scan leaves an error row)."""
-    from .io import ImageError, decode_image, expand_globs, read_file
-    from .sources import Source, item_name, read_item, resolve
+    from ..store.io import ImageError, decode_image, expand_globs, read_file
+    from ..store.sources import Source, item_name, read_item, resolve
 
     files = resolve(expand_globs(paths))
     arrays, names, errors = [], [], []
@@ -467,11 +467,11 @@ MIN_COPIES = 10
 def training_duplicate_examples(folder, resolution: int, *, min_copies: int = MIN_COPIES, threshold: float = 0.95
                                 ) -> tuple[torch.Tensor, list[str], str]:
     """Labelled examples from a model's training images when no labelled copies exist: one image of every group of
-    near-duplicates (``memdetect.similarity.near_duplicates``, pixel correlation >= ``threshold``) with at least
+    near-duplicates (``memdetect.core.similarity.near_duplicates``, pixel correlation >= ``threshold``) with at least
     ``min_copies`` members is a memorized example (copies of one image give one score: each is kept once); the images
     with no near-duplicate are novel examples. Returns the memorized pixels, the unique images' paths and a short
     description of what was found."""
-    from .similarity import near_duplicates
+    from ..core.similarity import near_duplicates
 
     pixels, names, errors = read_images([folder], resolution)
     if not len(pixels):
@@ -494,14 +494,14 @@ def calibrate_selected(detector, reference: Sequence, memorized: Sequence, *, fp
                        positives: torch.Tensor | None = None, source: str = "labelled images"):
     """``memdetect calibrate --select-layer``: choose (layer, timestep, metric, normalisation) on ``reference`` (novel)
     and ``memorized`` images (``select_from_images``), then calibrate the chosen configuration's threshold at ``fpr`` on
-    the reference images exactly as ``memdetect.calibrate.calibrate_paths`` does (a reference-normalised pick with
+    the reference images exactly as ``memdetect.workflows.calibrate.calibrate_paths`` does (a reference-normalised pick with
     ``normalise="reference"``: half the reference fits the channel statistics, half sets the threshold; considered
     only when the reference allows that split, ``calibrate.split_reference``), and write memdetect.toml with a
     ``[selection]`` table (the evidence). ``detector``: loaded with ``prune=False``; its layer, timestep and metric
     are the default the selection must beat. ``positives``: memorized images given as pixels instead of files
     (``--training-duplicates``), ``source`` says where the labels came from. Returns (Calibration, Selection)."""
     from .calibrate import calibrate_paths, check_fpr, check_output, split_reference
-    from .detector import Detector
+    from ..detector import Detector
 
     check_fpr(fpr)
     check_output(output, force)
