@@ -252,7 +252,8 @@ def child(args) -> dict:
     import torch
     from PIL import Image
 
-    from memdetect import __version__, runtime
+    from memdetect import __version__
+    from memdetect.speed import runtime
     from memdetect.detector import Detector, resolve_device
 
     device = resolve_device(args.device)

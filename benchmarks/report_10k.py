@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10_000)
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
-    from memdetect import Detector, evidence
+    from memdetect import Detector
+    from memdetect.workflows import evidence
     from memdetect.workflows.ci import audit
     from memdetect.config import load_config
     from memdetect.workflows.html_report import write_html

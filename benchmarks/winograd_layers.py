@@ -18,7 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memdetect import __version__, runtime, winograd
+from memdetect import __version__
+from memdetect.speed import runtime, winograd
 
 # (where, batch, C_in, C_out, size), at each model's default CPU batch (SD1.4: 4, ddpm-cifar10: 64)
 SHAPES = [
