@@ -292,6 +292,8 @@ def test_an_interrupt_in_a_finalizer_prints_nothing(monkeypatch):
 
 
 def test_ctrl_c_after_the_report_says_it_was_written(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    from memdetect.cli import scan as cli
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
