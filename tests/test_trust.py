@@ -331,7 +331,8 @@ def test_a_state_dir_inside_the_scanned_input_is_refused(command, tiny_ddpm, ima
 def _plant_state(state: Path, tiny_ddpm: Path, images: Path, report: Path, key: bytes) -> None:
     """What a pull request can commit: a state directory with a secret it knows (0600 after checkout) and journal rows
     for every image, scored -5 and signed with that secret."""
-    from memdetect import Detector, runtime
+    from memdetect import Detector
+    from memdetect.speed import runtime
     from memdetect.store.journal import fingerprint, record_mac, row_key
     from memdetect.store.state import StateDir
 

@@ -227,7 +227,7 @@ def test_chunked_transforms_match_one_chunk():
 RSS_PROBE = r"""
 import json, sys, torch
 from torch import nn
-from memdetect import runtime, winograd
+from memdetect.speed import runtime, winograd
 runtime.retain_freed_memory()
 torch.manual_seed(0)
 m = nn.Sequential(*[nn.Conv2d(512, 512, 3, padding=1) for _ in range(16)]).eval().to(memory_format=torch.channels_last)
