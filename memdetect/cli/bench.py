@@ -13,8 +13,8 @@ from ..text import printable
 from .common import progress_bar, speed_settings
 from .exits import handle_errors
 from .options import (Bootstrap, BenchOutput, Device, Dtype, FlipdProbes, FlipdTimestep, GeneralizedBelow,
-                      GenerationBatch, GenerationSeed, LabelResolution, MemorizedAt, ModelPath, NumSamples, Steps,
-                      TrainDir, _parse_classes)
+                      GenerationBatch, GenerationSeed, LabelResolution, MemorizedAt, ModelPath, NumSamples, Quiet,
+                      Steps, TrainDir, _parse_classes)
 from .render import _p, err
 from .render_bench import render_bench_demo, render_paper
 
@@ -43,6 +43,7 @@ def bench_demo(
     select: Annotated[bool, typer.Option("--select/--no-select", help="Add the ours_selected row: the configuration "
                                          "`calibrate --select-layer` chooses on the selection half, measured on the "
                                          "held-out half (selection.json).")] = True,
+    quiet: Quiet = False,
 ):
     """Ground truth: score a shipped memorizing model's labelled generations with every method that applies.
 
@@ -57,12 +58,14 @@ def bench_demo(
     except ValueError:
         raise UsageError(f"--sweep-timesteps takes comma-separated integers, got {sweep_timesteps!r}") from None
     speed_settings(device)
-    bar, _ = progress_bar(f"bench demo ({model}): scoring its labelled generations with every method", counted=False)
+    bar, _ = progress_bar(f"bench demo ({model}): scoring its labelled generations with every method", counted=False,
+                          quiet=quiet)
     with bar:  # no count from run_demo: in a log, a line every few seconds with the time elapsed
         res = run_demo(output, model=model, device=device, batch_size=batch_size, flipd_probes=flipd_probes,
                        sweep=sweep_layers, model_path=str(model_path) if model_path else None, limit=limit,
                        sweep_timesteps=steps, n_boot=bootstrap, select=select)
-    render_bench_demo(res, model=model, output=output, sweep_layers=sweep_layers)
+    if not quiet:
+        render_bench_demo(res, model=model, output=output, sweep_layers=sweep_layers)
 
 
 @bench_app.command("laion")
@@ -99,6 +102,7 @@ def bench_laion(
     output: BenchOutput = None,
     device: Device = "auto", dtype: Dtype = "auto",
     seed: GenerationSeed = 0,
+    quiet: Quiet = False,
 ):
     """Table-1-style LAION: memorized vs normal prompts on Stable Diffusion, per generated image (and per prompt),
     ours against Wen, NeMo, Ross, Carlini, with 95% intervals.
@@ -108,7 +112,7 @@ def bench_laion(
 
     output = output or Path("bench-laion")
     speed_settings(device)
-    bar, progress = progress_bar("generating and scoring prompts", unit="prompts")
+    bar, progress = progress_bar("generating and scoring prompts", unit="prompts", quiet=quiet)
     with bar:
         res = run_laion(output, model=model, model_path=str(model_path) if model_path else None, memorized=memorized,
                         normal=normal, memorized_filters=memorized_filter or (), limit=limit, generations=generations,
@@ -116,6 +120,8 @@ def bench_laion(
                         flipd_probes=flipd_probes, flipd_timestep=flipd_timestep, nemo_reference=nemo_reference,
                         nemo_stats=nemo_stats, carlini_generations=carlini_generations,
                         carlini_neighbours=carlini_neighbours, n_boot=bootstrap, progress=progress)
+    if quiet:
+        return
     extra = f"; NeMo: {res['settings']['nemo_reference']}"
     render_paper(res, f"bench laion: {_p(model)}, {generations} generations per prompt (unit image: each "
                       f"generation scored alone; unit prompt: mean over its {generations})", output, extra,
@@ -158,6 +164,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         device: Device = "auto",
         dtype: Dtype = "auto",
         seed: GenerationSeed = 0,
+        quiet: Quiet = False,
     ):
         from ..bench.labels import make_labeller
         from ..bench.paper import label_rule, run_samples
@@ -166,7 +173,7 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
         rule = label_rule(memorized_at, generalized_below, lab_fn.rule)
         output = output or Path(f"bench-{bench}")
         speed_settings(device)
-        bar, progress = progress_bar("generating and scoring samples", unit="samples")
+        bar, progress = progress_bar("generating and scoring samples", unit="samples", quiet=quiet)
         with bar:
             res = run_samples(bench, output, model=model, model_path=str(model_path) if model_path else None,
                               train_dir=train_dir, num_samples=num_samples, classes=_parse_classes(classes),
@@ -176,6 +183,8 @@ def _samples_bench(bench: str, *, model: str, model_help: str, doc: str) -> None
                               min_memorized=min_memorized, n_boot=bootstrap, device=device, dtype=dtype, seed=seed, progress=progress,
                               warn=lambda text: err.print(Text(f"warning: {printable(text)}", style="yellow"),
                                                           soft_wrap=True))
+        if quiet:
+            return
         lab = res["settings"]["labels"]
         render_paper(res, f"bench {bench}: {_p(model)}, {num_samples} samples, per image", output,
                      f"; labels: {lab['labeller']} similarity at {lab['resolution']} px, memorized >= "

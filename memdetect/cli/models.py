@@ -11,7 +11,7 @@ from rich.text import Text
 from .common import load_detector
 from .exits import handle_errors
 from .options import Device, Dtype, Model, ModelPath
-from .render import _p, err, out
+from .render import _p, err, out, table_width
 from .ux import require_model
 
 
@@ -62,14 +62,20 @@ def layers(
     with err.status("probing one forward pass ..."):
         # inputs too: the default layer is often a module input (NAME:in), and is listed, marked, without --inputs
         infos = [i for i in det.layers(include_inputs=True) if inputs or ":in" not in i.spec or i.spec == default]
-    t = Table(title=f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})",
-              title_justify="left")
-    for c in ("layer", "module", "shape", "calls/forward"):
-        t.add_column(c, overflow="fold")
+    title = f"{_p(det.name)}: hookable layers in forward order (batch 1; default: {_p(det.layer)})"
+    rows = [(_p(i.spec), _p(i.module_type), "x".join(map(str, i.shape)) or "-", str(i.calls), i.spec == default)
+            for i in infos if not contains or contains in i.spec]
+    columns = ("layer", "module", "shape", "calls/forward")
+    if table_width(columns, [r[:4] for r in rows], extra=len("<- default")) > out.width:
+        # a layer's name is what the user copies into --layer: never folded; each on its own line instead
+        from .text_blocks import layer_blocks
+
+        out.print(layer_blocks(title, rows, out.width), soft_wrap=True)
+        return
+    t = Table(title=title, title_justify="left")
+    for c in columns:
+        t.add_column(c, no_wrap=True)
     t.add_column("", no_wrap=True)  # the default layer's mark, apart: the layer's name stays whole
-    for info in infos:
-        if contains and contains not in info.spec:
-            continue
-        mark = Text("<- default", style="bold green") if info.spec == default else ""
-        t.add_row(_p(info.spec), _p(info.module_type), "x".join(map(str, info.shape)) or "-", str(info.calls), mark)
+    for *cells, is_default in rows:
+        t.add_row(*cells, Text("<- default", style="bold green") if is_default else "")
     out.print(t)

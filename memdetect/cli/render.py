@@ -28,6 +28,13 @@ def _p(value) -> str:
     return printable(str(value))
 
 
+def table_width(columns, rows, *, extra: int = 0) -> int:
+    """The width a rich table (the default box, padding 1) needs to show ``rows`` under ``columns`` unwrapped, with one
+    more column ``extra`` wide."""
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)] + ([extra] if extra else [])
+    return sum(widths) + 3 * len(widths) + 1
+
+
 def render_scan(result, det, *, top: int) -> None:
     df, s = result.frame, result.counts
     scored = df[df["error"].isna()].sort_values("score", ascending=False)
