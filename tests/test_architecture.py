@@ -145,3 +145,12 @@ def test_each_folder_is_one_stretch_of_layers():
     assert {"core", "store", "speed", "workflows", "models", "cli"} <= set(by_folder)
     for folder, layers in by_folder.items():
         assert layers == set(range(min(layers), max(layers) + 1)), f"{folder}/ skips layers: {sorted(layers)}"
+
+
+def test_cli_modules_stay_short():
+    """The command line is a package of small modules (one per command group, the renderers, the error table): a
+    module that grows past 300 lines is doing more than parsing and rendering."""
+    modules = sorted((PACKAGE / "cli").glob("*.py"))
+    assert len(modules) >= 10, [p.name for p in modules]  # the package, not one file
+    long = {p.name: n for p in modules if (n := len(p.read_text().splitlines())) > 300}
+    assert not long, f"memdetect/cli/ modules over 300 lines (split them): {long}"

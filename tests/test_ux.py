@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 import errno
+import inspect
 import io
 import json
 import sys
@@ -230,6 +231,55 @@ def test_layers_marks_the_default_layer():
     assert "up_blocks.0.resnets.2.conv2:in" in text and "<- default" in text  # an input layer, listed without --inputs
 
 
+
+def test_layers_keeps_names_whole_at_80_columns():
+    """A layer's name is what --layer takes: at 80 columns it is not folded inside a table cell (it was
+    "up_blocks.0.resn" / "ets.0.norm1"), each name is a whole line, the default marked on its own line."""
+    args = ("layers", "--model", "demo", "--device", "cpu", "--filter", "up_blocks.0.resnets.2")
+    res = invoke(*args, env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    for name in ("up_blocks.0.resnets.2.norm1", "up_blocks.0.resnets.2.nonlinearity@2",
+                 "up_blocks.0.resnets.2.time_emb_proj"):
+        assert name in lines, res.output
+    assert "up_blocks.0.resnets.2.conv2:in  <- default" in lines
+    assert "    SiLU, 1x128, 3 calls/forward" in lines  # module, shape and calls under the name
+    assert max(map(len, lines)) <= 80
+    wide = invoke(*args, env={"COLUMNS": "200"})  # room for the table: still a table, names whole in their cells
+    row = next(line for line in wide.output.splitlines() if "up_blocks.0.resnets.2.conv2:in " in line)
+    assert row.startswith("│ ") and "<- default" in row and "1x128x8x8" in row
+
+
+@pytest.mark.parametrize("bench,library,args", [
+    ("demo", "memdetect.bench.demo.run_demo", ["--limit", "8"]),
+    ("laion", "memdetect.bench.paper.run_laion", ["--limit", "2"]),
+    ("cifar10", "memdetect.bench.paper.run_samples", ["--train-dir", "TRAIN", "-n", "4"]),
+    ("imagenet", "memdetect.bench.paper.run_samples", ["--train-dir", "TRAIN", "-n", "4"]),
+])
+def test_bench_quiet_prints_nothing_and_runs_the_same_bench(bench, library, args, tmp_path, monkeypatch):
+    """`bench ... --quiet`: no progress and no table, and the library gets the very same call (so the results files
+    are the same); without it, progress lines come."""
+    calls = []
+
+    def fake(*a, **k):
+        progress = k.pop("progress", None)
+        if progress is not None:
+            progress(1, 2)
+        time.sleep(0.3)  # long enough for a heartbeat line in a log
+        calls.append((a, {key: "a function" if inspect.isfunction(v) else repr(v) for key, v in k.items()}))
+        return {}  # no results: a quiet run renders nothing; a loud demo bench fails rendering it (exit 2)
+
+    monkeypatch.setattr(library, fake)
+    argv = ["bench", bench, *[tmp_path if a == "TRAIN" else a for a in args], "--output", tmp_path / "out",
+            "--device", "cpu"]
+    env = {"MEMDETECT_PROGRESS_INTERVAL": "0.05"}
+    quiet = invoke(*argv, "--quiet", env=env)
+    assert quiet.exit_code == 0 and quiet.output == "", quiet.output
+    loud = invoke(*argv, env=env)
+    assert loud.output.strip() and "memdetect: error:" not in loud.output
+    assert calls[0] == calls[1]
+
+
 # -- 8. generate: the shipped guard calibration, the fast sampler, progress -------------------------------------
 
 def test_sampler_choice():
@@ -292,6 +342,8 @@ def test_an_interrupt_in_a_finalizer_prints_nothing(monkeypatch):
 
 
 def test_ctrl_c_after_the_report_says_it_was_written(tiny_ddpm, images_dir, tmp_path, monkeypatch):
+    from memdetect.cli import scan as cli
+
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 

@@ -1,4 +1,4 @@
-"""Plain-text layouts for narrow terminals (``memdetect models`` at 80 columns)."""
+"""Plain-text layouts for narrow terminals (``memdetect models`` and ``memdetect layers`` at 80 columns)."""
 
 from __future__ import annotations
 
@@ -23,4 +23,15 @@ def preset_blocks(title: str, rows: Sequence[Sequence[str]], width: int) -> str:
     return "\n".join(lines).rstrip("\n")
 
 
-__all__ = ["preset_blocks"]
+def layer_blocks(title: str, rows: Sequence[Sequence], width: int) -> str:
+    """One block per layer: its name alone on a line (whole, never folded: it is what ``--layer`` takes), marked
+    ``<- default`` where it is the default, then the module, the output shape and the calls per forward, indented
+    (``rows``: name, module, shape, calls, is_default). The title wraps at ``width`` columns between words."""
+    lines = [*textwrap.wrap(title, width=max(int(width), 40), break_long_words=False, break_on_hyphens=False), ""]
+    for name, module, shape, calls, is_default in rows:
+        lines.append(f"{name}  <- default" if is_default else name)
+        lines.append(f"    {module}, {shape}, {calls} call{'' if str(calls) == '1' else 's'}/forward")
+    return "\n".join(lines)
+
+
+__all__ = ["layer_blocks", "preset_blocks"]

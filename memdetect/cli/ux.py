@@ -80,7 +80,7 @@ def shipped_guard(model: Optional[str], model_path) -> Optional[Path]:
     weights; None for any other model."""
     if model_path is not None or model not in SHIPPED_GUARDS:
         return None
-    path = Path(__file__).parent / "data" / SHIPPED_GUARDS[model] / "memdetect.toml"
+    path = Path(__file__).resolve().parents[1] / "data" / SHIPPED_GUARDS[model] / "memdetect.toml"
     return path if path.is_file() else None
 
 

@@ -1,0 +1,137 @@
+"""``memdetect scan``: score every image and write a report (one process, one part of a sharded scan, one rank
+under torchrun, or a Ray Data pool)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..errors import UsageError
+from .common import _reference_stats, _run_context, load_detector, progress_bar
+from .exits import EXIT_FLAGGED, EXIT_OK, _outputs, _written, handle_errors
+from .options import (AllowRemote, BatchSize, Config, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html,
+                      Inputs, Layer, Metric, Model, ModelPath, Quiet, ReferenceDir, Resume, Seed, ShardKeyFile, Sigma,
+                      StateDirOption, Threshold, Timestep, Workers, scan_settings)
+from .render import render_scan
+from .ux import require_model
+
+
+@handle_errors
+def scan(
+    ctx: typer.Context,
+    paths: Inputs,
+    config: Config = None,
+    model: Model = None, model_path: ModelPath = None,
+    layer: Layer = None, timestep: Timestep = None, sigma: Sigma = None,
+    metric: Metric = "std",
+    threshold: Threshold = None,
+    batch_size: BatchSize = None,
+    device: Device = "auto", dtype: Dtype = "auto",
+    seed: Seed = 0,
+    draws: Draws = 1,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Report file: .csv, .json or .parquet (a "
+                                                                         "path or an fsspec URL).")] = None,
+    top: Annotated[int, typer.Option("--top", help="Rows in the terminal table of highest scores (0: none).")] = 10,
+    workers: Workers = None,
+    no_early_exit: Annotated[bool, typer.Option("--no-early-exit", help="Run the full forward pass (for "
+                                                                        "checking).")] = False,
+    resume: Resume = True,
+    state_dir: StateDirOption = None,
+    html: Html = None,
+    fpr: Fpr = None,
+    evidence_top: EvidenceTop = 20,
+    evidence_json: EvidenceJson = None,
+    reference_dir: ReferenceDir = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of "
+                                                 "the inputs (Slurm arrays, indexed jobs); join the reports with "
+                                                 "`memdetect merge`.")] = None,
+    shard_key_file: ShardKeyFile = None,
+    engine: Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, "
+                                        "one part per rank) or ray (a Ray Data actor pool).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
+                                                       "(default: RAY_ADDRESS, else a local Ray).")] = None,
+    allow_remote: AllowRemote = False,
+    quiet: Quiet = False,
+):
+    """Score every image for memorization and write a report.
+
+    Example: memdetect scan examples/demo --model demo --output report.csv"""
+    from ..integrations.torchrun import rank_device, scan_distributed, world
+    from ..store.io import check_destinations, check_report_path
+    from ..workflows.scan import scan as run_scan
+    from ..store.sources import is_url, parse_shard
+
+    s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
+                      metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote,
+                      draws=draws)
+    require_model(s["model"])
+    if engine not in ("local", "ray"):
+        raise UsageError(f"unknown engine {engine!r}; choose local or ray")
+    part = parse_shard(shard) if shard is not None else None
+    if shard_key_file is not None and part is None:
+        raise UsageError("--shard-key-file signs a shard's report: it needs --shard I/N")
+    from ..workflows.merge import load_shard_key
+
+    shard_key = load_shard_key(shard_key_file) if part is not None else None
+    if ray_address is not None and engine != "ray":
+        raise UsageError("--ray-address needs --engine ray")
+    paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
+    _outputs(output=output, html=html, evidence_json=evidence_json)
+    if output is not None:
+        check_report_path(output)
+        output = output if is_url(output) else Path(output)
+    remote = output is not None and is_url(str(output))
+    check_destinations({"report": None if remote else output, "HTML report": html,
+                        "evidence JSON": evidence_json})  # before the model load, too
+    from ..store.state import StateDir
+
+    StateDir(state_dir).check_outside(paths)
+    w = world()
+    if w is not None and (part is not None or engine == "ray"):
+        raise UsageError("under torchrun / accelerate launch each rank already scores its own part: drop "
+                         f"{'--shard' if part is not None else '--engine ray'}")
+    if (w is not None or engine == "ray") and (evidence_json is not None or reference_dir is not None):
+        raise UsageError("--evidence-json and --reference-dir need a scan in one process (evidence reads the flagged "
+                         "images again): scan the flagged images again without torchrun / --engine ray")
+    if w is not None:
+        device = rank_device(device, w)
+        quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
+    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
+                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
+                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
+                        normalise=_reference_stats(s))
+    det.configuration = s.get("configuration")
+    from ..config import check_weights
+
+    check_weights(det, s.get("weights"), StateDir(state_dir), config)
+    bar, progress = progress_bar("scanning", quiet=quiet)
+    with bar:
+        if engine == "ray":
+            from ..integrations.ray import scan_with_ray
+
+            result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
+                                   model=s["model"], model_path=str(s["model_path"]) if s["model_path"] else None,
+                                   on_batch=progress, reference=s.get("reference"), layer=s["layer"],
+                                   timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
+                                   seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
+                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key,
+                                   allow_remote=s["allow_remote"], draws=s["draws"],
+                                   normalise=_reference_stats(s))
+        elif w is not None:
+            result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
+                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
+                                      allow_remote=s["allow_remote"])
+        else:
+            result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
+                              num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
+                              channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
+                              reference_dir=reference_dir, shard=part, shard_key=shard_key,
+                              allow_remote=s["allow_remote"], context=_run_context(paths, config))
+    _written(result.output, html)
+    if w is not None and w.rank != 0:
+        raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
+    if not quiet:
+        render_scan(result, det, top=top)
+    raise typer.Exit(EXIT_FLAGGED if result.flagged else EXIT_OK)
