@@ -19,6 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("speed", "core"),     # speed/: runtime, winograd; core/: hooks, scores, p-values, metrics, similarity, hub
     ("store",),            # where inputs live and rows go: io, sources, journal, state, report, strict_json
     ("models",),           # the families (and EDM's checkpoint loaders and restricted unpickler)
+    ("rows",),             # one item (path, tar member, URL, bytes, Pillow image) -> one report row, for every engine
     ("detector", "config"),  # the library API: images -> rows; the settings a run is made of
     ("workflows.run_context", "workflows.html_report", "workflows.merge", "workflows.evidence"),  # a scan's outputs
     ("workflows.scan",),   # a whole scan
