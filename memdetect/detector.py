@@ -410,6 +410,11 @@ class Detector:
         """The hash of the settings that change a score (``memdetect.store.journal``): part of every row's key."""
         return fingerprint(asdict(self.settings))
 
+    def row_fingerprint(self, state: StateDir | None = None) -> str:
+        """The settings part of every row's key, in every engine: ``fingerprint`` of the settings and the weights'
+        content hash (``weights_digest``; ``state``: where file hashes are cached)."""
+        return fingerprint(asdict(self.settings), weights=self.weights_digest(state))
+
     def weights_digest(self, state: StateDir | None = None) -> str:
         """The content hash of the model's weights, once per detector: the files the adapter loaded
         (``Adapter.weight_files``, each file's hash cached in the state directory), or, for an adapter that names
@@ -574,12 +579,15 @@ class Detector:
             runtime.release_free_memory()  # a finished scan hands its batches' memory back
 
     def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None,
-             allow_remote: bool = False) -> pd.DataFrame:
+             allow_remote: bool = False, state: StateDir | None = None) -> pd.DataFrame:
         """Score every image under ``paths`` (local files and folders, tar shards, manifests, and with
-        ``allow_remote`` fsspec URLs: ``memdetect.store.sources.resolve``); one row per file, in input order (no
-        journal, no files written: see ``memdetect.workflows.scan.scan`` for those)."""
+        ``allow_remote`` fsspec URLs: ``memdetect.store.sources.resolve``); one row per file, in input order, keyed
+        as every engine keys them (``row_fingerprint``; ``state``: where weight-file hashes are cached). No journal
+        and no files written: see ``memdetect.workflows.scan.scan`` for those."""
         files = resolve(paths, allow_remote=allow_remote)
-        return _rows.report_frame([r for batch in self.iter_files(files, num_workers=num_workers) for r in batch])
+        fp = self.row_fingerprint(state)
+        return _rows.report_frame([r for batch in self.iter_files(files, fingerprint=fp, num_workers=num_workers)
+                                   for r in batch])
 
     def score_images(self, images: Sequence) -> pd.DataFrame:
         """Score in-memory Pillow images (rows have ``path`` = their index, and no ``key``: there are no file

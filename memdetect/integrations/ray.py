@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
@@ -52,13 +52,12 @@ class Scorer:
     def __init__(self, model: str, model_path: str | None, detector_kwargs: dict, retain_freed_memory: bool = False):
         from ..speed import runtime
         from ..detector import Detector
-        from ..store.journal import fingerprint
         from ..store.state import StateDir
 
         if retain_freed_memory:
             runtime.retain_freed_memory()
         self.det = Detector.from_pretrained(model, model_path, **detector_kwargs)
-        self.fp = fingerprint(asdict(self.det.settings), weights=self.det.weights_digest(StateDir()))
+        self.fp = self.det.row_fingerprint(StateDir())
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         from .. import rows as _rows

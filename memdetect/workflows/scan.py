@@ -50,7 +50,7 @@ from .merge import Part, mark_shard, merge_parts
 from .html_report import write_html
 from ..core.pvalues import Reference
 from ..store.io import check_destinations, check_report_path, display_path, file_digest
-from ..store.journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
+from ..store.journal import Journal, journal_path, record_frames, record_scores, row_key, scan_record
 from ..store.sources import (Source, inputs_digest, is_url, item_digest, item_identity, item_name, resolve,
                       shard as shard_of)
 from ..store.state import StateDir
@@ -170,7 +170,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     state.check_outside(paths)  # its secret must not sit in the tree under scan
     settings = detector.settings
     weights = detector.weights_digest(state)
-    fp = fingerprint(asdict(settings), weights=weights)
+    fp = detector.row_fingerprint(state)
     jpath = None
     if output is not None and engine == "local":  # the Ray engine keeps no journal (Ray Data retries its tasks)
         jpath = state.journal_path(fp, output) if journal_in_state or remote_output else journal_path(output)
