@@ -33,12 +33,13 @@ from .speed import winograd
 from ._version import __version__
 from .core.capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
-from .store.io import PREPROCESS, ImageError, content_digest, decode_frames, discover, draw_seed, image_seed, read_file
-from .store.journal import FRAMES_FIELD, fingerprint, row_key
+from . import rows as _rows
+from .store.io import PREPROCESS, draw_seed, image_seed
+from .store.journal import fingerprint
 from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
-from .store.report import make_row, rows_to_frame
+from .store.report import make_row
 from .core.scores import SCORES, compute_all, standardise
-from .store.sources import Source, item_name, read_item
+from .store.sources import resolve
 from .store.state import StateDir
 from .text import printable
 
@@ -409,6 +410,11 @@ class Detector:
         """The hash of the settings that change a score (``memdetect.store.journal``): part of every row's key."""
         return fingerprint(asdict(self.settings))
 
+    def row_fingerprint(self, state: StateDir | None = None) -> str:
+        """The settings part of every row's key, in every engine: ``fingerprint`` of the settings and the weights'
+        content hash (``weights_digest``; ``state``: where file hashes are cached)."""
+        return fingerprint(asdict(self.settings), weights=self.weights_digest(state))
+
     def weights_digest(self, state: StateDir | None = None) -> str:
         """The content hash of the model's weights, once per detector: the files the adapter loaded
         (``Adapter.weight_files``, each file's hash cached in the state directory), or, for an adapter that names
@@ -553,9 +559,9 @@ class Detector:
 
         Each file is read once; its row's ``key`` hashes the bytes that were decoded and scored
         (``fingerprint``: the key's settings part, default ``self.fingerprint``). Every frame of an animated file is
-        scored; its row keeps each score's highest over the frames (``frame_scores``). ``on_features``: called with
-        the pooled activations ``[B, C]`` of each group of at most ``batch_size`` frames scored (calibration keeps
-        their channel statistics).
+        scored; its row keeps each score's highest over the frames. The rows are made by ``memdetect.rows`` (as
+        every engine's are). ``on_features``: called with the pooled activations ``[B, C]`` of each group of at
+        most ``batch_size`` frames scored (calibration keeps their channel statistics).
         Closing the generator (or an exception, such as an interrupt, raised through it) stops the decoding workers
         at once.
         """
@@ -564,30 +570,7 @@ class Detector:
         batches = iter(loader)
         try:
             for items in batches:
-                good = [it for it in items if it["error"] is None]
-                frames = [f for it in good for f in it["pixels"]]  # every frame of every image, in order
-                per_frame: dict[str, list[np.ndarray]] = {}
-                for start in range(0, len(frames), self.batch_size):
-                    chunk = frames[start:start + self.batch_size]
-                    drawn = self.draw_features(torch.from_numpy(np.stack(chunk)),
-                                               [image_seed(f, self.seed) for f in chunk])
-                    if on_features is not None:
-                        on_features(drawn[:, 0] if drawn.shape[1] == 1 else drawn.mean(dim=1))
-                    for k, v in self.scores_of(drawn).items():
-                        per_frame.setdefault(k, []).append(v.numpy())
-                scores = {k: np.concatenate(v) for k, v in per_frame.items()}
-                rows, j = [], 0
-                for it in items:
-                    key = row_key(it["digest"], fp)
-                    if it["error"] is None:
-                        n = len(it["pixels"])
-                        best, where = frame_scores({k: v[j:j + n] for k, v in scores.items()})
-                        rows.append(self.row(it["path"], best, key=key, frames=where))
-                        if n > 1:
-                            rows[-1][FRAMES_FIELD] = where  # journaled with the scores (not a column)
-                        j += n
-                    else:
-                        rows.append(self.row(it["path"], None, error=it["error"], key=key))
+                rows = _rows.score(self, items, fingerprint=fp, on_features=on_features)
                 if on_batch:
                     on_batch(len(items))
                 yield rows
@@ -595,32 +578,23 @@ class Detector:
             _stop_workers(batches)
             runtime.release_free_memory()  # a finished scan hands its batches' memory back
 
-    def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None) -> pd.DataFrame:
-        """Score every image under ``paths``; one row per file, in discovery order (no journal, no files written:
-        see ``memdetect.workflows.scan.scan`` for those)."""
-        files = discover(paths)
-        return rows_to_frame([r for batch in self.iter_files(files, num_workers=num_workers) for r in batch])
+    def scan(self, paths: Iterable[str | os.PathLike], *, num_workers: int | None = None,
+             allow_remote: bool = False, state: StateDir | None = None) -> pd.DataFrame:
+        """Score every image under ``paths`` (local files and folders, tar shards, manifests, and with
+        ``allow_remote`` fsspec URLs: ``memdetect.store.sources.resolve``); one row per file, in input order, keyed
+        as every engine keys them (``row_fingerprint``; ``state``: where weight-file hashes are cached). No journal
+        and no files written: see ``memdetect.workflows.scan.scan`` for those."""
+        files = resolve(paths, allow_remote=allow_remote)
+        fp = self.row_fingerprint(state)
+        return _rows.report_frame([r for batch in self.iter_files(files, fingerprint=fp, num_workers=num_workers)
+                                   for r in batch])
 
     def score_images(self, images: Sequence) -> pd.DataFrame:
-        """Score in-memory PIL images (rows have ``path`` = their index)."""
-        from PIL import ImageOps
-
-        arrs = [np.asarray(ImageOps.fit(im.convert("RGB"), (self.adapter.resolution,) * 2)).transpose(2, 0, 1)
-                for im in images]
-        rows = []
-        for start in range(0, len(arrs), self.batch_size):
-            chunk = arrs[start:start + self.batch_size]
-            s = self.score_tensor(torch.from_numpy(np.stack(chunk)), [image_seed(a, self.seed) for a in chunk])
-            rows += [self.row(str(start + j), {k: float(v[j]) for k, v in s.items()}) for j in range(len(chunk))]
-        return rows_to_frame(rows)
-
-
-def frame_scores(scores: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, int]]:
-    """One image's scores from its frames' (``{metric: [F]}``): each metric's highest over the frames (every score is
-    oriented higher = more likely memorized, so one memorized frame flags the image), and the frame it came from."""
-    best = {k: float(v.max()) for k, v in scores.items()}
-    where = {k: int(v.argmax()) for k, v in scores.items()}
-    return best, where
+        """Score in-memory Pillow images (rows have ``path`` = their index, and no ``key``: there are no file
+        bytes to hash), by the files' recipe (``memdetect.rows.from_image``: EXIF orientation, 16-bit rescaling,
+        every frame); one that cannot be turned into pixels is an error row."""
+        items = [_rows.from_image(im, self.adapter.resolution, str(i)) for i, im in enumerate(images)]
+        return _rows.report_frame(_rows.score(self, items, fingerprint=self.fingerprint))
 
 
 def tensors_digest(modules: Sequence[torch.nn.Module]) -> str:
@@ -644,19 +618,8 @@ class _Images(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> dict:
-        path = self.files[i]
-        item = {"path": item_name(path), "pixels": None, "error": None, "digest": None}
-        try:
-            # read once: the key hashes exactly the bytes that are decoded (a Source: a URL or a tar member)
-            data = read_item(path) if isinstance(path, Source) else read_file(path)
-            item["digest"] = content_digest(data)
-            item["pixels"] = decode_frames(data, self.resolution)
-        except ImageError as e:
-            item["error"] = str(e)
-        except Exception as e:  # never let one file stop the scan
-            item["error"] = printable(f"{type(e).__name__}: {e}", 300)
-        return item
+    def __getitem__(self, i: int) -> _rows.Item:
+        return _rows.load(self.files[i], self.resolution)  # read once (a Source: a URL or a tar member)
 
 
 def _worker_init(_: int, *, parent: int) -> None:

@@ -19,11 +19,12 @@ LAYERS: list[tuple[str, ...]] = [
     ("speed", "core"),     # speed/: runtime, winograd; core/: hooks, scores, p-values, metrics, similarity, hub
     ("store",),            # where inputs live and rows go: io, sources, journal, state, report, strict_json
     ("models",),           # the families (and EDM's checkpoint loaders and restricted unpickler)
+    ("rows",),             # one item (path, tar member, URL, bytes, Pillow image) -> one report row, for every engine
     ("detector", "config"),  # the library API: images -> rows; the settings a run is made of
+    ("integrations",),     # engines past one process (torchrun, Ray): rows from memdetect.rows, no workflow
     ("workflows.run_context", "workflows.html_report", "workflows.merge", "workflows.evidence"),  # a scan's outputs
     ("workflows.scan",),   # a whole scan
-    ("workflows.calibrate", "workflows.ci", "workflows.guarding", "integrations"),  # thresholds; audit; guard;
-    # engines past one process (torchrun, Ray)
+    ("workflows.calibrate", "workflows.ci", "workflows.guarding"),  # thresholds; audit; guard
     ("workflows.select",),  # choosing layer, timestep and metric from labelled images
     ("bench",),            # benchmarks and baselines
     ("cli", "__main__", "memdetect"),  # entry points and the facade

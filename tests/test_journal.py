@@ -141,7 +141,7 @@ def test_resume_hashes_up_front_and_scores_what_the_loader_read(det, tmp_path, m
     out = tmp_path / "r.csv"
     scan(det, files[:3], output=out, num_workers=0)
     hashed, read = [], []
-    from memdetect import detector as detector_mod
+    from memdetect import rows as detector_mod
 
     digest, read_file = scan_mod.file_digest, detector_mod.read_file
     monkeypatch.setattr(scan_mod, "file_digest", lambda p: hashed.append(Path(p).name) or digest(p))

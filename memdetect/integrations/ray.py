@@ -23,12 +23,11 @@ content hash). The Ray engine keeps no journal: Ray Data retries failed tasks it
 
 from __future__ import annotations
 
+import importlib
 import logging
-import os
-from dataclasses import asdict
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
@@ -53,72 +52,36 @@ class Scorer:
     def __init__(self, model: str, model_path: str | None, detector_kwargs: dict, retain_freed_memory: bool = False):
         from ..speed import runtime
         from ..detector import Detector
-        from ..store.journal import fingerprint
         from ..store.state import StateDir
 
         if retain_freed_memory:
             runtime.retain_freed_memory()
         self.det = Detector.from_pretrained(model, model_path, **detector_kwargs)
-        self.fp = fingerprint(asdict(self.det.settings), weights=self.det.weights_digest(StateDir()))
+        self.fp = self.det.row_fingerprint(StateDir())
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        import torch
+        from .. import rows as _rows
+        from ..store.report import COLUMNS
+        from ..store.sources import from_ref, open_source
 
-        from ..detector import frame_scores
-        from ..store.io import ImageError, content_digest, decode_frames, image_seed
-        from ..store.journal import row_key
-        from ..store.report import COLUMNS, METRIC_COLUMNS
-        from ..store.sources import from_ref, open_source, read_item
-        from ..text import printable
-
-        det = self.det
+        resolution = self.det.adapter.resolution
         has_bytes, has_path, has_ref = "bytes" in batch.columns, "path" in batch.columns, "ref" in batch.columns
         items = []
         for j in range(len(batch)):
             path = str(batch["path"].iloc[j]) if has_path else None
-            it = {"path": path, "pixels": None, "error": None, "digest": None}
             try:
                 if has_bytes:
                     data = batch["bytes"].iloc[j]
+                    source = None if data is None else bytes(data)
                 else:  # the driver's reference of what it resolved (a name cannot always be opened again)
-                    item = from_ref(str(batch["ref"].iloc[j])) if has_ref else open_source(path, allow_remote=True)
-                    data = read_item(item)
-                if data is None:
-                    raise ImageError("no bytes")
-                data = bytes(data)
-                it["digest"] = content_digest(data)
-                if it["path"] is None:
-                    it["path"] = f"bytes:{it['digest'][:16]}"
-                it["pixels"] = decode_frames(data, det.adapter.resolution)
-            except ImageError as e:
-                it["error"] = str(e)
+                    source = from_ref(str(batch["ref"].iloc[j])) if has_ref else open_source(path, allow_remote=True)
+                it = _rows.load(source, resolution, name=path)
             except Exception as e:  # one bad row never stops the batch
-                it["error"] = printable(f"{type(e).__name__}: {e}", 300)
-            if it["path"] is None:
-                it["path"] = f"row:{j}"
+                it = _rows.Item(path or "", error=_rows.error_text(e))
+            if path is None and it.digest is None:  # no name and no bytes to name it by
+                it = replace(it, name=f"row:{j}")
             items.append(it)
-        frames = [f for it in items if it["error"] is None for f in it["pixels"]]  # every frame, as a local scan
-        scores: dict[str, list[float]] = {}
-        for start in range(0, len(frames), det.batch_size):
-            chunk = frames[start:start + det.batch_size]
-            s = det.score_tensor(torch.from_numpy(np.stack(chunk)), [image_seed(f, det.seed) for f in chunk])
-            for k, v in s.items():
-                scores.setdefault(k, []).extend(float(x) for x in v)
-        rows, n = [], 0
-        for it in items:
-            key = row_key(it["digest"], self.fp)
-            if it["error"] is None:
-                m = len(it["pixels"])
-                best, where = frame_scores({k: np.asarray(v[n:n + m]) for k, v in scores.items()})
-                rows.append(det.row(it["path"], best, key=key, frames=where))
-                n += m
-            else:
-                rows.append(det.row(it["path"], None, error=it["error"], key=key))
-        out = pd.DataFrame(rows, columns=COLUMNS)
-        for c in ("score", *METRIC_COLUMNS):  # floats even in a batch of error rows only (all None)
-            out[c] = out[c].astype("float64")
-        out["memorized"] = out["memorized"].astype(object)
-        out["frame"] = out["frame"].astype(object)
+        out = _rows.report_frame(_rows.score(self.det, items, fingerprint=self.fp))
         for c in batch.columns:
             if c not in ("bytes", "ref", *COLUMNS):
                 out[c] = batch[c].to_numpy()
@@ -147,31 +110,21 @@ def score_dataset(ds, model: str = "demo", model_path: str | None = None, *, con
                           batch_size=rows, batch_format="pandas", num_gpus=num_gpus, **pool)
 
 
-def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
-                  address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
-                  shard_key: bytes | None = None, allow_remote: bool = False, **detector_kwargs):
-    """``memdetect scan --engine ray``: resolve ``paths`` here (``memdetect.store.sources``), score them on Ray (joining
-    ``address``, or ``RAY_ADDRESS``, else a local Ray), and write the report a local scan would write (rows in
-    input order). ``det``: the driver's detector, loaded with the same options (its settings go into the report;
-    ``detector_kwargs`` are those options, given to every actor; ``reference``: the config's reference scores, for
-    the ``p_value`` and ``percentile`` columns). Returns a ``memdetect.workflows.scan.ScanResult``."""
-    from ..store import report
+def score_items(items, *, model: str, model_path: str | None, address: str | None = None,
+                concurrency: int | None = None, on_batch=None, **detector_kwargs) -> pd.DataFrame:
+    """The report rows of ``items`` (resolved by ``memdetect.store.sources.resolve``), scored on Ray (joining
+    ``address``, or ``RAY_ADDRESS``, else a local Ray) by ``concurrency`` actors (default: one per GPU, else one),
+    each a ``Detector.from_pretrained(model, model_path, **detector_kwargs)``: the typed report frame, rows in
+    input order. ``on_batch(done, total)``: progress. ``memdetect.workflows.scan.scan(..., engine="ray")`` writes
+    the report from them."""
+    from .. import rows as _rows
     from ..speed import runtime
-    from ..errors import InputError
-    from ..workflows.html_report import write_html
-    from ..store.io import check_destinations, check_report_path, display_path
-    from ..workflows.scan import ScanResult
-    from ..store.sources import inputs_digest, is_url, item_name, item_ref, resolve, shard as shard_of
-    from ..store.state import StateDir
+    from ..store.report import COLUMNS
+    from ..store.sources import item_name, item_ref
 
     ray = _ray()
-    if output is not None:
-        check_report_path(output)
-    check_destinations({"report": None if output is None or is_url(str(output)) else output, "HTML report": html})
-    everything = resolve(paths, allow_remote=allow_remote)
-    if not everything:
-        raise InputError(f"no image files found under {', '.join(display_path(p) for p in paths)}")
-    items = shard_of(everything, *shard) if shard is not None else everything
+    if not items:
+        return _rows.report_frame([])
     if not ray.is_initialized():
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False,
                  include_dashboard=False, logging_level=logging.WARNING)
@@ -190,24 +143,20 @@ def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None
     df = pd.concat(frames, ignore_index=True).sort_values("index", kind="stable")
     if len(df) != len(items) or list(df["index"]) != list(range(len(items))):
         raise RuntimeError(f"Ray returned {len(df)} rows for {len(items)} inputs")
-    frame = report.rows_to_frame(df[report.COLUMNS].astype(object).where(df[report.COLUMNS].notna(), None)
-                                 .to_dict("records"))
-    if reference is not None:
-        frame = report.add_p_values(frame, reference)
-    weights = det.weights_digest(StateDir())
-    settings_dict = {**asdict(det.settings), "weights": weights}
-    inputs = inputs_digest(everything) if shard is not None else None
-    if output is not None:
-        written, written_settings = frame, settings_dict
-        if shard is not None:
-            from ..workflows.merge import mark_shard
-
-            written, written_settings = mark_shard(frame, settings_dict, shard, inputs, key=shard_key,
-                                                   suffix=os.path.splitext(str(output))[1].lower())
-        report.write_anywhere(written, output, written_settings)
-    html_path = write_html(frame, html, settings_dict) if html is not None else None
-    return ScanResult(frame, tuple(), det.settings, resumed=0, computed=len(frame), output=output, html=html_path,
-                      weights=weights, shard=shard, inputs=inputs)
+    return _rows.report_frame(df[COLUMNS].astype(object).where(df[COLUMNS].notna(), None).to_dict("records"))
 
 
-__all__ = ["Scorer", "scan_with_ray", "score_dataset"]
+def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
+                  address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
+                  shard_key: bytes | None = None, allow_remote: bool = False, **detector_kwargs):
+    """Transitional, for ``memdetect scan --engine ray`` until the CLI calls
+    ``memdetect.workflows.scan.scan(..., engine="ray")`` (which this is; remove it then). The workflow sits above
+    the engines, so it is found by name, not imported."""
+    scan = importlib.import_module("memdetect.workflows.scan").scan
+    return scan(det, paths, engine="ray", output=output, html=html, shard=shard, on_batch=on_batch,
+                reference=reference, shard_key=shard_key, allow_remote=allow_remote, ray_address=address,
+                ray_concurrency=concurrency, detector_options={"model": model, "model_path": model_path,
+                                                               **detector_kwargs})
+
+
+__all__ = ["Scorer", "scan_with_ray", "score_dataset", "score_items"]

@@ -9,12 +9,14 @@ in input order, ``sources.shard``), on ``cuda:LOCAL_RANK`` when there are GPUs, 
 journal (``report.rank1of8.csv`` and ``report.rank1of8.csv.journal.jsonl``), so a killed run resumes per rank with
 the same number of processes. The ranks then hand their rows to rank 0 over a gloo process group (CPU: no GPU
 collective is needed, and it works across nodes), which checks them like ``memdetect merge`` and writes the one
-report, with the rows and order of a single process. Only rank 0 prints. The ranks wait for the slowest one for at
+report, with the rows and order of a single process (``memdetect.workflows.scan.scan(..., engine="torchrun")``
+uses this module's ``world`` and ``Group``). Only rank 0 prints. The ranks wait for the slowest one for at
 most ``MEMDETECT_DIST_TIMEOUT`` seconds (default 86400).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -81,9 +83,10 @@ def _timeout() -> timedelta:
         raise UsageError(f"MEMDETECT_DIST_TIMEOUT must be a number of seconds, got {printable(raw, 20)!r}") from None
 
 
-class _Group:
+class Group:
     """A gloo process group for the gather: the default one when it is gloo, else a new gloo group (an
-    ``accelerate`` program may already have initialised NCCL). Destroyed on exit only if made here."""
+    ``accelerate`` program may already have initialised NCCL). Destroyed on exit only if made here. Joined before a
+    rank scores anything, so a launcher's misconfiguration fails before any image is read."""
 
     def __enter__(self):
         import torch.distributed as dist
@@ -99,6 +102,12 @@ class _Group:
             self.group = dist.new_group(backend="gloo", timeout=_timeout())
         return self
 
+    def gather(self, obj, w: World) -> list | None:
+        """Every rank's ``obj`` on rank 0 (in rank order); None on the other ranks."""
+        gathered = [None] * w.size if w.rank == 0 else None
+        self.dist.gather_object(obj, gathered, dst=0, group=self.group)
+        return gathered
+
     def __exit__(self, *exc):
         if self.created and self.dist.is_initialized():
             self.dist.destroy_process_group()
@@ -106,36 +115,11 @@ class _Group:
 
 
 def scan_distributed(detector, paths, *, output, w: World, html=None, **scan_kwargs):
-    """This rank's part of a scan of ``paths`` (``memdetect.workflows.scan.scan`` with ``shard=(rank, size)`` and the rank's
-    own report and journal), then rank 0 gathers every part and writes ``output``. Returns the merged
-    ``ScanResult`` on rank 0 and this rank's own result elsewhere."""
-    from dataclasses import replace
-
-    from ..store import report
-    from ..workflows.html_report import write_html
-    from ..workflows.merge import Part, mark_shard, merge_parts
-    from ..workflows.scan import scan
-
-    if output is None:
-        raise UsageError("a scan under torchrun / accelerate needs --output: each rank keeps its part and journal "
-                         "beside it, and rank 0 writes the report there")
-    with _Group() as g:  # joined before the scan: a launcher's misconfiguration fails before any image is scored
-        mine = scan(detector, paths, output=rank_output(output, w.rank, w.size), shard=(w.rank, w.size),
-                    **scan_kwargs)
-        settings = mine.settings_dict
-        frame, marked = mark_shard(mine.frame, settings, (w.rank, w.size), mine.inputs)
-        part = (Part(frame, marked, f"rank {w.rank}"), mine.resumed, mine.computed, mine.rejected)
-        gathered = [None] * w.size if w.rank == 0 else None
-        g.dist.gather_object(part, gathered, dst=0, group=g.group)
-    if w.rank != 0:
-        return mine
-    merged, merged_settings = merge_parts([p for p, *_ in gathered])
-    report.write_anywhere(merged, output, merged_settings)
-    html_path = write_html(merged, html, merged_settings) if html is not None else None
-    log.info("rank 0 merged %d parts into %s", w.size, output)
-    return replace(mine, frame=merged, files=(), resumed=sum(r for _, r, _, _ in gathered),
-                   computed=sum(c for *_, c, _ in gathered), rejected=sum(x for *_, x in gathered), output=output,
-                   html=html_path, shard=None)
+    """Transitional, for ``memdetect scan`` under a launcher until the CLI calls
+    ``memdetect.workflows.scan.scan(..., engine="torchrun")`` (which this is; remove it then). The workflow sits
+    above the engines, so it is found by name, not imported."""
+    scan = importlib.import_module("memdetect.workflows.scan").scan
+    return scan(detector, paths, engine="torchrun", world=w, output=output, html=html, **scan_kwargs)
 
 
-__all__ = ["World", "rank_device", "rank_output", "scan_distributed", "world"]
+__all__ = ["Group", "World", "rank_device", "rank_output", "scan_distributed", "world"]

@@ -314,43 +314,65 @@ def _fit(rgb: Image.Image, resolution: int) -> np.ndarray:
 def _decode(data: bytes, resolution: int, every_frame: bool) -> list[np.ndarray]:
     if not data:
         raise ImageError("empty file (0 bytes)")
-    try:
+    with _decoding():
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(_io.BytesIO(data)) as img:
-                _check_frame(img)
-                n = getattr(img, "n_frames", 1)
-                if every_frame and n > MAX_FRAMES:
-                    raise ImageError(f"too many frames ({n} > {MAX_FRAMES} limit): not every frame can be checked")
-                if n > 1 and every_frame:
-                    out = []
-                    for k in range(n):  # each frame as the viewer shows it (Pillow composes GIF / APNG frames)
-                        img.seek(k)
-                        _check_frame(img)  # a page of a TIFF has its own size
-                        img.load()
-                        out.append(_fit(_to_rgb(ImageOps.exif_transpose(img)), resolution))
-                    return out
-                if n > 1:
-                    img.seek(0)
+                return _frames(img, resolution, every_frame, owned=True)
+
+
+def _frames(img: Image.Image, resolution: int, every_frame: bool, *, owned: bool) -> list[np.ndarray]:
+    """The recipe on an open image. ``owned``: the image is ours to turn in place and close early (decoded from
+    bytes); else (a caller's image) it is left as it was, at the frame it was at."""
+    _check_frame(img)
+    n = getattr(img, "n_frames", 1)
+    if every_frame and n > MAX_FRAMES:
+        raise ImageError(f"too many frames ({n} > {MAX_FRAMES} limit): not every frame can be checked")
+    if n > 1 and every_frame:
+        at = img.tell()
+        try:
+            out = []
+            for k in range(n):  # each frame as the viewer shows it (Pillow composes GIF / APNG frames)
+                img.seek(k)
+                _check_frame(img)  # a page of a TIFF has its own size
                 img.load()
-                ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turning
-                rgb = _to_rgb(img)
-                if rgb is not img:
-                    img.close()  # a converted frame's source goes before the resize allocates
-        return [_fit(rgb, resolution)]
-    except ImageError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageError("not a recognised image format") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(f"decompression bomb guard: {printable(e)}") from None
-    except Image.DecompressionBombWarning as e:
-        raise ImageError(f"decompression bomb guard: {printable(e)}") from None
-    except OSError as e:  # truncated / corrupt data
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageError(f"corrupt or unreadable image: {printable(msg, 200)}") from None
-    except (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError) as e:
-        raise ImageError(f"cannot decode image: {type(e).__name__}: {printable(e, 200)}") from None
+                out.append(_fit(_to_rgb(ImageOps.exif_transpose(img)), resolution))
+            return out
+        finally:
+            if not owned:
+                img.seek(at)
+    if n > 1:
+        img.seek(0)
+    img.load()
+    if owned:
+        ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that needs no turning
+        rgb = _to_rgb(img)
+        if rgb is not img:
+            img.close()  # a converted frame's source goes before the resize allocates
+    else:
+        rgb = _to_rgb(ImageOps.exif_transpose(img))
+    return [_fit(rgb, resolution)]
+
+
+class _decoding:
+    """Decoding errors as ``ImageError`` with a one-line reason."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, ImageError) or not isinstance(e, Exception):
+            return False
+        if isinstance(e, UnidentifiedImageError):
+            raise ImageError("not a recognised image format") from None
+        if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            raise ImageError(f"decompression bomb guard: {printable(e)}") from None
+        if isinstance(e, OSError):  # truncated / corrupt data
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ImageError(f"corrupt or unreadable image: {printable(msg, 200)}") from None
+        if isinstance(e, (ValueError, SyntaxError, TypeError, IndexError, MemoryError, EOFError)):
+            raise ImageError(f"cannot decode image: {type(e).__name__}: {printable(e, 200)}") from None
+        return False
 
 
 def decode_image(data: bytes, resolution: int) -> np.ndarray:
@@ -364,6 +386,16 @@ def decode_frames(data: bytes, resolution: int) -> np.ndarray:
     the ``pil-fit-bicubic`` recipe; ``ImageError`` for more than ``MAX_FRAMES`` frames (or any frame past the
     limits)."""
     return np.stack(_decode(data, resolution, every_frame=True))
+
+
+def image_frames(img: Image.Image, resolution: int) -> np.ndarray:
+    """Every frame of an open Pillow image as uint8 ``[F, 3, R, R]``, by the same ``pil-fit-bicubic`` recipe (EXIF
+    orientation, 16-bit rescaling, the limits) as ``decode_frames``; the image is left as it was. ``ImageError``
+    for one that cannot be turned into pixels."""
+    with _decoding():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return np.stack(_frames(img, resolution, every_frame=True, owned=False))
 
 
 def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:

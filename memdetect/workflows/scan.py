@@ -22,6 +22,12 @@ flagged images get their evidence (``memdetect.workflows.evidence``; ``channels`
 statistics; ``reference_dir``: a folder to search for each flagged image's nearest copies).
 
 Row keys hash the image bytes, the settings and the weights' content hash (``Detector.weights_digest``).
+
+Engines (``engine=``): ``"local"`` scores in this process; ``"torchrun"`` is one rank of a ``torchrun`` /
+``accelerate launch`` run (``memdetect.integrations.torchrun``: each rank scans its part with its own report and
+journal, rank 0 gathers the parts and writes ``output``); ``"ray"`` scores on a Ray Data actor pool
+(``memdetect.integrations.ray``; no journal). Every engine makes its rows with ``memdetect.rows`` and ends in the
+same tail here (p-values, the report, evidence, the HTML page), so the three write the same report.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import closing, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -38,16 +44,21 @@ import pandas as pd
 from . import evidence as _evidence
 from ..store import report
 from ..detector import Detector, Settings
-from ..errors import InputError
+from ..errors import InputError, UsageError
+from ..integrations import ray as ray_engine, torchrun
+from .merge import Part, mark_shard, merge_parts
 from .html_report import write_html
 from ..core.pvalues import Reference
 from ..store.io import check_destinations, check_report_path, display_path, file_digest
-from ..store.journal import Journal, fingerprint, journal_path, record_frames, record_scores, row_key, scan_record
+from ..store.journal import Journal, journal_path, record_frames, record_scores, row_key, scan_record
 from ..store.sources import (Source, inputs_digest, is_url, item_digest, item_identity, item_name, resolve,
                       shard as shard_of)
 from ..store.state import StateDir
 
 log = logging.getLogger(__name__)
+
+#: ``scan(..., engine=...)``: this process, one rank of a torchrun / accelerate launch, a Ray Data actor pool
+ENGINES = ("local", "torchrun", "ray")
 
 
 @dataclass(frozen=True)
@@ -92,7 +103,9 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
          reference_dir: str | os.PathLike | None = None,
          shard: tuple[int, int] | None = None, shard_key: bytes | None = None, allow_remote: bool = False,
          errors_fail: bool = False, allow_empty: bool = False, sniff: bool = False,
-         context: Mapping | None = None) -> ScanResult:
+         context: Mapping | None = None, engine: str = "local", world: torchrun.World | None = None,
+         ray_address: str | None = None, ray_concurrency: int | None = None,
+         detector_options: Mapping | None = None) -> ScanResult:
     """Score every image file under ``paths`` with ``detector``.
 
     ``output``: the report (.csv, .json or .parquet), with its journal; ``resume=False`` starts the journal over
@@ -113,7 +126,30 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     ``memdetect.workflows.run_context.run_context`` of ``paths``). Raises InputError when ``paths`` hold no image file
     and UsageError for a destination that cannot be written (before any image is read); ``allow_empty=True``: no
     image file is an empty result (and an empty report) instead.
+
+    ``engine``: ``"local"``, ``"torchrun"`` or ``"ray"`` (module docstring). ``"torchrun"`` needs an ``output`` and
+    a launcher's ``world`` (default: ``torchrun.world()`` from the environment), and no ``shard``; returns the
+    merged result on rank 0, the rank's own elsewhere. ``"ray"`` needs ``detector_options``: what every actor loads
+    its detector with (``model``, ``model_path`` and the other ``Detector.from_pretrained`` arguments, the same as
+    ``detector``'s), and joins ``ray_address`` (default ``RAY_ADDRESS``, else a local Ray) with
+    ``ray_concurrency`` actors. Evidence (``evidence_json``, ``reference_dir``, the HTML page's) needs ``"local"``:
+    it reads the flagged images again.
     """
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
+    if engine != "local" and (evidence_json is not None or reference_dir is not None):
+        raise UsageError("--evidence-json and --reference-dir need a scan in one process (evidence reads the flagged "
+                         "images again): scan the flagged images again without torchrun / --engine ray")
+    if engine != "ray" and (ray_address is not None or ray_concurrency is not None):
+        raise UsageError("--ray-address needs --engine ray")
+    if engine == "ray" and detector_options is None:
+        raise UsageError("engine='ray' needs detector_options (model, model_path, ...: what each actor loads)")
+    if engine == "torchrun":
+        return _scan_ranks(detector, paths, world=world, output=output, html=html, shard=shard, resume=resume,
+                           on_batch=on_batch, num_workers=num_workers, state_dir=state_dir,
+                           journal_in_state=journal_in_state, on_features=on_features, reference=reference,
+                           allow_remote=allow_remote, errors_fail=errors_fail, allow_empty=allow_empty,
+                           sniff=sniff, context=context)
     paths = list(paths)
     remote_output = output is not None and is_url(str(output))
     if output is not None:
@@ -134,10 +170,43 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
     state.check_outside(paths)  # its secret must not sit in the tree under scan
     settings = detector.settings
     weights = detector.weights_digest(state)
-    fp = fingerprint(asdict(settings), weights=weights)
+    fp = detector.row_fingerprint(state)
     jpath = None
-    if output is not None:
+    if output is not None and engine == "local":  # the Ray engine keeps no journal (Ray Data retries its tasks)
         jpath = state.journal_path(fp, output) if journal_in_state or remote_output else journal_path(output)
+    if engine == "ray":
+        frame = ray_engine.score_items(files, address=ray_address, concurrency=ray_concurrency, on_batch=on_batch,
+                                       **detector_options)
+        resumed, computed, rejected = 0, len(files), 0
+    else:
+        frame, resumed, computed, rejected = _score_here(detector, files, jpath=jpath, resume=resume, fp=fp,
+                                                         secret=state.secret, on_batch=on_batch,
+                                                         num_workers=num_workers, on_features=on_features)
+    if getattr(everything, "by_content", None):  # say which files were images by their bytes, not their name
+        sniffed = everything.by_content
+        frame.insert(1, "found_by", pd.array(["content" if item_identity(f) in sniffed else "name" for f in files],
+                                             dtype="string"))
+    configuration = getattr(detector, "configuration", None)
+    settings_dict = {**asdict(settings), "weights": weights,
+                     **({"configuration": configuration} if configuration else {})}
+    inputs = inputs_digest(everything) if shard is not None else None
+    frame, html_path, ev, evidence_json = _finish(
+        frame, settings_dict, output=output, html=html, shard=shard, inputs=inputs, shard_key=shard_key,
+        reference=reference, resumed=resumed, errors_fail=errors_fail, paths=paths, context=context,
+        evidence=None if engine != "local" else dict(detector=detector, files=files, top=evidence_top,
+                                                     channels=channels, reference_dir=reference_dir),
+        evidence_json=evidence_json)
+    return ScanResult(frame, files, settings, resumed=resumed, computed=computed, output=output,
+                      html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
+                      weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs,
+                      configuration=configuration)
+
+
+def _score_here(detector: Detector, files: Sequence, *, jpath, resume: bool, fp: str, secret, on_batch,
+                num_workers, on_features) -> tuple[pd.DataFrame, int, int, int]:
+    """The local engine: the journal's rows where they verify, the others scored in this process
+    (``Detector.iter_files``) and journaled batch by batch. Returns the rows' frame, how many were resumed,
+    computed, and rejected by the journal."""
     done = 0
 
     def advance(n: int) -> None:
@@ -148,7 +217,7 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
 
     rows: list[dict | None] = [None] * len(files)
     todo: Sequence[int] = range(len(files))  # no list, no item built, before the first image
-    journal_cm = Journal(jpath, fresh=not resume, secret=state.secret()) if jpath is not None else nullcontext()
+    journal_cm = Journal(jpath, fresh=not resume, secret=secret()) if jpath is not None else nullcontext()
     with journal_cm as journal:
         if journal is not None and journal.done:
             todo = []
@@ -179,33 +248,30 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
                     rows[todo[pos]] = row
                     pos += 1
         rejected = journal.rejected if journal is not None else 0
-    frame = report.rows_to_frame(rows)
-    if getattr(everything, "by_content", None):  # say which files were images by their bytes, not their name
-        sniffed = everything.by_content
-        frame.insert(1, "found_by", pd.array(["content" if item_identity(f) in sniffed else "name" for f in files],
-                                             dtype="string"))
+    return report.rows_to_frame(rows), len(files) - len(todo), len(todo), rejected
+
+
+def _finish(frame: pd.DataFrame, settings_dict: dict, *, output, html, shard, inputs, shard_key, reference,
+            resumed: int, errors_fail: bool, paths: Sequence, context: Mapping | None, evidence: dict | None,
+            evidence_json) -> tuple[pd.DataFrame, Path | None, dict | None, Path | None]:
+    """The tail every engine shares: ``p_value`` and ``percentile`` (with a ``reference``), the report at
+    ``output`` (with a shard's marks), the evidence (``evidence``: the arguments of ``evidence.collect``, local
+    engine only) and the HTML page. Returns the frame, the HTML page's path, the evidence and its JSON's path."""
     if reference is not None:
         frame = report.add_p_values(frame, reference)
-    resumed = len(files) - len(todo)
-    configuration = getattr(detector, "configuration", None)
-    settings_dict = {**asdict(settings), "weights": weights,
-                     **({"configuration": configuration} if configuration else {})}
-    inputs = inputs_digest(everything) if shard is not None else None
     if output is not None:
         if shard is not None:
-            from .merge import mark_shard
-
             written, written_settings = mark_shard(frame, settings_dict, shard, inputs, key=shard_key,
                                                    suffix=os.path.splitext(str(output))[1].lower())
         else:
             written, written_settings = frame, settings_dict
         report.write_anywhere(written, output, written_settings)
-    by_name = ({item_name(f): f for f in files if isinstance(f, Path)}
-               if html is not None or evidence_json is not None else {})
+    by_name = ({item_name(f): f for f in evidence["files"] if isinstance(f, Path)}
+               if evidence is not None and (html is not None or evidence_json is not None) else {})
     ev = None
-    if html is not None or evidence_json is not None:
-        ev = _evidence.collect(detector, frame, by_name, top=evidence_top, reference=reference, channels=channels,
-                               reference_dir=reference_dir)
+    if evidence is not None and (html is not None or evidence_json is not None):
+        ev = _evidence.collect(evidence["detector"], frame, by_name, top=evidence["top"], reference=reference,
+                               channels=evidence["channels"], reference_dir=evidence["reference_dir"])
     if evidence_json is not None:
         evidence_json = _evidence.write_json(ev, evidence_json)
     html_path = None
@@ -215,10 +281,42 @@ def scan(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str 
         html_path = write_html(frame, html, settings_dict, files=by_name, resumed=resumed, evidence=ev,
                                not_checked=errors_fail, context=context if context is not None else run_context(
                                    p for p in paths if isinstance(p, (str, os.PathLike))))
-    return ScanResult(frame, files, settings, resumed=resumed, computed=len(todo), output=output,
-                      html=html_path, journal=jpath, resume=bool(resume and jpath is not None), rejected=rejected,
-                      weights=weights, evidence=ev, evidence_json=evidence_json, shard=shard, inputs=inputs,
-                      configuration=configuration)
+    return frame, html_path, ev, evidence_json
+
+
+def _scan_ranks(detector: Detector, paths: Iterable[str | os.PathLike], *, world: torchrun.World | None, output,
+                html, shard, context: Mapping | None, **scan_kwargs) -> ScanResult:
+    """``engine="torchrun"``: this rank's part (``shard=(rank, size)``, the rank's own report and journal:
+    ``torchrun.rank_output``), gathered on rank 0, which checks the parts as ``memdetect merge`` does and ends in
+    the common tail (``_finish``) with the merged rows."""
+    w = world if world is not None else torchrun.world()
+    if w is None:
+        raise UsageError("engine='torchrun' is one rank of a torchrun / accelerate launch, but WORLD_SIZE says this "
+                         "process runs alone: launch it with torchrun, or scan with engine='local'")
+    if output is None:
+        raise UsageError("a scan under torchrun / accelerate needs --output: each rank keeps its part and journal "
+                         "beside it, and rank 0 writes the report there")
+    if shard is not None:
+        raise UsageError("under torchrun / accelerate launch each rank already scores its own part: drop --shard")
+    check_report_path(output)
+    check_destinations({"report": None if is_url(str(output)) else output, "HTML report": html})
+    paths = list(paths)
+    with torchrun.Group() as g:  # joined before the scan: a launcher's misconfiguration fails before any image
+        mine = scan(detector, paths, output=torchrun.rank_output(output, w.rank, w.size), shard=(w.rank, w.size),
+                    **scan_kwargs)
+        frame, marked = mark_shard(mine.frame, mine.settings_dict, (w.rank, w.size), mine.inputs)
+        gathered = g.gather((Part(frame, marked, f"rank {w.rank}"), mine.resumed, mine.computed, mine.rejected), w)
+    if w.rank != 0:
+        return mine
+    merged, merged_settings = merge_parts([p for p, *_ in gathered])
+    resumed = sum(r for _, r, _, _ in gathered)
+    merged, html_path, _, _ = _finish(merged, merged_settings, output=output, html=html, shard=None, inputs=None,
+                                      shard_key=None, reference=None, resumed=resumed,
+                                      errors_fail=scan_kwargs.get("errors_fail", False), paths=paths,
+                                      context=context, evidence=None, evidence_json=None)
+    log.info("rank 0 merged %d parts into %s", w.size, output)
+    return replace(mine, frame=merged, files=(), resumed=resumed, computed=sum(c for *_, c, _ in gathered),
+                   rejected=sum(x for *_, x in gathered), output=output, html=html_path, shard=None)
 
 
 def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:
@@ -227,4 +325,4 @@ def _reusable(journal: Journal, key: str | None) -> dict[str, float] | None:
     return record_scores(rec) if rec is not None else None
 
 
-__all__ = ["ScanResult", "scan"]
+__all__ = ["ENGINES", "ScanResult", "scan"]
