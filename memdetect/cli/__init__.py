@@ -342,21 +342,17 @@ def _given(ctx: typer.Context) -> set[str]:
 
 
 def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: Optional[str] = None,
-                  **flags) -> dict:
+                  **flags):
     """Model, layer, timestep, sigma, seed, draws, metric, threshold, model_path: flags merged with ``--config`` (read only
     when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
-    from ..config import check_sha256, load_config, merge
+    from ..config import ScanSettings, check_sha256, load_config
 
     if config_sha256 is not None:
         check_sha256(config_sha256)
         if not config:
             raise UsageError("--config-sha256 needs --config: it pins the config file's bytes")
-    return merge(load_config(config, sha256=config_sha256) if config else None, flags, _given(ctx))
-
-
-def _reference_stats(settings: dict) -> dict | None:
-    """The config's reference channel statistics when it says ``normalise = "reference"`` (else None)."""
-    return settings.get("channels") if settings.get("normalise") == "reference" else None
+    return ScanSettings.from_sources(load_config(config, sha256=config_sha256) if config else None, flags,
+                                     _given(ctx))
 
 
 def _run_context(paths, config) -> dict:
@@ -449,7 +445,7 @@ def scan(
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote,
                       draws=draws)
-    require_model(s["model"])
+    require_model(s.model)
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
@@ -481,37 +477,37 @@ def scan(
     if w is not None:
         device = rank_device(device, w)
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
-    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
-                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
-                        normalise=_reference_stats(s))
-    det.configuration = s.get("configuration")
+    det = load_detector(s.model, s.model_path, layer=s.layer, timestep=s.timestep, metric=s.metric,
+                        threshold=s.threshold, seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
+                        early_exit=not no_early_exit, sigma=s.sigma, num_workers=workers, draws=s.draws,
+                        normalise=s.reference_stats)
+    det.configuration = s.configuration
     from ..config import check_weights
 
-    check_weights(det, s.get("weights"), StateDir(state_dir), config)
+    check_weights(det, s.weights, StateDir(state_dir), config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         if engine == "ray":
             from ..integrations.ray import scan_with_ray
 
             result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
-                                   model=s["model"], model_path=str(s["model_path"]) if s["model_path"] else None,
-                                   on_batch=progress, reference=s.get("reference"), layer=s["layer"],
-                                   timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
-                                   seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key,
-                                   allow_remote=s["allow_remote"], draws=s["draws"],
-                                   normalise=_reference_stats(s))
+                                   model=s.model, model_path=str(s.model_path) if s.model_path else None,
+                                   on_batch=progress, reference=s.reference, layer=s.layer,
+                                   timestep=s.timestep, metric=s.metric, threshold=s.threshold,
+                                   seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
+                                   early_exit=not no_early_exit, sigma=s.sigma, shard_key=shard_key,
+                                   allow_remote=s.allow_remote, draws=s.draws,
+                                   normalise=s.reference_stats)
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
-                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
-                                      allow_remote=s["allow_remote"])
+                                      num_workers=workers, state_dir=state_dir, reference=s.reference,
+                                      allow_remote=s.allow_remote)
         else:
             result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
-                              num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
-                              channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
+                              num_workers=workers, state_dir=state_dir, reference=s.reference,
+                              channels=s.channels, evidence_top=evidence_top, evidence_json=evidence_json,
                               reference_dir=reference_dir, shard=part, shard_key=shard_key,
-                              allow_remote=s["allow_remote"], context=_run_context(paths, config))
+                              allow_remote=s.allow_remote, context=_run_context(paths, config))
     _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged
@@ -987,11 +983,11 @@ def audit(
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
                       timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr,
                       allow_errors=allow_errors, allow_remote=allow_remote, draws=draws)
-    if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
+    if s.threshold is None and config is None and Path("memdetect.toml").is_file():
         raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
                          "read unless given with --config)")
-    require_model(s["model"], config_hint="--config memdetect.toml")
-    ci.check_threshold(s["threshold"])
+    require_model(s.model, config_hint="--config memdetect.toml")
+    ci.check_threshold(s.threshold)
     _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
     check_report_path(output)
     ci.check_report_folder(output)
@@ -1003,20 +999,20 @@ def audit(
     state.check_outside(paths)
     if resume:
         state.check_trusted(paths)
-    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
-                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
-    det.configuration = s.get("configuration")
+    det = load_detector(s.model, s.model_path, layer=s.layer, timestep=s.timestep, metric=s.metric,
+                        threshold=s.threshold, seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
+                        sigma=s.sigma, num_workers=workers, draws=s.draws, normalise=s.reference_stats)
+    det.configuration = s.configuration
     from ..config import check_weights
 
-    check_weights(det, s.get("weights"), state, config)
+    check_weights(det, s.weights, state, config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
-                        state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
+                        state_dir=state, reference=s.reference, channels=s.channels,
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
-                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"], allow_empty=allow_empty,
+                        allow_errors=s.allow_errors, allow_remote=s.allow_remote, allow_empty=allow_empty,
                         suffix_only=suffix_only)
     _written(output, junit, summary_json, html)
     if not quiet:

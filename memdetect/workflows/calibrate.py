@@ -56,6 +56,7 @@ from ..store.io import atomic_write, check_destination, display_path, expand_glo
 from ..core.pvalues import Reference, clopper_pearson, min_reference
 from .scan import scan
 from ..core.scores import SCORES
+from ..settings import check_fpr
 from ..text import printable
 
 RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
@@ -64,11 +65,6 @@ RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference s
 def allowed_flags(n: int, fpr: float) -> int:
     """``floor(fpr * n)``, robust to binary fractions (0.29 * 100 is 28.999...)."""
     return int(math.floor(fpr * n + 1e-9))
-
-
-def check_fpr(fpr: float) -> None:
-    if not 0.0 <= fpr < 1.0:
-        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
 
 
 def check_output(output: str | os.PathLike, force: bool = False) -> None:
