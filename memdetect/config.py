@@ -366,9 +366,11 @@ def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
         if not isinstance(v, typ) or isinstance(v, bool):
             kind = {float: "a number", int: "an integer", str: "a string"}[typ]
             raise UsageError(f"guard.{key} in {name} must be {kind}, got {_shown(v)}")
-        if typ is float and not math.isfinite(v):
+        if key in ("threshold", "step_t"):  # the options' own validators, as for the flags
+            VALIDATORS["timestep" if key == "step_t" else key](v, f"guard.{key} in {name}")
+        elif typ is float and not math.isfinite(v):
             raise UsageError(f"guard.{key} in {name} must be a finite number, got {v}")
-        if typ is int and v < 0:
+        elif typ is int and v < 0:
             raise UsageError(f"guard.{key} in {name} must be a non-negative integer, got {v}")
         out[key] = v
     if "threshold" not in out:
