@@ -8,8 +8,9 @@ memdetect.toml"`` for a config key), so the same bad value gives the same one li
 
 ``Settings`` is the frozen record of what produced a scan's scores (``Detector.settings``). ``KEY_FIELDS`` (the
 journal key, ``memdetect.store.journal.fingerprint``), ``COLUMN_FIELDS`` (a CSV / Parquet report's constant
-columns, ``memdetect.store.report``) and ``UNLESS_DEFAULT`` (in both, only when not the default, so the keys and
-reports of runs that leave them alone stay the same) say where its fields are written (``Settings.written``).
+columns, ``memdetect.store.report``), ``TOML_FIELDS`` (a ``memdetect.toml``'s settings, ``memdetect calibrate``)
+and ``UNLESS_DEFAULT`` (in all three, only when not the default, so the keys, reports and configs of runs that
+leave them alone stay the same) say where its fields are written (``Settings.written``).
 A ``Settings`` validates its option fields when it is made: it cannot hold a NaN threshold or a 65-bit seed.
 The settings *asked for* (flags merged with a config, before the model is loaded) are
 ``memdetect.config.ScanSettings``, validated by the same functions.
@@ -134,7 +135,10 @@ KEY_FIELDS = ("model", "source", "family", "layer", "timestep", "sigma", "poolin
               "resolution", "dtype", "winograd", "allocator", "memdetect")
 #: ... a report's constant columns (``memdetect.store.report.write``): these, in this order ...
 COLUMN_FIELDS = ("model", "layer", "timestep", "seed", "metric")
-#: ... and, in both, these when not their default (so keys and reports of runs that leave them alone stay the same)
+#: ... the top-level settings of a ``memdetect.toml`` that ``memdetect calibrate`` takes from them ...
+TOML_FIELDS = ("layer", "timestep", "seed")
+#: ... and, in all three, these when not their default (so keys, reports and configs of runs that leave them alone
+#: stay the same; a config says ``normalise = "reference"``, its statistics are in ``[calibration.channels]``)
 UNLESS_DEFAULT = ("draws", "normalise")
 
 
@@ -178,19 +182,22 @@ class Settings:
     @classmethod
     def written(cls, where: str, settings: Mapping[str, Any]) -> dict[str, Any]:
         """What ``where`` holds of ``settings`` (a ``Settings`` as a dict, ``dataclasses.asdict``): ``"key"``, the
-        journal key's fields (a missing one is None), or ``"column"``, a report's constant columns (each must be
-        there); then each ``UNLESS_DEFAULT`` field whose value is not its default."""
+        journal key's fields (a missing one is None), ``"column"``, a report's constant columns, or ``"toml"``, a
+        config's settings (each must be there); then each ``UNLESS_DEFAULT`` field whose value is not its default."""
         if where == "key":
             out = {k: settings.get(k) for k in KEY_FIELDS}
-        elif where == "column":
-            out = {k: settings[k] for k in COLUMN_FIELDS}
+        elif where in ("column", "toml"):
+            out = {k: settings[k] for k in (COLUMN_FIELDS if where == "column" else TOML_FIELDS)}
         else:
-            raise ValueError(f"where must be 'key' or 'column', got {where!r}")
+            raise ValueError(f"where must be 'key', 'column' or 'toml', got {where!r}")
         defaults = {f.name: f.default for f in fields(cls)}
         out.update({k: settings[k] for k in UNLESS_DEFAULT if settings.get(k, defaults[k]) != defaults[k]})
+        if where == "toml" and "normalise" in out:  # "reference:<digest>" -> "reference"
+            out["normalise"] = str(out["normalise"]).partition(":")[0]
         return out
 
 
-__all__ = ["COLUMN_FIELDS", "KEY_FIELDS", "MAX_DRAWS", "MAX_SEED", "Settings", "UNLESS_DEFAULT", "VALIDATORS", "check_batch_size", "check_draws", "check_fpr",
+__all__ = ["COLUMN_FIELDS", "KEY_FIELDS", "MAX_DRAWS", "MAX_SEED", "Settings", "TOML_FIELDS", "UNLESS_DEFAULT",
+           "VALIDATORS", "check_batch_size", "check_draws", "check_fpr",
            "check_metric", "check_num_workers", "check_options", "check_seed", "check_sigma", "check_threshold",
            "check_timestep"]

@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 import memdetect
 from memdetect.cli import app
-from memdetect.config import Config, ScanSettings, load_config
+from memdetect.config import TOP_KEYS, Config, ScanSettings, load_config
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
-from memdetect.settings import COLUMN_FIELDS, KEY_FIELDS, UNLESS_DEFAULT, VALIDATORS, Settings
+from memdetect.settings import COLUMN_FIELDS, KEY_FIELDS, TOML_FIELDS, UNLESS_DEFAULT, VALIDATORS, Settings
 from memdetect.store.io import display_path
 from memdetect.store.journal import KEY_SETTINGS, fingerprint
 from memdetect.store.report import SETTINGS_COLUMNS
@@ -153,6 +153,12 @@ def test_the_journal_key_and_the_report_columns_are_the_records_fields():
     assert list(Settings.written("column", one)) == ["model", "layer", "timestep", "seed", "metric"]
     two = dataclasses.asdict(record(draws=2, normalise="reference:abc"))
     assert list(Settings.written("column", two))[-2:] == ["draws", "normalise"]
+    assert Settings.written("toml", one) == {"layer": "mid_block", "timestep": 50, "seed": 0}
+    assert Settings.written("toml", two) == {"layer": "mid_block", "timestep": 50, "seed": 0, "draws": 2,
+                                             "normalise": "reference"}
+    # a config's top-level settings are the settings a scan asks for: each is read back into a ScanSettings field
+    assert set(TOP_KEYS) - {"version"} <= {f.name for f in dataclasses.fields(ScanSettings)}
+    assert set(TOML_FIELDS) | set(UNLESS_DEFAULT) <= set(TOP_KEYS)
     # the key of one draw without normalisation is the key runs made before draws and normalise existed
     old = {k: one[k] for k in KEY_FIELDS}
     assert fingerprint(one) == hashlib.sha256(json.dumps(old, sort_keys=True, default=str).encode()).hexdigest()[:16]
