@@ -477,10 +477,8 @@ def scan(
     if w is not None:
         device = rank_device(device, w)
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
-    det = load_detector(s.model, s.model_path, layer=s.layer, timestep=s.timestep, metric=s.metric,
-                        threshold=s.threshold, seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s.sigma, num_workers=workers, draws=s.draws,
-                        normalise=s.reference_stats)
+    det = load_detector(s.model, s.model_path, batch_size=batch_size, device=device, dtype=dtype,
+                        early_exit=not no_early_exit, num_workers=workers, **s.detector_options())
     det.configuration = s.configuration
     from ..config import check_weights
 
@@ -492,12 +490,9 @@ def scan(
 
             result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
                                    model=s.model, model_path=str(s.model_path) if s.model_path else None,
-                                   on_batch=progress, reference=s.reference, layer=s.layer,
-                                   timestep=s.timestep, metric=s.metric, threshold=s.threshold,
-                                   seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s.sigma, shard_key=shard_key,
-                                   allow_remote=s.allow_remote, draws=s.draws,
-                                   normalise=s.reference_stats)
+                                   on_batch=progress, reference=s.reference, batch_size=batch_size, device=device,
+                                   dtype=dtype, early_exit=not no_early_exit, shard_key=shard_key,
+                                   allow_remote=s.allow_remote, **s.detector_options())
         elif w is not None:
             result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
                                       num_workers=workers, state_dir=state_dir, reference=s.reference,
@@ -999,9 +994,8 @@ def audit(
     state.check_outside(paths)
     if resume:
         state.check_trusted(paths)
-    det = load_detector(s.model, s.model_path, layer=s.layer, timestep=s.timestep, metric=s.metric,
-                        threshold=s.threshold, seed=s.seed, batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s.sigma, num_workers=workers, draws=s.draws, normalise=s.reference_stats)
+    det = load_detector(s.model, s.model_path, batch_size=batch_size, device=device, dtype=dtype,
+                        num_workers=workers, **s.detector_options())
     det.configuration = s.configuration
     from ..config import check_weights
 
