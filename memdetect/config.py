@@ -56,6 +56,7 @@ from .errors import UsageError
 from .store.io import display_path
 from .core.pvalues import Reference
 from .core.scores import SCORES
+from .settings import VALIDATORS, check_fpr, check_metric
 from .text import printable
 
 try:
@@ -240,8 +241,7 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
         raise UsageError(f"{name} has config version {values['version']}; this memdetect reads version "
                          f"{CONFIG_VERSION} (upgrade memdetect)")
     metric = values.get("metric", "std")
-    if metric not in SCORES:
-        raise UsageError(f"unknown metric {printable(repr(metric), 60)} in {name}; choose one of {', '.join(SCORES)}")
+    check_metric(metric, f" in {name}")
     calibration = doc.get("calibration", {})
     if not isinstance(calibration, dict):
         raise UsageError(f"[calibration] in {name} must be a table, got {type(calibration).__name__}")
@@ -366,15 +366,16 @@ def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
         if not isinstance(v, typ) or isinstance(v, bool):
             kind = {float: "a number", int: "an integer", str: "a string"}[typ]
             raise UsageError(f"guard.{key} in {name} must be {kind}, got {_shown(v)}")
-        if typ is float and not math.isfinite(v):
+        if key in ("threshold", "step_t"):  # the options' own validators, as for the flags
+            VALIDATORS["timestep" if key == "step_t" else key](v, f"guard.{key} in {name}")
+        elif typ is float and not math.isfinite(v):
             raise UsageError(f"guard.{key} in {name} must be a finite number, got {v}")
-        if typ is int and v < 0:
+        elif typ is int and v < 0:
             raise UsageError(f"guard.{key} in {name} must be a non-negative integer, got {v}")
         out[key] = v
     if "threshold" not in out:
         raise UsageError(f"[guard] in {name} has no threshold (write it with `memdetect calibrate --guard`)")
-    if out.get("metric", "std") not in SCORES:
-        raise UsageError(f"unknown guard.metric in {name}; choose one of {', '.join(SCORES)}")
+    check_metric(out.get("metric", "std"), f" (guard.metric) in {name}")
     return out
 
 
@@ -388,20 +389,11 @@ def _shown(v: Any) -> str:
 
 
 def _check_range(key: str, v: Any, name: str, *, key_name: str | None = None) -> None:
-    """Thresholds and sigma finite (sigma positive), timestep >= 0, seed in [0, 2**64): as the flags are checked."""
+    """Each key's value checked by the option's one validator (``memdetect.settings.VALIDATORS``), as the flags are;
+    the message names the key and the file."""
     where = f"{key_name or key} in {name}"
-    if key in ("threshold", "sigma") and not math.isfinite(v):
-        raise UsageError(f"{where} must be a finite number, got {v}")
-    if key == "sigma" and v <= 0:
-        raise UsageError(f"{where} must be positive, got {v}")
-    if key == "timestep" and v < 0:
-        raise UsageError(f"{where} must be a non-negative integer, got {v}")
-    if key == "seed" and not 0 <= v < 2**64:
-        raise UsageError(f"{where} must be an integer in [0, 2**64), got "
-                         f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
-    if key == "draws" and not 1 <= v <= 64:  # detector.MAX_DRAWS
-        raise UsageError(f"{where} must be an integer from 1 to 64, got "
-                         f"{v if v.bit_length() <= 128 else f'a {v.bit_length()}-bit integer'}")
+    if key in ("threshold", "sigma", "timestep", "seed", "draws"):
+        VALIDATORS[key](v, where)
     if key == "version" and v < 1:
         raise UsageError(f"{where} must be a positive integer, got {v}")
 
@@ -423,8 +415,9 @@ def _same(name: str, a: Any, b: Any) -> bool:
     return a == b
 
 
-def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
-    """The scan settings from a config and the command line (``given``: the flags typed explicitly).
+def combine(config: Config | None, flags: dict, given: set[str]) -> dict:
+    """The scan settings from a config and the command line (``given``: the flags typed explicitly), as a dict of
+    the flags' names (``ScanSettings.from_sources`` makes the validated, frozen object of it).
 
     The config supplies model, layer, timestep, sigma, seed, metric, threshold and model path; a flag typed on the
     command line always wins over it. An explicit flag that contradicts a pinned setting (``PINNED``) is refused
@@ -439,8 +432,7 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     out = dict(flags)
     fpr = flags.get("fpr")
     if fpr is not None:
-        if not 0.0 <= fpr < 1.0:
-            raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
+        check_fpr(fpr)
         if flags.get("threshold") is not None:
             raise UsageError("give --threshold or --fpr, not both")
         if config is None:
@@ -488,6 +480,56 @@ def merge(config: Config | None, flags: dict, given: set[str]) -> dict:
     elif "threshold" not in given or flags.get("threshold") is None:
         out["threshold"] = config.threshold_for(out["metric"])
     return out
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    """The settings a scan or an audit asks for, made once from the flags and ``--config`` (``from_sources``) and
+    passed on as they are: frozen, and every option checked by its one validator (``memdetect.settings``) when made.
+
+    The score-determining fields (model, layer, timestep, sigma, seed, draws, metric, threshold) are named as in
+    ``memdetect.settings.Settings``, the record the loaded ``Detector`` resolves them to (``None``: the model's
+    default). From a config also: ``reference`` (its reference scores for ``metric``: p-values), ``channels`` and
+    ``normalise`` (reference channel statistics), ``weights`` (the content hash of the weights calibrated on) and
+    ``configuration`` (where its layer, timestep and metric came from)."""
+
+    model: str | None = None
+    model_path: str | os.PathLike | None = None
+    layer: str | None = None
+    timestep: int | None = None
+    sigma: float | None = None
+    seed: int = 0
+    draws: int = 1
+    metric: str = "std"
+    threshold: float | None = None
+    fpr: float | None = None
+    allow_errors: bool = False
+    allow_remote: bool = False
+    normalise: str = "none"
+    channels: dict[str, tuple[float, ...]] | None = None
+    reference: Reference | None = None
+    weights: str | None = None
+    configuration: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("metric", "threshold", "seed", "timestep", "sigma", "draws", "fpr"):
+            VALIDATORS[name](getattr(self, name))
+
+    @classmethod
+    def from_sources(cls, config: Config | None, flags: dict, given: set[str]) -> "ScanSettings":
+        """The flags (``given``: those typed on the command line) combined with a config (``combine``)."""
+        return cls(**combine(config, flags, given))
+
+    @property
+    def reference_stats(self) -> dict[str, tuple[float, ...]] | None:
+        """The config's reference channel statistics when it says ``normalise = "reference"`` (else None): what
+        ``Detector(normalise=...)`` takes."""
+        return self.channels if self.normalise == "reference" else None
+
+    def detector_options(self) -> dict[str, Any]:
+        """The keywords ``Detector.from_pretrained`` takes from these settings."""
+        return {"layer": self.layer, "timestep": self.timestep, "metric": self.metric, "threshold": self.threshold,
+                "seed": self.seed, "sigma": self.sigma, "draws": self.draws, "normalise": self.reference_stats}
 
 
 # -- writing: a tiny TOML writer for the few value types a config holds ------------------------------------------
@@ -574,4 +616,5 @@ def provenance(selection: dict | None) -> str:
             f"TPR@1%FPR {iv('default_tpr')}", 600)
 
 
-__all__ = ["CONFIG_VERSION", "PINNED", "Config", "load_config", "merge", "provenance", "to_toml", "toml_value"]
+__all__ = ["CONFIG_VERSION", "PINNED", "Config", "ScanSettings", "combine", "load_config", "provenance", "to_toml",
+           "toml_value"]

@@ -16,11 +16,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
-import operator
 import os
 import signal
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -30,7 +28,6 @@ import torch
 from .core import capture
 from .speed import runtime
 from .speed import winograd
-from ._version import __version__
 from .core.capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
 from . import rows as _rows
@@ -38,10 +35,11 @@ from .store.io import PREPROCESS, draw_seed, image_seed
 from .store.journal import fingerprint
 from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
 from .store.report import make_row
-from .core.scores import SCORES, compute_all, standardise
+from .settings import (MAX_DRAWS, MAX_SEED, Settings, check_draws, check_options, check_seed, check_sigma,
+                       check_threshold)
+from .core.scores import compute_all, standardise
 from .store.sources import resolve
 from .store.state import StateDir
-from .text import printable
 
 log = logging.getLogger(__name__)
 
@@ -89,101 +87,7 @@ def batch_for_memory(free_bytes: int, per_image_bytes: int, *, fraction: float =
     return int(max(1, min(cap, (free_bytes * fraction) // per_image_bytes)))
 
 
-#: Seeds are unsigned 64-bit integers (``io.image_seed`` hashes 8 bytes of it).
-MAX_SEED = 2**64 - 1
-#: ``--draws``: at most this many noise draws per image (each is one more denoiser pass per image)
-MAX_DRAWS = 64
-
-
-def check_threshold(threshold: float | None) -> None:
-    """A threshold must be a finite number (NaN would flag nothing, -inf everything)."""
-    if threshold is None:
-        return
-    try:
-        finite = not isinstance(threshold, bool) and math.isfinite(threshold)
-    except TypeError:
-        finite = False
-    if not finite:
-        raise UsageError(f"the threshold must be a finite number, got {printable(threshold, 40)}")
-
-
-def _integer(value) -> int | None:
-    """``value`` as an int when it is an integer (Python or NumPy, not a bool), else None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
-
-
-def check_seed(seed: int) -> None:
-    s = _integer(seed)
-    if s is None or not 0 <= s <= MAX_SEED:
-        shown = f"a {s.bit_length()}-bit integer" if s is not None and s.bit_length() > 128 else printable(seed, 40)
-        raise UsageError(f"the seed must be an integer in [0, 2**64), got {shown}")
-
-
-def check_draws(draws: int) -> None:
-    """``draws`` (noise draws averaged per image) must be an integer in [1, ``MAX_DRAWS``]."""
-    k = _integer(draws)
-    if k is None or not 1 <= k <= MAX_DRAWS:
-        shown = f"a {k.bit_length()}-bit integer" if k is not None and k.bit_length() > 64 else printable(draws, 40)
-        raise UsageError(f"--draws must be an integer from 1 to {MAX_DRAWS} (noise draws averaged per image; each "
-                         f"costs one more denoiser pass), got {shown}")
-
-
-def check_options(*, metric: str = "std", batch_size: int | None = None, threshold: float | None = None,
-                  seed: int = 0, timestep: int | None = None, sigma: float | None = None,
-                  num_workers: int | None = None, draws: int = 1) -> None:
-    """The checks that need no model: a typo in an option fails before the (slow) model load. Numbers must be
-    finite and in range (the timestep's upper bound is the model's, checked when it is loaded)."""
-    if metric not in SCORES:
-        raise UsageError(f"unknown metric {printable(metric, 60)!r}; choose one of {', '.join(SCORES)}")
-    if batch_size is not None and batch_size < 1:
-        raise UsageError("batch size must be at least 1")
-    check_threshold(threshold)
-    check_seed(seed)
-    if timestep is not None and (_integer(timestep) is None or timestep < 0):
-        raise UsageError(f"the timestep must be a non-negative integer, got {printable(timestep, 40)}")
-    if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, (int, float))
-                              or not 0 < float(sigma) < float("inf")):
-        raise UsageError(f"--sigma must be a positive finite number, got {printable(sigma, 40)}")
-    if num_workers is not None and num_workers < 0:
-        raise UsageError("the number of workers must be 0 or more")
-    check_draws(draws)
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything that determines a score (written into reports, journals' keys and calibration files).
-
-    ``winograd``: whether the wide 3x3 convolutions ran with Winograd's algorithm (CPU float32; scores differ by
-    float rounding, ~1e-5 relative); ``allocator``: the process's allocator setting (``memdetect.speed.runtime``);
-    ``draws``: noise draws per image whose scores are averaged (``Detector``; in the journal key when not 1);
-    ``normalise``: ``"none"``, or ``"reference:<digest>"`` when the pooled vector is standardised per channel with a
-    reference set's statistics before every score (the digest hashes them; in the journal key when not none).
-    """
-
-    model: str
-    family: str
-    source: str
-    layer: str
-    timestep: int
-    sigma: float
-    pooling: str
-    metric: str
-    threshold: float | None
-    seed: int
-    preprocess: str
-    resolution: int
-    dtype: str
-    device: str
-    winograd: bool
-    allocator: str
-    memdetect: str = __version__
-    draws: int = 1
-    normalise: str = "none"
+# the options' validators and the ``Settings`` record live in ``memdetect.settings`` (re-exported here)
 
 
 class Detector:
@@ -367,8 +271,7 @@ class Detector:
                 takes = sorted(f for f, c in ADAPTERS.items() if c.accepts_sigma)
                 raise UsageError(f"--sigma applies to {', '.join(takes)} models only; {spec.family} models take "
                                  f"--timestep")
-            if not 0 < float(sigma) < float("inf"):
-                raise UsageError(f"--sigma must be a positive number, got {sigma}")
+            check_sigma(sigma)
             spec = replace(spec, options={**spec.options, "sigma": float(sigma)})
         dev = resolve_device(device)
         adapter = load_adapter(spec, dev, resolve_dtype(dtype, dev), place=False)  # the detector prunes, then places

@@ -17,6 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "memdetect"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "_version", "text", "progress"),  # words: exceptions, version, escaping, what a terminal shows
     ("speed", "core"),     # speed/: runtime, winograd; core/: hooks, scores, p-values, metrics, similarity, hub
+    ("settings",),         # the score-determining settings record and one validator per option
     ("store",),            # where inputs live and rows go: io, sources, journal, state, report, strict_json
     ("models",),           # the families (and EDM's checkpoint loaders and restricted unpickler)
     ("rows",),             # one item (path, tar member, URL, bytes, Pillow image) -> one report row, for every engine

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from memdetect.workflows.calibrate import allowed_flags, calibrate, fpr_threshold, roc_point
 from memdetect.cli import app
-from memdetect.config import Config, load_config, merge, to_toml, tomllib
+from memdetect.config import Config, load_config, to_toml, tomllib
+from memdetect.config import combine as merge
 from memdetect.errors import InputError, UsageError
 
 from .conftest import REPO, write_images

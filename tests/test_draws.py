@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from memdetect import Detector
 from memdetect.core.capture import Trace, pool
 from memdetect.cli import app
-from memdetect.config import load_config, merge
+from memdetect.config import combine as merge
+from memdetect.config import load_config
 from memdetect.errors import UsageError
 from memdetect.store.io import draw_seed, image_seed
 from memdetect.store.journal import fingerprint

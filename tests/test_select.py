@@ -15,7 +15,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from memdetect.cli import app
-from memdetect.config import load_config, merge
+from memdetect.config import combine as merge
+from memdetect.config import load_config
 from memdetect.detector import Detector
 from memdetect.errors import UsageError
 from memdetect.models import Preset, register_adapter, register_preset

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
-from .common import _reference_stats, load_detector, progress_bar
+from .common import load_detector, progress_bar
 from .exits import _outputs, _written, handle_errors
 from .options import (AllowRemote, BatchSize, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html, Layer,
                       Metric, Model, ModelPath, Paths, Quiet, ReferenceDir, Seed, Sigma, StateDirOption, Timestep,
@@ -80,11 +80,11 @@ def audit(
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
                       timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr,
                       allow_errors=allow_errors, allow_remote=allow_remote, draws=draws)
-    if s["threshold"] is None and config is None and Path("memdetect.toml").is_file():
+    if s.threshold is None and config is None and Path("memdetect.toml").is_file():
         raise UsageError("audit needs a threshold: --config memdetect.toml or --threshold X (./memdetect.toml is not "
                          "read unless given with --config)")
-    require_model(s["model"], config_hint="--config memdetect.toml")
-    ci.check_threshold(s["threshold"])
+    require_model(s.model, config_hint="--config memdetect.toml")
+    ci.check_threshold(s.threshold)
     _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
     check_report_path(output)
     ci.check_report_folder(output)
@@ -96,20 +96,19 @@ def audit(
     state.check_outside(paths)
     if resume:
         state.check_trusted(paths)
-    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
-                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        sigma=s["sigma"], num_workers=workers, draws=s["draws"], normalise=_reference_stats(s))
-    det.configuration = s.get("configuration")
+    det = load_detector(s.model, s.model_path, batch_size=batch_size, device=device, dtype=dtype,
+                        num_workers=workers, **s.detector_options())
+    det.configuration = s.configuration
     from ..config import check_weights
 
-    check_weights(det, s.get("weights"), state, config)
+    check_weights(det, s.weights, state, config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
         done = ci.audit(det, paths, output=output, resume=resume, html=html, config=config, junit=junit,
                         summary_json=summary_json, annotations=annotations, on_batch=progress, num_workers=workers,
-                        state_dir=state, reference=s.get("reference"), channels=s.get("channels"),
+                        state_dir=state, reference=s.reference, channels=s.channels,
                         evidence_top=evidence_top, evidence_json=evidence_json, reference_dir=reference_dir,
-                        allow_errors=s["allow_errors"], allow_remote=s["allow_remote"], allow_empty=allow_empty,
+                        allow_errors=s.allow_errors, allow_remote=s.allow_remote, allow_empty=allow_empty,
                         suffix_only=suffix_only)
     _written(output, junit, summary_json, html)
     if not quiet:

@@ -11,11 +11,6 @@ from .exits import check_signals
 from .render import _p, err
 
 
-def _reference_stats(settings: dict) -> dict | None:
-    """The config's reference channel statistics when it says ``normalise = "reference"`` (else None)."""
-    return settings.get("channels") if settings.get("normalise") == "reference" else None
-
-
 def _run_context(paths, config) -> dict:
     """The HTML report's run context (``memdetect.workflows.run_context``): command line, time, config and its hash, commit."""
     from ..workflows.run_context import run_context

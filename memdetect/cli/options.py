@@ -4,12 +4,15 @@ the parsing they need: which options were typed, flags merged with ``--config``,
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, List, Optional
 
 import typer
 
 from ..core.scores import SCORES
 from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from ..config import ScanSettings
 
 Paths = Annotated[List[Path], typer.Argument(help="Image files and/or folders (searched recursively).",
                                              show_default=False)]
@@ -122,16 +125,17 @@ def _given(ctx: typer.Context) -> set[str]:
 
 
 def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: Optional[str] = None,
-                  **flags) -> dict:
+                  **flags) -> "ScanSettings":
     """Model, layer, timestep, sigma, seed, draws, metric, threshold, model_path: flags merged with ``--config`` (read only
     when given; ``config_sha256``: its pinned SHA-256). The command line wins over the file."""
-    from ..config import check_sha256, load_config, merge
+    from ..config import ScanSettings, check_sha256, load_config
 
     if config_sha256 is not None:
         check_sha256(config_sha256)
         if not config:
             raise UsageError("--config-sha256 needs --config: it pins the config file's bytes")
-    return merge(load_config(config, sha256=config_sha256) if config else None, flags, _given(ctx))
+    return ScanSettings.from_sources(load_config(config, sha256=config_sha256) if config else None, flags,
+                                     _given(ctx))
 
 
 def _conditions(prompts, classes, prompt_file):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import UsageError
-from .common import _reference_stats, _run_context, load_detector, progress_bar
+from .common import _run_context, load_detector, progress_bar
 from .exits import EXIT_FLAGGED, EXIT_OK, _outputs, _written, handle_errors
 from .options import (AllowRemote, BatchSize, Config, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html,
                       Inputs, Layer, Metric, Model, ModelPath, Quiet, ReferenceDir, Resume, Seed, ShardKeyFile, Sigma,
@@ -58,7 +58,7 @@ def scan(
     """Score every image for memorization and write a report.
 
     Example: memdetect scan examples/demo --model demo --output report.csv"""
-    from ..integrations.torchrun import rank_device, scan_distributed, world
+    from ..integrations.torchrun import rank_device, world
     from ..store.io import check_destinations, check_report_path
     from ..workflows.scan import scan as run_scan
     from ..store.sources import is_url, parse_shard
@@ -66,7 +66,7 @@ def scan(
     s = scan_settings(ctx, config, model=model, model_path=model_path, layer=layer, timestep=timestep, sigma=sigma,
                       metric=metric, threshold=threshold, seed=seed, fpr=fpr, allow_remote=allow_remote,
                       draws=draws)
-    require_model(s["model"])
+    require_model(s.model)
     if engine not in ("local", "ray"):
         raise UsageError(f"unknown engine {engine!r}; choose local or ray")
     part = parse_shard(shard) if shard is not None else None
@@ -98,37 +98,23 @@ def scan(
     if w is not None:
         device = rank_device(device, w)
         quiet = quiet or w.rank != 0  # one progress bar and one table, rank 0's
-    det = load_detector(s["model"], s["model_path"], layer=s["layer"], timestep=s["timestep"], metric=s["metric"],
-                        threshold=s["threshold"], seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                        early_exit=not no_early_exit, sigma=s["sigma"], num_workers=workers, draws=s["draws"],
-                        normalise=_reference_stats(s))
-    det.configuration = s.get("configuration")
+    det = load_detector(s.model, s.model_path, batch_size=batch_size, device=device, dtype=dtype,
+                        early_exit=not no_early_exit, num_workers=workers, **s.detector_options())
+    det.configuration = s.configuration
     from ..config import check_weights
 
-    check_weights(det, s.get("weights"), StateDir(state_dir), config)
+    check_weights(det, s.weights, StateDir(state_dir), config)
     bar, progress = progress_bar("scanning", quiet=quiet)
     with bar:
-        if engine == "ray":
-            from ..integrations.ray import scan_with_ray
-
-            result = scan_with_ray(det, paths, output=output, html=html, shard=part, address=ray_address,
-                                   model=s["model"], model_path=str(s["model_path"]) if s["model_path"] else None,
-                                   on_batch=progress, reference=s.get("reference"), layer=s["layer"],
-                                   timestep=s["timestep"], metric=s["metric"], threshold=s["threshold"],
-                                   seed=s["seed"], batch_size=batch_size, device=device, dtype=dtype,
-                                   early_exit=not no_early_exit, sigma=s["sigma"], shard_key=shard_key,
-                                   allow_remote=s["allow_remote"], draws=s["draws"],
-                                   normalise=_reference_stats(s))
-        elif w is not None:
-            result = scan_distributed(det, paths, output=output, w=w, html=html, resume=resume, on_batch=progress,
-                                      num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
-                                      allow_remote=s["allow_remote"])
-        else:
-            result = run_scan(det, paths, output=output, resume=resume, html=html, on_batch=progress,
-                              num_workers=workers, state_dir=state_dir, reference=s.get("reference"),
-                              channels=s.get("channels"), evidence_top=evidence_top, evidence_json=evidence_json,
-                              reference_dir=reference_dir, shard=part, shard_key=shard_key,
-                              allow_remote=s["allow_remote"], context=_run_context(paths, config))
+        ray_options = dict(model=s.model, model_path=str(s.model_path) if s.model_path else None,
+                           batch_size=batch_size, device=device, dtype=dtype, early_exit=not no_early_exit,
+                           **s.detector_options())
+        result = run_scan(det, paths, engine="torchrun" if w is not None else engine, world=w, output=output,
+                          resume=resume, html=html, on_batch=progress, num_workers=workers, state_dir=state_dir,
+                          reference=s.reference, channels=s.channels, evidence_top=evidence_top,
+                          evidence_json=evidence_json, reference_dir=reference_dir, shard=part, shard_key=shard_key,
+                          allow_remote=s.allow_remote, context=_run_context(paths, config),
+                          ray_address=ray_address, detector_options=ray_options if engine == "ray" else None)
     _written(result.output, html)
     if w is not None and w.rank != 0:
         raise typer.Exit(EXIT_OK)  # rank 0 reports, and its exit code says whether anything was flagged

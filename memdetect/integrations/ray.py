@@ -23,7 +23,6 @@ content hash). The Ray engine keeps no journal: Ray Data retries failed tasks it
 
 from __future__ import annotations
 
-import importlib
 import logging
 from dataclasses import replace
 from typing import Any
@@ -146,17 +145,4 @@ def score_items(items, *, model: str, model_path: str | None, address: str | Non
     return _rows.report_frame(df[COLUMNS].astype(object).where(df[COLUMNS].notna(), None).to_dict("records"))
 
 
-def scan_with_ray(det, paths, *, model: str, model_path: str | None, output=None, html=None, shard=None,
-                  address: str | None = None, concurrency: int | None = None, on_batch=None, reference=None,
-                  shard_key: bytes | None = None, allow_remote: bool = False, **detector_kwargs):
-    """Transitional, for ``memdetect scan --engine ray`` until the CLI calls
-    ``memdetect.workflows.scan.scan(..., engine="ray")`` (which this is; remove it then). The workflow sits above
-    the engines, so it is found by name, not imported."""
-    scan = importlib.import_module("memdetect.workflows.scan").scan
-    return scan(det, paths, engine="ray", output=output, html=html, shard=shard, on_batch=on_batch,
-                reference=reference, shard_key=shard_key, allow_remote=allow_remote, ray_address=address,
-                ray_concurrency=concurrency, detector_options={"model": model, "model_path": model_path,
-                                                               **detector_kwargs})
-
-
-__all__ = ["Scorer", "scan_with_ray", "score_dataset", "score_items"]
+__all__ = ["Scorer", "score_dataset", "score_items"]

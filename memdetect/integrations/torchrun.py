@@ -16,7 +16,6 @@ most ``MEMDETECT_DIST_TIMEOUT`` seconds (default 86400).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -114,12 +113,4 @@ class Group:
         return False
 
 
-def scan_distributed(detector, paths, *, output, w: World, html=None, **scan_kwargs):
-    """Transitional, for ``memdetect scan`` under a launcher until the CLI calls
-    ``memdetect.workflows.scan.scan(..., engine="torchrun")`` (which this is; remove it then). The workflow sits
-    above the engines, so it is found by name, not imported."""
-    scan = importlib.import_module("memdetect.workflows.scan").scan
-    return scan(detector, paths, engine="torchrun", world=w, output=output, html=html, **scan_kwargs)
-
-
-__all__ = ["Group", "World", "rank_device", "rank_output", "scan_distributed", "world"]
+__all__ = ["Group", "World", "rank_device", "rank_output", "world"]

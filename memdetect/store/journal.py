@@ -52,6 +52,7 @@ from typing import Iterable
 from ..errors import UsageError
 from .io import display_path
 from ..core.scores import SCORES
+from ..settings import KEY_FIELDS, Settings
 
 try:  # POSIX advisory locks; on other platforms concurrent runs are simply not detected
     import fcntl
@@ -60,9 +61,8 @@ except ImportError:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: Settings that change a score (see the module docstring for what is left out and why).
-KEY_SETTINGS = ("model", "source", "family", "layer", "timestep", "sigma", "pooling", "seed", "preprocess",
-                "resolution", "dtype", "winograd", "allocator", "memdetect")
+#: Settings that change a score (see the module docstring for what is left out and why): ``Settings``' key fields.
+KEY_SETTINGS = KEY_FIELDS
 
 
 #: What a record's MAC is computed over, before its canonical JSON (a version: the format can change).
@@ -77,11 +77,8 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 def fingerprint(settings: dict, weights: str | None = None) -> str:
     """A short hash of the score-determining settings (``Detector.settings`` as a dict) and, when given, of the
     weights' content hash (``memdetect.store.state``)."""
-    keep = {k: settings.get(k) for k in KEY_SETTINGS}
-    if settings.get("draws", 1) != 1:  # noise draws averaged per score (``--draws``); one draw keeps the old keys
-        keep["draws"] = settings["draws"]
-    if settings.get("normalise", "none") != "none":  # reference channel statistics (``normalise``), by digest
-        keep["normalise"] = settings["normalise"]
+    # draws and normalise (by digest) only when not the default: one draw, no normalisation keep the old keys
+    keep = Settings.written("key", settings)
     if weights is not None:
         keep["weights"] = weights
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]

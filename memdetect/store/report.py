@@ -21,11 +21,12 @@ import pandas as pd
 
 from .io import write_report
 from ..core.scores import SCORES
+from ..settings import COLUMN_FIELDS, Settings
 
 METRIC_COLUMNS = list(SCORES)
 COLUMNS = ["path", "score", *METRIC_COLUMNS, "memorized", "frame", "error", "key"]
 #: settings written into every CSV / Parquet report row
-SETTINGS_COLUMNS = ("model", "layer", "timestep", "seed", "metric")
+SETTINGS_COLUMNS = COLUMN_FIELDS  # and ``draws`` / ``normalise`` when not the default (``Settings.written``)
 
 
 def make_row(path: str, scores: Mapping[str, float] | None, *, metric: str, threshold: float | None,
@@ -91,11 +92,8 @@ def counts(df: pd.DataFrame) -> dict:
 
 def write(df: pd.DataFrame, path: str | os.PathLike, settings: Mapping) -> Path:
     """Write the report (format from the suffix, atomically) with the settings columns added."""
-    columns = {k: settings[k] for k in SETTINGS_COLUMNS}
-    if settings.get("draws", 1) != 1:  # scores averaged over several noise draws (``--draws``): say so in every row
-        columns["draws"] = settings["draws"]
-    if settings.get("normalise", "none") != "none":  # scores of reference-standardised activations
-        columns["normalise"] = settings["normalise"]
+    # with scores averaged over several noise draws or of reference-standardised activations, every row says so
+    columns = Settings.written("column", settings)
     return write_report(df.assign(**columns), path, settings=dict(settings))
 
 

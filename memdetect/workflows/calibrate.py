@@ -56,6 +56,7 @@ from ..store.io import atomic_write, check_destination, display_path, expand_glo
 from ..core.pvalues import Reference, clopper_pearson, min_reference
 from .scan import scan
 from ..core.scores import SCORES
+from ..settings import Settings, check_fpr
 from ..text import printable
 
 RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
@@ -64,11 +65,6 @@ RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference s
 def allowed_flags(n: int, fpr: float) -> int:
     """``floor(fpr * n)``, robust to binary fractions (0.29 * 100 is 28.999...)."""
     return int(math.floor(fpr * n + 1e-9))
-
-
-def check_fpr(fpr: float) -> None:
-    if not 0.0 <= fpr < 1.0:
-        raise UsageError(f"--fpr must be in [0, 1), got {fpr}")
 
 
 def check_output(output: str | os.PathLike, force: bool = False) -> None:
@@ -159,11 +155,10 @@ def config_document(settings: dict, table: pd.DataFrame, *, metric: str, fpr: fl
         cal["reference_scores"] = {"n": n, **{m: list(d.scores) for m, d in distributions.items()}}
     if channels:
         cal["channels"] = {k: [float(v) for v in channels[k]] for k in ("mean", "std")}
-    return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": settings["layer"],
-            "timestep": settings["timestep"], "sigma": sigma,
-            "seed": settings["seed"], "draws": settings.get("draws", 1) if settings.get("draws", 1) != 1 else None,
-            "normalise": "reference" if settings.get("normalise", "none") != "none" else None,
-            "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
+    written = Settings.written("toml", settings)  # layer, timestep, seed; draws and normalise unless the default
+    return {"version": CONFIG_VERSION, "model": model, "model_path": model_path, "layer": written["layer"],
+            "timestep": written["timestep"], "sigma": sigma, "seed": written["seed"], "draws": written.get("draws"),
+            "normalise": written.get("normalise"), "metric": metric, "threshold": float(by.loc[metric, "threshold"]),
             "calibration": cal,
             "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                          "python": platform.python_version()}}

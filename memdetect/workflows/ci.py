@@ -41,7 +41,7 @@ import pandas as pd
 
 from .._version import __version__
 from ..detector import Detector
-from ..detector import check_threshold as check_finite_threshold
+from ..settings import check_threshold as check_finite_threshold
 from ..errors import UsageError
 from ..store.io import atomic_write, check_destinations, display_path
 from ..store.report import counts
@@ -236,6 +236,8 @@ def check_annotations(annotations: str) -> None:
 
 
 def check_threshold(threshold: float | None) -> None:
+    """An audit needs a threshold; its value is checked by the threshold's one validator
+    (``memdetect.settings.check_threshold``)."""
     if threshold is None:
         raise UsageError("audit needs a threshold: --config memdetect.toml (write one with `memdetect calibrate`) "
                          "or --threshold X")

@@ -42,10 +42,10 @@ import numpy as np
 import torch
 
 from ..core.capture import LayerSpec, Trace, pool
-from ..detector import check_seed, check_threshold
+from ..settings import check_metric, check_seed, check_threshold, check_timestep
 from ..errors import MemdetectError, UnsupportedModelError, UsageError
 from ..models import ADAPTERS, Adapter
-from ..core.scores import SCORES, compute_all
+from ..core.scores import compute_all
 
 ACTIONS = ("flag", "regenerate", "raise")
 
@@ -227,14 +227,12 @@ class Guard:
                  metric: str = "std", on_memorized: str = "flag", max_retries: int = 2, seed: int = 0):
         if on_memorized not in ACTIONS:
             raise UsageError(f"on_memorized must be one of {', '.join(ACTIONS)}, got {on_memorized!r}")
-        if metric not in SCORES:
-            raise UsageError(f"unknown metric {metric!r}; choose one of {', '.join(SCORES)}")
+        check_metric(metric)
         check_threshold(threshold)
         check_seed(seed)
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise UsageError(f"max_retries must be a non-negative integer, got {max_retries!r}")
-        if isinstance(step_t, bool) or not isinstance(step_t, int) or step_t < 0:
-            raise UsageError(f"step_t must be a non-negative integer timestep, got {step_t!r}")
+        check_timestep(step_t, "step_t")
         if threshold is None and on_memorized != "flag":
             raise UsageError(f"on_memorized={on_memorized!r} needs a threshold")
         self.pipe = pipe
