@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from memdetect.store.io import IMAGE_EXTENSIONS
-
 from .conftest import REPO, write_images
 
 ACTION = REPO / "hooks" / "github-action" / "action.yml"
@@ -34,19 +32,25 @@ def _hook() -> dict:
 
 def test_pre_commit_hook_definition():
     hook = _hook()
-    # its own state dir: safe to resume; the config named (memdetect never picks up ./memdetect.toml by itself)
-    assert shlex.split(hook["entry"]) == ["memdetect", "audit", "--resume", "--config", "memdetect.toml"]
+    # its own state dir: safe to resume; the config named (memdetect never picks up ./memdetect.toml by itself);
+    # every staged file reaches memdetect (no `files:` filter): images are found by content too (--any-file)
+    assert shlex.split(hook["entry"]) == ["memdetect", "audit", "--resume", "--any-file", "--config",
+                                          "memdetect.toml"]
     assert hook["language"] == "python" and hook["require_serial"] is True
-    files = re.compile(hook["files"])
-    for ext in IMAGE_EXTENSIONS:  # the hook sees exactly the suffixes a folder scan picks up
-        assert files.search(f"assets/x{ext}") and files.search(f"X{ext.upper()}")
-    for name in ("notes.txt", "png", "x.png.txt", "x.svg", "x.heic"):
-        assert not files.search(name)
+    assert "files" not in hook and "exclude" not in hook and hook["types"] == ["file"]
+
+
+def _staged(repo: Path) -> list[str]:
+    """What pre-commit passes: the staged files (no `files:` filter), relative to the repo root."""
+    out = subprocess.run(["git", "-C", str(repo), "diff", "--cached", "--name-only", "-z"], check=True,
+                         capture_output=True, text=True).stdout
+    return [f for f in out.split("\0") if f]
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_pre_commit_hook_audits_staged_images(tiny_ddpm, tmp_path):
-    """What pre-commit does: filter the staged files with `files`, run `entry args... files` at the repo root."""
+    """What pre-commit does: pass the staged files, run `entry args... files` at the repo root. An image committed
+    without an image suffix is found by its bytes; text files (the config itself included) are skipped."""
     hook = _hook()
     repo = tmp_path / "repo"
     repo.mkdir()
@@ -55,23 +59,45 @@ def test_pre_commit_hook_audits_staged_images(tiny_ddpm, tmp_path):
     (repo / "memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tiny_ddpm}"\nthreshold = -1\n')
     write_images(repo / "assets", 3)
     write_images(repo / "unstaged", 2)
+    (repo / "assets" / "img_002.png").rename(repo / "assets" / "blob.bin")  # a PNG by content, not by name
     (repo / "README.md").write_text("hello\n")
-    subprocess.run([*git, "add", "memdetect.toml", "assets", "README.md"], check=True)
-    staged = subprocess.run([*git, "diff", "--cached", "--name-only", "-z"], check=True, capture_output=True,
-                            text=True).stdout.split("\0")
-    files = [f for f in staged if f and re.search(hook["files"], f)]
-    assert files == ["assets/img_000.png", "assets/img_001.png", "assets/img_002.png"]
+    (repo / "data.csv").write_text("path\nunstaged/img_000.png\n")  # a committed csv is not read as a manifest
+    subprocess.run([*git, "add", "memdetect.toml", "assets", "README.md", "data.csv"], check=True)
+    files = _staged(repo)
+    assert files == ["README.md", "assets/blob.bin", "assets/img_000.png", "assets/img_001.png", "data.csv",
+                     "memdetect.toml"]
 
     proc = subprocess.run([*shlex.split(hook["entry"]), *hook.get("args", []), *files], cwd=repo, env=_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr  # threshold -1: every staged image is flagged; the commit is blocked
     assert "3 images: 3 scored, 0 errored, 3 flagged" in proc.stdout and "config memdetect.toml" in proc.stdout
-    for f in files:
+    for f in ("assets/blob.bin", "assets/img_000.png", "assets/img_001.png"):
         assert f"flagged: {f}" in proc.stdout
-    assert "unstaged" not in proc.stdout
+    assert "unstaged" not in proc.stdout and "README" not in proc.stdout
     status = subprocess.run([*git, "status", "--porcelain", "--untracked-files=all"], capture_output=True,
                             text=True, check=True).stdout
     assert ".memdetect" not in status  # the report and its journal ignore themselves
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_pre_commit_hook_passes_a_commit_without_images_unloaded(tmp_path):
+    """A commit of text files exits 0 without loading the model (its weights do not even exist here), but the config
+    is still checked: a config without a threshold blocks the commit."""
+    hook = _hook()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "-C", str(repo), "init", "-q"], check=True)
+    (repo / "memdetect.toml").write_text(f'model = "ddpm"\nmodel_path = "{tmp_path / "no-weights"}"\nthreshold = 1\n')
+    (repo / "main.py").write_text("print('hi')\n")
+    subprocess.run(["git", "-C", str(repo), "add", "."], check=True)
+    cmd = [*shlex.split(hook["entry"]), *hook.get("args", []), *_staged(repo)]
+    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "no image among the 2 files: nothing to audit" in proc.stdout
+    assert not (repo / ".memdetect").exists()
+    (repo / "memdetect.toml").write_text('model = "ddpm"\n')
+    proc = subprocess.run(cmd, cwd=repo, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "threshold" in proc.stderr, proc.stderr
 
 
 def _action() -> dict:

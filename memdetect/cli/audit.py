@@ -66,6 +66,10 @@ def audit(
     suffix_only: Annotated[bool, typer.Option("--suffix-only", help="Search folders and tar shards for image "
                            "suffixes only (default: also any file whose first bytes are an image signature, e.g. "
                            "a PNG committed as x.bin; its row says found_by content).")] = False,
+    any_file: Annotated[bool, typer.Option("--any-file", help="The paths are files of any kind, named one by one "
+                        "(what a pre-commit hook passes: every staged file): audit the images among them (by suffix "
+                        "or content) and tar shards, skip the rest; none left exits 0 without loading the model "
+                        "(implies --allow-empty).")] = False,
     allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):
@@ -77,6 +81,11 @@ def audit(
     from ..store.io import check_destinations, check_report_path
 
     ci.check_annotations(annotations)
+    if any_file:
+        from ..store.sources import files_to_audit
+
+        kept, skipped = files_to_audit(paths)
+        paths, allow_empty = [Path(k) for k in kept], True
     s = scan_settings(ctx, config, config_sha256=config_sha256, model=model, model_path=model_path, layer=layer,
                       timestep=timestep, sigma=sigma, metric=metric, threshold=threshold, seed=seed, fpr=fpr,
                       allow_errors=allow_errors, allow_remote=allow_remote, draws=draws)
@@ -85,6 +94,10 @@ def audit(
                          "read unless given with --config)")
     require_model(s.model, config_hint="--config memdetect.toml")
     ci.check_threshold(s.threshold)
+    if any_file and not paths:  # a commit without images: the config is checked, the model is not loaded
+        if not quiet:
+            typer.echo(f"memdetect audit: no image among the {len(skipped)} files: nothing to audit")
+        raise typer.Exit(0)
     _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
     check_report_path(output)
     ci.check_report_folder(output)

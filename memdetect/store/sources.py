@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import InputError, UsageError
 from .io import (IMAGE_EXTENSIONS, MAX_FILE_BYTES, SNIFF_BYTES, ImageError, content_digest, discover, display_name,
-                 display_path, file_digest, looks_like_image, read_file)
+                 display_path, file_digest, looks_like_image, read_file, sniff_image)
 from ..text import printable
 
 #: Separates a tar shard from a member in an item's name (``shard.tar::member``).
@@ -479,6 +479,25 @@ def resolve(inputs: Iterable[str | os.PathLike], allow_remote: bool = False, sni
     return out
 
 
+def files_to_audit(paths: Iterable[str | os.PathLike]) -> tuple[list[str], list[str]]:
+    """Split paths named one by one, as a pre-commit hook passes every staged file, into ``(kept, skipped)``: kept
+    are what an audit reads (an image by suffix or by its first bytes, a ``.tar`` shard, and anything that is not a
+    regular file: a folder, a missing path or a broken link, which the scan searches or reports as an error row);
+    skipped are the other regular files, manifests included (a committed ``.csv`` lists images, it is not one)."""
+    kept: list[str] = []
+    skipped: list[str] = []
+    for arg in paths:
+        s = arg if isinstance(arg, str) else os.fspath(arg)
+        p = Path(s)
+        if is_url(s) or not p.is_file():
+            kept.append(s)
+        elif _suffix(s) in IMAGE_EXTENSIONS or _suffix(s) in TAR_SUFFIXES or sniff_image(p):
+            kept.append(s)
+        else:
+            skipped.append(s)
+    return kept, skipped
+
+
 def item_identity(item) -> bytes:
     """What makes two items the same image: a local path's bytes, a tar member's shard and offset, else the name."""
     if isinstance(item, TarMember):
@@ -653,7 +672,7 @@ def inputs_digest(items: Sequence) -> str:
     return f"{len(items)}:{h.hexdigest()[:16]}"
 
 
-__all__ = ["Broken", "ItemList", "MEMBER_SEP", "RemoteFile", "Source", "TarMember", "from_ref", "inputs_digest",
+__all__ = ["Broken", "ItemList", "MEMBER_SEP", "RemoteFile", "Source", "TarMember", "files_to_audit", "from_ref", "inputs_digest",
            "is_remote", "is_url", "item_digest", "item_identity", "item_name", "item_ref", "manifest_items",
            "open_source", "parse_shard", "read_item", "remote_refused", "resolve", "shard", "shard_bounds",
            "tar_members", "upload", "open_binary"]

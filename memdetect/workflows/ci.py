@@ -29,6 +29,7 @@ a workflow command.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -45,11 +46,14 @@ from ..settings import check_threshold as check_finite_threshold
 from ..errors import UsageError
 from ..store.io import atomic_write, check_destinations, display_path
 from ..store.report import counts
+from ..store.sources import files_to_audit
 from .run_context import run_context
 from .scan import ScanResult, scan
 from ..core.scores import SCORES
 from ..store.state import StateDir
 from ..text import printable
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FLAGGED = 0, 1
 DEFAULT_REPORT = Path(".memdetect") / "report.csv"
@@ -324,7 +328,7 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
           reference=None, channels: dict | None = None, evidence_top: int = 20,
           evidence_json: str | os.PathLike | None = None, reference_dir: str | os.PathLike | None = None,
           allow_errors: bool = False, allow_remote: bool = False, allow_empty: bool = False,
-          suffix_only: bool = False) -> Audit:
+          suffix_only: bool = False, any_file: bool = False) -> Audit:
     """Scan with the detector's threshold into ``output``, then ``write_ci_outputs``.
 
     ``reference`` (the config's reference scores, ``memdetect.core.pvalues.Reference``) adds p-values to the report and
@@ -335,6 +339,9 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     image signature is scored (its row's ``found_by`` is ``content``); ``suffix_only=True`` searches by suffix only.
     ``allow_empty``: paths holding no image file pass
     (exit 0, empty report and CI outputs) instead of raising InputError (a pull request that adds no images).
+    ``any_file``: the paths are files named one by one, any kind (a pre-commit hook passes every staged file): those
+    that are neither images (by suffix or content) nor tar shards are skipped (``sources.files_to_audit``), and none
+    left passes as with ``allow_empty``.
 
     The journal lives in the state directory (``state_dir``; see ``memdetect.store.state``) and is written on every run;
     ``resume=True`` also reads it, so a rerun after an interruption scores only what is missing, and only when the
@@ -347,6 +354,11 @@ def audit(detector: Detector, paths: Iterable[str | os.PathLike], *, output: str
     check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
                         "evidence JSON": evidence_json})
     paths = list(paths)
+    if any_file:
+        paths, skipped = files_to_audit(paths)
+        allow_empty = True
+        if skipped:
+            log.info("%d of the files are neither images nor tar shards (not audited)", len(skipped))
     state = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
     state.check_outside(paths)
     if resume:  # only a secret memdetect created, outside the checkout under audit, vouches for journal rows
