@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from memdetect.bench import metrics as M
+from memdetect.core import metrics as M
 
 
 def _data(seed, n_pos=40, n_neg=300, ties=False):
