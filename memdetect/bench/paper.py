@@ -85,7 +85,8 @@ from . import baselines
 from . import nemo_stats as nemo_stats_module
 from .demo import plot_roc
 from .generate import generate, generation_seed, save_png
-from .labels import Labeller, LabelRule, PixelLabeller, make_labeller, nearest_match
+from .labels import Labeller, LabelRule, PixelLabeller, make_labeller
+from ..core.similarity import RunningBest, nearest_match
 from ..core.metrics import ahead, bootstrap_metrics, paired_difference
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
@@ -575,20 +576,16 @@ def nearest_in(labeller: Labeller, samples: torch.Tensor,
         return m.similarity, m.index
     embed = getattr(labeller, "embed", None)
     s = embed(samples) if embed is not None else None
-    best = torch.full((samples.shape[0],), -2.0)
-    best_idx = torch.zeros(samples.shape[0], dtype=torch.long)
+    best = RunningBest(samples.shape[0])
     start = 0
     for batch in batches:
         if s is not None:
             sim, idx = (s @ embed(batch).T).max(dim=1)
         else:
             sim, idx = labeller.nearest(samples, batch)
-        sim, idx = sim.float().cpu(), idx.cpu()
-        better = sim > best
-        best = torch.where(better, sim, best)
-        best_idx = torch.where(better, idx + start, best_idx)
+        best.update(sim.float().cpu(), idx.cpu(), start)
         start += batch.shape[0]
-    return best, best_idx
+    return best.similarity, best.index
 
 
 def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int, rule: LabelRule,
