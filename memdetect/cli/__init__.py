@@ -804,7 +804,7 @@ def _load_pipeline(model, model_path, device, dtype):
 def _conditions(prompts, classes, prompt_file):
     conditions = list(prompts or [])
     if prompt_file:
-        from ..bench.prompts import read_prompts
+        from ..store.prompts import read_prompts
         conditions += [str(p) for p in read_prompts(prompt_file)["prompt"]]
     if classes:
         if conditions:
