@@ -80,6 +80,7 @@ from ..errors import InputError, UsageError
 from ..store.io import ImageError, discover, image_seed, load_image
 from ..store.journal import Journal, read_journals
 from ..models.base import CONDITIONING
+from ..models.presets import PRESETS
 from ..core.scores import SCORES, compute_all
 from . import baselines
 from . import nemo_stats as nemo_stats_module
@@ -321,13 +322,13 @@ class NemoReference:
 
 def nemo_reference_for(adapter, *, preset: str, nemo_stats: str | Path | None, reference_file: str | Path | None,
                        normal: Sequence[str]) -> NemoReference:
-    """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for ``sd14``,
-    ``nemo_reference`` or the normal prompts)."""
+    """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for a preset that
+    declares them (``Preset.nemo_published``: ``sd14``), ``nemo_reference`` or the normal prompts)."""
     values = adapter.cross_attention_values()
     if nemo_stats is not None:
         moments = nemo_stats_module.read_statistics(nemo_stats, values)
         return NemoReference(f"statistics file {Path(nemo_stats).name} (NeMo's format)", moments)
-    if reference_file is None and preset == "sd14":
+    if reference_file is None and getattr(PRESETS.get(preset), "nemo_published", False):
         widths = nemo_stats_module.layer_widths(values)
         if widths != nemo_stats_module.SD1_WIDTHS:
             log.warning("NeMo's published statistics are for SD 1.4's value layers %s; this model's are %s: NeMo "
