@@ -28,10 +28,10 @@ from ..errors import UsageError
 from ..core.hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
+from .layers import MLP_LAYER
 from .lazy import LazyModule
 from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, token_grid
 
-LAYER = "transformer_blocks.{k}.ff.net.0"
 GUIDANCE = 3.5
 
 
@@ -73,10 +73,10 @@ class FluxAdapter(FlowMatchAdapter):
 
     @classmethod
     def layer_hint(cls, options):
-        return LAYER.format(k="<num_layers-1>") + " (last double-stream block)"
+        return MLP_LAYER.format(k="<num_layers-1>") + " (last double-stream block)"
 
     def default_layer(self) -> str:
-        return LAYER.format(k=self.denoiser.config.num_layers - 1)
+        return MLP_LAYER.format(k=self.denoiser.config.num_layers - 1)
 
     def image_seq_len(self) -> int:
         return (self.resolution // self.vae_scale // 2) ** 2

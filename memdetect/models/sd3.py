@@ -18,16 +18,15 @@ import torch
 from ..core.hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
+from .layers import MiddleBlockMLP
 from .lazy import LazyModule
 from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, pipeline_config
 
-LAYER = "transformer_blocks.{k}.ff.net.0"
 
 
 @register_adapter
-class SD3Adapter(FlowMatchAdapter):
+class SD3Adapter(MiddleBlockMLP, FlowMatchAdapter):
     family = "sd3"
-    pooling = "token-max"
     pipeline_classes = ("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline")
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -52,13 +51,6 @@ class SD3Adapter(FlowMatchAdapter):
         resolution = int(cfg.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
         return cls(lazy, vae, scheduler, cond, resolution=resolution, device=device, dtype=dtype, source=source,
                    sigma=sigma, shift=shift)
-
-    @classmethod
-    def layer_hint(cls, options):
-        return LAYER.format(k="<num_layers/2-1>")
-
-    def default_layer(self) -> str:
-        return LAYER.format(k=self.denoiser.config.num_layers // 2 - 1)
 
     def velocity(self, x_t, s):
         dev = self._run_device()
