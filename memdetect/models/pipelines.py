@@ -25,7 +25,7 @@ import torch
 from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component, read_json
-from .base import Adapter, to_uint8, to_unit_range
+from .base import Adapter, LatentAdapter, to_uint8, to_unit_range
 from .conditions import empty_condition
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder
@@ -146,9 +146,7 @@ class PipelineAdapter(Adapter):
             mean = self.vae.encode(x).latent_dist.mean
         return (mean - self.shift_factor) * self.scaling_factor
 
-    def latent_shape(self):
-        r = self.resolution // self.vae_scale
-        return (self.vae.config.latent_channels, r, r)
+    latent_shape = LatentAdapter.latent_shape  # the VAE's latent grid, as for the other latent models
 
     @torch.no_grad()
     def decode(self, x0):
