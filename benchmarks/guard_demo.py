@@ -90,12 +90,12 @@ def main(argv=None) -> None:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_demo import load_cifar_train
+    from gt_common import load_cifar_train
 
     from memdetect.bench.labels import LabelRule, nearest_match
 
     recipe = json.loads((Path(packaged("demo_bench")) / "recipe.json").read_text())
-    cifar, names = load_cifar_train(args.data)
+    cifar, names, _ = load_cifar_train(args.data)
     perm = np.random.default_rng(recipe["seed"]).permutation(len(cifar))
     dup_idx = np.sort(perm[recipe["unique"]: recipe["unique"] + recipe["dup_images"]])
     if [names[i] for i in dup_idx] != recipe["duplicated_images"]:

@@ -4,9 +4,10 @@
 
 For each preset, every labelled sample of its bench folder (``memdetect/data/<bench>``: memorized >= 0.95,
 generalized < 0.80 by the flip/shift-invariant pixel correlation) is scored by ``Detector.score_tensor`` at the
-preset's default layer and timestep (nothing is tuned here). Recall per grade is measured at the threshold of the
-ROC point with the highest TPR among those with FPR <= 1% (the threshold behind TPR@1%FPR), and is the fraction
-of memorized samples, grouped by the duplication grade of their nearest training image, that score at or above it.
+preset's default layer and timestep (nothing is tuned here). Recall per grade is measured at the threshold behind
+TPR@1%FPR (``memdetect.core.metrics.threshold_at_fpr``: the (k+1)-th highest generalized score, k = floor(1% of the
+generalized samples)), and is the fraction of memorized samples, grouped by the duplication grade of their nearest
+training image, that score above it.
 Writes ``<out>/<model>_scores.csv`` and ``<out>/summary.json`` and prints a table.
 """
 
@@ -20,21 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_curve
 
 from memdetect import Detector
 from memdetect.bench.labels import LabelRule
-from memdetect.core.metrics import roc_metrics
+from memdetect.core.metrics import roc_metrics, threshold_at_fpr
 from memdetect.models.presets import packaged
 
 BENCH = {"demo-sd": "demo_sd_bench", "demo-dit": "demo_dit_bench", "demo-edm": "demo_edm_bench",
          "demo": "demo_bench"}
-
-
-def threshold_at_fpr(labels: np.ndarray, scores: np.ndarray, max_fpr: float = 0.01) -> float:
-    fpr, tpr, thr = roc_curve(labels, scores)
-    ok = np.flatnonzero(fpr <= max_fpr)
-    return float(thr[ok[np.argmax(tpr[ok])]])
 
 
 def measure(model: str, out: Path, batch_size: int) -> dict:
@@ -63,7 +57,7 @@ def measure(model: str, out: Path, batch_size: int) -> dict:
     thr = threshold_at_fpr(y, lab["std"].to_numpy())
     res["std_threshold_at_1pct_fpr"] = thr
     mem = lab[lab["label"] == "memorized"]
-    res["std_recall_per_grade"] = {g: {"memorized": int(len(d)), "recall": float((d["std"] >= thr).mean())}
+    res["std_recall_per_grade"] = {g: {"memorized": int(len(d)), "recall": float((d["std"] > thr).mean())}
                                    for g, d in mem.groupby("nearest_grade")}
     lab.to_csv(out / f"{model}_scores.csv", index=False)
     return res

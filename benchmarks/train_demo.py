@@ -25,38 +25,17 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import io
 import json
 import math
-import tarfile
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def load_cifar_train(path: Path) -> tuple[np.ndarray, list[str]]:
-    """All CIFAR-10 training images as uint8 [N,3,32,32], with their names, in sorted name order."""
-    names, arrays = [], []
-    if path.is_dir():
-        files = sorted(p for p in (path / "train").rglob("*.jpg"))
-        for f in files:
-            names.append(str(f.relative_to(path)))
-            arrays.append(np.asarray(Image.open(f).convert("RGB")))
-    else:
-        with tarfile.open(path) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.lstrip("./").startswith("train/")),
-                             key=lambda m: m.name)
-            for m in members:
-                data = tar.extractfile(m).read()
-                names.append(m.name.lstrip("./"))
-                arrays.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
-    x = np.stack(arrays).transpose(0, 3, 1, 2).copy()
-    return x, names
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gt_common import load_cifar_train  # noqa: E402
 
 
 def build_unet(resolution: int):
@@ -129,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    images, names = load_cifar_train(args.data)
+    images, names, _ = load_cifar_train(args.data)
     print(f"loaded {len(images)} training images in {time.time() - t_start:.1f}s", flush=True)
     perm = np.random.default_rng(args.seed).permutation(len(images))
     unique_idx = np.sort(perm[: args.unique])

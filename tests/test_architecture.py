@@ -112,16 +112,30 @@ def test_every_module_is_in_a_layer_and_the_graph_is_read():
 
 
 def _family_dispatch(path: Path) -> list[str]:
-    """Comparisons on a ``family`` value, and dict literals indexed by one: choosing code by family name."""
+    """Comparisons on a ``family`` value, and dict literals indexed by one: choosing code by family name; and a
+    preset or model name (a name ending in ``preset`` or ``model``) compared with a string literal (``preset ==
+    "sd14"``, ``model in ("sd14", "sd15")``): choosing code by preset name."""
     found = []
 
     def is_family(node: ast.AST) -> bool:
         return (isinstance(node, ast.Name) and node.id.endswith("family")) or (
             isinstance(node, ast.Attribute) and node.attr.endswith("family"))
 
+    def is_preset(node: ast.AST) -> bool:
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+        return name.lower().endswith(("preset", "model"))
+
+    def is_text(node: ast.AST) -> bool:
+        return (isinstance(node, ast.Constant) and isinstance(node.value, str)) or (
+            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and any(is_text(e) for e in node.elts))
+
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Compare) and any(is_family(n) for n in [node.left, *node.comparators]):
             found.append(f"{path.name}:{node.lineno}")
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(is_preset(n) for n in sides) and any(is_text(n) for n in sides):
+                found.append(f"{path.name}:{node.lineno}")
         if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Dict) and is_family(node.slice):
             found.append(f"{path.name}:{node.lineno}")
         if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
@@ -133,7 +147,15 @@ def _family_dispatch(path: Path) -> list[str]:
 def test_no_dispatch_on_family_names_outside_models():
     outside = [p for p in PACKAGE.rglob("*.py") if "models" not in p.relative_to(PACKAGE).parts]
     hits = [hit for p in outside for hit in _family_dispatch(p)]
-    assert not hits, f"family-specific code belongs in memdetect/models/ (an adapter): {hits}"
+    assert not hits, f"family- or preset-specific code belongs in memdetect/models/ (an adapter, a preset): {hits}"
+
+
+def test_family_dispatch_check_sees_preset_names(tmp_path):
+    """The check above is not blind to dispatch on a preset or model name (the old ``preset == "sd14"``)."""
+    code = tmp_path / "dispatch.py"
+    code.write_text('if preset == "sd14":\n    pass\nif det.model in ("sd14", "sd15"):\n    pass\n'
+                    'ok = preset == other_preset\n')
+    assert _family_dispatch(code) == ["dispatch.py:1", "dispatch.py:3"]
 
 
 def test_each_folder_is_one_stretch_of_layers():

@@ -23,6 +23,7 @@ from memdetect.bench import prompts
 from memdetect.bench.paper import DIFFERENCE_COLUMNS, LAION_METHODS, OURS, RESULT_COLUMNS
 from memdetect.cli import app
 from memdetect.errors import InputError, UsageError
+from memdetect.store.prompts import detect_format
 from memdetect.models import edm
 from memdetect.models.base import Adapter
 
@@ -68,7 +69,7 @@ def test_prompt_list_formats_are_detected(tmp_path):
     for name, text in files.items():
         path = tmp_path / name
         path.write_text(text)
-        assert prompts.detect_format(path) == formats[name], name
+        assert detect_format(path) == formats[name], name
         df = prompts.read_prompts(path)
         assert list(df["prompt"]) == MEMORIZED, name
         assert list(df["row"]) == list(range(len(MEMORIZED)))

@@ -29,13 +29,12 @@ import torch
 from typer.testing import CliRunner
 
 from memdetect import Detector
-from memdetect.models.edm import safe_pickle
 from memdetect.core.capture import Trace
 from memdetect.cli import app
 from memdetect.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
 from memdetect.models import PRESETS, resolve_model
 from memdetect.models import edm
-from memdetect.models.edm import EDMAdapter, build_network, ddpm_sigma, network_from_pickle
+from memdetect.models.edm import EDMAdapter, build_network, ddpm_sigma, network_from_pickle, safe_pickle
 
 SMALL = dict(img_resolution=32, img_channels=3, model_channels=16, channel_mult=[2, 2, 2], num_blocks=4,
              attn_resolutions=[16], dropout=0.13, embedding_type="positional", channel_mult_noise=1,

@@ -146,6 +146,21 @@ def benchmarks_module(name: str):
     return importlib.import_module(name)
 
 
+def test_edm_sampler_of_the_script_reproduces_the_shipped_samples():
+    """``train_ground_truth.py edm``'s sampling stage (the library's ``sample_heun``) gives the shipped demo-edm
+    samples again from the shipped network (seed 0, 18 steps), up to rounding: they were made by an earlier copy of
+    the sampler with a float64 state."""
+    from memdetect.models.edm import load_network
+
+    train_ground_truth = benchmarks_module("train_ground_truth")
+    net = load_network(Path(packaged("demo-edm")) / "demo-edm.safetensors")
+    samples, seeds = train_ground_truth.edm_sample(net, 4, seed=0, steps=18, batch=4)
+    shipped = torch.from_numpy(np.load(DATA / "demo_edm_bench" / "samples.npz")["samples"][:4])
+    diff = (samples.int() - shipped.int()).abs()
+    assert seeds == [0, 1, 2, 3] and samples.dtype == torch.uint8 and samples.shape == shipped.shape
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
 @needs_shared("data", "datasets", "cifar10-jpg")
 def test_relabel_reproduces_the_shipped_labels(tmp_path):
     """``train_ground_truth.py relabel`` on a copy of demo-edm's folder writes the shipped manifest again."""

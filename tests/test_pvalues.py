@@ -105,3 +105,22 @@ def test_histogram_counts_every_reference_image():
     for r in (Reference.from_scores(ref), Reference.from_scores(ref, max_stored=200)):
         edges, counts = r.histogram(bins=20)
         assert len(edges) == 21 and abs(sum(counts) - 5000) <= 20
+
+
+def test_one_rule_for_every_threshold_at_a_false_positive_rate():
+    """Calibration, a stored reference and the benchmarks' operating point choose the same cut: the (m+1)-th largest
+    negative score, m = floor(fpr * n) (flag ``>`` it, or ``>=`` the next float above it)."""
+    from memdetect.core import metrics
+    from memdetect.core.pvalues import allowed_flags, threshold_at_fpr
+
+    rng = np.random.default_rng(5)
+    neg = np.round(rng.normal(size=300), 1)  # many ties
+    labels = np.r_[np.ones(20, int), np.zeros(neg.size, int)]
+    scores = np.r_[np.round(rng.normal(1.0, size=20), 1), neg]
+    for fpr in (0.0, 0.005, 0.01, 0.1, 0.29, 0.5):
+        cut = threshold_at_fpr(neg, fpr)
+        assert cut == np.sort(neg)[::-1][allowed_flags(neg.size, fpr)]
+        assert (neg > cut).sum() <= allowed_flags(neg.size, fpr)
+        assert metrics.threshold_at_fpr(labels, scores, fpr) == cut
+        assert fpr_threshold(neg, fpr) == Reference.from_scores(neg).threshold(fpr) == np.nextafter(cut, np.inf)
+    assert threshold_at_fpr(neg, 1.0) == -np.inf == metrics.threshold_at_fpr(labels, scores, 1.0)

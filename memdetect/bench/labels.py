@@ -36,7 +36,7 @@ from typing import Iterable, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..core.similarity import MAX_SHIFT, Match, _centred_unit, _variants, nearest_match  # noqa: F401 (re-exported)
+from ..core.similarity import MAX_SHIFT, RunningBest, centred_unit, nearest_match
 
 #: Default thresholds on the pixel correlation (see module docstring and benchmarks/RESULTS.md).
 MEMORIZED_AT = 0.95
@@ -47,7 +47,7 @@ def paired_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pixel correlation of a[i] with b[i] (same shapes [N, C, H, W]); [N]."""
     if a.shape != b.shape:
         raise ValueError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
-    return (_centred_unit(a) * _centred_unit(b)).sum(dim=1)
+    return (centred_unit(a) * centred_unit(b)).sum(dim=1)
 
 
 @torch.no_grad()
@@ -68,21 +68,18 @@ def nearest_neighbours_in(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``nearest_neighbours`` over training images that arrive in batches (a folder too large for memory);
     indices count across the batches in order."""
-    s = _centred_unit(samples)
-    best_sim = torch.full((s.shape[0],), -2.0, device=s.device)
-    best_idx = torch.zeros(s.shape[0], dtype=torch.long, device=s.device)
+    s = centred_unit(samples)
+    best = RunningBest(s.shape[0], device=s.device)
     start = 0
     for batch in train_batches:
         if batch.shape[1:] != samples.shape[1:]:
             raise ValueError(f"samples {tuple(samples.shape[1:])} and training images {tuple(batch.shape[1:])} differ")
-        t = _centred_unit(batch.to(s.device))
+        t = centred_unit(batch.to(s.device))
         sim = s @ t.T
         val, idx = sim.max(dim=1)
-        better = val > best_sim
-        best_sim = torch.where(better, val, best_sim)
-        best_idx = torch.where(better, idx + start, best_idx)
+        best.update(val, idx, start)
         start += batch.shape[0]
-    return best_sim.cpu(), best_idx.cpu()
+    return best.similarity.cpu(), best.index.cpu()
 
 
 @dataclass(frozen=True)

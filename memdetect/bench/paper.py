@@ -80,12 +80,14 @@ from ..errors import InputError, UsageError
 from ..store.io import ImageError, discover, image_seed, load_image
 from ..store.journal import Journal, read_journals
 from ..models.base import CONDITIONING
+from ..models.presets import PRESETS
 from ..core.scores import SCORES, compute_all
 from . import baselines
 from . import nemo_stats as nemo_stats_module
 from .demo import plot_roc
 from .generate import generate, generation_seed, save_png
-from .labels import Labeller, LabelRule, PixelLabeller, make_labeller, nearest_match
+from .labels import Labeller, LabelRule, PixelLabeller, make_labeller
+from ..core.similarity import RunningBest, nearest_match
 from ..core.metrics import ahead, bootstrap_metrics, paired_difference
 from .prompts import DEFAULT_MEMORIZED, DEFAULT_MEMORIZED_LABELLED, DEFAULT_NORMAL, load_list
 
@@ -320,13 +322,13 @@ class NemoReference:
 
 def nemo_reference_for(adapter, *, preset: str, nemo_stats: str | Path | None, reference_file: str | Path | None,
                        normal: Sequence[str]) -> NemoReference:
-    """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for ``sd14``,
-    ``nemo_reference`` or the normal prompts)."""
+    """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for a preset that
+    declares them (``Preset.nemo_published``: ``sd14``), ``nemo_reference`` or the normal prompts)."""
     values = adapter.cross_attention_values()
     if nemo_stats is not None:
         moments = nemo_stats_module.read_statistics(nemo_stats, values)
         return NemoReference(f"statistics file {Path(nemo_stats).name} (NeMo's format)", moments)
-    if reference_file is None and preset == "sd14":
+    if reference_file is None and getattr(PRESETS.get(preset), "nemo_published", False):
         widths = nemo_stats_module.layer_widths(values)
         if widths != nemo_stats_module.SD1_WIDTHS:
             log.warning("NeMo's published statistics are for SD 1.4's value layers %s; this model's are %s: NeMo "
@@ -575,20 +577,16 @@ def nearest_in(labeller: Labeller, samples: torch.Tensor,
         return m.similarity, m.index
     embed = getattr(labeller, "embed", None)
     s = embed(samples) if embed is not None else None
-    best = torch.full((samples.shape[0],), -2.0)
-    best_idx = torch.zeros(samples.shape[0], dtype=torch.long)
+    best = RunningBest(samples.shape[0])
     start = 0
     for batch in batches:
         if s is not None:
             sim, idx = (s @ embed(batch).T).max(dim=1)
         else:
             sim, idx = labeller.nearest(samples, batch)
-        sim, idx = sim.float().cpu(), idx.cpu()
-        better = sim > best
-        best = torch.where(better, sim, best)
-        best_idx = torch.where(better, idx + start, best_idx)
+        best.update(sim.float().cpu(), idx.cpu(), start)
         start += batch.shape[0]
-    return best, best_idx
+    return best.similarity, best.index
 
 
 def label_samples(paths: Sequence[Path], train_dir: str | Path, resolution: int, rule: LabelRule,

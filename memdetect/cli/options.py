@@ -141,7 +141,7 @@ def scan_settings(ctx: typer.Context, config: Optional[Path], *, config_sha256: 
 def _conditions(prompts, classes, prompt_file):
     conditions = list(prompts or [])
     if prompt_file:
-        from ..bench.prompts import read_prompts
+        from ..store.prompts import read_prompts
         conditions += [str(p) for p in read_prompts(prompt_file)["prompt"]]
     if classes:
         if conditions:

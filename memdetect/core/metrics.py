@@ -25,6 +25,8 @@ import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from . import pvalues
+
 #: Defaults of every interval in the benchmarks.
 N_BOOT = 1000
 LEVEL = 0.95
@@ -155,9 +157,7 @@ def threshold_at_fpr(labels, scores, max_fpr: float = 0.01) -> float:
     the (k+1)-th highest generalized score, k = floor(max_fpr * n_generalized) (so at most k generalized samples are
     flagged); ``-inf`` when every generalized sample may be flagged."""
     labels, scores = _checked(labels, scores)
-    neg = np.sort(scores[labels == 0])[::-1]
-    k = int(np.floor(max_fpr * neg.size + 1e-9))
-    return float(neg[k]) if k < neg.size else float("-inf")
+    return pvalues.threshold_at_fpr(scores[labels == 0], max_fpr)
 
 
 def recall_by_group(scores, groups, threshold: float) -> dict:

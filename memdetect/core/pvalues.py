@@ -52,6 +52,23 @@ def min_reference(fpr: float) -> int:
     return math.ceil(3.0 / fpr - 1e-9) if fpr > 0 else 0
 
 
+def allowed_flags(n: int, fpr: float) -> int:
+    """``floor(fpr * n)``: how many of ``n`` reference (novel, generalized) images a false-positive rate of ``fpr``
+    lets a threshold flag, robust to binary fractions (0.29 * 100 is 28.999...)."""
+    return int(math.floor(fpr * n + 1e-9))
+
+
+def threshold_at_fpr(negatives, fpr: float) -> float:
+    """The one rule of every threshold chosen at a false-positive rate (calibration, ``Reference.threshold``, the
+    benchmarks' operating points): the (m+1)-th largest of the ``negatives`` (scores of novel / generalized images),
+    ``m = allowed_flags(n, fpr)``. Flagging ``score > threshold`` flags at most ``m`` negatives (a tie with the
+    threshold stays unflagged); ``-inf`` when ``m >= n`` (every negative may be flagged). Flag-when-``>=`` callers
+    take the next float above it."""
+    neg = np.sort(np.asarray(negatives, dtype=np.float64))[::-1]
+    m = allowed_flags(neg.size, fpr)
+    return float(neg[m]) if m < neg.size else float("-inf")
+
+
 def stored_ranks(n: int, k: int) -> np.ndarray:
     """The 1-based descending ranks of the ``k`` order statistics kept of ``n`` scores (all of them when k >= n):
     evenly spaced, the first (largest score) and the last (smallest) always kept."""
@@ -125,7 +142,9 @@ class Reference:
         next float above the stored score of the largest stored rank <= m + 1 (at most ``m`` flagged)."""
         if not 0.0 <= fpr < 1.0:
             raise ValueError(f"fpr must be in [0, 1), got {fpr}")
-        m = int(math.floor(fpr * self.n + 1e-9))
+        if self.exact:
+            return float(np.nextafter(threshold_at_fpr(self.scores, fpr), np.inf))
+        m = allowed_flags(self.n, fpr)
         ranks = self.ranks
         j = int(np.searchsorted(ranks, m + 1, side="right")) - 1  # the largest stored rank <= m + 1
         return float(np.nextafter(self.scores[j], np.inf))
@@ -145,4 +164,5 @@ class Reference:
         return [float(e) for e in edges], [int(round(c)) for c in counts]
 
 
-__all__ = ["MAX_STORED", "Reference", "clopper_pearson", "min_reference", "stored_ranks"]
+__all__ = ["MAX_STORED", "Reference", "allowed_flags", "clopper_pearson", "min_reference", "stored_ranks",
+           "threshold_at_fpr"]

@@ -16,7 +16,9 @@ import torch
 MAX_SHIFT = 2
 
 
-def _centred_unit(x: torch.Tensor) -> torch.Tensor:
+def centred_unit(x: torch.Tensor) -> torch.Tensor:
+    """Each image centred and scaled to norm 1, flattened [N, C*H*W]: the dot product of two such rows is their
+    pixel correlation."""
     flat = x.reshape(x.shape[0], -1).float()
     flat = flat - flat.mean(dim=1, keepdim=True)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
@@ -47,6 +49,24 @@ class Match:
     dx: torch.Tensor  # long [N]
 
 
+class RunningBest:
+    """The nearest candidate so far, for each of ``n`` samples, over candidates that arrive in batches: the highest
+    similarity, the candidate's index (counting across batches: ``offset`` is how many came before the batch) and a
+    ``tag`` (e.g. which transform won). Starts below any correlation or cosine (-2); a tie keeps the earlier one."""
+
+    def __init__(self, n: int, device: torch.device | str | None = None):
+        self.similarity = torch.full((n,), -2.0, device=device)
+        self.index = torch.zeros(n, dtype=torch.long, device=device)
+        self.tag = torch.zeros(n, dtype=torch.long, device=device)
+
+    def update(self, similarity: torch.Tensor, index: torch.Tensor, offset: int = 0, tag: int = 0) -> None:
+        """Take the batch's best (``similarity``, ``index`` within the batch) where it beats the best so far."""
+        better = similarity > self.similarity
+        self.similarity = torch.where(better, similarity, self.similarity)
+        self.index = torch.where(better, index + offset, self.index)
+        self.tag = torch.where(better, torch.full_like(self.tag, tag), self.tag)
+
+
 def _variants(max_shift: int, flip: bool) -> list[tuple[bool, int, int]]:
     shifts = range(-max_shift, max_shift + 1)
     return [(f, dy, dx) for f in ((False, True) if flip else (False,)) for dy in shifts for dx in shifts]
@@ -69,7 +89,7 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
         raise ValueError(f"max_shift must be >= 0, got {max_shift}")
     if colour not in COLOUR_MODES:
         raise ValueError(f"colour must be one of {', '.join(COLOUR_MODES)}, got {colour!r}")
-    norms = [_centred_unit] if colour == "rgb" else [_centred_unit, _channel_unit]
+    norms = [centred_unit] if colour == "rgb" else [centred_unit, _channel_unit]
     n, _, h, w = samples.shape
     s = max_shift
     if not (2 * s < h and 2 * s < w):
@@ -83,9 +103,7 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
     batches = train
     if isinstance(train, torch.Tensor):
         batches = (train[start: start + chunk] for start in range(0, train.shape[0], chunk))
-    best = torch.full((n,), -2.0)
-    best_idx = torch.zeros(n, dtype=torch.long)
-    best_var = torch.zeros(n, dtype=torch.long)
+    best = RunningBest(n)
     start = 0
     for batch in batches:
         if batch.shape[1:] != samples.shape[1:]:
@@ -97,15 +115,11 @@ def nearest_match(samples: torch.Tensor, train: torch.Tensor | Iterable[torch.Te
             for a, b in zip(sw[1:], ts[1:]):
                 sims = torch.maximum(sims, a @ b.T)
             val, idx = sims.max(dim=1)
-            val, idx = val.cpu(), idx.cpu()
-            better = val > best
-            best = torch.where(better, val, best)
-            best_idx = torch.where(better, idx + start, best_idx)
-            best_var = torch.where(better, torch.full_like(best_var, v), best_var)
+            best.update(val.cpu(), idx.cpu(), start, tag=v)
         start += batch.shape[0]
     table = torch.tensor([(int(f), dy, dx) for f, dy, dx in variants], dtype=torch.long)
-    chosen = table[best_var]
-    return Match(best, best_idx, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
+    chosen = table[best.tag]
+    return Match(best.similarity, best.index, chosen[:, 0].bool(), chosen[:, 1], chosen[:, 2])
 
 
 @torch.no_grad()
@@ -118,7 +132,7 @@ def near_duplicates(images: torch.Tensor, *, threshold: float = 0.95, size: int 
     x = images.float()
     if x.shape[-1] != size or x.shape[-2] != size:
         x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
-    u = _centred_unit(x)
+    u = centred_unit(x)
     n = u.shape[0]
     counts = torch.zeros(n, dtype=torch.long)
     group = torch.full((n,), -1, dtype=torch.long)
@@ -134,4 +148,4 @@ def near_duplicates(images: torch.Tensor, *, threshold: float = 0.95, size: int 
     return counts, group
 
 
-__all__ = ["COLOUR_MODES", "MAX_SHIFT", "Match", "near_duplicates", "nearest_match"]
+__all__ = ["COLOUR_MODES", "MAX_SHIFT", "Match", "RunningBest", "centred_unit", "near_duplicates", "nearest_match"]

@@ -25,7 +25,8 @@ import torch
 from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component, read_json
-from .base import Adapter, to_uint8, to_unit_range
+from .base import Adapter, LatentAdapter, to_uint8, to_unit_range
+from .conditions import empty_condition
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder
 
@@ -51,6 +52,24 @@ def load_vae(source: str, device: torch.device):
 def meta_condition(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     """A condition of the given shapes on ``meta`` (``--device meta``: shapes only)."""
     return {k: torch.empty(s, device=META) for k, s in shapes.items()}
+
+
+def joint_transformer(adapter_class, transformer_class, source: str, device: torch.device, *, tokens: int,
+                      max_sequence_length: int, encode_empty) -> tuple[LazyModule, dict[str, torch.Tensor]]:
+    """The lazily loaded joint-attention transformer of an SD3 or Flux pipeline and the empty prompt's condition
+    (``prompt_embeds`` [1, ``tokens``, joint_attention_dim] and ``pooled_prompt_embeds``): shapes only on ``meta``;
+    else the transformer's weights must be there (said before any text encoder loads) and the condition is
+    ``empty_condition``'s (``encode_empty`` runs the text encoders once, then it is cached)."""
+    lazy = LazyModule(transformer_class, source, "transformer")
+    if not is_meta(device):
+        lazy.require_weights()  # a config-only folder: say so before loading any text encoder
+    cfg = lazy.module.config
+    if is_meta(device):
+        return lazy, meta_condition({"prompt_embeds": (1, tokens, cfg.joint_attention_dim),
+                                     "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
+    return lazy, empty_condition(adapter_class.family, source, adapter_class.text_components,
+                                 {"max_sequence_length": int(max_sequence_length)},
+                                 ("prompt_embeds", "pooled_prompt_embeds"), encode_empty)
 
 
 def pipeline_config(source: str) -> dict:
@@ -127,9 +146,7 @@ class PipelineAdapter(Adapter):
             mean = self.vae.encode(x).latent_dist.mean
         return (mean - self.shift_factor) * self.scaling_factor
 
-    def latent_shape(self):
-        r = self.resolution // self.vae_scale
-        return (self.vae.config.latent_channels, r, r)
+    latent_shape = LatentAdapter.latent_shape  # the VAE's latent grid, as for the other latent models
 
     @torch.no_grad()
     def decode(self, x0):

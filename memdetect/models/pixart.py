@@ -18,17 +18,16 @@ import torch
 from ..core.hub import load_component
 from .base import register_adapter
 from .conditions import empty_condition
+from .layers import MiddleBlockMLP
 from .lazy import LazyModule
 from .pipelines import PipelineAdapter, is_meta, load_vae, meta_condition, pipeline_config
 
-LAYER = "transformer_blocks.{k}.ff.net.0"
 MAX_LENGTH = {"PixArtSigmaPipeline": 300, "PixArtAlphaPipeline": 120}
 
 
 @register_adapter
-class PixArtAdapter(PipelineAdapter):
+class PixArtAdapter(MiddleBlockMLP, PipelineAdapter):
     family = "pixart"
-    pooling = "token-max"
     pipeline_classes = ("PixArtSigmaPipeline", "PixArtAlphaPipeline")
     text_components = ("text_encoder", "tokenizer")
 
@@ -52,13 +51,6 @@ class PixArtAdapter(PipelineAdapter):
         scheduler = load_component(DDPMScheduler, source, "scheduler")
         resolution = int(cfg.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
         return cls(lazy, vae, scheduler, cond, resolution=resolution, device=device, dtype=dtype, source=source)
-
-    @classmethod
-    def layer_hint(cls, options):
-        return LAYER.format(k="<num_layers/2-1>")
-
-    def default_layer(self) -> str:
-        return LAYER.format(k=self.denoiser.config.num_layers // 2 - 1)
 
     def forward(self, x_t, t):
         self._denoise(x_t, t)

@@ -36,6 +36,7 @@ class Preset:
     options: dict = field(default_factory=dict)  # extra adapter options (e.g. DiT reading)
     note: str = ""
     schedule: dict | None = None  # DDPM schedule (DDPMScheduler keywords); None: the local scheduler config
+    nemo_published: bool = False  # NeMo's published neuron statistics (SD 1.4, 50k LAION prompts) fit these weights
 
     def noise_schedule(self) -> dict | None:
         """``schedule``, or the ``scheduler/scheduler_config.json`` of a local source (None when neither)."""
@@ -71,7 +72,8 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         Preset("sd14", "sd", "CompVis/stable-diffusion-v1-4", "up_blocks.0.resnets.2.conv2:in",
-               note="paper setting: LAION memorization; = up_blocks.0.resnets.2.nonlinearity@2", schedule=SCALED_LINEAR),
+               note="paper setting: LAION memorization; = up_blocks.0.resnets.2.nonlinearity@2", schedule=SCALED_LINEAR,
+               nemo_published=True),
         Preset("sd15", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "up_blocks.0.resnets.2.conv2:in",
                note="same architecture as sd14; layer not validated by the paper", schedule=SCALED_LINEAR),
         Preset("sd2-base", "sd", "stabilityai/stable-diffusion-2-base", "up_blocks.0.resnets.2.conv2:in",

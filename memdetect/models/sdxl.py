@@ -18,16 +18,16 @@ from __future__ import annotations
 import torch
 
 from ..core.hub import load_component
-from .base import UNET_LAYER, register_adapter, unet_layer
+from .base import register_adapter
+from .layers import UNetLayer
 from .conditions import empty_condition
 from .lazy import LazyModule
 from .pipelines import PipelineAdapter, is_meta, load_vae, meta_condition, pipeline_config
 
 
 @register_adapter
-class SDXLAdapter(PipelineAdapter):
+class SDXLAdapter(UNetLayer, PipelineAdapter):
     family = "sdxl"
-    pooling = "spatial-max"
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
     denoiser_folder = "unet"
     text_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -61,13 +61,6 @@ class SDXLAdapter(PipelineAdapter):
         adapter = cls(lazy, vae, scheduler, cond, resolution=resolution, device=device, dtype=dtype, source=source)
         adapter.zeroed_condition = zeros
         return adapter
-
-    @classmethod
-    def layer_hint(cls, options):
-        return UNET_LAYER.format(last="<last>")
-
-    def default_layer(self) -> str:
-        return unet_layer(self.denoiser)
 
     def forward(self, x_t, t):
         self._denoise(x_t, t)

@@ -37,7 +37,6 @@ FPR is measured on images the statistics never saw (on the same images it would 
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from ..config import CONFIG_VERSION, to_toml
 from ..detector import Detector
 from ..errors import InputError, UsageError
 from ..store.io import atomic_write, check_destination, display_path, expand_globs
-from ..core.pvalues import Reference, clopper_pearson, min_reference
+from ..core.pvalues import Reference, allowed_flags, clopper_pearson, min_reference, threshold_at_fpr
 from .scan import scan
 from ..core.scores import SCORES
 from ..settings import Settings, check_fpr
@@ -62,9 +61,6 @@ from ..text import printable
 RULE = "threshold = next float above the (floor(fpr*n)+1)-th largest reference score; flag when score >= threshold"
 
 
-def allowed_flags(n: int, fpr: float) -> int:
-    """``floor(fpr * n)``, robust to binary fractions (0.29 * 100 is 28.999...)."""
-    return int(math.floor(fpr * n + 1e-9))
 
 
 def check_output(output: str | os.PathLike, force: bool = False) -> None:
@@ -77,14 +73,13 @@ def check_output(output: str | os.PathLike, force: bool = False) -> None:
 
 def fpr_threshold(scores, fpr: float) -> float:
     """The smallest threshold flagging at most ``floor(fpr * n)`` of ``scores`` (see the module docstring)."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    s = np.asarray(scores, dtype=np.float64)
     if s.size == 0:
         raise InputError("no reference scores to calibrate on")
     check_fpr(fpr)
     if not np.isfinite(s).all():
         raise InputError("reference scores contain NaN or infinity")
-    m = allowed_flags(s.size, fpr)
-    return float(np.nextafter(s[m], np.inf))
+    return float(np.nextafter(threshold_at_fpr(s, fpr), np.inf))
 
 
 def roc_point(novel, memorized, threshold: float) -> dict:
