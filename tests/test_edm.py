@@ -28,7 +28,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memdetect import Detector, safe_pickle
+from memdetect import Detector
+from memdetect.models.edm import safe_pickle
 from memdetect.core.capture import Trace
 from memdetect.cli import app
 from memdetect.errors import ModelNotFoundError, UnsafeCheckpointError, UnsupportedModelError, UsageError
