@@ -27,9 +27,7 @@ import torch
 from ..errors import UsageError
 from ..core.hub import load_component
 from .base import register_adapter
-from .conditions import empty_condition
-from .lazy import LazyModule
-from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, token_grid
+from .pipelines import FlowMatchAdapter, load_vae, token_grid
 
 LAYER = "transformer_blocks.{k}.ff.net.0"
 GUIDANCE = 3.5
@@ -51,18 +49,9 @@ class FluxAdapter(FlowMatchAdapter):
              guidance=GUIDANCE, **options):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        lazy = LazyModule(FluxTransformer2DModel, source, "transformer")
-        if not is_meta(device):
-            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
-        cfg = lazy.module.config
-        if is_meta(device):
-            cond = meta_condition({"prompt_embeds": (1, max_sequence_length, cfg.joint_attention_dim),
-                                   "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
-        else:
-            cond = empty_condition(cls.family, source, cls.text_components,
-                                   {"max_sequence_length": int(max_sequence_length)},
-                                   ("prompt_embeds", "pooled_prompt_embeds"),
-                                   lambda: _encode_empty(source, int(max_sequence_length)))
+        lazy, cond = cls.transformer_and_condition(FluxTransformer2DModel, source, device, _encode_empty,
+                                                   max_sequence_length=max_sequence_length,
+                                                   text_tokens=max_sequence_length)
         vae = load_vae(source, device)
         resolution = int(vae.config.sample_size) if resolution is None else resolution
         if not isinstance(resolution, int) or resolution < 16 or resolution % 16:

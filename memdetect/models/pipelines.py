@@ -18,14 +18,15 @@ Flow-matching noise (SD3, Flux): ``flow.py``.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
 from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component, read_json
-from .base import Adapter, to_uint8, to_unit_range
+from .base import Adapter, VAELatents
+from .conditions import empty_condition
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder
 
@@ -66,8 +67,9 @@ def token_grid(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, g, g)
 
 
-class PipelineAdapter(Adapter):
-    """A latent adapter over a lazily read denoiser and an ``AutoencoderKL`` (see the module docstring)."""
+class PipelineAdapter(VAELatents, Adapter):
+    """A latent adapter (``base.VAELatents``) over a lazily read denoiser and an ``AutoencoderKL`` (see the module
+    docstring)."""
 
     conditioning = "text"
     #: the denoiser's component folder and the text components (hashed into the condition cache's key)
@@ -78,10 +80,7 @@ class PipelineAdapter(Adapter):
                  device: torch.device, dtype: torch.dtype, source: str = ""):
         super().__init__(lazy.module, scheduler, resolution=resolution, device=device, dtype=dtype, source=source)
         self.lazy = lazy
-        self.vae = vae.eval().requires_grad_(False)
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self._use_vae(vae)
         self.cond = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in cond.items()}
         if not is_meta(device):
             lazy.require_weights()  # a config-only folder fails at load, not in the middle of a scan
@@ -120,23 +119,7 @@ class PipelineAdapter(Adapter):
     def weight_files(self):
         return component_files(self.source, (self.denoiser_folder, "vae", "scheduler", *self.text_components))
 
-    # -- the scan's stages ---------------------------------------------------------------------------------------
-    def encode(self, images):
-        x = to_unit_range(images).to(self.device, self.dtype)
-        with self.autocast():
-            mean = self.vae.encode(x).latent_dist.mean
-        return (mean - self.shift_factor) * self.scaling_factor
-
-    def latent_shape(self):
-        r = self.resolution // self.vae_scale
-        return (self.vae.config.latent_channels, r, r)
-
-    @torch.no_grad()
-    def decode(self, x0):
-        with self.autocast():
-            pixels = self.vae.decode((x0 / self.scaling_factor + self.shift_factor).to(self.dtype)).sample
-        return to_uint8(pixels)
-
+    # -- the scan's stages (encode, latent_shape, decode: ``VAELatents``) ---------------------------------------------
     def activation_grid(self, x):
         if x.ndim == 3:
             return token_grid(x)
@@ -172,6 +155,23 @@ class FlowMatchAdapter(PipelineAdapter):
                              f"got {sigma!r}")
         self.sigma_override = float(sigma) if sigma is not None else None
         self.shift = scheduler_shift(self.scheduler.config, self.image_seq_len()) if shift else 1.0
+
+    @classmethod
+    def transformer_and_condition(cls, transformer_class, source: str, device: torch.device, encode: Callable,
+                                  *, max_sequence_length: int, text_tokens: int):
+        """The lazily read transformer (``transformer_class`` in ``denoiser_folder``) and the empty prompt's condition
+        (``prompt_embeds`` of ``text_tokens`` tokens, ``pooled_prompt_embeds``): ``encode(source,
+        max_sequence_length)`` through the on-disk cache (``conditions.empty_condition``), or shapes only on ``meta``
+        (``--device meta``). A config-only folder fails here, before any text encoder is loaded."""
+        lazy = LazyModule(transformer_class, source, cls.denoiser_folder)
+        if is_meta(device):
+            cfg = lazy.module.config
+            return lazy, meta_condition({"prompt_embeds": (1, text_tokens, cfg.joint_attention_dim),
+                                         "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
+        lazy.require_weights()
+        n = int(max_sequence_length)
+        return lazy, empty_condition(cls.family, source, cls.text_components, {"max_sequence_length": n},
+                                     ("prompt_embeds", "pooled_prompt_embeds"), lambda: encode(source, n))
 
     def image_seq_len(self) -> int:
         """Image tokens at the scan's resolution (what Flux's dynamic shift is a function of)."""

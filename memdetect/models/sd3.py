@@ -17,9 +17,7 @@ import torch
 
 from ..core.hub import load_component
 from .base import register_adapter
-from .conditions import empty_condition
-from .lazy import LazyModule
-from .pipelines import FlowMatchAdapter, is_meta, load_vae, meta_condition, pipeline_config
+from .pipelines import FlowMatchAdapter, load_vae, pipeline_config
 
 LAYER = "transformer_blocks.{k}.ff.net.0"
 
@@ -35,18 +33,10 @@ class SD3Adapter(FlowMatchAdapter):
     def load(cls, source, *, device, dtype, sigma=None, shift=True, max_sequence_length=256, **options):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-        lazy = LazyModule(SD3Transformer2DModel, source, "transformer")
-        if not is_meta(device):
-            lazy.require_weights()  # a config-only folder: say so before loading any text encoder
+        lazy, cond = cls.transformer_and_condition(SD3Transformer2DModel, source, device, _encode_empty,
+                                                   max_sequence_length=max_sequence_length,
+                                                   text_tokens=77 + max_sequence_length)
         cfg = lazy.module.config
-        if is_meta(device):
-            cond = meta_condition({"prompt_embeds": (1, 77 + max_sequence_length, cfg.joint_attention_dim),
-                                   "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
-        else:
-            cond = empty_condition(cls.family, source, cls.text_components,
-                                   {"max_sequence_length": int(max_sequence_length)},
-                                   ("prompt_embeds", "pooled_prompt_embeds"),
-                                   lambda: _encode_empty(source, int(max_sequence_length)))
         vae = load_vae(source, device)
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, source, "scheduler")
         resolution = int(cfg.sample_size) * 2 ** (len(vae.config.block_out_channels) - 1)
