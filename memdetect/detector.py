@@ -35,7 +35,8 @@ from .core.capture import LayerInfo, LayerSpec, Trace, pool, probe_layers
 from .errors import LayerError, UsageError
 from .store.io import PREPROCESS, ImageError, content_digest, decode_frames, discover, draw_seed, image_seed, read_file
 from .store.journal import FRAMES_FIELD, fingerprint, row_key
-from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
+from .models import ADAPTERS, ModelSpec, ScanAdapter, adapter_class, load_adapter, require, resolve_model
+from .models.capabilities import Scanning
 from .store.report import make_row, rows_to_frame
 from .core.scores import SCORES, compute_all, standardise
 from .store.sources import Source, item_name, read_item
@@ -216,12 +217,13 @@ class Detector:
     of (v - mean) / std (``scores.standardise``) instead of v. ``features`` stay the raw pooled activations.
     """
 
-    def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
+    def __init__(self, adapter: ScanAdapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
                  early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None,
                  draws: int = 1, normalise: Mapping[str, Sequence[float]] | None = None):
         check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep,
                       draws=draws)
+        require(adapter, Scanning, "the Detector")
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
         self.adapter = adapter

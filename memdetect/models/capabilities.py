@@ -19,7 +19,8 @@ bench generation               ``Generation``                         sample, de
 =============================  =====================================  ==================================
 
 The protocols are structural (``typing.runtime_checkable``): a class that has the members passes, whatever it
-inherits. ``require`` checks an adapter instance or an adapter class.
+inherits. They name class-level members only (methods, class variables), so ``require`` checks an adapter class
+(before loading) as well as an instance.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ class Scanning(Protocol):
 
     family: str
     pooling: str
-    resolution: int
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
     def noise(self, x0: torch.Tensor, t: int, seeds: Sequence[int]) -> torch.Tensor: ...
