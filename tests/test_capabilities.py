@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib
 import re
 import types
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -18,7 +17,6 @@ from memdetect.cli import app
 from memdetect.detector import Detector
 from memdetect.errors import UnsupportedModelError
 from memdetect.models import ADAPTERS, Adapter, ScanAdapter, register_adapter, require
-from memdetect.models.base import place, to_unit_range
 from memdetect.models.capabilities import Conditioning, CrossAttention, Generation, Guarding, Scanning
 from memdetect.workflows.guarding import adapter_for_pipeline, load_guardable
 
@@ -29,30 +27,14 @@ def _scan_only_class():
     toy = importlib.import_module(f"{__package__}.toy_family")
 
     class ScanOnlyToy(ScanAdapter):
-        """The toy family's model, written against the scan capability alone."""
+        """The toy family's model (its methods), on the scan capability alone."""
 
         family = "toyscan"
         pipeline_classes = ("ToyScanPipeline",)
-
-        @classmethod
-        def load(cls, source, *, device, dtype, **options):
-            from diffusers import DDPMScheduler
-            from safetensors.torch import load_file
-
-            net = toy.ToyDenoiser(8)
-            net.load_state_dict(load_file(str(Path(source) / "toy.safetensors")))
-            return cls(place(net, device, dtype), DDPMScheduler(num_train_timesteps=1000), resolution=16,
-                       device=device, dtype=dtype, source=str(source))
-
-        def default_layer(self) -> str:
-            return "body.3"
-
-        def encode(self, images):
-            return to_unit_range(images).to(self.device, self.dtype)
-
-        def predict_noise(self, x_t, t, cond=None):
-            self._unconditional(cond)
-            return self.denoiser(x_t, int(t))
+        load = classmethod(toy.ToyAdapter.load.__func__)
+        default_layer = toy.ToyAdapter.default_layer
+        encode = toy.ToyAdapter.encode
+        predict_noise = toy.ToyAdapter.predict_noise
 
     return toy, register_adapter(ScanOnlyToy)
 

@@ -469,6 +469,21 @@ def unet_selection_layers(unet: nn.Module) -> list[str]:
     return out
 
 
+class UNetLayers:
+    """The layers of a diffusers UNet denoiser (``self.denoiser``), for a ``ScanAdapter``: the paper's layer
+    (``unet_layer``) and the candidates ``memdetect calibrate --select-layer`` tries (``unet_selection_layers``)."""
+
+    @classmethod
+    def layer_hint(cls, options):
+        return UNET_LAYER.format(last="<last>")
+
+    def default_layer(self) -> str:
+        return unet_layer(self.denoiser)
+
+    def selection_layers(self) -> list[str]:
+        return unet_selection_layers(self.denoiser)
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return images.float() / 127.5 - 1.0

@@ -7,12 +7,11 @@ SiLU of the last resnet in the lowest-resolution up block).
 from __future__ import annotations
 
 from ..core.hub import component_files, has_subfolder, load_component
-from .base import UNET_LAYER, Adapter, place, register_adapter, to_unit_range, unet_layer
-from .base import unet_selection_layers
+from .base import Adapter, UNetLayers, place, register_adapter, to_unit_range
 
 
 @register_adapter
-class PixelDDPMAdapter(Adapter):
+class PixelDDPMAdapter(UNetLayers, Adapter):
     family = "ddpm"
     pooling = "spatial-max"
     pipeline_classes = ("DDPMPipeline", "DDIMPipeline", "UNet2DModel")
@@ -37,16 +36,6 @@ class PixelDDPMAdapter(Adapter):
 
     def weight_files(self):
         return component_files(self.source, getattr(self, "components", ("unet", "scheduler")))
-
-    @classmethod
-    def layer_hint(cls, options):
-        return UNET_LAYER.format(last="<last>")
-
-    def default_layer(self) -> str:
-        return unet_layer(self.denoiser)
-
-    def selection_layers(self) -> list[str]:
-        return unet_selection_layers(self.denoiser)
 
     def encode(self, images):
         return to_unit_range(images).to(self.device, self.dtype)

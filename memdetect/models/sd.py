@@ -18,12 +18,11 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component
-from .base import UNET_LAYER, GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter, unet_layer
-from .base import unet_selection_layers
+from .base import GuardStep, LatentAdapter, UNetLayers, _call_input, _call_timestep, register_adapter
 
 
 @register_adapter
-class StableDiffusionAdapter(LatentAdapter):
+class StableDiffusionAdapter(UNetLayers, LatentAdapter):
     family = "sd"
     pooling = "spatial-max"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
@@ -45,16 +44,6 @@ class StableDiffusionAdapter(LatentAdapter):
         vae = load_component(AutoencoderKL, source, "vae")
         scheduler = load_component(DDPMScheduler, source, "scheduler")
         return cls(unet, vae, cond.to(device, dtype), scheduler, device=device, dtype=dtype, source=source)
-
-    @classmethod
-    def layer_hint(cls, options):
-        return UNET_LAYER.format(last="<last>")
-
-    def default_layer(self) -> str:
-        return unet_layer(self.denoiser)
-
-    def selection_layers(self) -> list[str]:
-        return unet_selection_layers(self.denoiser)
 
     def predict_noise(self, x_t, t, cond: torch.Tensor | None = None):
         """Epsilon prediction with the empty prompt, or with ``cond`` (text embeddings [B, 77, D]) if given."""
