@@ -33,7 +33,8 @@ from .errors import LayerError, UsageError
 from . import rows as _rows
 from .store.io import PREPROCESS, draw_seed, image_seed
 from .store.journal import fingerprint
-from .models import ADAPTERS, Adapter, ModelSpec, adapter_class, load_adapter, resolve_model
+from .models import ADAPTERS, ModelSpec, ScanAdapter, adapter_class, load_adapter, require, resolve_model
+from .models.capabilities import Scanning
 from .store.report import make_row
 from .settings import (MAX_DRAWS, MAX_SEED, Settings, check_draws, check_options, check_seed, check_sigma,
                        check_threshold)
@@ -121,12 +122,13 @@ class Detector:
     of (v - mean) / std (``scores.standardise``) instead of v. ``features`` stay the raw pooled activations.
     """
 
-    def __init__(self, adapter: Adapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
+    def __init__(self, adapter: ScanAdapter, *, layer: str | None = None, timestep: int = 50, metric: str = "std",
                  threshold: float | None = None, seed: int = 0, batch_size: int | None = None,
                  early_exit: bool = True, name: str = "", winograd: bool | None = None, prune: bool | None = None,
                  draws: int = 1, normalise: Mapping[str, Sequence[float]] | None = None):
         check_options(metric=metric, batch_size=batch_size, threshold=threshold, seed=seed, timestep=timestep,
                       draws=draws)
+        require(adapter, Scanning, "the Detector")
         if not 0 <= int(timestep) < adapter.num_train_timesteps:
             raise UsageError(f"timestep {timestep} is outside the model's schedule [0, {adapter.num_train_timesteps})")
         self.adapter = adapter

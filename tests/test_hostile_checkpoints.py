@@ -719,7 +719,7 @@ def test_load_state_refuses_integer_tensors():
 
 
 def test_safetensors_header_limits(tmp_path, monkeypatch):
-    monkeypatch.setattr(edm, "LIMITS", Limits(tensors=10))  # the default, 100,000, works the same way
+    monkeypatch.setattr(edm.loaders, "LIMITS", Limits(tensors=10))  # the default, 100,000, works the same way
     path = tmp_path / "h.safetensors"
     header = json.dumps({f"t{i}": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for i in range(11)}).encode()
     path.write_bytes(struct.pack("<Q", len(header)) + header)

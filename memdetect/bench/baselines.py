@@ -44,16 +44,17 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from ..models.base import Adapter, noise_difference_norm
+from ..models.base import ScanAdapter, noise_difference_norm
 
 
-def predict_eps(adapter: Adapter, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
+def predict_eps(adapter: ScanAdapter, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
     """The adapter's noise prediction (float32) with ``cond`` (``Adapter.encode_condition``) or the null condition."""
     return adapter.predict_noise(x_t.to(adapter.dtype), t, cond).float()
 
 
 @torch.no_grad()
-def denoising_loss(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], draws: int = 1) -> torch.Tensor:
+def denoising_loss(adapter: ScanAdapter, images: torch.Tensor, t: int, seeds: Sequence[int],
+                   draws: int = 1) -> torch.Tensor:
     x0 = adapter.encode(images)
     total = torch.zeros(x0.shape[0])
     for k in range(draws):
@@ -64,7 +65,7 @@ def denoising_loss(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequen
     return -(total / draws)
 
 
-def flipd(adapter: Adapter, images: torch.Tensor, t: int, seeds: Sequence[int], probes: int = 1,
+def flipd(adapter: ScanAdapter, images: torch.Tensor, t: int, seeds: Sequence[int], probes: int = 1,
           cond: Any = None) -> torch.Tensor:
     """Negative FLIPD LID estimate (see module docstring); ``seeds`` seed the Hutchinson probes.
 
@@ -145,7 +146,7 @@ def nearest_generation(images: torch.Tensor, pool: torch.Tensor | None = None, c
 
 
 @torch.no_grad()
-def wen_first_step(adapter: Adapter, x_T: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
+def wen_first_step(adapter: ScanAdapter, x_T: torch.Tensor, t: int, cond: Any) -> torch.Tensor:
     """Wen et al.'s detection at the first sampling step: the noise-difference norm at the initial noise ``x_T``
     (as the sampler feeds it to the denoiser) and the first timestep ``t``, for condition ``cond`` against the empty
     condition. One conditional and one unconditional denoiser call per sample; no generation needed."""

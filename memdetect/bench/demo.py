@@ -56,6 +56,7 @@ from ..core.capture import LayerSpec, Trace, pool
 from ..detector import Detector
 from ..errors import LayerError, UnsupportedModelError, UsageError
 from ..store.io import image_seed
+from ..models.capabilities import CrossAttention, require
 from ..models.presets import packaged
 from ..core.scores import SCORES, centre, standardise, std
 from ..store import strict_json
@@ -187,7 +188,7 @@ def sampler_first_timestep(adapter, steps: int) -> int:
 
 def _nemo_layers(adapter) -> list | None:
     try:
-        return list(adapter.cross_attention_values().values())
+        return list(require(adapter, CrossAttention, "NeMo").cross_attention_values().values())
     except UnsupportedModelError:
         return None
 

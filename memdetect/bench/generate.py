@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..models.base import Adapter, Sample
+from ..models.base import Sample
+from ..models import capabilities
 
 
 @dataclass(frozen=True)
@@ -33,9 +34,10 @@ def generation_seed(seed: int, key: str, k: int = 0) -> int:
     return int.from_bytes(h.digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def generate(adapter: Adapter, seeds: Sequence[int], *, cond: Any = None, steps: int | None = None,
+def generate(adapter: capabilities.Generation, seeds: Sequence[int], *, cond: Any = None, steps: int | None = None,
              guidance: float = 1.0) -> Generation:
     """One image per seed: the family's sampler (``steps``: its default when None), then its decoder."""
+    capabilities.require(adapter, capabilities.Generation, "generation")
     sample = adapter.sample(seeds, cond=cond, steps=steps, guidance=guidance)
     return Generation(adapter.decode(sample.x0), sample)
 

@@ -81,6 +81,7 @@ from ..store.io import ImageError, discover, image_seed, load_image
 from ..store.journal import Journal, read_journals
 from ..models.base import CONDITIONING
 from ..models.presets import PRESETS
+from ..models.capabilities import Conditioning, CrossAttention, Generation, require
 from ..core.scores import SCORES, compute_all
 from . import baselines
 from . import nemo_stats as nemo_stats_module
@@ -324,7 +325,7 @@ def nemo_reference_for(adapter, *, preset: str, nemo_stats: str | Path | None, r
                        normal: Sequence[str]) -> NemoReference:
     """The statistics NeMo is scored against (module docstring: ``nemo_stats``, the published ones for a preset that
     declares them (``Preset.nemo_published``: ``sd14``), ``nemo_reference`` or the normal prompts)."""
-    values = adapter.cross_attention_values()
+    values = require(adapter, CrossAttention, "NeMo").cross_attention_values()
     if nemo_stats is not None:
         moments = nemo_stats_module.read_statistics(nemo_stats, values)
         return NemoReference(f"statistics file {Path(nemo_stats).name} (NeMo's format)", moments)
@@ -780,10 +781,13 @@ def _load(model: str, model_path: str | None, bench: str, procs: Processes, devi
 
     # a tiny model's operations are too small for threads: on a busy machine they cost many times what they save
     one_thread_for_small_models(det.adapter.networks(), det.adapter.device)
+    require(det.adapter, Generation, f"bench {bench}")  # it generates its images
     need, have = BENCH_CONDITIONING[bench], det.adapter.conditioning
     if have != need:
         raise UsageError(f"bench {bench} needs a model that is {CONDITIONING[need]}; {det.name} is a "
                          f"{det.adapter.family} model, {CONDITIONING[have]}")
+    if need is not None:
+        require(det.adapter, Conditioning, f"bench {bench}")
     return det
 
 

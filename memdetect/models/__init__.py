@@ -1,7 +1,9 @@
 """Model adapters: the family table, presets, family detection and loading.
 
 The built-in families (``sd``, ``dit``, ``ddpm``, ``edm``, ``sdxl``, ``sd3``, ``flux``, ``pixart``) register themselves when their files are imported here;
-other packages add theirs through the ``memdetect.adapters`` entry-point group (objects: ``Adapter`` subclasses).
+other packages add theirs through the ``memdetect.adapters`` entry-point group (objects: ``Adapter`` subclasses, or
+``ScanAdapter`` subclasses for a family that only scans). What each feature needs of a family, and the check that
+says when it lacks it: ``capabilities`` (``require``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from . import pixart
 from . import sd
 from . import sd3
 from . import sdxl  # noqa: F401  (each registers its adapter)
-from .base import ADAPTERS, Adapter, register_adapter
+from .base import ADAPTERS, Adapter, ScanAdapter, register_adapter
+from .capabilities import require
 from .presets import PRESETS, Preset, register_preset
 
 log = logging.getLogger(__name__)
@@ -100,7 +103,7 @@ def resolve_model(model: str, model_path: str | None = None) -> ModelSpec:
     return ModelSpec(detect_family(model), model, model)
 
 
-def adapter_class(family: str) -> type[Adapter]:
+def adapter_class(family: str) -> type[ScanAdapter]:
     """The registered adapter of ``family``; UnsupportedModelError naming it and the known ones otherwise."""
     try:
         return ADAPTERS[family]
@@ -108,7 +111,7 @@ def adapter_class(family: str) -> type[Adapter]:
         raise UnsupportedModelError(f"no adapter for family {family!r} (have: {', '.join(sorted(ADAPTERS))})") from None
 
 
-def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, place: bool = True) -> Adapter:
+def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, place: bool = True) -> ScanAdapter:
     """Load ``spec``'s adapter; ``place=False`` leaves its networks as read (see ``Adapter.place``), for a caller that
     drops what it will not run first (``Detector``)."""
     adapter = adapter_class(spec.family).load(spec.source, device=device, dtype=dtype, **spec.options)
@@ -117,4 +120,4 @@ def load_adapter(spec: ModelSpec, device: torch.device, dtype: torch.dtype, *, p
 
 __all__ = ["ADAPTERS", "Adapter", "ENTRY_POINT_GROUP", "ModelSpec", "PRESETS", "Preset", "adapter_class",
            "detect_family", "load_adapter", "load_entry_points", "register_adapter", "register_preset",
-           "resolve_model"]
+           "require", "resolve_model", "ScanAdapter"]

@@ -1,17 +1,25 @@
-"""The adapter protocol: one model family per adapter, each a self-contained file that registers itself.
+"""The adapter: one model family per adapter, each a self-contained file that registers itself, built from the
+capabilities each feature needs (their protocols and ``require``: ``memdetect.models.capabilities``):
 
-An adapter owns a loaded model and everything about its family that memdetect and its benchmarks need:
+* scanning (``ScanAdapter``, every family): ``encode`` (uint8 RGB ``[B, 3, R, R]`` -> the denoiser's input space
+  ``x0``: VAE latent mean x scaling factor for latent models, ``[-1, 1]`` pixels for pixel models), ``noise``
+  (``x0`` -> ``x_t`` with the family's own noising, one seeded draw per image), ``forward`` (one denoiser call with
+  the null condition), ``default_layer`` and ``pooling`` (where to look and how to reduce what is captured there);
+  ``predict_noise(x_t, t, cond=None)`` uses the null condition (empty prompt, null class, none) when ``cond`` is
+  None, and ``conditioning`` says what a condition is ("text": prompts, "class": class labels, None:
+  unconditional);
+* conditioning (``ConditioningMixin``): ``encode_condition`` turns prompts or class indices into the condition
+  ``predict_noise`` takes; ``num_classes``;
+* NeMo's layers (``CrossAttentionMixin``): ``cross_attention_values`` finds the text cross-attention value layers in
+  the module tree;
+* guard (``GuardMixin``): the family's diffusers pipeline (``load_pipeline``, ``from_pipeline``) and how to read and
+  repeat its denoiser calls (``guard_step``, ``pipeline_call``, ``guard_subset``);
+* generation (``GenerationMixin``): ``sample`` (DDIM here; a family with another sampler overrides it) and
+  ``decode`` (model space -> uint8 pixels).
 
-* scanning: ``encode`` (uint8 RGB ``[B, 3, R, R]`` -> the denoiser's input space ``x0``: VAE latent mean x scaling
-  factor for latent models, ``[-1, 1]`` pixels for pixel models), ``noise`` (``x0`` -> ``x_t`` with the family's
-  own noising, one seeded draw per image), ``forward`` (one denoiser call with the null condition),
-  ``default_layer`` and ``pooling`` (where to look and how to reduce what is captured there);
-* conditioning: ``conditioning`` says what a condition is ("text": prompts, "class": class labels, None:
-  unconditional); ``encode_condition`` turns prompts or class indices into the condition ``predict_noise`` takes,
-  and ``predict_noise(x_t, t, cond=None)`` uses the null condition (empty prompt, null class, none) when ``cond``
-  is None; ``cross_attention_values`` finds the text cross-attention value layers (NeMo) in the module tree;
-* generation: ``sample`` (DDIM here; a family with another sampler overrides it) and ``decode`` (model space ->
-  uint8 pixels).
+``Adapter`` has all of them, with defaults that refuse (naming the family) where a family does not override them;
+a family that only scans may subclass ``ScanAdapter`` alone. ``VAELatents`` is the latent space of a diffusers
+``AutoencoderKL`` (``LatentAdapter``, ``pipelines.PipelineAdapter``).
 
 Loading and memory: ``load`` builds the networks on the CPU as read (diffusers maps safetensors files, so weights that
 are never touched cost no memory) and leaves placing them to ``Adapter.place`` (device, dtype, channels-last,
@@ -40,15 +48,16 @@ from torch import nn
 from ..errors import UnsupportedModelError, UsageError
 
 #: family name -> adapter class (``register_adapter``)
-ADAPTERS: dict[str, type["Adapter"]] = {}
+ADAPTERS: dict[str, type["ScanAdapter"]] = {}
 #: what ``Adapter.conditioning`` may be, and how to say it
 CONDITIONING = {"text": "text-conditional (prompts)", "class": "class-conditional", None: "unconditional"}
 
 
-def register_adapter(cls: type["Adapter"]) -> type["Adapter"]:
-    """Class decorator: add an adapter class to ``ADAPTERS`` under ``cls.family`` (a later class replaces it)."""
+def register_adapter(cls: type["ScanAdapter"]) -> type["ScanAdapter"]:
+    """Class decorator: add an adapter class (an ``Adapter``, or a ``ScanAdapter`` for a family that only scans) to
+    ``ADAPTERS`` under ``cls.family`` (a later class replaces it)."""
     family = getattr(cls, "family", None)
-    if not (isinstance(cls, type) and issubclass(cls, Adapter)) or not isinstance(family, str) or not family:
+    if not (isinstance(cls, type) and issubclass(cls, ScanAdapter)) or not isinstance(family, str) or not family:
         raise TypeError(f"{cls!r} is not an Adapter subclass with a family name")
     if cls.conditioning not in CONDITIONING:
         raise TypeError(f"{cls.__name__}.conditioning must be one of {', '.join(map(repr, CONDITIONING))}")
@@ -83,20 +92,22 @@ class Sample:
     noise_difference: torch.Tensor | None = None
 
 
-class Adapter(ABC):
+class ScanAdapter(ABC):
+    """The scan capability, which every family has (``capabilities.Scanning``): loading and placing the networks,
+    ``encode``, ``noise``, ``forward``, the layers (``default_layer``, ``selection_layers``) and how to read them
+    (``pooling``, ``activation_grid``). A family that only scans subclasses this; ``Adapter`` adds the other
+    capabilities."""
+
     family: ClassVar[str]
     #: "spatial-max" for UNets, "token-max" for transformers
     pooling: ClassVar[str] = "spatial-max"
     #: diffusers ``_class_name`` values (model_index.json, config.json) this adapter loads: family detection
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
-    #: "text", "class" or None (see ``CONDITIONING``)
+    #: "text", "class" or None (see ``CONDITIONING``): what ``predict_noise``'s condition is; None (unconditional)
+    #: unless the family has the conditioning capability (``ConditioningMixin``)
     conditioning: ClassVar[str | None] = None
     #: whether the family takes a noise level ``sigma`` directly (``--sigma``) as well as a DDPM timestep
     accepts_sigma: ClassVar[bool] = False
-    #: sampling: the default number of steps, DDIM's eta (1: DDPM's ancestral sampler) and how to name the sampler
-    sampling_steps: ClassVar[int] = 50
-    sampling_eta: ClassVar[float] = 0.0
-    sampler: ClassVar[str] = "DDIM (eta=0)"
 
     def __init__(self, denoiser: nn.Module, scheduler, *, resolution: int, device: torch.device,
                  dtype: torch.dtype, source: str = ""):
@@ -222,7 +233,29 @@ class Adapter(ABC):
         return {"family": self.family, "source": self.source, "resolution": self.resolution,
                 "pooling": self.pooling, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
 
-    # -- conditioning ----------------------------------------------------------------------------------------------
+    def _unconditional(self, cond: Any) -> None:
+        """For ``predict_noise`` of an unconditional family: refuse a condition."""
+        if cond is not None:
+            raise UsageError(f"{self.family} models are unconditional; the condition must be None")
+
+
+class Sampling:
+    """How a family samples: read by its own sampler (``GenerationMixin``) and by its diffusers pipeline
+    (``GuardMixin.pipeline_call``, ``memdetect generate``)."""
+
+    #: the default number of steps, DDIM's eta (1: DDPM's ancestral sampler) and how to name the sampler
+    sampling_steps: ClassVar[int] = 50
+    sampling_eta: ClassVar[float] = 0.0
+    sampler: ClassVar[str] = "DDIM (eta=0)"
+
+
+class ConditioningMixin:
+    """The conditioning capability (``capabilities.Conditioning``), for a ``ScanAdapter``: conditions -> what
+    ``predict_noise`` takes. These defaults refuse: a conditional family overrides them."""
+
+    family: ClassVar[str]
+    conditioning: ClassVar[str | None]
+
     def encode_condition(self, values: Sequence[str] | Sequence[int]) -> Any:
         """Prompts (``conditioning == "text"``) or class indices (``"class"``) -> the condition ``predict_noise``
         takes, one per value (batch first)."""
@@ -233,18 +266,28 @@ class Adapter(ABC):
         """How many classes a class-conditional model knows (None for the others)."""
         return None
 
+
+class CrossAttentionMixin:
+    """The text cross-attention value layers NeMo reads (``capabilities.CrossAttention``), for a ``ScanAdapter``.
+    This default refuses: a text-conditional family overrides it."""
+
+    family: ClassVar[str]
+
     def cross_attention_values(self) -> dict[str, nn.Module]:
         """The value projections of the denoiser's text cross-attention that NeMo reads, by module name, in forward
         order (text-conditional families only)."""
         raise UnsupportedModelError(f"{self.family} models have no text cross-attention (NeMo needs a "
                                     f"text-conditional model)")
 
-    def _unconditional(self, cond: Any) -> None:
-        """For ``predict_noise`` of an unconditional family: refuse a condition."""
-        if cond is not None:
-            raise UsageError(f"{self.family} models are unconditional; the condition must be None")
 
-    # -- guarding a diffusers pipeline (memdetect.guard) ---------------------------------------------------------
+class GuardMixin(Sampling):
+    """The family's diffusers pipeline (``capabilities.Guarding``: ``memdetect.guard``, ``memdetect generate``), for a
+    ``ScanAdapter``. ``from_pipeline`` and ``load_pipeline`` refuse unless the family overrides them; the other
+    defaults fit diffusers' unconditional DDIM / DDPM pipelines."""
+
+    family: ClassVar[str]
+    conditioning: ClassVar[str | None]
+
     @classmethod
     def from_pipeline(cls, pipe) -> "Adapter":
         """An adapter over the modules of a loaded diffusers pipeline of this family (shared, not copied)."""
@@ -275,7 +318,11 @@ class Adapter(ABC):
         made ``n_images`` (``regenerate``; the guard adds fresh generators). Unconditional: a smaller batch."""
         return {**call, "batch_size": len(indices)}
 
-    # -- generation ----------------------------------------------------------------------------------------------
+
+class GenerationMixin(Sampling):
+    """Generation in model space (``capabilities.Generation``), for a ``ScanAdapter``: DDIM with the family's own
+    scheduler by default (a family with another sampler overrides ``sample``), and ``decode`` to pixels."""
+
     @torch.no_grad()
     def sample(self, seeds: Sequence[int], *, cond: Any = None, steps: int | None = None,
                guidance: float = 1.0) -> Sample:
@@ -325,6 +372,12 @@ class Adapter(ABC):
         return to_uint8(x0)
 
 
+class Adapter(ConditioningMixin, CrossAttentionMixin, GuardMixin, GenerationMixin, ScanAdapter):
+    """A family with every capability (scan, conditioning, NeMo's layers, guard, generation; see the module
+    docstring); the defaults of those it does not implement refuse with a message naming the family. memdetect's
+    families and third-party adapters subclass this, or ``ScanAdapter`` alone for a family that only scans."""
+
+
 def _call_input(args: tuple, kwargs: dict) -> torch.Tensor:
     """The denoiser's input in a diffusers denoiser call: the first positional argument, or ``sample`` /
     ``hidden_states`` by keyword."""
@@ -352,22 +405,21 @@ def noise_difference_norm(eps_cond: torch.Tensor, eps_uncond: torch.Tensor) -> t
     return (eps_cond.float() - eps_uncond.float()).flatten(1).norm(dim=1)
 
 
-class LatentAdapter(Adapter):
-    """Shared part of latent models with a diffusers ``AutoencoderKL``: x0 = the VAE posterior mean x scaling factor
-    (``vae.config.scaling_factor``, 0.18215 when absent); decoding is the VAE's decoder."""
+class VAELatents:
+    """Latents of a diffusers ``AutoencoderKL`` (``self.vae``, set by ``_use_vae``): x0 = (the VAE posterior mean -
+    ``shift_factor``) x ``scaling_factor`` (``vae.config``; 0.18215 and 0 when absent; SD3 and Flux have a shift
+    factor), and ``decode`` is the VAE's decoder. For a ``ScanAdapter``."""
 
-    def __init__(self, denoiser: nn.Module, vae: nn.Module, scheduler, *, device: torch.device, dtype: torch.dtype,
-                 source: str = ""):
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        super().__init__(denoiser, scheduler, resolution=denoiser.config.sample_size * self.vae_scale, device=device,
-                         dtype=dtype, source=source)
+    def _use_vae(self, vae: nn.Module) -> None:
         self.vae = vae.eval().requires_grad_(False)
+        self.vae_scale = vae_scale(vae)
         self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
 
     def encode(self, images):
         x = to_unit_range(images).to(self.device, self.dtype)
         with self.autocast():
-            return vae_latent(self.vae, x, self.scaling_factor)
+            return vae_latent(self.vae, x, self.scaling_factor, self.shift_factor)
 
     def latent_shape(self):
         r = self.resolution // self.vae_scale
@@ -375,9 +427,22 @@ class LatentAdapter(Adapter):
 
     @torch.no_grad()
     def decode(self, x0):
+        z = x0 / self.scaling_factor
+        if self.shift_factor:
+            z = z + self.shift_factor
         with self.autocast():
-            pixels = self.vae.decode((x0 / self.scaling_factor).to(self.dtype)).sample
+            pixels = self.vae.decode(z.to(self.dtype)).sample
         return to_uint8(pixels)
+
+
+class LatentAdapter(VAELatents, Adapter):
+    """Shared part of latent models whose denoiser's ``config.sample_size`` is the latent size (``VAELatents``)."""
+
+    def __init__(self, denoiser: nn.Module, vae: nn.Module, scheduler, *, device: torch.device, dtype: torch.dtype,
+                 source: str = ""):
+        super().__init__(denoiser, scheduler, resolution=denoiser.config.sample_size * vae_scale(vae), device=device,
+                         dtype=dtype, source=source)
+        self._use_vae(vae)
 
 
 #: The paper's layer in a diffusers UNet: the input of the last up-block-0 resnet's second convolution, which in eval
@@ -445,6 +510,13 @@ def place(module, device: torch.device, dtype: torch.dtype):
     return module._apply(convert)
 
 
-def vae_latent(vae, x: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """The VAE posterior's mean times the scaling factor, for pixels ``x`` in [-1, 1] (``[B, 3, R, R]``)."""
-    return vae.encode(x).latent_dist.mean * scaling_factor
+def vae_latent(vae, x: torch.Tensor, scaling_factor: float, shift_factor: float = 0.0) -> torch.Tensor:
+    """(The VAE posterior's mean - ``shift_factor``) x ``scaling_factor``, for pixels ``x`` in [-1, 1]
+    (``[B, 3, R, R]``)."""
+    mean = vae.encode(x).latent_dist.mean
+    return (mean - shift_factor) * scaling_factor if shift_factor else mean * scaling_factor
+
+
+def vae_scale(vae) -> int:
+    """How many pixels one latent spans (per side) in a diffusers ``AutoencoderKL``."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -28,7 +28,7 @@ from ..errors import UsageError
 from ..core.hub import load_component
 from .base import register_adapter
 from .layers import MLP_LAYER
-from .pipelines import FlowMatchAdapter, joint_transformer, load_vae, token_grid
+from .pipelines import FlowMatchAdapter, load_vae, token_grid
 
 GUIDANCE = 3.5
 
@@ -49,9 +49,9 @@ class FluxAdapter(FlowMatchAdapter):
              guidance=GUIDANCE, **options):
         from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-        lazy, cond = joint_transformer(cls, FluxTransformer2DModel, source, device, tokens=max_sequence_length,
-                                       max_sequence_length=max_sequence_length,
-                                       encode_empty=lambda: _encode_empty(source, int(max_sequence_length)))
+        lazy, cond = cls.transformer_and_condition(FluxTransformer2DModel, source, device, _encode_empty,
+                                                   max_sequence_length=max_sequence_length,
+                                                   text_tokens=max_sequence_length)
         vae = load_vae(source, device)
         resolution = int(vae.config.sample_size) if resolution is None else resolution
         if not isinstance(resolution, int) or resolution < 16 or resolution % 16:

@@ -18,14 +18,14 @@ Flow-matching noise (SD3, Flux): ``flow.py``.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 
 from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component, read_json
-from .base import Adapter, LatentAdapter, to_uint8, to_unit_range
+from .base import Adapter, VAELatents
 from .conditions import empty_condition
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder
@@ -54,24 +54,6 @@ def meta_condition(shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor
     return {k: torch.empty(s, device=META) for k, s in shapes.items()}
 
 
-def joint_transformer(adapter_class, transformer_class, source: str, device: torch.device, *, tokens: int,
-                      max_sequence_length: int, encode_empty) -> tuple[LazyModule, dict[str, torch.Tensor]]:
-    """The lazily loaded joint-attention transformer of an SD3 or Flux pipeline and the empty prompt's condition
-    (``prompt_embeds`` [1, ``tokens``, joint_attention_dim] and ``pooled_prompt_embeds``): shapes only on ``meta``;
-    else the transformer's weights must be there (said before any text encoder loads) and the condition is
-    ``empty_condition``'s (``encode_empty`` runs the text encoders once, then it is cached)."""
-    lazy = LazyModule(transformer_class, source, "transformer")
-    if not is_meta(device):
-        lazy.require_weights()  # a config-only folder: say so before loading any text encoder
-    cfg = lazy.module.config
-    if is_meta(device):
-        return lazy, meta_condition({"prompt_embeds": (1, tokens, cfg.joint_attention_dim),
-                                     "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
-    return lazy, empty_condition(adapter_class.family, source, adapter_class.text_components,
-                                 {"max_sequence_length": int(max_sequence_length)},
-                                 ("prompt_embeds", "pooled_prompt_embeds"), encode_empty)
-
-
 def pipeline_config(source: str) -> dict:
     return read_json(source, "model_index.json") or {}
 
@@ -85,8 +67,9 @@ def token_grid(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, g, g)
 
 
-class PipelineAdapter(Adapter):
-    """A latent adapter over a lazily read denoiser and an ``AutoencoderKL`` (see the module docstring)."""
+class PipelineAdapter(VAELatents, Adapter):
+    """A latent adapter (``base.VAELatents``) over a lazily read denoiser and an ``AutoencoderKL`` (see the module
+    docstring)."""
 
     conditioning = "text"
     #: the denoiser's component folder and the text components (hashed into the condition cache's key)
@@ -97,10 +80,7 @@ class PipelineAdapter(Adapter):
                  device: torch.device, dtype: torch.dtype, source: str = ""):
         super().__init__(lazy.module, scheduler, resolution=resolution, device=device, dtype=dtype, source=source)
         self.lazy = lazy
-        self.vae = vae.eval().requires_grad_(False)
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.scaling_factor = float(getattr(vae.config, "scaling_factor", None) or 0.18215)
-        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self._use_vae(vae)
         self.cond = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in cond.items()}
         if not is_meta(device):
             lazy.require_weights()  # a config-only folder fails at load, not in the middle of a scan
@@ -139,21 +119,7 @@ class PipelineAdapter(Adapter):
     def weight_files(self):
         return component_files(self.source, (self.denoiser_folder, "vae", "scheduler", *self.text_components))
 
-    # -- the scan's stages ---------------------------------------------------------------------------------------
-    def encode(self, images):
-        x = to_unit_range(images).to(self.device, self.dtype)
-        with self.autocast():
-            mean = self.vae.encode(x).latent_dist.mean
-        return (mean - self.shift_factor) * self.scaling_factor
-
-    latent_shape = LatentAdapter.latent_shape  # the VAE's latent grid, as for the other latent models
-
-    @torch.no_grad()
-    def decode(self, x0):
-        with self.autocast():
-            pixels = self.vae.decode((x0 / self.scaling_factor + self.shift_factor).to(self.dtype)).sample
-        return to_uint8(pixels)
-
+    # -- the scan's stages (encode, latent_shape, decode: ``VAELatents``) ---------------------------------------------
     def activation_grid(self, x):
         if x.ndim == 3:
             return token_grid(x)
@@ -189,6 +155,23 @@ class FlowMatchAdapter(PipelineAdapter):
                              f"got {sigma!r}")
         self.sigma_override = float(sigma) if sigma is not None else None
         self.shift = scheduler_shift(self.scheduler.config, self.image_seq_len()) if shift else 1.0
+
+    @classmethod
+    def transformer_and_condition(cls, transformer_class, source: str, device: torch.device, encode: Callable,
+                                  *, max_sequence_length: int, text_tokens: int):
+        """The lazily read transformer (``transformer_class`` in ``denoiser_folder``) and the empty prompt's condition
+        (``prompt_embeds`` of ``text_tokens`` tokens, ``pooled_prompt_embeds``): ``encode(source,
+        max_sequence_length)`` through the on-disk cache (``conditions.empty_condition``), or shapes only on ``meta``
+        (``--device meta``). A config-only folder fails here, before any text encoder is loaded."""
+        lazy = LazyModule(transformer_class, source, cls.denoiser_folder)
+        if is_meta(device):
+            cfg = lazy.module.config
+            return lazy, meta_condition({"prompt_embeds": (1, text_tokens, cfg.joint_attention_dim),
+                                         "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
+        lazy.require_weights()
+        n = int(max_sequence_length)
+        return lazy, empty_condition(cls.family, source, cls.text_components, {"max_sequence_length": n},
+                                     ("prompt_embeds", "pooled_prompt_embeds"), lambda: encode(source, n))
 
     def image_seq_len(self) -> int:
         """Image tokens at the scan's resolution (what Flux's dynamic shift is a function of)."""

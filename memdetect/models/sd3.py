@@ -18,7 +18,7 @@ import torch
 from ..core.hub import load_component
 from .base import register_adapter
 from .layers import MiddleBlockMLP
-from .pipelines import FlowMatchAdapter, joint_transformer, load_vae, pipeline_config
+from .pipelines import FlowMatchAdapter, load_vae, pipeline_config
 
 
 
@@ -32,9 +32,9 @@ class SD3Adapter(MiddleBlockMLP, FlowMatchAdapter):
     def load(cls, source, *, device, dtype, sigma=None, shift=True, max_sequence_length=256, **options):
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-        lazy, cond = joint_transformer(cls, SD3Transformer2DModel, source, device, tokens=77 + max_sequence_length,
-                                       max_sequence_length=max_sequence_length,
-                                       encode_empty=lambda: _encode_empty(source, int(max_sequence_length)))
+        lazy, cond = cls.transformer_and_condition(SD3Transformer2DModel, source, device, _encode_empty,
+                                                   max_sequence_length=max_sequence_length,
+                                                   text_tokens=77 + max_sequence_length)
         cfg = lazy.module.config
         vae = load_vae(source, device)
         scheduler = load_component(FlowMatchEulerDiscreteScheduler, source, "scheduler")

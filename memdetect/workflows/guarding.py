@@ -44,7 +44,8 @@ import torch
 from ..core.capture import LayerSpec, Trace, pool
 from ..settings import check_metric, check_seed, check_threshold, check_timestep
 from ..errors import MemdetectError, UnsupportedModelError, UsageError
-from ..models import ADAPTERS, Adapter
+from ..models import ADAPTERS, Adapter, require
+from ..models.capabilities import Guarding
 from ..core.scores import compute_all
 
 ACTIONS = ("flag", "regenerate", "raise")
@@ -132,7 +133,7 @@ def adapter_for_pipeline(pipe) -> Adapter:
     for cls in ADAPTERS.values():
         if name in cls.pipeline_classes:
             with _flags_kept(pipe):
-                return cls.from_pipeline(pipe)
+                return require(cls, Guarding, "memdetect.guard").from_pipeline(pipe)
     supported = sorted({c for cls in ADAPTERS.values() for c in cls.pipeline_classes if c.endswith("Pipeline")})
     raise UnsupportedModelError(f"memdetect.guard does not support a {name}; supported: {', '.join(supported)}")
 
@@ -347,7 +348,8 @@ def load_guardable(model: str, model_path: str | None = None, *, device: str = "
 
     spec = resolve_model(model, model_path)
     dev = resolve_device(device)
-    pipe = adapter_class(spec.family).load_pipeline(spec.source, device=dev, dtype=resolve_dtype(dtype, dev))
+    family = require(adapter_class(spec.family), Guarding, "memdetect generate")
+    pipe = family.load_pipeline(spec.source, device=dev, dtype=resolve_dtype(dtype, dev))
     pipe.set_progress_bar_config(disable=True)
     return pipe, spec
 
