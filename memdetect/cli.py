@@ -591,6 +591,7 @@ def render_scan(result, det, *, top: int) -> None:
 @app.command()
 @handle_errors
 def calibrate(
+    ctx: typer.Context,
     reference: Annotated[Optional[List[Path]], typer.Argument(help="Images known to be novel (files, folders, quoted "
                                                               "globs); none with --guard.", show_default=False)] = None,
     fpr: Annotated[float, typer.Option("--fpr", help="Largest fraction of the reference images the threshold may "
@@ -629,6 +630,9 @@ def calibrate(
                                                         "store a \\[guard] threshold.")] = False,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None, step_t: StepT = 50,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="--guard: the memdetect.toml (e.g. from "
+                      "--select-layer) whose layer, timestep, metric and normalisation the guard uses; --output gets "
+                      "it with a \\[guard] table added.")] = None,
 ):
     """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml.
 
@@ -636,6 +640,14 @@ def calibrate(
     from .calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
+    if config is not None:  # --guard --config: the guard reads the file's scan configuration (memdetect.guarding)
+        from .config import load_config
+        base = load_config(config)
+        clash = [f"--{k.replace('_', '-')}" for k in ("model", "layer", "step_t", "metric") if k in _given(ctx)]
+        if not guard or clash:
+            raise UsageError("--config applies to --guard, whose model, layer, step and metric it then gives"
+                             + (f" (drop {', '.join(clash)})" if clash else ""))
+        model, model_path = base.model, model_path or (Path(base.model_path) if base.model_path else None)
     require_model(model, config_hint=None)
     _outputs(output=output)
     check_output(output, force)
@@ -645,7 +657,7 @@ def calibrate(
         if reference or memorized:
             raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
                              "not image paths")
-        from .guarding import Guard, calibrate_guard
+        from .guarding import Guard, calibrate_guard, guard as memdetect_guard
 
         from .models import adapter_class
         from .ux import count_steps, sampler
@@ -655,13 +667,15 @@ def calibrate(
         steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
         if not quiet:
             err.print(f"sampler: {how}", soft_wrap=True)
-        g = Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed)
+        g = (memdetect_guard(pipe, threshold=None, config=config, seed=seed) if config else
+             Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed))
         conditions = _conditions(prompts, classes, prompt_file)
         bar, progress = progress_bar("generating the reference images", quiet=quiet, unit="steps")
         with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
             cal = calibrate_guard(g, conditions, num_images, fpr=fpr, steps=steps, guidance=guidance, seed=seed,
                                   output=output, force=force, model=model,
-                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta)
+                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta,
+                                  base=config)
         t = Table(title=f"guard thresholds at FPR <= {fpr:g} on {cal.n_reference} reference generations "
                         f"({_p(model)}, {_p(g.layer)}, step t={cal.document['guard']['timestep']})",
                   title_justify="left")
@@ -856,27 +870,32 @@ def generate(
         config = shipped_guard(require_model(model), model_path)
         if config is None:
             raise no_guard_threshold(model, model_path)
+    normalise = None
     if guard and config:
         from .config import load_config
+        from .guarding import guard_settings
         cfg = load_config(config)
-        if cfg.guard is None:
-            raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard`")
+        gs = guard_settings(cfg)  # its [guard] table, else its scan configuration (e.g. from --select-layer)
+        if gs["threshold"] is None and threshold is None:
+            raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard "
+                             f"--config {_p(config)}` (it keeps the file's layer, timestep, metric, normalisation)")
         if cfg.model != model and "model" in _given(ctx):
             raise UsageError(f"--model {_p(model)} differs from model = {_p(cfg.model)} in {_p(config)}")
         model = cfg.model
         model_path = model_path or (Path(cfg.model_path) if cfg.model_path else None)
         given = _given(ctx)  # the command line wins; a calibrated setting changes only with its own --threshold
         for key, value in (("metric", metric), ("layer", layer), ("step_t", step_t)):
-            if key in given and key in cfg.guard and value != cfg.guard[key] and threshold is None:
-                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {cfg.guard[key]!r} in "
+            if key in given and gs[key] is not None and value != gs[key] and threshold is None:
+                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {gs[key]!r} in "
                                  f"[guard] of {_p(config)}, which the threshold was calibrated for; drop the flag, "
                                  f"give --threshold too, or recalibrate")
-        metric = metric if "metric" in given else cfg.guard.get("metric", metric)
-        layer = layer if "layer" in given else cfg.guard.get("layer", layer)
-        step_t = step_t if "step_t" in given else cfg.guard.get("step_t", step_t)
-        steps = steps or cfg.guard.get("steps")
-        guidance = cfg.guard.get("guidance") if guidance is None else guidance
-        threshold = cfg.guard["threshold"] if threshold is None else threshold
+        metric = metric if "metric" in given else gs["metric"]
+        layer = layer if "layer" in given else gs["layer"] or layer
+        step_t = step_t if "step_t" in given else gs["step_t"]
+        steps = steps or gs["steps"]
+        guidance = gs["guidance"] if guidance is None else guidance
+        threshold = gs["threshold"] if threshold is None else threshold
+        normalise = gs["normalise"] if not {"layer", "step_t"} & given else None  # statistics of that layer
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
     require_model(model)
@@ -892,7 +911,7 @@ def generate(
     target = pipe
     if guard:
         target = Guard(pipe, threshold=threshold, layer=layer or spec.layer, step_t=step_t, metric=metric,
-                       on_memorized=on_memorized, max_retries=max_retries, seed=seed)
+                       on_memorized=on_memorized, max_retries=max_retries, seed=seed, normalise=normalise)
     bar, progress = progress_bar("generating", quiet=quiet, unit="steps")
     with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
         gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed, eta=eta)

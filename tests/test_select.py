@@ -568,6 +568,16 @@ def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_p
     assert np.allclose(df["score"].to_numpy(), want, rtol=1e-4, atol=1e-5)
     det.normalise = None
     assert not np.allclose(df["score"].to_numpy(), det.score_tensor(scan_px)[cfg.metric][order], rtol=1e-2)
+    # audit --config: the same normalised scores and flags
+    summary = tmp_path / "summary.json"
+    res = invoke("audit", tmp_path / "scan", "--config", toml, "--output", tmp_path / "audit" / "r.csv",
+                 "--summary-json", summary, "--device", "cpu", "--quiet", "--annotations", "none")
+    assert res.exit_code == 1, res.output
+    settings = json.loads(summary.read_text())["settings"]
+    assert settings["layer"] == "planted" and settings["normalise"].startswith("reference:")
+    audited = pd.read_csv(tmp_path / "audit" / "r.csv").sort_values("path")
+    assert np.allclose(audited["score"].to_numpy(), df["score"].to_numpy(), rtol=1e-5)
+    assert audited["memorized"].tolist() == df["memorized"].tolist()
 
 
 def test_select_layer_refuses_normalise_because_it_tries_both_itself(planted, tmp_path):
