@@ -85,7 +85,8 @@ def test_the_guard_reads_the_files_layer_step_metric_and_normalisation(ddpm_pipe
     with torch.no_grad(), Trace(g.adapter.denoiser, [LAYER]) as tr:
         g.adapter.forward(x, r.timestep)
     v = pool(tr[LAYER], g.adapter.pooling).double()
-    z = standardise(v, torch.tensor(stats["mean"], dtype=torch.float64), torch.tensor(stats["std"], dtype=torch.float64))
+    mean, std = (torch.tensor(stats[k], dtype=torch.float64) for k in ("mean", "std"))
+    z = standardise(v, mean, std)
     np.testing.assert_allclose(r.scores["maxmin"], SCORES["maxmin"](z).numpy(), rtol=1e-5)
     assert not np.allclose(r.scores["maxmin"], SCORES["maxmin"](v).numpy(), rtol=1e-3)  # raw would differ
     # an explicit setting that contradicts the file needs its own threshold

@@ -20,8 +20,8 @@ from memdetect.detector import Detector
 from memdetect.errors import UsageError
 from memdetect.models import Preset, register_adapter, register_preset
 from memdetect.models.base import Adapter, to_unit_range
-from memdetect.select import (CROSSFIT_FOLDS, MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose, needed_message,
-                              nested_evaluation, provenance, select_configuration, select_from_images)
+from memdetect.select import (CROSSFIT_FOLDS, MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose,
+                              needed_message, nested_evaluation, provenance, select_configuration, select_from_images)
 
 runner = CliRunner()
 
