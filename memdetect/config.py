@@ -73,7 +73,8 @@ TOP_KEYS = {"version": int, "model": str, "model_path": str, "layer": str, "time
 NORMALISE = ("none", "reference")
 TABLES = ("calibration", "versions", "guard", "selection")  # [selection]: `calibrate --select-layer`'s evidence
 #: ``[guard]`` keys read back (``memdetect calibrate --guard`` writes them; ``memdetect generate --guard`` reads them)
-GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float}
+GUARD_KEYS = {"threshold": float, "metric": str, "layer": str, "step_t": int, "steps": int, "guidance": float,
+              "normalise": str}  # normalise = "reference": the guard standardises with [calibration.channels]
 CONFIG_VERSION = 1
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -265,6 +266,9 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
     if normalise == "reference" and channels is None:
         raise UsageError(f"normalise = \"reference\" in {name} needs the reference statistics in "
                          f"[calibration.channels]; recalibrate with --normalise reference")
+    if guard is not None and guard.get("normalise") == "reference" and channels is None:
+        raise UsageError(f"guard.normalise = \"reference\" in {name} needs the reference statistics in "
+                         f"[calibration.channels]; recalibrate the guard with --config")
     weights = calibration.get("weights")
     if weights is not None and (not isinstance(weights, str) or len(weights) > 200):
         raise UsageError(f"calibration.weights in {name} must be the weights' content hash (a string), got "
@@ -376,6 +380,9 @@ def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
     if "threshold" not in out:
         raise UsageError(f"[guard] in {name} has no threshold (write it with `memdetect calibrate --guard`)")
     check_metric(out.get("metric", "std"), f" (guard.metric) in {name}")
+    if out.get("normalise", "none") not in NORMALISE:
+        raise UsageError(f"guard.normalise in {name} must be one of {', '.join(NORMALISE)}, got "
+                         f"{_shown(out['normalise'])}")
     return out
 
 

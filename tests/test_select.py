@@ -21,8 +21,9 @@ from memdetect.detector import Detector
 from memdetect.errors import UsageError
 from memdetect.models import Preset, register_adapter, register_preset
 from memdetect.models.base import Adapter, to_unit_range
-from memdetect.workflows.select import (MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose, needed_message,
-                              nested_evaluation, provenance, select_configuration, select_from_images)
+from memdetect.workflows.select import (CROSSFIT_FOLDS, MIN_MEMORIZED, MIN_NOVEL, Candidate, candidate_layers, choose,
+                                        needed_message, nested_evaluation, provenance, select_configuration,
+                                        select_from_images)
 
 runner = CliRunner()
 
@@ -474,23 +475,82 @@ def test_normalisation_statistics_are_fitted_on_the_choosing_parts_novel_images_
             references.append(np.asarray(reference).copy())
             return super().__call__(reference)
 
+    marks: list[int] = []
+
     def rule(s, y, rows, default):
         rows_seen.append(np.asarray(rows).copy())
+        marks.append(len(references))
         return choose(s, y, rows, default)
 
     scorer = Spy(feats)
     select_configuration(scorer, labels, scorer.candidates, Candidate("a", 50, "std"), n_boot=100, chooser=rule)
-    assert len(references) == len(rows_seen) == 6
+    assert len(rows_seen) == 6
+    # per choice: the choosing part's statistics, then the cross-fitted ranking's (CROSSFIT_FOLDS subsets of them)
+    per_choice = [references[start:end] for start, end in zip([0, *marks[:-1]], marks)]
+    assert [len(refs) for refs in per_choice] == [1 + CROSSFIT_FOLDS] * 6
     everyone = np.arange(len(labels))
-    for ref, rows in zip(references[:5], rows_seen[:5]):
+    for refs, rows in zip(per_choice[:5], rows_seen[:5]):
         scored = np.setdiff1d(everyone, rows)
-        assert len(np.intersect1d(ref, scored)) == 0  # no image of the scored fold fits the statistics
-        assert np.array_equal(np.sort(ref), np.sort(rows[labels[rows] == 0]))  # the choosing part's novel images
-        assert (labels[ref] == 0).all()
-    assert np.array_equal(np.sort(references[5]), np.flatnonzero(labels == 0))  # the final pick: every novel image
+        novel = np.sort(rows[labels[rows] == 0])
+        assert np.array_equal(np.sort(refs[0]), novel)  # the choosing part's novel images
+        for ref in refs:
+            assert len(np.intersect1d(ref, scored)) == 0  # no image of the scored fold fits any statistics
+            assert (labels[ref] == 0).all() and len(np.setdiff1d(ref, novel)) == 0
+    final = per_choice[5]
+    assert np.array_equal(np.sort(final[0]), np.flatnonzero(labels == 0))  # the final pick: every novel image
     # the statistics really are fold-local: a fold's normalised scores change with the choosing part
-    a, b = scorer(references[0]), scorer(references[1])
+    a, b = scorer(per_choice[0][0]), scorer(per_choice[1][0])
     assert np.allclose(a[:4], b[:4]) and not np.allclose(a[4:], b[4:])
+
+
+def test_the_ranking_never_scores_an_image_with_statistics_it_helped_fit():
+    """``FeatureScores.cross_fitted``: every normalised score of an image comes from statistics fitted without it
+    (each novel image is left out of exactly one of the fits, and its score is that fit's); raw rows are unchanged."""
+    from memdetect.workflows.select import FeatureScores
+
+    feats, labels = nuisance_features(30, 150, seed=4)
+    references: list[np.ndarray] = []
+
+    class Spy(FeatureScores):
+        def __call__(self, reference):
+            references.append(np.asarray(reference).copy())
+            return super().__call__(reference)
+
+    scorer = Spy(feats)
+    rows = np.arange(10, 180)
+    out = scorer.cross_fitted(rows, labels)
+    fits = list(references)
+    assert len(fits) == CROSSFIT_FOLDS and out.shape == (len(scorer.candidates), len(rows))
+    assert np.allclose(out[:scorer.n_raw], scorer.raw[:, rows])
+    novel = rows[labels[rows] == 0]
+    for j, image in enumerate(rows):
+        without = [ref for ref in fits if image not in ref]
+        assert len(without) == 1 or labels[image] == 1
+        assert any(np.allclose(out[scorer.n_raw:, j], scorer(ref)[scorer.n_raw:, image]) for ref in without)
+    assert all(np.isin(ref, novel).all() for ref in fits)
+
+
+def test_cross_fitting_keeps_pure_noise_normalised_candidates_from_winning():
+    """Two thousand channels of pure noise and 120 novel images: z-scored with statistics fitted on those same novel
+    images, the noise's spikiness scores separate memorized from novel in sample (AUROC about 0.8, above the real
+    signal), only because the novel images fitted the statistics. The cross-fitted ranking sees through it and picks
+    the layer with the signal."""
+    from memdetect.workflows.select import FeatureScores, _aurocs
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(30, int), np.zeros(120, int)]
+    signal = rng.normal(size=(150, 16))
+    signal[labels == 1, 0] += 2.0  # one channel raised: memorized vectors are (somewhat) spikier
+    feats = {("noise", 50): torch.from_numpy(rng.normal(size=(150, 2000))).float(),
+             ("signal", 50): torch.from_numpy(signal).float()}
+    scorer = FeatureScores(feats)
+    cands = scorer.candidates
+    in_sample = _aurocs(scorer(np.flatnonzero(labels == 0)), labels)
+    noise_norm = [i for i, c in enumerate(cands) if c.layer == "noise" and c.normalise == "reference"]
+    assert in_sample[noise_norm].max() > in_sample[[i for i, c in enumerate(cands) if c.layer == "signal"]].max()
+    sel = select_configuration(scorer, labels, cands, Candidate("signal", 50, "l4l2"), n_boot=200)
+    assert sel.best.layer == "signal"
+    assert all(c.startswith("signal @") for c in sel.evidence.fold_choices)
 
 
 class NuisanceNet(PlantedNet):
@@ -569,6 +629,16 @@ def test_calibrate_select_layer_writes_a_normalised_pick_that_scan_honours(tmp_p
     assert np.allclose(df["score"].to_numpy(), want, rtol=1e-4, atol=1e-5)
     det.normalise = None
     assert not np.allclose(df["score"].to_numpy(), det.score_tensor(scan_px)[cfg.metric][order], rtol=1e-2)
+    # audit --config: the same normalised scores and flags
+    summary = tmp_path / "summary.json"
+    res = invoke("audit", tmp_path / "scan", "--config", toml, "--output", tmp_path / "audit" / "r.csv",
+                 "--summary-json", summary, "--device", "cpu", "--quiet", "--annotations", "none")
+    assert res.exit_code == 1, res.output
+    settings = json.loads(summary.read_text())["settings"]
+    assert settings["layer"] == "planted" and settings["normalise"].startswith("reference:")
+    audited = pd.read_csv(tmp_path / "audit" / "r.csv").sort_values("path")
+    assert np.allclose(audited["score"].to_numpy(), df["score"].to_numpy(), rtol=1e-5)
+    assert audited["memorized"].tolist() == df["memorized"].tolist()
 
 
 def test_select_layer_refuses_normalise_because_it_tries_both_itself(planted, tmp_path):

@@ -13,13 +13,15 @@ from ..errors import UsageError
 from .common import _load_pipeline, load_detector, progress_bar
 from .exits import _outputs, _written, handle_errors
 from .options import (BatchSize, Classes, Device, Draws, Dtype, GuardImages, GuardSteps, Guidance, Layer, Model,
-                      ModelPath, PromptFile, Prompts, Quiet, Seed, Sigma, StepT, Timestep, Workers, _conditions)
+                      ModelPath, PromptFile, Prompts, Quiet, Seed, Sigma, StepT, Timestep, Workers, _conditions,
+                      _given)
 from .render import (_p, cal_detector, err, render_calibration, render_guard_calibration, render_selection)
 from .ux import require_model
 
 
 @handle_errors
 def calibrate(
+    ctx: typer.Context,
     reference: Annotated[Optional[List[Path]], typer.Argument(help="Images known to be novel (files, folders, quoted "
                                                               "globs); none with --guard.", show_default=False)] = None,
     fpr: Annotated[float, typer.Option("--fpr", help="Largest fraction of the reference images the threshold may "
@@ -58,6 +60,9 @@ def calibrate(
                                                         "store a \\[guard] threshold.")] = False,
     prompts: Prompts = None, classes: Classes = None, prompt_file: PromptFile = None,
     num_images: GuardImages = 8, steps: GuardSteps = None, guidance: Guidance = None, step_t: StepT = 50,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="--guard: the memdetect.toml (e.g. from "
+                      "--select-layer) whose layer, timestep, metric and normalisation the guard uses; --output gets "
+                      "it with a \\[guard] table added.")] = None,
 ):
     """Choose thresholds that flag at most --fpr of known-novel images and write them to memdetect.toml.
 
@@ -65,6 +70,15 @@ def calibrate(
     from ..workflows.calibrate import calibrate_paths, check_fpr, check_output
 
     check_fpr(fpr)
+    if config is not None:  # --guard --config: the guard reads the file's scan configuration (memdetect.guarding)
+        from ..config import load_config
+
+        base = load_config(config)
+        clash = [f"--{k.replace('_', '-')}" for k in ("model", "layer", "step_t", "metric") if k in _given(ctx)]
+        if not guard or clash:
+            raise UsageError("--config applies to --guard, whose model, layer, step and metric it then gives"
+                             + (f" (drop {', '.join(clash)})" if clash else ""))
+        model, model_path = base.model, model_path or (Path(base.model_path) if base.model_path else None)
     require_model(model, config_hint=None)
     _outputs(output=output)
     check_output(output, force)
@@ -74,7 +88,7 @@ def calibrate(
         if reference or memorized:
             raise UsageError("--guard generates its reference images: give --prompt/--prompt-file/--class and -n, "
                              "not image paths")
-        from ..workflows.guarding import Guard, calibrate_guard
+        from ..workflows.guarding import Guard, calibrate_guard, guard as memdetect_guard
 
         from ..models import adapter_class
         from .ux import count_steps, sampler
@@ -84,13 +98,15 @@ def calibrate(
         steps, eta, how = sampler(family.sampling_steps, family.sampling_eta, steps)
         if not quiet:
             err.print(f"sampler: {how}", soft_wrap=True)
-        g = Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed)
+        g = (memdetect_guard(pipe, threshold=None, config=config, seed=seed) if config else
+             Guard(pipe, threshold=None, layer=layer or spec.layer, step_t=step_t, metric=metric, seed=seed))
         conditions = _conditions(prompts, classes, prompt_file)
         bar, progress = progress_bar("generating the reference images", quiet=quiet, unit="steps")
         with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
             cal = calibrate_guard(g, conditions, num_images, fpr=fpr, steps=steps, guidance=guidance, seed=seed,
                                   output=output, force=force, model=model,
-                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta)
+                                  model_path=str(model_path.resolve()) if model_path else None, eta=eta,
+                                  base=config)
         _written(cal.path)
         render_guard_calibration(cal, fpr=fpr, model=model, layer=g.layer)
         return

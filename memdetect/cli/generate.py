@@ -58,27 +58,33 @@ def generate(
         config = shipped_guard(require_model(model), model_path)
         if config is None:
             raise no_guard_threshold(model, model_path)
+    normalise = None
     if guard and config:
         from ..config import load_config
+        from ..workflows.guarding import guard_settings
+
         cfg = load_config(config)
-        if cfg.guard is None:
-            raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard`")
+        gs = guard_settings(cfg)  # its [guard] table, else its scan configuration (e.g. from --select-layer)
+        if gs["threshold"] is None and threshold is None:
+            raise UsageError(f"{_p(config)} has no [guard] table; write one with `memdetect calibrate --guard "
+                             f"--config {_p(config)}` (it keeps the file's layer, timestep, metric, normalisation)")
         if cfg.model != model and "model" in _given(ctx):
             raise UsageError(f"--model {_p(model)} differs from model = {_p(cfg.model)} in {_p(config)}")
         model = cfg.model
         model_path = model_path or (Path(cfg.model_path) if cfg.model_path else None)
         given = _given(ctx)  # the command line wins; a calibrated setting changes only with its own --threshold
         for key, value in (("metric", metric), ("layer", layer), ("step_t", step_t)):
-            if key in given and key in cfg.guard and value != cfg.guard[key] and threshold is None:
-                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {cfg.guard[key]!r} in "
+            if key in given and gs[key] is not None and value != gs[key] and threshold is None:
+                raise UsageError(f"--{key.replace('_', '-')} {_p(value)} differs from {key} = {gs[key]!r} in "
                                  f"[guard] of {_p(config)}, which the threshold was calibrated for; drop the flag, "
                                  f"give --threshold too, or recalibrate")
-        metric = metric if "metric" in given else cfg.guard.get("metric", metric)
-        layer = layer if "layer" in given else cfg.guard.get("layer", layer)
-        step_t = step_t if "step_t" in given else cfg.guard.get("step_t", step_t)
-        steps = steps or cfg.guard.get("steps")
-        guidance = cfg.guard.get("guidance") if guidance is None else guidance
-        threshold = cfg.guard["threshold"] if threshold is None else threshold
+        metric = metric if "metric" in given else gs["metric"]
+        layer = layer if "layer" in given else gs["layer"] or layer
+        step_t = step_t if "step_t" in given else gs["step_t"]
+        steps = steps or gs["steps"]
+        guidance = gs["guidance"] if guidance is None else guidance
+        threshold = gs["threshold"] if threshold is None else threshold
+        normalise = gs["normalise"] if not {"layer", "step_t"} & given else None  # statistics of that layer
     if guard and on_memorized == "regenerate" and threshold is None:
         raise UsageError("--on-memorized regenerate needs a threshold (--config or --threshold)")
     require_model(model)
@@ -94,7 +100,7 @@ def generate(
     target = pipe
     if guard:
         target = Guard(pipe, threshold=threshold, layer=layer or spec.layer, step_t=step_t, metric=metric,
-                       on_memorized=on_memorized, max_retries=max_retries, seed=seed)
+                       on_memorized=on_memorized, max_retries=max_retries, seed=seed, normalise=normalise)
     bar, progress = progress_bar("generating", quiet=quiet, unit="steps")
     with bar, count_steps(pipe, lambda k: progress(min(k, steps), steps)):
         gen = run(target, conditions, num_images, steps=steps, guidance=guidance, seed=seed, eta=eta)

@@ -24,6 +24,14 @@ Hooks: a forward pre-hook on the denoiser reads each call's timestep and input, 
 ``callback_on_step_end`` is not used: it runs after the scheduler step (it sees x_{t-1}, not the activations of
 the forward at t), and the DiT, DDPM and DDIM pipelines do not offer it; the pipeline is not patched.
 
+From a memdetect.toml (``guard(pipe, config="memdetect.toml")``, ``memdetect generate --guard --config``,
+``guard_settings``): a ``[guard]`` table gives the guard's layer, step, metric, normalisation and threshold; a file
+without one (``memdetect calibrate``, ``calibrate --select-layer``) gives its scan configuration (layer, timestep as
+``step_t``, metric, reference normalisation with its ``[calibration.channels]``) and no threshold: a scan threshold
+was chosen on final images noised with a fresh draw, not on the sampler's own x_t, so the guard's is calibrated
+with those settings by ``memdetect calibrate --guard --config memdetect.toml`` (``calibrate_guard(base=...)``), which
+keeps the scan configuration and adds the ``[guard]`` table: one file then drives scan, audit and the guard.
+
 ``on_memorized``: ``"flag"`` (return the flags), ``"regenerate"`` (generate the flagged images again with fresh,
 recorded seeds, up to ``max_retries`` rounds, replacing them in the output; what is still flagged stays flagged) or
 ``"raise"`` (``MemorizedImageError``, carrying the result).
@@ -36,7 +44,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -46,7 +54,7 @@ from ..settings import check_metric, check_seed, check_threshold, check_timestep
 from ..errors import MemdetectError, UnsupportedModelError, UsageError
 from ..models import ADAPTERS, Adapter, require
 from ..models.capabilities import Guarding
-from ..core.scores import compute_all
+from ..core.scores import compute_all, standardise
 
 ACTIONS = ("flag", "regenerate", "raise")
 
@@ -98,6 +106,7 @@ class GuardResult:
     note: str
     retries: list[Retry] = field(default_factory=list)
     seconds: float = 0.0
+    normalise: str = "none"  # "reference": scores of the pooled vector standardised with reference statistics
 
     def rows(self) -> list[dict]:
         """One dict per image: index, every score, flagged, and how many regenerations it took."""
@@ -225,7 +234,8 @@ class Guard:
     """A pipeline with a memorization guard; call it as the pipeline (keywords only). See the module docstring."""
 
     def __init__(self, pipe, *, threshold: float | None, layer: str | None = None, step_t: int = 50,
-                 metric: str = "std", on_memorized: str = "flag", max_retries: int = 2, seed: int = 0):
+                 metric: str = "std", on_memorized: str = "flag", max_retries: int = 2, seed: int = 0,
+                 normalise: Mapping[str, Sequence[float]] | None = None):
         if on_memorized not in ACTIONS:
             raise UsageError(f"on_memorized must be one of {', '.join(ACTIONS)}, got {on_memorized!r}")
         check_metric(metric)
@@ -246,6 +256,7 @@ class Guard:
         self.on_memorized = on_memorized
         self.max_retries = max_retries
         self.seed = int(seed)
+        self.normalise = channel_statistics(normalise)
         self.calls = 0  # pipeline calls made (regenerations included), to number fresh seeds
 
     def _run(self, call: dict):
@@ -258,8 +269,15 @@ class Guard:
             raise UsageError(f"the guarded step (timestep {cap.target}) never ran; the pipeline's denoiser was not "
                              f"called with it")
         start = time.perf_counter()
+        pooled = cap.pooled
+        if self.normalise is not None:  # as ``Detector.scores_of`` with ``normalise``: per channel, then the score
+            mean, scale = self.normalise
+            if pooled.shape[1] != len(mean):
+                raise UsageError(f"the reference channel statistics hold {len(mean)} channels, but {self.layer} gives "
+                                 f"{pooled.shape[1]}: they were made for another model or layer; recalibrate")
+            pooled = standardise(pooled.double(), mean, scale)
         # float64, as report rows hold them: a threshold just above a float32 score must not round down onto it
-        scores = {k: v.double().numpy() for k, v in compute_all(cap.pooled).items()}
+        scores = {k: v.double().numpy() for k, v in compute_all(pooled).items()}
         cap.seconds += time.perf_counter() - start
         return out, scores, cap
 
@@ -282,7 +300,8 @@ class Guard:
                     "guidance, or a negative prompt): one extra null-condition forward at the guarded step")
         result = GuardResult(scores=scores, metric=self.metric, threshold=self.threshold, flagged=flagged,
                              layer=str(self.layer), timestep=int(cap.captured_t), step_t=self.step_t,
-                             extra_forward=cap.extra, note=note, seconds=cap.seconds)
+                             extra_forward=cap.extra, note=note, seconds=cap.seconds,
+                             normalise="none" if self.normalise is None else "reference")
         if self.on_memorized == "regenerate":
             self._regenerate(out, call, result, n)
         object.__setattr__(out, "guard", result)
@@ -327,16 +346,81 @@ def _replace(out, new, indices: Sequence[int]) -> None:
             old[list(indices)] = fresh
 
 
-def guard(pipe, *, threshold: float | None, layer: str | None = None, step_t: int = 50, metric: str = "std",
-          on_memorized: str = "flag", max_retries: int = 2, seed: int = 0) -> Guard:
+def channel_statistics(stats: Mapping[str, Sequence[float]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel reference ``mean`` and ``std`` (``[calibration.channels]``) as float64 tensors, checked as
+    ``Detector(normalise=...)`` checks them; None stays None."""
+    if stats is None:
+        return None
+    try:
+        mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
+    if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
+            or not torch.isfinite(scale).all() or (scale < 0).any():
+        raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
+    return mean, scale
+
+
+def guard_settings(cfg) -> dict[str, Any]:
+    """The guard's settings from a loaded memdetect.toml (``memdetect.config.Config``): its ``[guard]`` table where it
+    has one (``memdetect calibrate --guard``), else the scan configuration the file holds (``calibrate``,
+    ``calibrate --select-layer``): its layer, its timestep as ``step_t``, its metric and its normalisation, with
+    ``threshold`` None (a scan threshold does not apply to the sampler's own x_t; see the module docstring).
+
+    Keys: ``layer`` (None: the family's), ``step_t``, ``metric``, ``threshold``, ``steps``, ``guidance``,
+    ``normalise`` (the ``[calibration.channels]`` statistics, or None) and ``source`` (``"guard"`` or ``"scan"``)."""
+    g = cfg.guard
+    if g is not None:
+        norm = g.get("normalise", "none") == "reference"
+        return {"layer": g.get("layer"), "step_t": g.get("step_t", 50), "metric": g.get("metric", "std"),
+                "threshold": g["threshold"], "steps": g.get("steps"), "guidance": g.get("guidance"),
+                "normalise": dict(cfg.channels) if norm else None, "source": "guard"}
+    return {"layer": cfg.layer, "step_t": 50 if cfg.timestep is None else int(cfg.timestep), "metric": cfg.metric,
+            "threshold": None, "steps": None, "guidance": None,
+            "normalise": dict(cfg.channels) if cfg.normalise == "reference" else None, "source": "scan"}
+
+
+_GIVEN_NOTHING: Any = object()
+
+
+def guard(pipe, *, threshold: float | None = _GIVEN_NOTHING, layer: str | None = None, step_t: int | None = None,
+          metric: str | None = None, on_memorized: str = "flag", max_retries: int = 2, seed: int = 0,
+          config=None) -> Guard:
     """Wrap a diffusers pipeline (StableDiffusionPipeline, DiTPipeline, DDPMPipeline, DDIMPipeline) so that each call
     scores every image in-generation and returns the pipeline's output with ``.guard`` (a ``GuardResult``).
 
     ``threshold``: flag when ``scores[metric] >= threshold`` (a guard threshold: ``memdetect calibrate --guard``);
-    None scores without flagging. ``layer``: default the family's; ``step_t``: the timestep to read, the nearest in
-    the pipeline's schedule is used. ``seed``: numbers the fresh seeds of ``regenerate``."""
-    return Guard(pipe, threshold=threshold, layer=layer, step_t=step_t, metric=metric, on_memorized=on_memorized,
-                 max_retries=max_retries, seed=seed)
+    None scores without flagging. ``layer``: default the family's; ``step_t``: the timestep to read (default 50), the
+    nearest in the pipeline's schedule is used; ``metric``: default ``std``. ``seed``: numbers the fresh seeds of
+    ``regenerate``. ``config``: a memdetect.toml (path) whose settings the guard uses (``guard_settings``: the
+    ``[guard]`` table with its threshold, or the file's scan configuration, e.g. from ``calibrate --select-layer``,
+    without one); a ``layer``, ``step_t`` or ``metric`` given here that differs from the file's is refused unless
+    ``threshold`` is given too. Without ``config``, ``threshold`` must be given (None: score only)."""
+    if config is None:
+        if threshold is _GIVEN_NOTHING:
+            raise UsageError("memdetect.guard needs threshold= (None: score without flagging) or config=")
+        return Guard(pipe, threshold=threshold, layer=layer, step_t=50 if step_t is None else step_t,
+                     metric=metric or "std", on_memorized=on_memorized, max_retries=max_retries, seed=seed)
+    from .config import load_config
+
+    s = guard_settings(load_config(config))
+    own = threshold is not _GIVEN_NOTHING
+    for key, value in (("layer", layer), ("step_t", step_t), ("metric", metric)):
+        if value is None:
+            continue
+        same = str(LayerSpec.parse(value)) == str(LayerSpec.parse(s[key])) if key == "layer" and s[key] else \
+            value == s[key]
+        if not same and not own:
+            raise UsageError(f"{key}={value!r} differs from {key} = {s[key]!r} in {config}, which its settings were "
+                             f"calibrated for; drop it, give threshold= too, or recalibrate")
+        s[key] = value
+    if own:
+        s["threshold"] = threshold
+    elif s["threshold"] is None and on_memorized != "flag":
+        raise UsageError(f"{config} holds no in-generation threshold ([guard]); on_memorized={on_memorized!r} needs "
+                         f"one: `memdetect calibrate --guard --config {config}` writes it, or give threshold=")
+    return Guard(pipe, threshold=s["threshold"], layer=s["layer"], step_t=s["step_t"], metric=s["metric"],
+                 on_memorized=on_memorized, max_retries=max_retries, seed=seed, normalise=s["normalise"])
 
 
 # -- generate, and calibrate the guard's threshold (``memdetect generate``, ``memdetect calibrate --guard``) ------
@@ -439,11 +523,18 @@ class GuardCalibration:
 
 def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float = 0.01, steps: int | None = None,
                     guidance: float | None = None, seed: int = 0, output="memdetect.toml", force: bool = False,
-                    model: str = "", model_path: str | None = None, eta: float | None = None) -> GuardCalibration:
+                    model: str = "", model_path: str | None = None, eta: float | None = None,
+                    base=None) -> GuardCalibration:
     """Generate ``n`` reference images per condition (normal prompts or classes; an unconditional model: ``n``
     generations, which include any memorized ones it makes) under ``g`` and choose each metric's guard threshold at
     ``fpr`` with ``calibrate.fpr_threshold``; write them to ``output`` as a ``[guard]`` table keyed by the settings
-    that produced the scores (model, layer, step_t and the guarded timestep, sampler steps, guidance)."""
+    that produced the scores (model, layer, step_t and the guarded timestep, sampler steps, guidance, normalisation).
+
+    ``base``: the memdetect.toml ``g`` was built from (``guard(pipe, config=base)``): the written file keeps every
+    key and table of it (the scan configuration, its ``[calibration]`` and ``[selection]``) and adds or replaces the
+    ``[guard]`` table, so one file drives ``scan``, ``audit`` and ``generate --guard``. A guard that normalises
+    (``normalise=``) records ``normalise = "reference"`` and, without ``base``, its statistics in
+    ``[calibration.channels]``."""
     import platform
     from datetime import datetime, timezone
     from pathlib import Path
@@ -458,8 +549,17 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
 
     check_fpr(fpr)
     check_output(output, force)
+    from .config import load_config, tomllib
+
+    base_cfg = load_config(base) if base is not None else None
+    norm = None if g.normalise is None else {"mean": g.normalise[0].tolist(), "std": g.normalise[1].tolist()}
+    if base_cfg is not None and norm is not None and (
+            base_cfg.channels is None or not np.allclose(base_cfg.channels["mean"], norm["mean"])
+            or not np.allclose(base_cfg.channels["std"], norm["std"])):
+        raise UsageError(f"the guard's channel statistics are not those of {base}'s [calibration.channels]")
     if g.on_memorized != "flag" or g.threshold is not None:
-        g = Guard(g.pipe, threshold=None, layer=str(g.layer), step_t=g.step_t, metric=g.metric, seed=g.seed)
+        g = Guard(g.pipe, threshold=None, layer=str(g.layer), step_t=g.step_t, metric=g.metric, seed=g.seed,
+                  normalise=norm)
     gen = generate(g, conditions, n, steps=steps, guidance=guidance, seed=seed, eta=eta)
     scores = gen.result.scores
     rows = []
@@ -487,11 +587,21 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
                      "fpr_reference": {m: float(table.loc[m, "fpr_reference"]) for m in scores}},
            "versions": {"memdetect": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
                         "python": platform.python_version()}}
+    if norm is not None:
+        doc["guard"]["normalise"] = "reference"
     out = Path(output)
     from ..config import portable_model
 
+    if base_cfg is not None:  # the scan configuration stays; the [guard] table is added (or replaced)
+        kept = tomllib.loads(Path(base).read_text(encoding="utf-8"))
+        kept["guard"] = {**doc["guard"], "base": Path(base).name}
+        doc = kept
+        model_path = model_path or base_cfg.model_path
+    elif norm is not None:
+        doc["calibration"] = {"channels": norm}
     # committed beside the code: a preset by name, a local model folder relative to this file
-    doc["model"], doc["model_path"], _ = portable_model(doc["model"], model_path, None, g.adapter.family, out)
+    doc["model"], doc["model_path"], _ = portable_model(doc["model"] if base_cfg is None else base_cfg.model,
+                                                        model_path, None, g.adapter.family, out)
     header = (f"memdetect guard calibration ({gen.images.shape[0]} reference generations, target FPR {fpr:g}).\n"
               f"Use: memdetect generate --guard --config {out.name} ...")
     atomic_write(out, lambda tmp: Path(tmp).write_text(to_toml(doc, header), encoding="utf-8"))

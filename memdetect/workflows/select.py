@@ -13,7 +13,12 @@ perfectly). ``select_configuration`` chooses among candidates from images known 
 * **capture** (``capture_features``): one forward pass per timestep and batch captures every candidate layer through
   ``memdetect.core.capture.Trace`` with a pooling transform, so only pooled ``[B, C]`` vectors are kept.
 * **the rule** (``choose``): the candidate with the highest AUROC on the images it is given, then TPR at 1% FPR, then
-  the standardised mean difference (d'), then the family default, then the earliest candidate.
+  the standardised mean difference (d'), then the family default, then the earliest candidate. With normalised
+  candidates, it ranks on *cross-fitted* scores (``FeatureScores.cross_fitted``, ``_ranking``): an image's
+  normalised score uses channel statistics fitted without it (the other inner folds' novel images). Fitted on the
+  very images they score, the statistics make novel images look less spiky than new ones, and on many channels per
+  novel image that alone can lift a normalised candidate of pure noise above a real signal; chosen that way, the
+  rule picked normalised maxmin candidates that did worse out of sample (RESULTS.md, "Which selection rule").
 * **out-of-sample evidence** (``nested_evaluation``): stratified k-fold. For every fold the rule chooses on the
   other folds only, and the chosen candidate scores the fold's images, standardised by the mean and standard deviation
   of the *choosing* part's novel images (so that folds that chose different candidates can be pooled); the family
@@ -58,6 +63,8 @@ MIN_MEMORIZED = 20
 MIN_NOVEL = 100
 FOLDS = 5
 MAX_FPR = 0.01
+#: inner folds of the cross-fitted ranking (``FeatureScores.cross_fitted``)
+CROSSFIT_FOLDS = 5
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,24 @@ class FeatureScores:
                 rows.append(s if np.isfinite(s).all() and np.ptp(s) > 0 else np.zeros(len(s)))
         return np.concatenate([self.raw, np.stack(rows)]) if len(self.raw) else np.stack(rows)
 
+    def cross_fitted(self, rows: np.ndarray, labels: np.ndarray, folds: int = CROSSFIT_FOLDS, seed: int = 0
+                     ) -> np.ndarray:
+        """``[K, len(rows)]``: every candidate's scores of the images ``rows``, for *ranking* them: raw rows as they
+        are; a normalised row's score of an image uses statistics fitted on the novel images among ``rows`` outside
+        the image's own inner fold (stratified ``folds``-fold of ``rows``, seeded), so no image is scored with
+        statistics it helped fit. Fitted on the images they score, the statistics make those novel images look less
+        spiky than new ones, most with many channels per novel image and with extreme-value metrics (maxmin): the
+        ranking would favour exactly the normalised candidates that do worst out of sample (RESULTS.md, the rule
+        study)."""
+        from sklearn.model_selection import StratifiedKFold
+
+        rows = np.asarray(rows)
+        y = np.asarray(labels)[rows]
+        out = np.empty((len(self.candidates), len(rows)))
+        for fit, scored in StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(rows)), y):
+            out[:, scored] = self(rows[fit][y[fit] == 0])[:, rows[scored]]
+        return out
+
 
 def _matrix(scores, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """The score matrix for a choice made on ``rows``: ``scores`` itself, or (a ``FeatureScores``) with the
@@ -221,6 +246,17 @@ def _matrix(scores, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
     if callable(scores):
         return scores(rows[labels[rows] == 0])
     return scores
+
+
+def _ranking(scores, labels: np.ndarray, rows: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """The matrix the rule ranks on when it chooses on ``rows``: ``m`` (``_matrix``), with the columns ``rows``
+    cross-fitted where ``scores`` has normalised candidates (``FeatureScores.cross_fitted``); the other columns are
+    ``m``'s (the rule never reads them)."""
+    if not isinstance(scores, FeatureScores) or scores.n_raw == len(scores.candidates):
+        return m
+    r = m.copy()
+    r[:, rows] = scores.cross_fitted(rows, labels)
+    return r
 
 
 # -- the rule ----------------------------------------------------------------------------------------------------------
@@ -313,7 +349,7 @@ def nested_evaluation(scores: np.ndarray | FeatureScores, labels: np.ndarray, ca
     kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for inner, outer in kfold.split(np.zeros(len(labels)), labels):
         m = _matrix(scores, labels, inner)
-        pick = chooser(m, labels, inner, default)
+        pick = chooser(_ranking(scores, labels, inner, m), labels, inner, default)
         choices.append(str(candidates[pick]))
         for k, dest in ((pick, oos_sel), (default, oos_def)):
             ref = m[k, inner][labels[inner] == 0]
@@ -347,7 +383,8 @@ class Selection:
         """The ``[selection]`` table of memdetect.toml (evidence included)."""
         ev = asdict(self.evidence)
         return {"method": "nested stratified k-fold: choose on the other folds, score the held-out fold",
-                "rule": "highest AUROC, then TPR@1%FPR, then d', then the default",
+                "rule": "highest AUROC, then TPR@1%FPR, then d', then the default; normalised candidates ranked on "
+                        "cross-fitted scores (statistics fitted without the image's inner fold)",
                 "normalise": self.chosen.normalise, "normalisation_considered": self.normalisation_considered,
                 "decision": "selected" if not self.kept_default else "kept default", "reason": self.reason,
                 "chosen": _cand(self.chosen), "best": _cand(self.best), "default": _cand(self.default),
@@ -373,7 +410,7 @@ def select_configuration(scores: np.ndarray | FeatureScores, labels: np.ndarray,
     ev = nested_evaluation(scores, labels, candidates, d, folds=folds, seed=seed, n_boot=n_boot, chooser=chooser)
     everything = np.arange(len(labels))
     full = _matrix(scores, labels, everything)
-    best_i = chooser(full, labels, everything, d)
+    best_i = chooser(_ranking(scores, labels, everything, full), labels, everything, d)
     best = candidates[best_i]
     auc = _aurocs(full, labels)
     in_sample = {"auroc": float(auc[best_i]), "tpr": float(_tprs(full[[best_i]], labels)[0]),
