@@ -401,7 +401,7 @@ def guard(pipe, *, threshold: float | None = _GIVEN_NOTHING, layer: str | None =
             raise UsageError("memdetect.guard needs threshold= (None: score without flagging) or config=")
         return Guard(pipe, threshold=threshold, layer=layer, step_t=50 if step_t is None else step_t,
                      metric=metric or "std", on_memorized=on_memorized, max_retries=max_retries, seed=seed)
-    from .config import load_config
+    from ..config import load_config
 
     s = guard_settings(load_config(config))
     own = threshold is not _GIVEN_NOTHING
@@ -549,7 +549,7 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
 
     check_fpr(fpr)
     check_output(output, force)
-    from .config import load_config, tomllib
+    from ..config import load_config, tomllib
 
     base_cfg = load_config(base) if base is not None else None
     norm = None if g.normalise is None else {"mean": g.normalise[0].tolist(), "std": g.normalise[1].tolist()}
