@@ -54,7 +54,7 @@ from ..settings import check_metric, check_seed, check_threshold, check_timestep
 from ..errors import MemdetectError, UnsupportedModelError, UsageError
 from ..models import ADAPTERS, Adapter, require
 from ..models.capabilities import Guarding
-from ..core.scores import compute_all, standardise
+from ..core.scores import channel_statistics, compute_all, standardise
 
 ACTIONS = ("flag", "regenerate", "raise")
 
@@ -346,21 +346,6 @@ def _replace(out, new, indices: Sequence[int]) -> None:
             old[list(indices)] = fresh
 
 
-def channel_statistics(stats: Mapping[str, Sequence[float]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel reference ``mean`` and ``std`` (``[calibration.channels]``) as float64 tensors, checked as
-    ``Detector(normalise=...)`` checks them; None stays None."""
-    if stats is None:
-        return None
-    try:
-        mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
-    except (KeyError, TypeError, ValueError):
-        raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
-    if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
-            or not torch.isfinite(scale).all() or (scale < 0).any():
-        raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
-    return mean, scale
-
-
 def guard_settings(cfg) -> dict[str, Any]:
     """The guard's settings from a loaded memdetect.toml (``memdetect.config.Config``): its ``[guard]`` table where it
     has one (``memdetect calibrate --guard``), else the scan configuration the file holds (``calibrate``,
@@ -401,7 +386,7 @@ def guard(pipe, *, threshold: float | None = _GIVEN_NOTHING, layer: str | None =
             raise UsageError("memdetect.guard needs threshold= (None: score without flagging) or config=")
         return Guard(pipe, threshold=threshold, layer=layer, step_t=50 if step_t is None else step_t,
                      metric=metric or "std", on_memorized=on_memorized, max_retries=max_retries, seed=seed)
-    from .config import load_config
+    from ..config import load_config
 
     s = guard_settings(load_config(config))
     own = threshold is not _GIVEN_NOTHING
@@ -549,7 +534,7 @@ def calibrate_guard(g: Guard, conditions: Sequence | None, n: int, *, fpr: float
 
     check_fpr(fpr)
     check_output(output, force)
-    from .config import load_config, tomllib
+    from ..config import load_config, tomllib
 
     base_cfg = load_config(base) if base is not None else None
     norm = None if g.normalise is None else {"mean": g.normalise[0].tolist(), "std": g.normalise[1].tolist()}
