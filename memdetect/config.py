@@ -50,7 +50,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from .errors import UsageError
 from .store.io import display_path
@@ -216,22 +216,7 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
     unknown = [k for k in doc if k not in TOP_KEYS and k not in TABLES]
     if unknown:
         raise UsageError(f"unknown key {unknown[0]!r} in {name}; known keys: {', '.join([*TOP_KEYS, *TABLES])}")
-    values: dict[str, Any] = {}
-    for key, typ in TOP_KEYS.items():
-        if key not in doc:
-            continue
-        v = doc[key]
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            try:
-                v = float(v)
-            except OverflowError:
-                raise UsageError(f"{key} in {name} must be a finite number, got a {v.bit_length()}-bit integer") \
-                    from None
-        if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
-            kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}[typ]
-            raise UsageError(f"{key} in {name} must be {kind}, got {_shown(v)}")
-        _check_range(key, v, name)
-        values[key] = v
+    values = _typed_keys(doc, TOP_KEYS, "", name, _check_range)
     guard = _guard_table(doc.get("guard"), name)
     for key in ("model", "threshold"):
         if key == "threshold" and guard is not None:
@@ -256,7 +241,7 @@ def load_config(path: str | os.PathLike, *, sha256: str | None = None) -> Config
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise UsageError(f"calibration.thresholds.{m} in {name} must be a number, got {_shown(v)}")
-        _check_range("threshold", float(v), name, key_name=f"calibration.thresholds.{m}")
+        _check_range("threshold", float(v), f"calibration.thresholds.{m} in {name}")
         thresholds[m] = float(v)
     references = _references(calibration.get("reference_scores"), name)
     channels = _channels(calibration.get("channels"), name)
@@ -360,23 +345,7 @@ def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
         return None
     if not isinstance(table, dict):
         raise UsageError(f"[guard] in {name} must be a table, got {type(table).__name__}")
-    out: dict[str, Any] = {}
-    for key, typ in GUARD_KEYS.items():
-        if key not in table:
-            continue
-        v = table[key]
-        if typ is float and isinstance(v, int) and not isinstance(v, bool):
-            v = float(v)
-        if not isinstance(v, typ) or isinstance(v, bool):
-            kind = {float: "a number", int: "an integer", str: "a string"}[typ]
-            raise UsageError(f"guard.{key} in {name} must be {kind}, got {_shown(v)}")
-        if key in ("threshold", "step_t"):  # the options' own validators, as for the flags
-            VALIDATORS["timestep" if key == "step_t" else key](v, f"guard.{key} in {name}")
-        elif typ is float and not math.isfinite(v):
-            raise UsageError(f"guard.{key} in {name} must be a finite number, got {v}")
-        elif typ is int and v < 0:
-            raise UsageError(f"guard.{key} in {name} must be a non-negative integer, got {v}")
-        out[key] = v
+    out = _typed_keys(table, GUARD_KEYS, "guard.", name, _check_guard_value)
     if "threshold" not in out:
         raise UsageError(f"[guard] in {name} has no threshold (write it with `memdetect calibrate --guard`)")
     check_metric(out.get("metric", "std"), f" (guard.metric) in {name}")
@@ -384,6 +353,45 @@ def _guard_table(table: Any, name: str) -> dict[str, Any] | None:
         raise UsageError(f"guard.normalise in {name} must be one of {', '.join(NORMALISE)}, got "
                          f"{_shown(out['normalise'])}")
     return out
+
+
+def _check_guard_value(key: str, v: Any, where: str) -> None:
+    """A ``[guard]`` value: threshold and step_t by the options' own validators, as for the flags; other numbers
+    finite and non-negative."""
+    typ = GUARD_KEYS[key]
+    if key in ("threshold", "step_t"):
+        VALIDATORS["timestep" if key == "step_t" else key](v, where)
+    elif typ is float and not math.isfinite(v):
+        raise UsageError(f"{where} must be a finite number, got {v}")
+    elif typ is int and v < 0:
+        raise UsageError(f"{where} must be a non-negative integer, got {v}")
+
+
+def _typed_keys(table: dict, keys: Mapping[str, type], prefix: str, name: str,
+                check: Callable[[str, Any, str], None]) -> dict[str, Any]:
+    """The ``keys`` (key -> type) that the TOML ``table`` holds, each typed (``_typed``) and then checked by
+    ``check(key, value, where)``, messages naming it ``where`` = ``{prefix}{key} in {name}``."""
+    out: dict[str, Any] = {}
+    for key, typ in keys.items():
+        if key in table:
+            where = f"{prefix}{key} in {name}"
+            out[key] = _typed(table[key], typ, where)
+            check(key, out[key], where)
+    return out
+
+
+def _typed(v: Any, typ: type, what: str) -> Any:
+    """A config value ``v`` checked to be of ``typ`` (an integer where a number is asked for becomes a float; a
+    boolean is no number); ``what`` names it in the message (``"timestep in memdetect.toml"``)."""
+    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+        try:
+            v = float(v)
+        except OverflowError:
+            raise UsageError(f"{what} must be a finite number, got a {v.bit_length()}-bit integer") from None
+    if not isinstance(v, typ) or (isinstance(v, bool) and typ is not bool):
+        kind = {float: "a number", int: "an integer", str: "a string", bool: "true or false"}[typ]
+        raise UsageError(f"{what} must be {kind}, got {_shown(v)}")
+    return v
 
 
 def _shown(v: Any) -> str:
@@ -395,10 +403,9 @@ def _shown(v: Any) -> str:
     return printable(repr(v), 60)
 
 
-def _check_range(key: str, v: Any, name: str, *, key_name: str | None = None) -> None:
+def _check_range(key: str, v: Any, where: str) -> None:
     """Each key's value checked by the option's one validator (``memdetect.settings.VALIDATORS``), as the flags are;
-    the message names the key and the file."""
-    where = f"{key_name or key} in {name}"
+    the message names the key and the file (``where``)."""
     if key in ("threshold", "sigma", "timestep", "seed", "draws"):
         VALIDATORS[key](v, where)
     if key == "version" and v < 1:

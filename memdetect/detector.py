@@ -38,7 +38,7 @@ from .models.capabilities import Scanning
 from .store.report import make_row
 from .settings import (MAX_DRAWS, MAX_SEED, Settings, check_draws, check_options, check_seed, check_sigma,
                        check_threshold)
-from .core.scores import compute_all, standardise
+from .core.scores import channel_statistics, compute_all, standardise
 from .store.sources import resolve
 from .store.state import StateDir
 
@@ -297,16 +297,11 @@ class Detector:
 
     @normalise.setter
     def normalise(self, stats: Mapping[str, Sequence[float]] | None) -> None:
-        if stats is None:
+        checked = channel_statistics(stats)
+        if checked is None:
             self._normalise, self._normalise_name = None, "none"
             return
-        try:
-            mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
-        except (KeyError, TypeError, ValueError):
-            raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
-        if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
-                or not torch.isfinite(scale).all() or (scale < 0).any():
-            raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
+        mean, scale = checked
         digest = hashlib.sha256(mean.numpy().tobytes() + scale.numpy().tobytes()).hexdigest()[:16]
         self._normalise, self._normalise_name = (mean, scale), f"reference:{digest}"
 

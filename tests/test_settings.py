@@ -79,6 +79,14 @@ def test_a_bad_threshold_is_the_same_one_line_from_every_entry_point(tiny_ddpm, 
         with pytest.raises(UsageError) as e:
             load_config(path)
         assert str(e.value) == f"{key} in {display_path(path)} must be a finite number, got nan"
+    # an integer too large for a float is one line, at the top level and in [guard] alike (one typing function)
+    for text, key in (('model = "ddpm"\nthreshold = 1\nsigma = 9' + "0" * 400 + "\n", "sigma"),
+                      ('model = "ddpm"\n[guard]\nthreshold = 1\nguidance = 9' + "0" * 400 + "\n", "guard.guidance")):
+        path = tmp_path / "memdetect.toml"
+        path.write_text(text)
+        with pytest.raises(UsageError) as e:
+            load_config(path)
+        assert str(e.value) == f"{key} in {display_path(path)} must be a finite number, got a 1332-bit integer"
 
 
 @pytest.mark.parametrize("option,bad,in_config", [

@@ -10,9 +10,9 @@ import typer
 from ..errors import UsageError
 from .common import load_detector, progress_bar
 from .exits import _outputs, _written, handle_errors
-from .options import (AllowRemote, BatchSize, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html, Layer,
-                      Metric, Model, ModelPath, Paths, Quiet, ReferenceDir, Seed, Sigma, StateDirOption, Timestep,
-                      Workers, scan_settings)
+from .options import (AllowRemote, Annotations, BatchSize, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html,
+                      Junit, Layer, Metric, Model, ModelPath, Paths, Quiet, ReferenceDir, Seed, Sigma, StateDirOption,
+                      SummaryJson, Timestep, Workers, scan_settings)
 from .render import err, render_audit
 from .ux import require_model
 
@@ -29,13 +29,10 @@ def audit(
                                                          "memdetect.toml`).")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Report file (.csv, .json, or "
                                          ".parquet).")] = Path(".memdetect/report.csv"),
-    junit: Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a "
-                                                  "failure per flagged image, unreadable files skipped.")] = None,
-    summary_json: Annotated[Optional[Path], typer.Option("--summary-json", help="Write a JSON summary: counts, exit "
-                                                         "code, flagged images, errors, settings.")] = None,
+    junit: Junit = None,
+    summary_json: SummaryJson = None,
     html: Html = None,
-    annotations: Annotated[str, typer.Option("--annotations", help="GitHub workflow annotations on stdout: auto "
-                                             "(when GITHUB_ACTIONS=true), github, none.")] = "auto",
+    annotations: Annotations = "auto",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag images whose score is >= this "
                                                        "(overrides the config's).")] = None,
     metric: Metric = "std",

@@ -1,5 +1,6 @@
-"""The options several commands share, declared once as ``Annotated`` aliases (as huggingface_hub's CLI does), and
-the parsing they need: which options were typed, flags merged with ``--config``, prompts and class lists."""
+"""The commands' options, declared once as ``Annotated`` aliases (as huggingface_hub's CLI does): the ones several
+commands share and the long ones of one command, so a command's signature reads one line an option; and the parsing
+they need: which options were typed, flags merged with ``--config``, prompts and class lists."""
 
 from __future__ import annotations
 
@@ -73,7 +74,21 @@ ReferenceDir = Annotated[Optional[Path], typer.Option("--reference-dir", help="C
                          "a sample of the training set); each image with evidence gets its nearest ones by the "
                          "model's features and by pixels.")]
 
-
+#: Where a scan runs (``scan``).
+Shard = Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of the "
+                                              "inputs (Slurm arrays, indexed jobs); join the reports with `memdetect "
+                                              "merge`.")]
+Engine = Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, one "
+                                     "part per rank) or ray (a Ray Data actor pool).")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join (default: "
+                                                   "RAY_ADDRESS, else a local Ray).")]
+#: The CI outputs (``audit``).
+Junit = Annotated[Optional[Path], typer.Option("--junit", help="Write JUnit XML: one test case per image, a failure "
+                                               "per flagged image, unreadable files skipped.")]
+SummaryJson = Annotated[Optional[Path], typer.Option("--summary-json", help="Write a JSON summary: counts, exit code, "
+                                                     "flagged images, errors, settings.")]
+Annotations = Annotated[str, typer.Option("--annotations", help="GitHub workflow annotations on stdout: auto (when "
+                                          "GITHUB_ACTIONS=true), github, none.")]
 ShardKeyFile = Annotated[Optional[Path], typer.Option("--shard-key-file", help="A shared secret (default: "
                          "$MEMDETECT_SHARD_KEY): `scan --shard` signs its report with it (HMAC-SHA256) and `merge` "
                          "refuses a shard whose MAC is missing or does not verify.")]

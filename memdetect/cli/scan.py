@@ -11,9 +11,9 @@ import typer
 from ..errors import UsageError
 from .common import _run_context, load_detector, progress_bar
 from .exits import EXIT_FLAGGED, EXIT_OK, _outputs, _written, handle_errors
-from .options import (AllowRemote, BatchSize, Config, Device, Draws, Dtype, EvidenceJson, EvidenceTop, Fpr, Html,
-                      Inputs, Layer, Metric, Model, ModelPath, Quiet, ReferenceDir, Resume, Seed, ShardKeyFile, Sigma,
-                      StateDirOption, Threshold, Timestep, Workers, scan_settings)
+from .options import (AllowRemote, BatchSize, Config, Device, Draws, Dtype, Engine, EvidenceJson, EvidenceTop, Fpr,
+                      Html, Inputs, Layer, Metric, Model, ModelPath, Quiet, RayAddress, ReferenceDir, Resume, Seed,
+                      Shard, ShardKeyFile, Sigma, StateDirOption, Threshold, Timestep, Workers, scan_settings)
 from .render import render_scan
 from .ux import require_model
 
@@ -44,14 +44,10 @@ def scan(
     evidence_top: EvidenceTop = 20,
     evidence_json: EvidenceJson = None,
     reference_dir: ReferenceDir = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: score only the I-th of N contiguous parts of "
-                                                 "the inputs (Slurm arrays, indexed jobs); join the reports with "
-                                                 "`memdetect merge`.")] = None,
+    shard: Shard = None,
     shard_key_file: ShardKeyFile = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (this process; under torchrun or accelerate launch, "
-                                        "one part per rank) or ray (a Ray Data actor pool).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="--engine ray: the cluster to join "
-                                                       "(default: RAY_ADDRESS, else a local Ray).")] = None,
+    engine: Engine = "local",
+    ray_address: RayAddress = None,
     allow_remote: AllowRemote = False,
     quiet: Quiet = False,
 ):

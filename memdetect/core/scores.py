@@ -20,7 +20,7 @@ Two transformations of ``v`` that the benchmarks try before a score (not scores 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +85,26 @@ def standardise(v: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) -> tor
         raise ValueError(f"per-channel statistics of shape {tuple(v.shape[1:])} expected, got "
                          f"{tuple(mean.shape)} and {tuple(scale.shape)}")
     return (v - mean.to(v.dtype)) / scale.to(v.dtype).clamp_min(1e-8)
+
+
+def channel_statistics(stats: Mapping[str, Sequence[float]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel reference ``mean`` and ``std`` (``[calibration.channels]``, ``Detector(normalise=...)``,
+    ``Guard(normalise=...)``) as float64 tensors for ``standardise``, checked; None stays None."""
+    if stats is None:
+        return None
+    import numpy as np
+    import torch
+
+    from ..errors import UsageError
+
+    try:
+        mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
+    except (KeyError, TypeError, ValueError):
+        raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
+    if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
+            or not torch.isfinite(scale).all() or (scale < 0).any():
+        raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
+    return mean, scale
 
 
 #: Name -> function. The order is the order of the report columns.

@@ -1,8 +1,9 @@
 """What each feature needs from a model family, as small protocols, and one check that says so when a family lacks it.
 
-An adapter is built from capabilities (``memdetect.models.base``): ``ScanAdapter`` is the scan (load, encode, noise,
+An adapter is built from capabilities: ``ScanAdapter`` (``memdetect.models.base``) is the scan (load, encode, noise,
 forward, layers) and every family has it; the mixins ``ConditioningMixin``, ``CrossAttentionMixin``, ``GuardMixin``
-and ``GenerationMixin`` add the others with defaults that refuse with a message naming the family. ``Adapter`` is
+and ``GenerationMixin`` (``memdetect.models.mixins``) add the others with defaults that refuse with a message naming
+the family. ``Adapter`` is
 all of them (memdetect's own families, and third-party adapters written against it); a third-party family may
 subclass ``ScanAdapter`` alone and still scan.
 

@@ -22,7 +22,8 @@ import torch
 
 from ..errors import UsageError
 from ..core.hub import component_files, load_component
-from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter
+from .base import GuardStep, LatentAdapter, register_adapter
+from .mixins import _call_input, _call_timestep
 
 READINGS = {"mlp": "transformer_blocks.{k}.ff.net.0", "adaln": "transformer_blocks.{k}.norm1.silu"}
 

@@ -18,7 +18,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component
-from .base import GuardStep, LatentAdapter, _call_input, _call_timestep, register_adapter
+from .base import GuardStep, LatentAdapter, register_adapter
+from .mixins import _call_input, _call_timestep
 from .layers import UNetLayers
 
 

@@ -54,7 +54,7 @@ from ..settings import check_metric, check_seed, check_threshold, check_timestep
 from ..errors import MemdetectError, UnsupportedModelError, UsageError
 from ..models import ADAPTERS, Adapter, require
 from ..models.capabilities import Guarding
-from ..core.scores import compute_all, standardise
+from ..core.scores import channel_statistics, compute_all, standardise
 
 ACTIONS = ("flag", "regenerate", "raise")
 
@@ -344,21 +344,6 @@ def _replace(out, new, indices: Sequence[int]) -> None:
                 old[i] = fresh[j]
         else:  # numpy array or tensor
             old[list(indices)] = fresh
-
-
-def channel_statistics(stats: Mapping[str, Sequence[float]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Per-channel reference ``mean`` and ``std`` (``[calibration.channels]``) as float64 tensors, checked as
-    ``Detector(normalise=...)`` checks them; None stays None."""
-    if stats is None:
-        return None
-    try:
-        mean, scale = (torch.as_tensor(np.asarray(stats[k], dtype=np.float64)) for k in ("mean", "std"))
-    except (KeyError, TypeError, ValueError):
-        raise UsageError("normalise needs per-channel 'mean' and 'std' numbers") from None
-    if mean.ndim != 1 or mean.shape != scale.shape or len(mean) < 2 or not torch.isfinite(mean).all() \
-            or not torch.isfinite(scale).all() or (scale < 0).any():
-        raise UsageError("normalise needs finite per-channel 'mean' and non-negative 'std' lists of one length")
-    return mean, scale
 
 
 def guard_settings(cfg) -> dict[str, Any]:
