@@ -66,6 +66,7 @@ CAPTURES = (
         Step("memdetect scan examples/demo", "no --model"),
     ), cheap=True),
     Capture("output-error.txt", "an output that cannot be written: the option and the fix, exit 2", (
+        Step("memdetect scan examples/demo --model demo --output examples", "a folder"),
         Step("memdetect scan examples/demo --model demo --output examples/demo/mem_0001.png/report.csv",
              "a path under a file"),
     ), cheap=True),
