@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--configs", type=Path, default=REPO.parent / "shared" / "data" / "configs")
     ap.add_argument("--limit", type=int, default=None, help="N memorized and N normal prompts")
     ap.add_argument("--no-cprofile", action="store_true", help="the parts table only (no cProfile overhead)")
+    ap.add_argument("--parts", action="store_true",
+                    help="one call of each part on one image (one prompt, --steps sampling steps) instead of the bench")
     args = ap.parse_args()
 
     import torch
@@ -147,6 +149,8 @@ def main() -> None:
         print(f"threads={args.threads}: {(time.perf_counter() - t0) / args.unet_calls * 1000:.2f} ms per UNet call")
         return
 
+    if args.parts:
+        return parts_once(sd, args.steps, args.threads, "SD 1.4 architecture, random weights, 512 px" if args.sd14 else "tiny SD")
     from memdetect.bench import nemo_stats
     from memdetect.bench.paper import run_laion
 
@@ -183,6 +187,44 @@ def main() -> None:
     if prof:
         prof.dump_stats(root / "profile.out")
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+
+
+def parts_once(sd: Path, steps: int, threads: int, what: str) -> None:
+    """Each part of one LAION prompt's work, called once on one image through the bench's own functions: the text
+    encoding, the generation (``steps`` sampling steps with guidance 7.5, then the VAE decode), ours, Wen's first
+    step, FLIPD without and with the prompt, Carlini's tiled L2 and NeMo's value layers. No warm-up: each number is a
+    first call (the bench times scoring after an untimed warm-up)."""
+    import torch
+
+    from memdetect.bench import baselines, paper
+    from memdetect.bench.generate import generate
+
+    parts = Parts()
+    t0, c0 = time.perf_counter(), time.process_time()
+    det = parts.wrap("model load", paper._load)("sd14", str(sd), "laion", paper.processes(), "cpu", "float32")
+    a = det.adapter
+    a.decode = parts.wrap("VAE decode (1 image)", a.decode)
+    a.encode = parts.wrap("VAE encode (inside ours and FLIPD)", a.encode)
+    encode = parts.wrap("text encoding (1 prompt)", a.encode_condition)
+    prompt = "The No Limits Business Woman Podcast"
+    cond = encode([prompt])
+    gen = parts.wrap(f"sampling: {steps} step(s) x 2 UNet calls (guidance), 1 image", generate)(
+        a, [0], cond=cond, steps=steps, guidance=7.5)
+    images = gen.images
+    seeds = paper._image_seeds(images, det.seed)
+    t_flipd = paper._flipd_timestep(det, None)
+    parts.wrap("ours (early-exit forward)", paper.ours)(det, images)
+    parts.wrap("Wen first step (2 UNet calls)", baselines.wen_first_step)(a, gen.sample.x_T, gen.sample.first_t, cond)
+    parts.wrap("Ross FLIPD, null condition", baselines.flipd)(a, images, t_flipd, seeds, probes=1, cond=None)
+    parts.wrap("Ross FLIPD, prompt", baselines.flipd)(a, images, t_flipd, seeds, probes=1, cond=cond)
+    parts.wrap("Carlini tiled L2 (pool of 2)", baselines.carlini_density)(torch.cat([images, images.flip(-1)]),
+                                                                          neighbours=1)
+    values = list(a.cross_attention_values().values())
+    parts.wrap("NeMo value layers (1 prompt)", baselines.nemo_activations)(values, cond)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"wall {wall:.1f} s, process CPU {cpu:.1f} s with {threads} torch thread(s); {what}, one image per part, "
+          f"{steps} sampling step(s)")
+    print(parts.table(wall, cpu))
 
 
 if __name__ == "__main__":
