@@ -4,6 +4,7 @@
     python benchmarks/profile_bench_laion.py --workdir /tmp/laion-prof --unet-calls 100 --threads 2
     python benchmarks/profile_bench_laion.py --workdir /tmp/laion-sd14 --sd14 [--configs DIR] --limit 1 \
         --generations 2 --steps 2 --no-cprofile
+    python benchmarks/profile_bench_laion.py --workdir /tmp/laion-sd14 --sd14 --parts --steps 1
 
 ``--sd14`` builds SD 1.4 from its real configs (``../shared/data/configs/sd14``, ``benchmarks/perf.py``'s
 ``write_model``: random weights, nothing downloaded) instead of the tiny SD; ``--limit N`` takes N memorized and N
@@ -14,7 +15,8 @@ wall clock also counts the time other processes held the cores). Times are exclu
 (text encoding inside NeMo) is counted once, in the inner part. The first prompt runs each scoring method twice (the
 bench's untimed warm-up), which the table counts.
 
-The first form builds the tests' tiny SD (``tests/conftest.py::make_tiny_sd``) in WORKDIR, writes the 4 + 4 prompts
+``--parts`` calls each part of one prompt's work once on one image instead (``parts_once``): what a whole run
+cannot afford on a CPU. The first form builds the tests' tiny SD (``tests/conftest.py::make_tiny_sd``) in WORKDIR, writes the 4 + 4 prompts
 of ``tests/test_bench_paper.py``, and runs ``memdetect.bench.paper.run_laion`` under cProfile with ``--threads``
 torch threads (nothing is downloaded: NeMo falls back to leave-one-out statistics), printing the wall time and the
 40 most expensive calls by cumulative time. The second times one UNet call (batch 8, as 4 generations with
