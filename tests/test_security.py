@@ -676,6 +676,7 @@ def test_destinations_are_checked_before_any_image_is_scored(command, flag, targ
     res = invoke(command, images_dir, "--model", "ddpm", "--model-path", tiny_ddpm, "--threshold", "1", *out,
                  flag, target)
     assert res.exit_code == 2 and needle in one_error_line(res.output), res.output
+    assert one_error_line(res.output).startswith(f"memdetect: error: {flag} ") or target == "a.csv"  # the option
     assert not (tmp_path / "victim").exists()
 
 

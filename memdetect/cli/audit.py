@@ -96,10 +96,10 @@ def audit(
             typer.echo(f"memdetect audit: no image among the {len(skipped)} files: nothing to audit")
         raise typer.Exit(0)
     _outputs(output=output, html=html, junit=junit, summary_json=summary_json, evidence_json=evidence_json)
+    check_destinations({"--output": output, "--html": html, "--junit": junit, "--summary-json": summary_json,
+                        "--evidence-json": evidence_json})  # named by their options: the fix is the user's
     check_report_path(output)
     ci.check_report_folder(output)
-    check_destinations({"report": output, "HTML report": html, "JUnit XML": junit, "summary JSON": summary_json,
-                        "evidence JSON": evidence_json})
     from ..store.state import StateDir
 
     state = StateDir(state_dir)  # checked before the model load, as the destinations are

@@ -75,12 +75,13 @@ def scan(
         raise UsageError("--ray-address needs --engine ray")
     paths = [p if is_url(p) else Path(p) for p in paths]  # URLs stay strings (Path would fold their "//")
     _outputs(output=output, html=html, evidence_json=evidence_json)
+    remote = output is not None and is_url(str(output))
+    # named by their options, the fix is the user's (before the model load, too); a folder given as --output says so
+    check_destinations({"--output": None if remote or output is None else Path(output), "--html": html,
+                        "--evidence-json": evidence_json})
     if output is not None:
         check_report_path(output)
-        output = output if is_url(output) else Path(output)
-    remote = output is not None and is_url(str(output))
-    check_destinations({"report": None if remote else output, "HTML report": html,
-                        "evidence JSON": evidence_json})  # before the model load, too
+        output = output if remote else Path(output)
     from ..store.state import StateDir
 
     StateDir(state_dir).check_outside(paths)
