@@ -34,11 +34,15 @@ def _pool(dtype: torch.dtype, std: float, seed: int) -> np.ndarray:
 
 
 def tensor_specs(module: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple, torch.Tensor | None]]:
-    """(name, dtype on disk, shape, constructed value or None for random) for every tensor of ``state_dict``:
-    floating parameters random in ``dtype``; buffers (and non-floating tensors) as constructed."""
+    """(name, dtype on disk, shape, constructed value or None for random) for every tensor of ``state_dict`` (a
+    tensor tied under several names once): floating parameters random in ``dtype``; buffers (and non-floating
+    tensors) as constructed."""
     params = dict(module.named_parameters())
-    out = []
+    out, seen = [], set()
     for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:  # a tied weight (T5's encoder.embed_tokens is shared): once, as save_pretrained does
+            continue
+        seen.add(id(t))
         if name in params and t.is_floating_point():
             out.append((name, dtype, tuple(t.shape), None))
         else:
@@ -125,6 +129,7 @@ def write_random_transformers(model_cls, config, folder: Path, *, dtype: torch.d
 
     with init_empty_weights(include_buffers=False):
         module = model_cls(config)
+    module.tie_weights()  # as a normal construction does (T5's encoder.embed_tokens is shared.weight)
     config.torch_dtype = dtype
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(folder))
