@@ -392,9 +392,13 @@ def write_text_encoders(name: str, configs: Path, clip_tokenizer: Path, folder: 
     from random_weights import write_random_transformers
 
     family = TODAY[name][0]
-    if family in ("sdxl",):
-        return {}  # force_zeros_for_empty_prompt: no text encoder runs
     tok = CLIPTokenizer.from_pretrained(clip_tokenizer)
+    if family == "sdxl":  # force_zeros_for_empty_prompt: no text encoder runs; the folder has their configs only
+        for sub in ("text_encoder", "text_encoder_2"):
+            shutil.copytree(configs / "sdxl" / sub, folder / sub, dirs_exist_ok=True)
+        for sub in ("tokenizer", "tokenizer_2"):
+            tok.save_pretrained(folder / sub)
+        return {}
     written = {}
 
     src = configs / family
