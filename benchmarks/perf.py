@@ -45,7 +45,10 @@ model: the empty prompt through the pipeline's own text encoders, cached on disk
 Each reports its peak RSS, and the scan its wall and **CPU** seconds per image (``time.process_time`` of the child:
 far less sensitive than wall time to other processes on a shared machine) and the megabytes of weights it read.
 The text encoders are small stand-ins of the real widths unless ``--text-encoders real`` (CLIP-L, OpenCLIP-G and
-T5-v1.1-XXL at full size, random). Before each child the parent checks that ``MemAvailable`` covers the model's
+T5-v1.1-XXL at full size, random). ``--first`` adds a third subprocess: a first scan in one process with a cold
+cache (encode the empty prompt, release the encoders, read the denoiser, scan), as ``memdetect scan`` runs it; its
+peak shows whether the two phases' memory adds up. ``--rss-cap-gb`` kills a child whose RSS passes a cap (a guard
+for a shared machine). Before each child the parent checks that ``MemAvailable`` covers the model's
 estimated peak plus ``--margin-gb`` (3 GiB) and otherwise skips it with a reason. ``--today-workdir`` keeps the
 weights (e.g. outside the repo); ``--keep-weights`` stops them being deleted after each model.
 
@@ -513,6 +516,18 @@ def today_child(args) -> dict:
     spec = _today_spec(name, Path(args.model_dir))
     out = {"memdetect": __version__, "torch": torch.__version__, "device": describe_device(device), "dtype": "bfloat16"}
     c0, t0 = time.process_time(), time.perf_counter()
+    if args.setting == "first":  # a first scan in one process, as `memdetect scan` runs it: cold cache
+        runtime.retain_freed_memory()
+        adapter = load_adapter(spec, device, dtype, place=False)
+        rss_encoded = _status_kib("VmRSS") * 1024 / 1e9
+        det = Detector(adapter, layer=spec.layer, timestep=spec.timestep, name=spec.name)
+        files = sorted(Path(args.images_dir).glob("*.png"))[:args.n]
+        df = det.scan(files, num_workers=0)
+        out.update(first_wall_seconds=time.perf_counter() - t0, first_cpu_seconds=time.process_time() - c0,
+                   rss_after_condition_gb=rss_encoded, images=len(files),
+                   scores_finite=bool(df["score"].notna().all()))
+        out["peak_rss_self_gb"] = _status_kib("VmHWM") * 1024 / 1e9
+        return out
     if args.setting == "condition":
         adapter = load_adapter(spec, device, dtype, place=False)
         out.update(condition_wall_seconds=time.perf_counter() - t0, condition_cpu_seconds=time.process_time() - c0,
@@ -572,7 +587,12 @@ def measure_today(name: str, args, work: Path) -> dict:
         base = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--model-dir", str(folder),
                 "--images-dir", str(images), "--n", str(n)]
         need_cond = 12.0 if args.text_encoders == "real" and TODAY[name][0] != "sdxl" else 3.0
-        for setting, need in (("condition", need_cond), ("scan", TODAY[name][3])):
+        phases = [("condition", need_cond), ("scan", TODAY[name][3])]
+        if args.first:
+            phases.append(("first", max(need_cond, TODAY[name][3])))
+        for setting, need in phases:
+            if setting == "first":
+                shutil.rmtree(cache, ignore_errors=True)  # cold: the empty prompt is encoded again
             avail, deadline = mem_available_gb(), time.monotonic() + args.wait_memory
             while avail < need + args.margin_gb * 2**30 / 1e9 and time.monotonic() < deadline:
                 time.sleep(15)  # other processes may free memory: wait up to --wait-memory seconds
@@ -583,7 +603,8 @@ def measure_today(name: str, args, work: Path) -> dict:
                 print(f"[{name}] {setting} skipped: {row[f'skipped_{setting}']}", flush=True)
                 break
             row[f"mem_available_before_{setting}_gb"] = round(avail, 1)
-            out, err, rc, wall, rss = run_measured(base + ["--setting", setting], env, args.timeout)
+            out, err, rc, wall, rss = run_measured(base + ["--setting", setting], env, args.timeout,
+                                                   rss_cap_gb=args.rss_cap_gb)
             if rc != 0:
                 row[f"failed_{setting}"] = err.strip().splitlines()[-1][:300] if err.strip() else f"exit {rc}"
                 print(f"[{name}] {setting} failed ({rc}):\n{err[-3000:]}", flush=True)
@@ -623,16 +644,36 @@ def print_today(rows: list[dict]) -> None:
 
 # -- the parent: one subprocess per configuration ---------------------------------------------------------------------
 
-def run_measured(cmd: list[str], env: dict, timeout: float | None = None) -> tuple[str, str, int, float, float]:
-    """Run ``cmd``; (stdout, stderr, exit code, wall seconds, peak RSS in GB of it and the children it waited for)."""
+def _watch_rss(proc, cap_bytes: int, stop: threading.Event) -> None:
+    """Kill ``proc`` when its resident memory passes ``cap_bytes`` (polled every 0.2 s): a guard for the machine."""
+    while not stop.wait(0.2):
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                rss = next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+        except OSError:
+            return
+        if rss > cap_bytes:
+            print(f"RSS {rss / 1e9:.1f} GB passed the cap of {cap_bytes / 1e9:.1f} GB: killed", file=sys.stderr)
+            proc.kill()
+            return
+
+
+def run_measured(cmd: list[str], env: dict, timeout: float | None = None,
+                 rss_cap_gb: float | None = None) -> tuple[str, str, int, float, float]:
+    """Run ``cmd``; (stdout, stderr, exit code, wall seconds, peak RSS in GB of it and the children it waited for).
+    ``rss_cap_gb``: kill it when its RSS passes that many GB."""
     with tempfile.TemporaryFile(mode="w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, env=env, text=True)
         timer = threading.Timer(timeout, proc.kill) if timeout else None
         if timer:
             timer.start()
+        stop = threading.Event()
+        if rss_cap_gb:
+            threading.Thread(target=_watch_rss, args=(proc, int(rss_cap_gb * 1e9), stop), daemon=True).start()
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
+        stop.set()
         if timer:
             timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -725,6 +766,10 @@ def main(argv=None) -> int:
                                                                 "model's estimated peak, else it is skipped")
     p.add_argument("--wait-memory", type=float, default=0, metavar="S", help="wait up to S seconds for enough "
                                                                            "MemAvailable before skipping")
+    p.add_argument("--first", action="store_true", help="today's families: also a first scan in one process "
+                                                        "(cold condition cache: encode, then scan)")
+    p.add_argument("--rss-cap-gb", type=float, default=None, help="today's families: kill a child whose RSS "
+                                                                  "passes this many GB (a guard for the machine)")
     p.add_argument("--keep-weights", action="store_true", help="keep today's models' weights after measuring")
     # internal: the subprocesses
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)

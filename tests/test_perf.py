@@ -85,7 +85,7 @@ def test_perf_today_rows_report_cpu_seconds_peak_rss_and_the_blocks_read(tmp_pat
     tp.make_tiny_pixart(configs / "pixart")
     work = tmp_path / "work"
     cmd = [sys.executable, str(REPO / "benchmarks" / "perf.py"), "--models", "pixart-sigma", "--today-configs",
-           str(configs), "--today-workdir", str(work), "--configs", str(CONFIGS), "--margin-gb", "0"]
+           str(configs), "--today-workdir", str(work), "--configs", str(CONFIGS), "--margin-gb", "0", "--first"]
     out = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "MEMDETECT_CACHE": str(tmp_path / "c")},
                          capture_output=True, text=True, timeout=600, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -94,7 +94,23 @@ def test_perf_today_rows_report_cpu_seconds_peak_rss_and_the_blocks_read(tmp_pat
     assert row["layer"] == "transformer_blocks.1.ff.net.0" and row["blocks_read"] == {"transformer_blocks": "2/4"}
     assert 0 < row["parameters_read"] < row["parameters_total"] == row["denoiser_parameters"]
     assert row["cpu_seconds_per_image"] > 0 and row["seconds_per_image"] > 0 and row["scores_finite"]
-    for phase in ("condition", "scan"):
+    for phase in ("condition", "scan", "first"):  # first: a cold-cache scan in one process
         assert 0.2 < row[f"peak_rss_gb_{phase}"] < 4, row
     assert row["condition"]["prompt_embeds"] == [1, 300, 16]
     assert not (work / "pixart-sigma").exists()  # deleted after measuring
+
+
+def test_run_measured_kills_a_child_past_the_rss_cap(capsys):
+    """The guard for a shared machine: a child whose RSS passes ``rss_cap_gb`` is killed (SIGKILL), not waited for."""
+    import time
+
+    from .test_ground_truth import benchmarks_module
+
+    perf = benchmarks_module("perf")
+    hog = [sys.executable, "-c", "import time; x = bytearray(400_000_000); time.sleep(60)"]
+    t0 = time.perf_counter()
+    _, err, rc, wall, peak = perf.run_measured(hog, dict(os.environ), rss_cap_gb=0.2)
+    assert rc == -9 and time.perf_counter() - t0 < 50
+    assert "passed the cap of 0.2 GB: killed" in capsys.readouterr().err
+    out, _, rc, _, _ = perf.run_measured([sys.executable, "-c", "print('ok')"], dict(os.environ), rss_cap_gb=2)
+    assert rc == 0 and out.strip() == "ok"
