@@ -33,7 +33,11 @@ def _pool(dtype: torch.dtype, std: float, seed: int) -> np.ndarray:
     return (torch.randn(POOL, generator=g) * std).to(dtype).view(torch.uint8).numpy()
 
 
-def tensor_specs(module: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple, torch.Tensor | None]]:
+#: (name, dtype on disk, shape, constructed value or None for random)
+Spec = tuple[str, torch.dtype, tuple, "torch.Tensor | None"]
+
+
+def tensor_specs(module: torch.nn.Module, dtype: torch.dtype) -> list[Spec]:
     """(name, dtype on disk, shape, constructed value or None for random) for every tensor of ``state_dict`` (a
     tensor tied under several names once): floating parameters random in ``dtype``; buffers (and non-floating
     tensors) as constructed."""
@@ -55,7 +59,8 @@ def tensor_specs(module: torch.nn.Module, dtype: torch.dtype) -> list[tuple[str,
 def write_sharded(specs, folder: Path, *, prefix: str, index_name: str, shard_bytes: int = 5 * 10**9,
                   std: float = 0.02, seed: int = 0) -> dict:
     """Write ``specs`` (from ``tensor_specs``) as ``prefix-0000k-of-0000n.safetensors`` shards plus ``index_name``
-    in ``folder`` (a single ``prefix.safetensors`` when it fits one shard). Returns ``{"files", "bytes", "tensors"}``."""
+    in ``folder`` (a single ``prefix.safetensors`` when it fits one shard). Returns ``{"files", "bytes",
+    "tensors"}``."""
     folder.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], [], 0
     for spec in specs:
