@@ -181,6 +181,23 @@ def test_blocks_after_the_hook_are_never_read(family, tiny, monkeypatch):
     assert torch.allclose(pruned, full.features(images, seeds=[1, 2]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux", "pixart", "sdxl"])
+def test_bf16_on_cpu_still_reads_only_the_blocks_before_the_hook(family, tiny, monkeypatch):
+    """On a CPU there is no autocast: the Detector's probe used to fail on the float32 VAE with bfloat16 inputs, so
+    nothing was pruned and the whole denoiser was read (24 GB for Flux.1-dev)."""
+    from memdetect.detector import Detector
+
+    read = spy_reads(monkeypatch)
+    layer = None if family == "sdxl" else "transformer_blocks.0.ff.net.0"
+    det = Detector.from_pretrained(family, str(tiny[family]), layer=layer, device="cpu", dtype="bfloat16")
+    assert det.pruned and det.adapter.pruned_for == str(det.layer)
+    after = {"sdxl": ("up_blocks.1.", "conv_out."), "flux": ("single_transformer_blocks.",)}.get(
+        family, ("transformer_blocks.1.", "proj_out."))
+    assert read and not [n for n in read if n.startswith(after)]
+    assert {p.dtype for p in det.adapter.denoiser.parameters() if not p.is_meta} == {torch.bfloat16}
+    assert torch.isfinite(det.features(torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8), seeds=[1])).all()
+
+
 # -- the empty condition ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("family,module", [("sd3", "sd3"), ("flux", "flux"), ("pixart", "pixart")])

@@ -84,6 +84,12 @@ class PipelineAdapter(VAELatents, Adapter):
         self.cond = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in cond.items()}
         if not is_meta(device):
             lazy.require_weights()  # a config-only folder fails at load, not in the middle of a scan
+        if dtype != torch.float32 and torch.device(device).type == "cpu":
+            # no autocast on a CPU: the Detector's probe (fake tensors, before ``place``) runs the VAE and the meta
+            # denoiser on inputs in ``dtype``, so their weights must be in it too, or the probe fails and nothing is
+            # pruned (every block of the denoiser read). The VAE is small; the meta denoiser costs nothing.
+            torch.nn.Module.to(self.vae, dtype=dtype)  # (nn.Module's own: diffusers' override warns)
+            torch.nn.Module.to(lazy.module, dtype=dtype)
 
     # -- loading -------------------------------------------------------------------------------------------------
     def place(self) -> "PipelineAdapter":
@@ -104,7 +110,7 @@ class PipelineAdapter(VAELatents, Adapter):
         return super().place()
 
     def _meta_forward(self, layer: str) -> None:
-        x = torch.zeros(1, *self.latent_shape(), device=META)
+        x = torch.zeros(1, *self.latent_shape(), device=META, dtype=next(self.denoiser.parameters()).dtype)
         with Trace(self.denoiser, [layer], stop=True):
             self.forward(x, 0)
 
