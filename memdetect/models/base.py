@@ -239,6 +239,28 @@ class Adapter(ABC):
         raise UnsupportedModelError(f"{self.family} models have no text cross-attention (NeMo needs a "
                                     f"text-conditional model)")
 
+    # -- baselines in the family's own terms (``memdetect.bench.baselines``) ----------------------------------------
+    def denoising_error(self, x0: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """The family's training loss per sample at ``t`` with the null condition, for noise ``eps``: here the
+        epsilon error ||eps_hat(x_t, t) - eps||^2 / D (flow-matching families: the velocity error)."""
+        x_t = self.apply_noise(x0, t, eps)
+        return (self.predict_noise(x_t.to(self.dtype), t).float() - eps.float()).pow(2).flatten(1).mean(1)
+
+    def first_sampling_step(self, steps: int) -> int | str:
+        """The first timestep of the model's own sampler over ``steps`` steps (here DDIM from the scheduler config)."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(int(steps))
+        return int(sched.timesteps[0])
+
+    def first_step_difference(self, seeds: Sequence[int], cond: Any, steps: int) -> torch.Tensor:
+        """Wen et al.'s first-step quantity: ||eps(x_T, t_1, cond) - eps(x_T, t_1, null)|| per sample at the
+        generation's initial noise x_T (``initial_noise(seeds)``) and the sampler's first timestep t_1."""
+        t = self.first_sampling_step(steps)
+        x_T = self.initial_noise(seeds).to(self.dtype)
+        return noise_difference_norm(self.predict_noise(x_T, t, cond), self.predict_noise(x_T, t))
+
     def _unconditional(self, cond: Any) -> None:
         """For ``predict_noise`` of an unconditional family: refuse a condition."""
         if cond is not None:
