@@ -20,11 +20,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
-from ..hub import load_component
+from ..hub import load_component, read_json
 from .base import register_adapter
 from .conditions import empty_condition
 from .lazy import LazyModule
@@ -54,7 +55,8 @@ class SD3Adapter(FlowMatchAdapter):
             lazy.require_weights()  # a config-only folder: say so before loading any text encoder
         cfg = lazy.module.config
         if is_meta(device):
-            cond = meta_condition({"prompt_embeds": (1, 77 + max_sequence_length, cfg.joint_attention_dim),
+            cond = meta_condition({"prompt_embeds": (1, _clip_tokens(source) + max_sequence_length,
+                                                     cfg.joint_attention_dim),
                                    "pooled_prompt_embeds": (1, cfg.pooled_projection_dim)})
         else:
             cond = empty_condition(cls.family, source, cls.text_components,
@@ -105,6 +107,14 @@ class SD3Adapter(FlowMatchAdapter):
                 prompt=prompts, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
                 do_classifier_free_guidance=False, max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds.float(), "pooled_prompt_embeds": pooled.float()}
+
+
+def _clip_tokens(source: str) -> int:
+    """The CLIP context length of a local folder's tokenizer (``model_max_length``; the pipeline pads prompts to
+    it), 77 (CLIP's) otherwise."""
+    folder = Path(source).expanduser() / "tokenizer"
+    cfg = read_json(str(folder), "tokenizer_config.json") if folder.is_dir() else None
+    return int((cfg or {}).get("model_max_length", 77))
 
 
 def _text_pipeline(source: str, transformer):
