@@ -850,8 +850,8 @@ def cmd_ship(args) -> None:
     total = folder_bytes(data)
     log(f"shipped {model_dst} ({size / 1e6:.1f} MB) and {bench_dst} ({folder_bytes(bench_dst) / 1e6:.1f} MB); "
         f"memdetect/data is {total / 1e6:.1f} MB")
-    if total > 80e6:
-        raise SystemExit(f"memdetect/data is {total / 1e6:.1f} MB, over the 80 MB limit")
+    if total > 100e6:  # issue 31: package data stays <= 100 MB in all
+        raise SystemExit(f"memdetect/data is {total / 1e6:.1f} MB, over the 100 MB limit")
 
     write_examples(model_name, run, args.examples)
 

@@ -160,6 +160,9 @@ def test_wen_first_and_all_steps_closed_form():
     torch.testing.assert_close(baselines.wen_all_steps(norms), expected)
     # the sampler's first recorded norm is the stand-alone first-step score at its x_T
     torch.testing.assert_close(norms[0], baselines.wen_first_step(adapter, x_T2, first_t, cond))
+    # from seeds, in the family's own terms (Adapter.first_step_difference): DDIM's first step, the same norm
+    assert adapter.first_sampling_step(4) == 750
+    torch.testing.assert_close(baselines.wen_first_step_of(adapter, [1, 2, 3], cond, 4), norms[0])
 
 
 class _Block(nn.Module):

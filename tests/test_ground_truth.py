@@ -1,4 +1,4 @@
-"""The shipped ground-truth models (demo-sd, demo-dit, demo-edm): each loads through its family's adapter, as a
+"""The shipped ground-truth models (demo-sd, demo-dit, demo-edm, demo-sd3): each loads through its family's adapter, as a
 real model of that family does, and its own labelled generations separate by the default std score.
 
 Each test scores a fixed, seeded, label-balanced subset of 100 labelled samples (``balanced_subset``) on CPU;
@@ -26,7 +26,10 @@ MODELS = {  # preset -> (family, bench folder, adapter class name, default layer
     "demo-sd": ("sd", "demo_sd_bench", "StableDiffusionAdapter", "up_blocks.0.resnets.2.conv2:in"),
     "demo-dit": ("dit", "demo_dit_bench", "DiTAdapter", "transformer_blocks.3.ff.net.0"),
     "demo-edm": ("edm", "demo_edm_bench", "EDMAdapter", "model.enc.8x8_block3.norm0"),
+    "demo-sd3": ("sd3", "demo_sd3_bench", "SD3Adapter", "transformer_blocks.2.ff.net.0"),
 }
+#: the training command recorded in each recipe's flags (benchmarks/train_sd3_ground_truth.py's is ``train``)
+TRAIN_COMMAND = {"demo-sd3": "train"}
 DATA = Path(packaged("demo")).parent
 
 
@@ -57,7 +60,15 @@ def balanced_subset(man: pd.DataFrame, size: int = 100, seed: int = 0) -> np.nda
 BAR = 0.9
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+#: measured below the bar, kept as a strict expected failure so a change either way is seen: demo-sd3's default layer
+#: (the image MLP of its middle MMDiT block, read as for sd3-medium) is *inverted* on its generations (std AUROC 0.116
+#: on this subset, 2026-12-08; benchmarks/RESULTS.md, "demo-sd3")
+BELOW_BAR = {"demo-sd3"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
+    strict=True, reason="the default layer is inverted on demo-sd3 (RESULTS.md)")) if n in BELOW_BAR else n
+    for n in MODELS])
 def test_shipped_model_scores_its_labelled_samples(name):
     family, bench, adapter_cls, layer = MODELS[name]
     assert PRESETS[name].family == family
@@ -95,7 +106,8 @@ def test_shipped_files_sizes_and_labels(name):
     # the labelling similarity adds colour-cast invariance to the flip/shift-invariant RGB one: never below it
     assert (man["similarity"] >= man["similarity_rgb"] - 1e-5).all()
     recipe = json.loads((DATA / bench / "recipe.json").read_text())
-    assert recipe["flags"]["cmd"] == family and recipe["steps_done"] > 0 and "grade_table" in recipe
+    assert recipe["flags"]["cmd"] == TRAIN_COMMAND.get(name, family) and recipe["steps_done"] > 0
+    assert "grade_table" in recipe
     # the memorized generations copy duplicated training images (which grades each model reproduces is in
     # RESULTS.md)
     mem = man[man["label"] == "memorized"]
@@ -104,7 +116,7 @@ def test_shipped_files_sizes_and_labels(name):
 
 def test_package_data_budget():
     total = sum(f.stat().st_size for f in DATA.rglob("*") if f.is_file())
-    assert total <= 80e6
+    assert total <= 100e6  # issue 31: package data stays <= 100 MB in all
 
 
 def test_demo_sd_prompt_lists_load_with_the_laion_reader():

@@ -3,7 +3,9 @@
 Every function returns one score per image oriented like ours: **higher = more likely memorized**.
 
 * ``denoising_loss``: the per-sample denoising error ||eps_hat(x_t, t) - eps||^2 / D at timestep ``t``, averaged
-  over ``draws`` noise draws. Memorized samples are fitted better, so the score is the *negative* loss.
+  over ``draws`` noise draws. Memorized samples are fitted better, so the score is the *negative* loss. The error
+  is the family's own training loss (``Adapter.denoising_error``): for flow-matching models (SD3, Flux) the
+  flow-matching loss ||v_hat(x_s, s) - (eps - x0)||^2 / D.
 * ``flipd``: Ross et al.'s local-intrinsic-dimension criterion with the FLIPD estimator (Kamkari et al., 2024).
   With x_t = a x + s eps (a = sqrt(abar_t), s = sqrt(1 - abar_t) for variance-preserving models; a = 1, s = sigma for
   EDM: ``Adapter.apply_noise`` / ``noise_std``) and score s_t(y) = -eps_hat(y, t) / s, at y = a x:
@@ -24,7 +26,9 @@ Every function returns one score per image oriented like ours: **higher = more l
   between the conditional and the unconditional noise predictions, ||eps(x_t, c) - eps(x_t, null)||, at the first
   sampling step (from the initial noise x_T) or averaged over every step of the generation. Memorized prompts pull
   the prediction hard towards their image: large = memorized. For class-conditional models c is the class and null
-  the null class (the class-conditional analogue).
+  the null class (the class-conditional analogue). ``wen_first_step_of`` takes the family's own sampler and terms
+  (``Adapter.first_step_difference``): for flow-matching models the *velocity* difference ||v(x_T, c) - v(x_T,
+  null)|| at the Euler sampler's first sigma (s = 1, x_T = eps, where the epsilon difference is identically 0).
 * ``nemo_activations`` / ``NemoStatistics`` (Hintersdorf et al., NeurIPS 2024, "Finding NeMo"): the cross-attention
   *value* layers (``Adapter.cross_attention_values``: ``attn2.to_v`` of the down and mid blocks, the 7 layers NeMo
   reads in SD 1.x) applied to the prompt's text embedding; a neuron's activation is its absolute value averaged over the 77 tokens. NeMo flags
@@ -45,6 +49,7 @@ import torch
 from torch import nn
 
 from ..models.base import ScanAdapter, noise_difference_norm
+from ..models.capabilities import Generation, require
 
 
 def predict_eps(adapter: ScanAdapter, x_t: torch.Tensor, t: int, cond: Any = None) -> torch.Tensor:
@@ -59,9 +64,7 @@ def denoising_loss(adapter: ScanAdapter, images: torch.Tensor, t: int, seeds: Se
     total = torch.zeros(x0.shape[0])
     for k in range(draws):
         eps = adapter.draw_noise(x0, [int(seed) + 7919 * k for seed in seeds])
-        x_t = adapter.apply_noise(x0, t, eps)
-        err = (predict_eps(adapter, x_t, t) - eps).pow(2).flatten(1).mean(1)
-        total += err.cpu()
+        total += adapter.denoising_error(x0, t, eps).float().cpu()
     return -(total / draws)
 
 
@@ -143,6 +146,16 @@ def nearest_generation(images: torch.Tensor, pool: torch.Tensor | None = None, c
 
 
 # -- Wen et al. ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def wen_first_step_of(adapter: ScanAdapter, seeds: Sequence[int], cond: Any, steps: int) -> torch.Tensor:
+    """Wen et al.'s first-step score of generations made from ``seeds`` (their initial noise) with ``cond``, by the
+    model's own sampler over ``steps`` steps, in the family's own terms (``first_step_difference``: the
+    noise-difference norm at DDIM's first timestep; for flow-matching models the velocity difference at the Euler
+    sampler's first sigma)."""
+    gen = require(adapter, Generation, "Wen et al.'s first step")
+    return gen.first_step_difference(seeds, cond, steps).float().cpu()
 
 
 @torch.no_grad()

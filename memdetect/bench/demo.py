@@ -1,12 +1,14 @@
 """``memdetect bench demo``: the ground-truth benchmark on the shipped memorizing models.
 
-Four shipped models memorize on purpose, each with its own labelled generations (``memdetect/data/<model>_bench``,
-written by ``benchmarks/train_demo.py`` and ``benchmarks/train_ground_truth.py ship``):
+Five shipped models memorize on purpose, each with its own labelled generations (``memdetect/data/<model>_bench``,
+written by ``benchmarks/train_demo.py``, ``benchmarks/train_ground_truth.py ship`` and
+``benchmarks/train_sd3_ground_truth.py ship``):
 
 * ``demo``: pixel DDPM, 40 CIFAR-10 images duplicated 150 times each;
 * ``demo-sd``: a miniature ``StableDiffusionPipeline`` (text-conditional latent UNet), graded duplication and
   memorized captions; ``demo-dit``: a miniature ``DiTPipeline`` (class-conditional latent transformer);
-  ``demo-edm``: a SongUNet with EDM preconditioning (pixels). Those three duplicate images at several counts
+  ``demo-edm``: a SongUNet with EDM preconditioning (pixels); ``demo-sd3``: a miniature ``StableDiffusion3Pipeline``
+  (an MMDiT trained by flow matching, two small CLIPs, no T5). Those four duplicate images at several counts
   (2 ... 256 copies) and as edited ("template") copies: the ``nearest_grade`` of a generation's nearest training
   image is its duplication grade.
 
@@ -24,10 +26,13 @@ the model's name:
   sigma from the model's whole generation pool: every generation, labelled or not, *no labels used*). std and
   maxmin are unchanged by centring, so they have no centred variant;
 * denoising loss and FLIPD (Ross et al.'s LID criterion) with the null condition (image only, as a scan sees it);
+  the loss is the family's own training loss (``Adapter.denoising_error``: the flow-matching loss for ``demo-sd3``);
 * nearest generation (Carlini et al.-style; its time excludes generating the pool);
 * conditional models (text or class): ``flipd_conditional`` (FLIPD given each generation's own prompt / class, as
   Ross et al. use it on text-to-image models) and ``wen_first_step`` (Wen et al.'s noise-difference norm at the
-  sampler's first step, from the generation's own initial noise, rebuilt from its seed);
+  sampler's first step, from the generation's own initial noise, rebuilt from its seed, in the family's own terms:
+  ``Adapter.first_step_difference``, for flow-matching models the velocity difference at the Euler sampler's first
+  sigma);
 * text cross-attention (NeMo): ``nemo``, the prompt's largest neuron z-score against statistics of the *normal*
   prompts of the generation plan (prompt list membership, as ``bench laion`` uses it; a normal prompt is scored
   leave-one-out). Every generation of a prompt gets that prompt's score.
@@ -67,7 +72,7 @@ from ..core.metrics import bootstrap_metrics, paired_difference, recall_by_group
 log = logging.getLogger(__name__)
 
 #: The shipped ground-truth models (``memdetect/data/<name>`` with labelled generations in ``<name>_bench``).
-DEMO_MODELS = ("demo", "demo-sd", "demo-dit", "demo-edm")
+DEMO_MODELS = ("demo", "demo-sd", "demo-dit", "demo-edm", "demo-sd3")
 #: ``bench demo``'s results.csv (and a ``timing`` column): bootstrap intervals and each method's own 1%-FPR threshold
 DEMO_COLUMNS = ["method", "auroc", "auroc_lo", "auroc_hi", "tpr_at_1pct_fpr", "tpr_lo", "tpr_hi", "threshold",
                 "seconds_per_sample", "n_memorized", "n_generalized"]
@@ -177,15 +182,6 @@ def _timed(fn, n: int, batch_size: int) -> tuple[np.ndarray, float]:
     return np.concatenate(out), (time.perf_counter() - t0) / n
 
 
-def sampler_first_timestep(adapter, steps: int) -> int:
-    """The first timestep of the DDIM sampler built from the model's own scheduler config (``Adapter.sample``)."""
-    from diffusers import DDIMScheduler
-
-    sched = DDIMScheduler.from_config(adapter.scheduler.config)
-    sched.set_timesteps(int(steps))
-    return int(sched.timesteps[0])
-
-
 def _nemo_layers(adapter) -> list | None:
     try:
         return list(require(adapter, CrossAttention, "NeMo").cross_attention_values().values())
@@ -276,12 +272,14 @@ def score_methods(det: Detector, data: DemoSet, *, batch_size: int, flipd_probes
     sample_seeds = data.seeds()
     if "wen" in methods and conds is not None and sample_seeds is not None:
         steps = int(((data.recipe or {}).get("flags") or {}).get("sample_steps", DEFAULT_SAMPLE_STEPS))
-        first_t = sampler_first_timestep(a, steps)
+        first = a.first_sampling_step(steps)
         scores["wen_first_step"], seconds["wen_first_step"] = _timed(
-            lambda sl: baselines.wen_first_step(a, a.initial_noise(sample_seeds[sl]), first_t,
-                                                a.encode_condition(conds[sl])).numpy(), n, batch_size)
+            lambda sl: baselines.wen_first_step_of(a, sample_seeds[sl], a.encode_condition(conds[sl]),
+                                                   steps).numpy(), n, batch_size)
+        first = f"t={first}" if isinstance(first, int) else first
         timing["wen_first_step"] = (f"{base}; the generation's initial noise (from its seed) at the first of "
-                                    f"{steps} DDIM steps (t={first_t}), one conditional + one null call per image")
+                                    f"{steps} steps of the model's sampler ({first}), one conditional + one null "
+                                    f"call per image")
     elif "wen" in methods:
         log.info("wen_first_step left out: the model is unconditional or the data records no condition and seed")
     if "nemo" in methods and a.conditioning == "text" and conds is not None and _nemo_layers(a) is not None:

@@ -27,8 +27,8 @@ def bench_demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for results.csv, recall_by_grade.csv, "
                                                                 "pairs.csv, scores.csv, roc.png (and sweep.*, "
                                                                 "layer_proof.json).")] = Path("bench-demo"),
-    model: Annotated[str, typer.Option("--model", "-m", help="A shipped ground-truth model: demo, demo-sd, demo-dit "
-                                                             "or demo-edm.")] = "demo",
+    model: Annotated[str, typer.Option("--model", "-m", help="A shipped ground-truth model: demo, demo-sd, demo-dit, "
+                                                             "demo-edm or demo-sd3.")] = "demo",
     sweep_layers: Annotated[bool, typer.Option("--sweep-layers", help="Also: std AUROC at every layer and a few "
                                                "timesteps (selection / held-out halves), layer_proof.json.")] = False,
     device: Device = "auto",

@@ -234,13 +234,16 @@ def component_files(source: str, subfolders) -> list[Path]:
     every regular file of each folder (configs, vocabularies) except other copies of the weights. Of the weight
     files, the plain ``.safetensors`` ones are kept when there are any (what diffusers and transformers load),
     else the plain ones of any format, else all (a variant such as ``.fp16.``). Empty when the model has no local
-    folder: the caller then hashes the loaded tensors."""
+    folder: the caller then hashes the loaded tensors. A component folder the model was saved without (SD3's T5:
+    ``text_encoder_3`` null in model_index.json) has no files to read and is skipped."""
     root = local_root(source)
     if root is None:
         return []
     out: list[Path] = []
     for sub in subfolders:
         folder = root / sub if sub else root
+        if sub and not folder.exists() and (read_json(str(root), "model_index.json") or {}).get(sub, [None])[0] is None:
+            continue
         try:
             entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
         except OSError:

@@ -200,6 +200,13 @@ class ScanAdapter(ABC):
         return {"family": self.family, "source": self.source, "resolution": self.resolution,
                 "pooling": self.pooling, "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device)}
 
+    # -- a baseline in the family's own terms (``memdetect.bench.baselines``) -----------------------------------------
+    def denoising_error(self, x0: torch.Tensor, t: int, eps: torch.Tensor) -> torch.Tensor:
+        """The family's training loss per sample at ``t`` with the null condition, for noise ``eps``: here the
+        epsilon error ||eps_hat(x_t, t) - eps||^2 / D (flow-matching families: the velocity error)."""
+        x_t = self.apply_noise(x0, t, eps)
+        return (self.predict_noise(x_t.to(self.dtype), t).float() - eps.float()).pow(2).flatten(1).mean(1)
+
     def _unconditional(self, cond: Any) -> None:
         """For ``predict_noise`` of an unconditional family: refuse a condition."""
         if cond is not None:

@@ -95,8 +95,9 @@ class FluxAdapter(FlowMatchAdapter):
         return {**super().describe(), "guidance": self.guidance}
 
 
-def _encode_empty(source: str, max_sequence_length: int) -> dict[str, torch.Tensor]:
-    """The empty prompt through ``FluxPipeline.encode_prompt``, text components only (T5 in bf16)."""
+def _encode_empty(source: str, max_sequence_length: int, transformer=None) -> dict[str, torch.Tensor]:
+    """The empty prompt through ``FluxPipeline.encode_prompt``, text components only (T5 in bf16); ``transformer``
+    is not needed (``FlowMatchAdapter.transformer_and_condition`` passes it)."""
     from diffusers import FluxPipeline
 
     pipe = load_component(FluxPipeline, source, None, transformer=None, vae=None, torch_dtype=torch.bfloat16)

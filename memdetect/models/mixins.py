@@ -183,6 +183,23 @@ class GenerationMixin(Sampling):
         """eps ~ N(0, I) in the model's input space, one CPU generator per seed (``draw_noise``)."""
         return self.draw_noise(torch.empty(len(seeds), *self.latent_shape(), device=self.device), seeds)
 
+    def first_sampling_step(self, steps: int) -> int | str:
+        """The first timestep of the model's own sampler over ``steps`` steps (here DDIM from the scheduler config)."""
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(int(steps))
+        return int(sched.timesteps[0])
+
+    @torch.no_grad()
+    def first_step_difference(self, seeds: Sequence[int], cond: Any, steps: int) -> torch.Tensor:
+        """Wen et al.'s first-step quantity: ||eps(x_T, t_1, cond) - eps(x_T, t_1, null)|| per sample at the
+        generation's initial noise x_T (``initial_noise(seeds)``) and the sampler's first timestep t_1 (a baseline in
+        the family's own terms, ``memdetect.bench.baselines``)."""
+        t = self.first_sampling_step(steps)
+        x_T = self.initial_noise(seeds).to(self.dtype)
+        return noise_difference_norm(self.predict_noise(x_T, t, cond), self.predict_noise(x_T, t))
+
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Model space -> uint8 [B, 3, R, R] on the CPU (pixel models: x0 is the image in [-1, 1])."""

@@ -25,7 +25,7 @@ import torch
 from ..core.capture import Trace
 from ..errors import UnsupportedModelError, UsageError
 from ..core.hub import component_files, load_component, read_json
-from .base import Adapter, VAELatents
+from .base import Adapter, VAELatents, noise_difference_norm
 from .conditions import empty_condition
 from .flow import flow_sigma, scheduler_shift
 from .lazy import LazyModule, build_empty, component_folder
@@ -167,7 +167,7 @@ class FlowMatchAdapter(PipelineAdapter):
                                   *, max_sequence_length: int, text_tokens: int):
         """The lazily read transformer (``transformer_class`` in ``denoiser_folder``) and the empty prompt's condition
         (``prompt_embeds`` of ``text_tokens`` tokens, ``pooled_prompt_embeds``): ``encode(source,
-        max_sequence_length)`` through the on-disk cache (``conditions.empty_condition``), or shapes only on ``meta``
+        max_sequence_length, transformer)`` (the transformer as built, on ``meta``) through the on-disk cache (``conditions.empty_condition``), or shapes only on ``meta``
         (``--device meta``). A config-only folder fails here, before any text encoder is loaded."""
         lazy = LazyModule(transformer_class, source, cls.denoiser_folder)
         if is_meta(device):
@@ -177,7 +177,8 @@ class FlowMatchAdapter(PipelineAdapter):
         lazy.require_weights()
         n = int(max_sequence_length)
         return lazy, empty_condition(cls.family, source, cls.text_components, {"max_sequence_length": n},
-                                     ("prompt_embeds", "pooled_prompt_embeds"), lambda: encode(source, n))
+                                     ("prompt_embeds", "pooled_prompt_embeds"),
+                                     lambda: encode(source, n, lazy.module))
 
     def image_seq_len(self) -> int:
         """Image tokens at the scan's resolution (what Flux's dynamic shift is a function of)."""
@@ -199,15 +200,58 @@ class FlowMatchAdapter(PipelineAdapter):
         self.velocity(x_t, self.sigma(t))
 
     def predict_noise(self, x_t, t, cond=None):
-        if cond is not None:
-            self.encode_condition([])
         s = self.sigma(t)
-        v = self.velocity(x_t, s)
+        v = self._velocity(x_t, s, cond)
         return (x_t.float() + (1 - s) * v.float().to(x_t.device)).to(x_t.dtype)
 
     def velocity(self, x_t: torch.Tensor, s: float) -> torch.Tensor:
-        """The model's velocity prediction at noise level ``s`` with the empty prompt's condition."""
+        """The model's velocity prediction at noise level ``s`` with the empty prompt's condition (a family that
+        takes prompts adds a ``cond`` argument: ``encode_condition``'s output)."""
         raise NotImplementedError
+
+    def _velocity(self, x_t: torch.Tensor, s: float, cond=None) -> torch.Tensor:
+        if cond is None:
+            return self.velocity(x_t, s)
+        if type(self).encode_condition is PipelineAdapter.encode_condition:
+            self.encode_condition([])  # the family takes no prompts: its one-line UsageError
+        return self.velocity(x_t, s, cond)
+
+    # -- the baselines in flow-matching terms (``bench.baselines``) ------------------------------------------------
+    def denoising_error(self, x0, t, eps):
+        """The flow-matching loss ||v_hat(x_s, s) - (eps - x0)||^2 / D at the scan's s (``sigma(t)``), the objective
+        SD3 and Flux are trained with, with the empty prompt. (The epsilon error of ``predict_noise`` is (1 - s)^2
+        times it at a fixed s: the same ranking, here in the model's own units.)"""
+        s = self.sigma(t)
+        x_t = self.apply_noise(x0, t, eps)
+        v = self.velocity(x_t, s).float().to(eps.device)
+        return (v - (eps.float() - x0.float())).pow(2).flatten(1).mean(1)
+
+    def first_sampling_sigma(self, steps: int) -> float:
+        """The first sigma of the model's own Euler sampler (``FlowMatchEulerDiscreteScheduler`` from its config,
+        ``steps`` steps, with the dynamic shift at the scan's token count where the model uses one): 1.0, pure
+        noise, for every shipped SD3 / Flux configuration."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sched = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", False):
+            import math
+
+            kwargs["mu"] = math.log(scheduler_shift(sched.config, self.image_seq_len()))
+        sched.set_timesteps(int(steps), **kwargs)
+        return float(sched.sigmas[0])
+
+    def first_sampling_step(self, steps: int) -> str:
+        return f"s={self.first_sampling_sigma(steps):.3f} (Euler, {int(steps)} steps)"
+
+    def first_step_difference(self, seeds, cond, steps):
+        """Wen et al.'s first-step quantity for a flow model: ||v(x_T, s_1, c) - v(x_T, s_1, empty)|| per sample, at
+        the generation's initial noise x_T (the Euler sampler starts at x_T = eps, unscaled) and the sampler's first
+        sigma s_1. (Converting to epsilon would give (1 - s_1) times it: exactly 0 at s_1 = 1, so the velocity is the
+        quantity the sampler's guidance amplifies.)"""
+        s = self.first_sampling_sigma(steps)
+        x_T = self.initial_noise(seeds).to(self.dtype)
+        return noise_difference_norm(self._velocity(x_T, s, cond), self.velocity(x_T, s))
 
     def describe(self):
         return {**super().describe(), "sigma": self.sigma_override, "shift": round(self.shift, 4)}

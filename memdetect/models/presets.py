@@ -113,6 +113,11 @@ PRESETS: dict[str, Preset] = {
         Preset("demo-dit", "dit", packaged("demo-dit"), None, options={"reading": "mlp"},
                note="shipped ground-truth DiTPipeline in miniature (CIFAR-10 classes, graded duplication); "
                     "middle block MLP (transformer_blocks.3.ff.net.0)"),
+        Preset("demo-sd3", "sd3", packaged("demo-sd3"), None, options={"max_sequence_length": 4},
+               note="shipped ground-truth StableDiffusion3Pipeline in miniature (MMDiT trained by flow matching, "
+                    "two small CLIPs with a 16-token context, no T5: 4 zero T5 tokens as trained; CIFAR-10 captions, "
+                    "graded duplication, memorized prompts in memorized_prompts.csv); image MLP of the middle block "
+                    "(transformer_blocks.2.ff.net.0), as sd3-medium"),
         Preset("demo-edm", "edm", packaged("demo-edm"), "model.enc.8x8_block3.norm0",
                note="shipped ground-truth SongUNet + EDMPrecond (CIFAR-10 pixels, graded duplication); "
                     "layer as edm-cifar10"),
