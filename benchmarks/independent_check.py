@@ -53,7 +53,7 @@ from gt_common import write_json, write_log  # noqa: E402
 from train_ground_truth import (dit_sample, dit_scheduler_config, encode_latents, eps_loss_fn, load_vae, log,  # noqa: E402
                                 roundtrip_quality, save_fp16, train_loop, versions)
 
-MNIST = Path("/work/shared/data/datasets/mnist")
+MNIST = REPO.parent / "shared" / "data" / "datasets" / "mnist"  # the developers' shared data folder
 VAE = REPO / "memdetect" / "data" / "demo-dit"
 #: copies -> distinct digits; 1 = unique digits seen once
 GRADES = {256: 6, 64: 12, 16: 16, 4: 24, 1: 400}
