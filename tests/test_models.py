@@ -119,3 +119,17 @@ def test_missing_models_give_one_sentence(tmp_path, monkeypatch):
         Detector.from_pretrained("ddpm", str(empty))
     with pytest.raises(UnsupportedModelError, match="cannot tell"):
         detect_family(str(empty))
+
+
+def test_the_preset_table_is_read_strictly():
+    """memdetect/data/presets.json: every row's keys are Preset fields; a misspelt key or schedule is refused."""
+    import json
+
+    from memdetect.models.presets import PRESETS, read_table
+
+    row = {"name": "x", "family": "sd", "source": "a/b", "schedule": "SCALED_LINEAR", "note": "n"}
+    assert read_table(json.dumps([row]))["x"].schedule["beta_schedule"] == "scaled_linear"
+    for bad in ({**row, "layr": "up_blocks.0"}, {**row, "schedule": "COSINE"}):
+        with pytest.raises(ValueError, match="preset row 'x'"):
+            read_table(json.dumps([bad]))
+    assert PRESETS["demo"].source.endswith("demo") and PRESETS["sd14"].nemo_published

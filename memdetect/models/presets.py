@@ -1,13 +1,14 @@
 """Named presets: model family, where the weights come from, and the paper's layer and timestep for it.
 
-A preset is one row; a new family adds its rows here or calls ``register_preset`` (a plug-in package, a test).
+A preset is one row of the table in ``memdetect/data/presets.json`` (``read_table``); a new family adds its rows
+there or calls ``register_preset`` (a plug-in package, a test).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
@@ -68,61 +69,33 @@ def schedule_sigma(schedule: dict, t: int) -> float:
     return math.sqrt((1 - abar) / abar)
 
 
-PRESETS: dict[str, Preset] = {
-    p.name: p
-    for p in [
-        Preset("sd14", "sd", "CompVis/stable-diffusion-v1-4", "up_blocks.0.resnets.2.conv2:in",
-               note="paper setting: LAION memorization; = up_blocks.0.resnets.2.nonlinearity@2", schedule=SCALED_LINEAR,
-               nemo_published=True),
-        Preset("sd15", "sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "up_blocks.0.resnets.2.conv2:in",
-               note="same architecture as sd14; layer not validated by the paper", schedule=SCALED_LINEAR),
-        Preset("sd2-base", "sd", "stabilityai/stable-diffusion-2-base", "up_blocks.0.resnets.2.conv2:in",
-               note="512 px SD 2.x; layer not validated by the paper", schedule=SCALED_LINEAR),
-        Preset("dit", "dit", "facebook/DiT-XL-2-256", None, options={"reading": "mlp"},
-               note="MLP activation of the middle block (transformer_blocks.13.ff.net.0 for XL/2)", schedule=LINEAR),
-        Preset("dit-adaln", "dit", "facebook/DiT-XL-2-256", None, options={"reading": "adaln"},
-               note="adaLN SiLU of the middle block: sees no image tokens (the literal 'SiLU' reading)", schedule=LINEAR),
-        Preset("ddpm-cifar10", "ddpm", "google/ddpm-cifar10-32", None,
-               note="pixel DDPM, 32x32; lowest-resolution up block", schedule=LINEAR),
-        Preset("edm-cifar10", "edm", "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl",
-               "model.enc.8x8_block3.norm0",
-               note="EDM DDPM++ CIFAR-10 (NVlabs .pkl, read as data; sha256-checked download); --timestep maps to "
-                    "sigma through the DDPM linear schedule; decoder: model.dec.8x8_block3.norm0", schedule=LINEAR),
-        Preset("sdxl", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", None,
-               note="SDXL base 1.0 at 1024 px: paper's SD layer at the lowest-resolution up block "
-                    "(up_blocks.0.resnets.2.conv2:in, 1280 ch); empty prompt = zeros (force_zeros_for_empty_prompt); "
-                    "not validated on ground truth", schedule=SCALED_LINEAR),
-        Preset("sd3-medium", "sd3", "stabilityai/stable-diffusion-3-medium-diffusers", None,
-               note="SD3 medium (MMDiT, 24 blocks): image MLP of block 12 (transformer_blocks.11.ff.net.0); "
-                    "flow matching at the SNR of SD's t, shift 3; not validated on ground truth", schedule=FLOW_SD3),
-        Preset("sd3.5-large", "sd3", "stabilityai/stable-diffusion-3.5-large", None,
-               note="SD3.5 large (MMDiT, 38 blocks): image MLP of block 19 (transformer_blocks.18.ff.net.0); "
-                    "as sd3-medium", schedule=FLOW_SD3),
-        Preset("flux-dev", "flux", "black-forest-labs/FLUX.1-dev", None,
-               note="Flux.1-dev (19 double + 38 single blocks): image MLP of the last double block "
-                    "(transformer_blocks.18.ff.net.0); guidance 3.5; dynamic shift at 1024 px; not validated on "
-                    "ground truth", schedule=FLOW_FLUX_1024),
-        Preset("pixart-sigma", "pixart", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", None,
-               note="PixArt-Σ XL/2 1024 (28 blocks, T5 300 tokens): MLP of block 14 (transformer_blocks.13.ff.net.0), "
-                    "the DiT-XL reading; not validated on ground truth", schedule=LINEAR),
-        Preset("demo", "ddpm", packaged("demo"), None,
-               note="shipped ground-truth model: 40 CIFAR-10 images memorized (memdetect bench demo)"),
-        Preset("demo-sd", "sd", packaged("demo-sd"), "up_blocks.0.resnets.2.conv2:in",
-               note="shipped ground-truth StableDiffusionPipeline in miniature (CIFAR-10 captions, graded "
-                    "duplication, memorized prompts in memorized_prompts.csv); layer as sd14"),
-        Preset("demo-dit", "dit", packaged("demo-dit"), None, options={"reading": "mlp"},
-               note="shipped ground-truth DiTPipeline in miniature (CIFAR-10 classes, graded duplication); "
-                    "middle block MLP (transformer_blocks.3.ff.net.0)"),
-        Preset("demo-sd3", "sd3", packaged("demo-sd3"), None, options={"max_sequence_length": 4},
-               note="shipped ground-truth StableDiffusion3Pipeline in miniature (MMDiT trained by flow matching, "
-                    "two small CLIPs with a 16-token context, no T5: 4 zero T5 tokens as trained; CIFAR-10 captions, "
-                    "graded duplication, memorized prompts in memorized_prompts.csv); image MLP of the middle block "
-                    "(transformer_blocks.2.ff.net.0), as sd3-medium"),
-        Preset("demo-edm", "edm", packaged("demo-edm"), "model.enc.8x8_block3.norm0",
-               note="shipped ground-truth SongUNet + EDMPrecond (CIFAR-10 pixels, graded duplication); "
-                    "layer as edm-cifar10"),
-    ]
-}
+#: The schedules a row of the preset table names.
+SCHEDULES = {"SCALED_LINEAR": SCALED_LINEAR, "LINEAR": LINEAR, "FLOW_SD3": FLOW_SD3, "FLOW_FLUX_1024": FLOW_FLUX_1024}
+#: The preset table (package data): one JSON object per preset, the ``Preset`` fields by name; ``source`` may be
+#: ``packaged:NAME`` (a model shipped in ``memdetect/data``) and ``schedule`` names one of ``SCHEDULES``.
+TABLE = "presets.json"
+
+
+def read_table(text: str) -> dict[str, Preset]:
+    """The presets of a table (``TABLE``'s format), in its order. A key that is not a ``Preset`` field, or an unknown
+    schedule, is a ValueError: a misspelt key would otherwise drop a setting without a word."""
+    known = {f.name for f in fields(Preset)}
+    out: dict[str, Preset] = {}
+    for row in json.loads(text):
+        if set(row) - known or row.get("schedule", "LINEAR") not in SCHEDULES:
+            raise ValueError(f"preset row {row.get('name')!r}: unknown keys {sorted(set(row) - known)} or schedule "
+                             f"{row.get('schedule')!r}")
+        source = str(row["source"])
+        if source.startswith("packaged:"):
+            source = packaged(source[len("packaged:"):])
+        schedule = row.get("schedule")
+        out[row["name"]] = Preset(row["name"], row["family"], source, row.get("layer"), int(row.get("timestep", 50)),
+                                  dict(row.get("options", {})), row.get("note", ""),
+                                  None if schedule is None else SCHEDULES[schedule], bool(row.get("nemo_published")))
+    return out
+
+
+PRESETS: dict[str, Preset] = read_table((resources.files("memdetect") / "data" / TABLE).read_text(encoding="utf-8"))
 
 
 def register_preset(preset: Preset) -> Preset:
