@@ -146,6 +146,17 @@ def tiny_ddpm(tmp_path_factory) -> Path:
     return make_tiny_ddpm(tmp_path_factory.mktemp("ddpm") / "tiny-ddpm")
 
 
+@pytest.fixture
+def ddpm_pipe(tiny_ddpm):
+    """The tiny DDPM as a DDIMPipeline (what the guard tests generate with)."""
+    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
+
+    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(tiny_ddpm, subfolder="unet"),
+                        scheduler=DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def write_images(folder: Path, n: int, size=(24, 20), seed: int = 0) -> list[Path]:
     """``n`` random RGB PNGs named img_000.png ... in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)

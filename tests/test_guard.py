@@ -49,16 +49,6 @@ def _reference_std(adapter, layer, x, t):
 
 
 @pytest.fixture
-def ddpm_pipe(tiny_ddpm):
-    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
-
-    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(tiny_ddpm, subfolder="unet"),
-                        scheduler=DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture
 def sd_pipe(tiny_sd):
     from diffusers import StableDiffusionPipeline
 

@@ -25,16 +25,6 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200"})
 
 
-@pytest.fixture
-def ddpm_pipe(tiny_ddpm):
-    from diffusers import DDIMPipeline, DDPMScheduler, UNet2DModel
-
-    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(tiny_ddpm, subfolder="unet"),
-                        scheduler=DDPMScheduler.from_pretrained(tiny_ddpm, subfolder="scheduler"))
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def selected_toml(path, model_path, channels: int = 8, normalise: bool = True) -> dict:
     """A scan configuration as ``calibrate --select-layer`` writes one: a non-default layer, t=200, maxmin, reference
     normalised with [calibration.channels] (statistics of the test's own making)."""
